@@ -1,0 +1,1 @@
+"""Sub-commands of `detforge`; every module here has `register(subparsers)`."""

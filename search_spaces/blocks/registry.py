@@ -1,0 +1,85 @@
+"""The block registry: YAML block names -> nn.Module classes, with argument validation."""
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """A registered block: its class and the YAML arguments it accepts."""
+
+    name: str
+    cls: type[nn.Module]
+    params: dict[str, inspect.Parameter]
+    hints: dict[str, Any]
+
+
+BLOCKS: dict[str, BlockEntry] = {}
+
+# Arguments the builder passes itself; YAML may not set them.
+_BUILDER_ARGS = ("c_in", "act")
+
+
+def register_block(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make a block available in architecture YAML under `name`."""
+
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        sig = inspect.signature(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__)
+        params = {k: p for k, p in sig.parameters.items() if k != "self" and k not in _BUILDER_ARGS}
+        BLOCKS[name] = BlockEntry(name, cls, params, hints)
+        return cls
+
+    return wrap
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, typing.Sequence):
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else True
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def validate_block_args(block: str, args: dict[str, Any], *, where: str, path: str | None) -> BlockEntry:
+    """Check a layer's block name and arguments against the block's signature; raise ConfigError on mismatch."""
+    entry = BLOCKS.get(block)
+    if entry is None:
+        raise ConfigError(f"unknown block '{block}' (known: {', '.join(sorted(BLOCKS))})", path=path,
+                          field=f"{where}.block")
+    for key, value in args.items():
+        if key not in entry.params:
+            raise ConfigError(f"unknown argument for block '{block}' (allowed: {', '.join(entry.params)})",
+                              path=path, field=f"{where}.{key}")
+        hint = entry.hints.get(key, Any)
+        if not _type_ok(value, hint):
+            raise ConfigError(f"expected {_type_name(hint)}, got {type(value).__name__} {value!r}", path=path,
+                              field=f"{where}.{key}")
+    for key, p in entry.params.items():
+        if p.default is inspect.Parameter.empty and key not in args:
+            raise ConfigError(f"missing required argument of block '{block}'", path=path, field=f"{where}.{key}")
+    return entry

@@ -1,0 +1,108 @@
+"""Crash-safe file writing and safe loading of YAML, JSON and weights."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from .errors import CheckpointError, ConfigError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically (temp + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        with contextlib.suppress(OSError):  # directory fsync is not supported everywhere
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write an object as indented JSON atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to `path` atomically, so a kill or full disk never leaves a half-written checkpoint."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a missing file or a syntax error is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("file not found", path=path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else None
+        raise ConfigError(f"invalid YAML ({getattr(e, 'problem', None) or e})", path=path, field=where) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not a text file", path=path) from None
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a missing, truncated or invalid file is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("file not found", path=path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"invalid or truncated JSON ({e})", path=path) from None
+
+
+def load_weights(path: str | Path) -> dict:
+    """Load one of our own weight files (plain tensors only, `weights_only=True`)."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("file not found", path=path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refused: not a plain-tensor checkpoint ({str(e).splitlines()[0]})", path=path) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"truncated or corrupt checkpoint ({str(e).splitlines()[0]})", path=path) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"expected a dict of tensors, got {type(obj).__name__}", path=path)
+    return obj
