@@ -36,7 +36,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
     if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
     if isinstance(v, (list, tuple)):
         return ",".join(_fmt(x) for x in v)
     return str(v)

@@ -1,0 +1,11 @@
+"""What a detector can be: blocks, architecture YAML, the YOLOv7 zoo, the checkpoint converter, search spaces."""
+from .architecture import Architecture, HeadSpec, LayerSpec
+from .errors import CheckpointError, ConfigError, DataError, DetforgeError
+from .loading import load_model, resolve_arch, save_model
+from .model import Detector, build, count_params
+from .zoo import list_models
+
+__all__ = [
+    "Architecture", "CheckpointError", "ConfigError", "DataError", "Detector", "DetforgeError", "HeadSpec",
+    "LayerSpec", "build", "count_params", "list_models", "load_model", "resolve_arch", "save_model",
+]

@@ -14,7 +14,7 @@ from .errors import ConfigError
 from .io import atomic_write_text, read_yaml
 
 INPUT = "input"  # the name of the image input in `from` lists
-_TOP_KEYS = {"name", "nc", "act", "imgsz", "in_channels", "backbone", "neck", "head", "description"}
+_TOP_KEYS = {"name", "nc", "act", "imgsz", "in_channels", "backbone", "neck", "head", "description", "fused"}
 _LAYER_KEYS = {"block", "name", "from", "act"}
 _HEAD_KEYS = {"type", "from", "aux_from", "anchors", "hidden", "depth"}
 
@@ -81,6 +81,8 @@ class Architecture:
     imgsz: int = 640
     in_channels: int = 3
     description: str = ""
+    fused: bool = False  # weights are stored re-parameterised (Conv+BN folded, RepConv merged)
+    source: str | None = field(default=None, compare=False, repr=False)  # the file it was read from
 
     @property
     def layers(self) -> list[LayerSpec]:
@@ -116,9 +118,11 @@ class Architecture:
         backbone = _layers(d.get("backbone"), "backbone", path)
         neck = _layers(d.get("neck") or [], "neck", path)
         head = _head(d.get("head"), path)
+        fused = _typed(d, "fused", bool, path, False)
         arch = cls(name=name, nc=nc, backbone=backbone, neck=neck, head=head, act=act, imgsz=imgsz,
-                   in_channels=in_ch, description=str(d.get("description", "")))
+                   in_channels=in_ch, description=str(d.get("description", "")), fused=fused)
         arch.validate(path)
+        arch.source = path
         return arch
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +133,8 @@ class Architecture:
         d.update(nc=self.nc, act=self.act, imgsz=self.imgsz)
         if self.in_channels != 3:
             d["in_channels"] = self.in_channels
+        if self.fused:
+            d["fused"] = True
         d["backbone"] = [layer.to_dict() for layer in self.backbone]
         d["neck"] = [layer.to_dict() for layer in self.neck]
         d["head"] = self.head.to_dict()
@@ -143,6 +149,17 @@ class Architecture:
 
     def copy(self) -> Architecture:
         return copy.deepcopy(self)
+
+    def with_nc(self, nc: int) -> Architecture:
+        """The same architecture for another number of classes."""
+        arch = self.copy()
+        arch.nc = nc
+        return arch
+
+    @property
+    def p6(self) -> bool:
+        """True for four-level (stride 64) models, whose native input size is 1280."""
+        return len(self.head.inputs) >= 4
 
     # ---- graph -------------------------------------------------------------------------------------------
     def resolve(self, path: str | None = None) -> list[list[int]]:
@@ -236,9 +253,10 @@ class Architecture:
         arch.head.aux_inputs = []
         return arch, keep
 
-    @staticmethod
-    def _where(i: int) -> str:
-        return f"layers[{i}]"
+    def _where(self, i: int) -> str:
+        """The YAML location of layer i, e.g. `neck[3]`."""
+        nb = len(self.backbone)
+        return f"backbone[{i}]" if i < nb else f"neck[{i - nb}]"
 
     @staticmethod
     def _ref(ref: str, index: dict[str, int], where: str, path: str | None) -> int:

@@ -69,7 +69,8 @@ _SAFE_GLOBALS = {
     ("torch._utils", "_rebuild_tensor"), ("torch", "HalfStorage"), ("torch", "FloatStorage"),
     ("torch", "LongStorage"), ("torch", "IntStorage"), ("torch", "BFloat16Storage"), ("torch", "DoubleStorage"),
     ("torch", "BoolStorage"), ("torch", "ByteStorage"), ("torch", "Size"), ("torch", "float16"),
-    ("torch", "float32"), ("builtins", "set"), ("builtins", "slice"), ("numpy.core.multiarray", "scalar"),
+    ("torch", "float32"), ("builtins", "set"), ("builtins", "slice"), ("__builtin__", "set"),
+    ("builtins", "frozenset"), ("__builtin__", "frozenset"), ("numpy.core.multiarray", "scalar"),
     ("numpy", "dtype"), ("torch.nn.modules.container", "ModuleList"), ("torch.nn.modules.container", "Sequential"),
     ("torch._utils", "_rebuild_parameter_with_state"), ("argparse", "Namespace"), ("torch", "device"),
 }

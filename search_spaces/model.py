@@ -18,6 +18,7 @@ class Detector(nn.Module):
 
     def __init__(self, arch: Architecture, path: str | None = None):
         super().__init__()
+        path = path or arch.source
         self.arch = arch
         self.plan = arch.resolve(path)
         lead, aux = arch.head_indices(path)
@@ -31,7 +32,7 @@ class Detector(nn.Module):
             try:
                 module = entry.cls(c_in if len(c_in) > 1 else c_in[0], act=spec.act or arch.act, **spec.args)
             except (ValueError, RuntimeError, TypeError) as e:
-                raise ConfigError(f"impossible {spec.block} layer: {e}", path=path, field=f"layers[{i}]") from None
+                raise ConfigError(f"impossible {spec.block} layer: {e}", path=path, field=arch._where(i)) from None
             channels.append(module.out_channels)
             layers.append(module)
         self.layers = nn.ModuleList(layers)
@@ -42,6 +43,8 @@ class Detector(nn.Module):
         consumers = [j for ins in self.plan for j in ins] + lead + aux
         self._save = set(consumers)
         self._eval_needed = _ancestors(self.plan, lead)
+        if arch.fused:
+            self.fuse()
 
     @staticmethod
     def _make_head(arch: Architecture, c_lead: list[int], c_aux: list[int], strides: list[int], path: str | None):
@@ -87,6 +90,7 @@ class Detector(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "fuse"):
                 m.fuse()
+        self.arch.fused = True
         return self
 
     @torch.no_grad()

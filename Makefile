@@ -1,0 +1,31 @@
+# detforge: `make demo` and `make test` work on a fresh clone (they create .venv and install first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python benchmarks/demo.py
+
+test: install
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/pytest -q -m slow
+	$(BIN)/python benchmarks/run_all.py
+
+lint: install
+	$(BIN)/ruff check search_spaces trainer latency_tables compress nas benchmarks tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

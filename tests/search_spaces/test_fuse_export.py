@@ -1,0 +1,79 @@
+"""fuse() and deploy() are exact; every zoo model exports to ONNX matching PyTorch."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from compress.export import export_detector
+from search_spaces import load_model, save_model
+from search_spaces.blocks import RepConv
+
+from ..conftest import ZOO
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    diff = (a - b).abs().max().item()
+    return diff <= 1e-3 or diff <= 1e-5 * b.abs().max().item()
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
+            m.bias.data = torch.randn(m.num_features, generator=g) * 0.2
+            m.running_mean = torch.randn(m.num_features, generator=g) * 0.2
+            m.running_var = torch.rand(m.num_features, generator=g) + 0.3
+
+
+@pytest.mark.parametrize("form", ["training", "deploy"])
+@pytest.mark.parametrize("name", ZOO)
+def test_fuse_is_exact(name, form):
+    torch.manual_seed(0)
+    det = load_model(name, form=form).eval()
+    _randomize_bn(det)
+    x = torch.rand(1, 3, 256 if det.arch.p6 else 128, 256 if det.arch.p6 else 128)
+    with torch.no_grad():
+        ref = det(x)[0]
+        fused = copy.deepcopy(det).fuse()
+        out = fused(x)[0]
+    assert _close(out, ref)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert all(m.rbr_dense is None for m in fused.modules() if isinstance(m, RepConv))
+    assert fused.head.ia is None
+
+
+@pytest.mark.parametrize("name", ["yolov7-tiny", "yolov7", "yolov7-w6"])
+def test_deploy_keeps_lead_outputs(name, model_stats_ref):
+    torch.manual_seed(0)
+    det = load_model(name, form="training").eval()
+    _randomize_bn(det)
+    for p in det.head.parameters():
+        if p.shape[0] == 1:  # implicit tensors: make them matter
+            p.data += torch.randn_like(p) * 0.3
+    dep = det.deploy().eval()
+    assert dep.form == "deploy" and not dep.head.has_aux
+    assert sum(p.numel() for p in dep.parameters()) == model_stats_ref[f"deploy/{name}"]["params"]
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        assert _close(dep(x)[0], det(x)[0])
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_zoo_model_exports_to_onnx(name, tmp_path):
+    det = load_model(name, form="deploy")
+    report = export_detector(det, tmp_path / "m.onnx", imgsz=256 if det.arch.p6 else 128, fuse=True)
+    assert report.max_abs_diff <= 1e-3
+
+
+def test_fused_model_saves_and_reloads(tmp_path):
+    det = load_model("yolov7", form="deploy").eval()
+    det.fuse()
+    save_model(det, tmp_path / "m")
+    again = load_model(tmp_path / "m").eval()
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(again(x)[0], det(x)[0])
