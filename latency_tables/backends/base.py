@@ -1,0 +1,137 @@
+"""The Backend protocol every inference engine implements, and the Runner a backend prepares."""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import numpy as np
+
+from search_spaces.errors import DetforgeError
+
+from ..fingerprint import DeviceFingerprint
+from ..measurement import Measurement, MeasurementConfig, measure_callable, measure_interleaved
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+    from typing_extensions import Self
+
+# String aliases: torch and onnx stay unimported until a backend needs them.
+ModelSource: TypeAlias = "torch.nn.Module | bytes | str | Path | onnx.ModelProto"
+InputShape: TypeAlias = "Sequence[int] | Sequence[Sequence[int]]"
+
+
+def check_choice(value: str, choices: Sequence[str], name: str) -> str:
+    """`value` if it is one of `choices`, else a DetforgeError naming the field."""
+    if value not in choices:
+        raise DetforgeError(f"{value!r} is not one of {list(choices)}", field=name)
+    return value
+
+
+def check_threads(threads: int | None) -> int | None:
+    """Thread counts are positive ints (None lets the library choose)."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise DetforgeError(f"threads must be a positive int, got {threads!r}", field="threads")
+    return threads
+
+
+def random_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[np.dtype], batch: int,
+                  seed: int = 0) -> list[np.ndarray]:
+    """Deterministic inputs: standard normal for floats, zeros for ints and bools (indices must stay valid)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s, dt in zip(shapes, dtypes):
+        full = (batch, *s)
+        if np.issubdtype(dt, np.floating):
+            out.append(rng.standard_normal(full, dtype=np.float32).astype(dt))
+        else:
+            out.append(np.zeros(full, dtype=dt))
+    return out
+
+
+class Runner(ABC):
+    """One model prepared on one backend with fixed inputs: call it to run once, `time_once_ms` to time once."""
+
+    meta: dict[str, Any]
+
+    @abstractmethod
+    def __call__(self) -> None:
+        """Run one inference and wait until it has finished."""
+
+    def time_once_ms(self) -> float:
+        """Wall-clock time of one run; GPU runners override this with device-side timing."""
+        t0 = time.perf_counter_ns()
+        self()
+        return (time.perf_counter_ns() - t0) / 1e6
+
+    @abstractmethod
+    def outputs(self) -> list[np.ndarray]:
+        """Run once and return the outputs as float32/original-dtype numpy arrays on the host."""
+
+    def close(self) -> None:
+        """Release sessions, engines and device memory early (the GC would do it eventually)."""
+
+    def __enter__(self) -> Self:
+        """Use as a context manager that closes the runner."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close on leaving the block."""
+        self.close()
+
+
+class Backend(ABC):
+    """An inference engine that can measure a model: `measure(model, input_shape, batch) -> Measurement`."""
+
+    name: str
+    threads: int | None
+    precision: str
+
+    def __init__(self, config: MeasurementConfig | None = None):
+        self.config = config or MeasurementConfig()
+
+    @abstractmethod
+    def prepare(self, model: ModelSource, input_shape: InputShape | None = None, batch: int = 1, *,
+                inputs: Sequence[np.ndarray] | None = None) -> Runner:
+        """Build a Runner for `model` with inputs of per-sample shape `input_shape` (random unless given)."""
+
+    def _meta(self, shapes: Sequence[tuple[int, ...]], batch: int) -> dict[str, Any]:
+        """The Measurement fields a Runner of this backend carries."""
+        from ..onnx_utils import shapes_meta
+
+        return {"backend": self.name, "threads": self.threads, "precision": self.precision,
+                "batch": batch, "input_shape": shapes_meta(shapes)}
+
+    def measure(self, model: ModelSource, input_shape: InputShape | None = None, batch: int = 1,
+                **overrides: Any) -> Measurement:
+        """Measure one model with this backend's protocol settings (`overrides`: MeasurementConfig fields)."""
+        with self.prepare(model, input_shape, batch) as runner:
+            return measure_callable(runner, self.config, **overrides)
+
+    def measure_many(self, items: Sequence[tuple[ModelSource, InputShape | None]]
+                     | Mapping[str, tuple[ModelSource, InputShape | None]], batch: int = 1,
+                     **overrides: Any) -> list[Measurement] | dict[str, Measurement]:
+        """Measure several (model, input_shape) pairs interleaved round-robin, so they see the same load."""
+        keyed = isinstance(items, Mapping)
+        pairs = list(items.values()) if keyed else list(items)
+        runners: list[Runner] = []
+        try:
+            for model, shape in pairs:
+                runners.append(self.prepare(model, shape, batch))
+            arg = dict(zip(items.keys(), runners)) if keyed else runners
+            return measure_interleaved(arg, self.config, **overrides)
+        finally:
+            for r in runners:
+                r.close()
+
+    def fingerprint(self, batch: int = 1) -> DeviceFingerprint:
+        """Describe the device and software this backend measures on."""
+        return DeviceFingerprint.collect(backend=self.name, threads=self.threads, precision=self.precision,
+                                         batch=batch)
+
+    def __repr__(self) -> str:
+        """Name, threads and precision."""
+        return f"{type(self).__name__}(name={self.name!r}, threads={self.threads}, precision={self.precision!r})"

@@ -1,0 +1,1 @@
+"""Tests of latency_tables: measurement protocol, backends, device fingerprint."""
