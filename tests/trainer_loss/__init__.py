@@ -1,0 +1,1 @@
+"""Tests of trainer.assign, trainer.loss, trainer.hyp, trainer.postprocess and trainer.metrics."""

@@ -1,0 +1,27 @@
+"""Extension points of the Trainer: extra loss terms (distillation) and lifecycle hooks."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+class Callback:
+    """Override any hook; every hook is optional."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Called once the model, data and optimizer exist (after a resume has been loaded)."""
+
+    def extra_loss(self, trainer: Trainer, model: Any, imgs: Tensor, targets: Tensor,
+                   preds: list[Tensor]) -> dict[str, Tensor]:
+        """Named extra loss terms (already weighted, per image); they are added to the detection loss."""
+        return {}
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        """Called on every rank after an epoch, with the logged row (losses, mAP, speeds)."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """Called after the last epoch."""

@@ -1,0 +1,73 @@
+"""`TrainConfig`: every knob of a training run, validated once (from CLI flags or YAML)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from search_spaces.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """A training run. `data=None` trains on the built-in synthetic dataset."""
+
+    model: str = "yolov7-tiny"  # zoo name, architecture YAML, or model directory (arch.yaml + weights.pt)
+    data: str | None = None  # data.yaml or dataset directory; None: the built-in synthetic set
+    out: str = "runs/train"
+    epochs: int = 10
+    imgsz: int = 320
+    batch: int = 16  # total over all DDP processes
+    nbs: int = 64  # nominal batch: gradients accumulate to it (YOLOv7)
+    hyp: str = "auto"  # p5 | p6 | tiny | a YAML path | auto (from the model)
+    optimizer: str = "sgd"  # sgd (nesterov) | adamw
+    lr_schedule: str = "cosine"  # cosine | linear
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp16 | off
+    ema: bool = True
+    ema_tau: float = 2000.0
+    workers: int = 2
+    seed: int = 0
+    resume: bool = False
+    grad_clip: float = 10.0
+    val_interval: int = 1  # validate every N epochs (and after the last)
+    max_val_batches: int | None = None
+    sync_bn: bool = False
+    max_time_s: float | None = None  # stop after the epoch that crosses this wall-clock budget
+    min_warmup_iters: int = 100  # YOLOv7 uses max(3 epochs, 1000 iters); capped at half of all iterations
+    strict_data: bool = False
+    cache: bool = True
+    progress: bool = True
+    conf_thres: float = 0.001
+    iou_thres: float = 0.65
+
+    _CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "linear"),
+                "amp": ("auto", "bf16", "fp16", "off")}
+
+    def __post_init__(self) -> None:
+        for key, allowed in self._CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}", field=key)
+        for key in ("epochs", "imgsz", "batch", "nbs", "val_interval"):
+            if getattr(self, key) < 1:
+                raise ConfigError("must be >= 1", field=key)
+        if self.imgsz % 32:
+            raise ConfigError("must be a multiple of 32", field="imgsz")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], path: str | Path | None = None) -> TrainConfig:
+        """Validate a mapping (unknown keys and wrong types raise ConfigError naming the key)."""
+        known = {f.name: f for f in fields(cls)}
+        for key, value in d.items():
+            if key not in known:
+                raise ConfigError(f"unknown key (known: {', '.join(known)})", path=path, field=key)
+            default = known[key].default
+            if default is not None and value is not None and not isinstance(value, type(default)) and not (
+                    isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
+                raise ConfigError(f"expected {type(default).__name__}, got {type(value).__name__}", path=path,
+                                  field=key)
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,62 @@
+"""torchrun/DDP plumbing: process group setup, rank queries, weight agreement checks."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    """Number of processes (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else int(
+        os.environ.get("WORLD_SIZE", 1))
+
+
+def rank() -> int:
+    """This process's global rank (0 without torchrun)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def is_main() -> bool:
+    """True on the process that writes files and prints progress."""
+    return rank() == 0
+
+
+def setup(device: str) -> torch.device:
+    """Initialise the process group under torchrun (NCCL on CUDA, gloo on CPU) and pick this rank's device."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        dist.init_process_group(backend=backend)
+    return torch.device(device)
+
+
+def cleanup() -> None:
+    """Tear the process group down."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """A SHA-256 of the model's parameters and buffers (to prove that DDP ranks agree)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gather_strings(s: str) -> list[str]:
+    """All ranks' strings, on every rank."""
+    if world_size() == 1 or not dist.is_initialized():
+        return [s]
+    out: list[str] = [""] * world_size()
+    dist.all_gather_object(out, s)
+    return out

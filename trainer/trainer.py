@@ -1,0 +1,330 @@
+"""`Trainer`: YOLOv7-style detection training (SGD/AdamW, warmup + cosine, EMA, AMP, DDP, resume)."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from search_spaces import Detector, load_model, save_model
+from search_spaces.errors import CheckpointError, ConfigError
+from search_spaces.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_weights
+
+from . import distributed as ddp
+from .callbacks import Callback
+from .config import TrainConfig
+from .datasets import YoloDataset, build_dataloader, load_data_config
+from .ema import ModelEMA, unwrap
+from .evaluate import EvalResult, evaluate
+from .hyp import Hyp, load_hyp
+from .loss import HeadInfo, YoloLoss
+
+CHECKPOINT = "last.pt"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the final metrics, per-epoch rows and where the weights are."""
+
+    out: Path
+    epochs_done: int
+    best_map: float
+    last: EvalResult | None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_hyp_name(det: Detector) -> str:
+    """YOLOv7's hyp file for a model: tiny for small P5 models, p6 for four levels, else p5."""
+    if det.head.nl >= 4:
+        return "p6"
+    return "tiny" if "tiny" in det.arch.name or det.arch.act == "leaky_relu" else "p5"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """YOLOv7's three groups: BN weights and implicit tensors (no decay), weights (decay), biases (no decay)."""
+    no_decay, decay, biases = [], [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if name == "bias":
+                biases.append(p)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm) or name == "implicit":
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0, "kind": "bn"},
+            {"params": decay, "weight_decay": weight_decay, "kind": "weight"},
+            {"params": biases, "weight_decay": 0.0, "kind": "bias"}]
+
+
+def lr_factor(epoch_progress: float, epochs: int, lrf: float, schedule: str) -> float:
+    """LR multiplier at fractional epoch `epoch_progress`: one-cycle cosine or linear from 1 to lrf."""
+    x = min(max(epoch_progress / epochs, 0.0), 1.0)
+    if schedule == "linear":
+        return (1 - x) * (1.0 - lrf) + lrf
+    return ((1 - math.cos(x * math.pi)) / 2) * (lrf - 1) + 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains a Detector on a YOLO-format dataset; subclass `train_step` or add Callbacks to extend it."""
+
+    def __init__(self, cfg: TrainConfig, model: Detector | None = None, callbacks: Sequence[Callback] = (),
+                 hyp: Hyp | None = None):
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.device = ddp.setup(cfg.device)
+        self.rank, self.world = ddp.rank(), ddp.world_size()
+        self.main = self.rank == 0
+        self.out = Path(cfg.out)
+        seed_everything(cfg.seed)
+        self.data_cfg = load_data_config(cfg.data) if cfg.data else load_data_config(self.default_data())
+        self.model = model if model is not None else load_model(cfg.model, nc=self.data_cfg.nc)
+        if self.model.nc != self.data_cfg.nc:
+            raise ConfigError(f"model has nc={self.model.nc}, dataset has nc={self.data_cfg.nc}", field="nc")
+        self.model.to(self.device)
+        if cfg.sync_bn and self.world > 1:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        base_hyp = hyp or load_hyp(default_hyp_name(self.model) if cfg.hyp == "auto" else cfg.hyp)
+        self.hyp = base_hyp
+        self.loss_fn = YoloLoss(HeadInfo.from_detector(self.model), base_hyp.scaled(self.model.head.nl,
+                                                                                      self.model.nc, cfg.imgsz))
+        self.per_rank_batch = max(cfg.batch // self.world, 1)
+        self.train_set = YoloDataset.from_config(self.data_cfg, "train", imgsz=cfg.imgsz, hyp=base_hyp,
+                                                 strict=cfg.strict_data, cache=cfg.cache, seed=cfg.seed)
+        self.val_set = YoloDataset.from_config(self.data_cfg, "val", imgsz=cfg.imgsz, strict=cfg.strict_data,
+                                               cache=cfg.cache, seed=cfg.seed)
+        sampler = None
+        if self.world > 1:
+            sampler = torch.utils.data.distributed.DistributedSampler(self.train_set, shuffle=True, seed=cfg.seed,
+                                                                      drop_last=True)
+        self.train_loader = build_dataloader(self.train_set, self.per_rank_batch, cfg.workers, shuffle=True,
+                                             sampler=sampler, seed=cfg.seed, drop_last=self.world > 1)
+        self.val_loader = build_dataloader(self.val_set, self.per_rank_batch * 2, cfg.workers, shuffle=False,
+                                           seed=cfg.seed)
+        self.accumulate_nominal = max(round(cfg.nbs / cfg.batch), 1)
+        wd = base_hyp.weight_decay * cfg.batch * self.accumulate_nominal / cfg.nbs
+        groups = param_groups(self.model, wd)
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=base_hyp.lr0, betas=(base_hyp.momentum, 0.999))
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=base_hyp.lr0, momentum=base_hyp.momentum, nesterov=True)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.ema = ModelEMA(self.model, tau=cfg.ema_tau) if cfg.ema else None
+        self.ddp_model: nn.Module = self.model
+        if self.world > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.start_epoch, self.best_map, self.rows = 0, -1.0, []
+        if cfg.resume:
+            self.load_checkpoint(self.out / CHECKPOINT)
+
+    # ---- set-up helpers -------------------------------------------------------------------------------
+    def default_data(self) -> Path:
+        """The built-in synthetic dataset (generated once under runs/data)."""
+        from .synthetic import generate
+
+        root = Path("runs/data/synthetic")
+        if not (root / "data.yaml").is_file():
+            generate(root, imgsz=max(self.cfg.imgsz, 320), seed=0, progress=self.main)
+        return root / "data.yaml"
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        amp = self.cfg.amp
+        if self.device.type != "cuda" or amp == "off":
+            return None
+        if amp == "fp16":
+            return torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model used for validation and saving: the EMA if enabled."""
+        return self.ema.ema if self.ema is not None else unwrap(self.model)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        """Everything needed to resume after `epoch` (plain tensors and containers: weights_only-loadable)."""
+        return {
+            "epoch": epoch, "best_map": self.best_map, "rows": self.rows, "config": self.cfg.to_dict(),
+            "arch": self.model.arch.to_yaml(),
+            "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
+        }
+
+    def save_checkpoint(self, epoch: int) -> None:
+        """Atomically write last.pt and the EMA model directory (only rank 0 writes)."""
+        if not self.main:
+            return
+        atomic_torch_save(self.checkpoint_state(epoch), self.out / CHECKPOINT)
+        save_model(self.eval_model, self.out / "model")
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Resume from `path` if it exists (the interrupted epoch restarts from its beginning)."""
+        if not path.is_file():
+            return
+        ck = load_weights(path)
+        try:
+            unwrap(self.model).load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scaler.load_state_dict(ck["scaler"])
+            if self.ema is not None and ck.get("ema") is not None:
+                self.ema.ema.load_state_dict(ck["ema"])
+                self.ema.updates = int(ck["ema_updates"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot resume: checkpoint does not match this run ({str(e)[:200]})",
+                                  path=path) from None
+        self.start_epoch = int(ck["epoch"]) + 1
+        self.best_map = float(ck["best_map"])
+        self.rows = list(ck["rows"])
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def compute_loss(self, model: nn.Module, imgs: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Detection loss plus every callback's extra terms, for one forward pass of `model`."""
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            preds = model(imgs)
+        preds = [p.float() for p in preds]
+        parts = self.loss_fn.components(preds, targets, imgs.shape)
+        for cb in self.callbacks:
+            parts.update(cb.extra_loss(self, model, imgs, targets, preds))
+        loss, _ = YoloLoss.combine(parts, imgs.shape[0])
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    def train_step(self, imgs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Forward + backward of one batch (gradients accumulate; the optimizer steps elsewhere)."""
+        loss, items = self.compute_loss(self.ddp_model, imgs, targets)
+        # DDP averages gradients over ranks; YOLOv7 scales the loss by the world size to keep the sum
+        self.scaler.scale(loss * self.world).backward()
+        return items
+
+    def optimizer_step(self) -> None:
+        """Unscale, clip, step, zero, and update the EMA."""
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _warmup(self, ni: int, nw: int, epoch_progress: float) -> int:
+        """Set lr/momentum for global iteration ni (YOLOv7 warmup) and return the accumulation steps."""
+        h, cfg = self.hyp, self.cfg
+        factor = lr_factor(epoch_progress, cfg.epochs, h.lrf, cfg.lr_schedule)
+        if ni <= nw:
+            for g in self.optimizer.param_groups:
+                start = h.warmup_bias_lr if g.get("kind") == "bias" else 0.0
+                g["lr"] = float(np.interp(ni, [0, nw], [start, h.lr0 * factor]))
+                if "momentum" in g:
+                    g["momentum"] = float(np.interp(ni, [0, nw], [h.warmup_momentum, h.momentum]))
+            return max(1, round(float(np.interp(ni, [0, nw], [1, self.accumulate_nominal]))))
+        for g in self.optimizer.param_groups:
+            g["lr"] = h.lr0 * factor
+            if "momentum" in g:
+                g["momentum"] = h.momentum
+        return self.accumulate_nominal
+
+    def validate(self, max_batches: int | None = None) -> EvalResult:
+        """mAP of the EMA (or raw) model on the validation set."""
+        return evaluate(self.eval_model, self.val_loader, self.model.nc, self.data_cfg.names,
+                        self.cfg.conf_thres, self.cfg.iou_thres, self.device, progress=self.cfg.progress and self.main,
+                        max_batches=max_batches or self.cfg.max_val_batches)
+
+    def train(self) -> TrainResult:
+        """Run the remaining epochs; checkpoint after each; return the final metrics."""
+        cfg = self.cfg
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "config.json", cfg.to_dict())
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        nb = len(self.train_loader)
+        if nb == 0:
+            raise ConfigError("the training set has fewer images than one batch", field="batch")
+        nw = min(max(round(self.hyp.warmup_epochs * nb), cfg.min_warmup_iters), cfg.epochs * nb // 2)
+        t_start, last = time.time(), None
+        epoch = self.start_epoch - 1
+        for epoch in range(self.start_epoch, cfg.epochs):
+            torch.manual_seed(cfg.seed + epoch)  # each epoch is a function of (seed, epoch): exact resume
+            self.train_loader.set_epoch(epoch)
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            t0, n_img = time.time(), 0
+            bar = tqdm(enumerate(self.train_loader), total=nb, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not (cfg.progress and self.main), leave=False)
+            for i, (imgs, targets, _paths, _shapes) in bar:
+                ni = epoch * nb + i
+                accumulate = self._warmup(ni, nw, epoch + i / nb)
+                imgs = imgs.to(self.device, non_blocking=True).float() / 255.0
+                items = self.train_step(imgs, targets.to(self.device))
+                if (i + 1) % accumulate == 0 or i == nb - 1:
+                    self.optimizer_step()
+                for k, v in items.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n_img += imgs.shape[0] * self.world
+                bar.set_postfix({k: f"{v / (i + 1):.4f}" for k, v in sums.items()} |
+                                {"img/s": f"{n_img / max(time.time() - t0, 1e-9):.1f}"})
+            train_s = time.time() - t0
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[1]["lr"],
+                                   **{k: v / nb for k, v in sums.items()},
+                                   "train_img_s": n_img / max(train_s, 1e-9), "train_s": train_s}
+            final = epoch + 1 == cfg.epochs or (cfg.max_time_s and time.time() - t_start > cfg.max_time_s)
+            if self.main and ((epoch + 1) % cfg.val_interval == 0 or final):
+                last = self.validate()
+                row.update(map=last.metrics.map, map50=last.metrics.map50, val_img_s=last.images_per_s)
+                self.best_map = max(self.best_map, last.metrics.map)
+            if self.device.type == "cuda":
+                row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.rows.append(row)
+            self.save_checkpoint(epoch)
+            self._log(row)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, row)
+            if final:
+                break
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        self._finish()
+        return TrainResult(self.out, epoch + 1, self.best_map, last, self.rows)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_text(self.out / "results.csv", buf.getvalue())  # rewritten whole: never half a row
+        msg = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        tqdm.write(msg)
+
+    def _finish(self) -> None:
+        digests = ddp.gather_strings(ddp.state_digest(unwrap(self.model)))
+        if self.main:
+            atomic_write_json(self.out / "summary.json", {
+                "epochs": len(self.rows), "best_map": self.best_map, "world_size": self.world,
+                "rank_weight_digests": digests, "ddp_weights_identical": len(set(digests)) == 1,
+                "last": self.rows[-1] if self.rows else None,
+            })
