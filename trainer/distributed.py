@@ -53,6 +53,18 @@ def state_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's buffers (BN running statistics) equal to rank `src`'s.
+
+    DDP broadcasts buffers before each forward, so after the last forward of an epoch they differ by
+    one local update; syncing them makes every rank validate and checkpoint the same model.
+    """
+    if world_size() == 1 or not dist.is_initialized():
+        return
+    for b in model.buffers():
+        dist.broadcast(b.data, src)
+
+
 def gather_strings(s: str) -> list[str]:
     """All ranks' strings, on every rank."""
     if world_size() == 1 or not dist.is_initialized():

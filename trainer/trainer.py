@@ -286,6 +286,7 @@ class Trainer:
                 bar.set_postfix({k: f"{v / (i + 1):.4f}" for k, v in sums.items()} |
                                 {"img/s": f"{n_img / max(time.time() - t0, 1e-9):.1f}"})
             train_s = time.time() - t0
+            ddp.broadcast_buffers(unwrap(self.model))
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[1]["lr"],
                                    **{k: v / nb for k, v in sums.items()},
                                    "train_img_s": n_img / max(train_s, 1e-9), "train_s": train_s}

@@ -1,0 +1,107 @@
+"""`detforge train`, `detforge val`, `detforge predict`."""
+from __future__ import annotations
+
+import argparse
+
+from nas.output import emit, format_table
+from search_spaces import load_model
+from trainer.config import TrainConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a detector (DDP under torchrun)")
+    p.add_argument("--model", default="yolov7-tiny", help="zoo name, arch .yaml, model dir or weights.pt")
+    p.add_argument("--data", default=None, help="data.yaml or dataset dir (default: the built-in synthetic set)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--batch", type=int, default=16, help="total batch size over all processes")
+    p.add_argument("--out", default="runs/train")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--hyp", default="auto", help="p5 | p6 | tiny | path to a hyp YAML")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "linear"])
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--sync-bn", action="store_true")
+    p.add_argument("--strict", action="store_true", help="bad data is an error instead of a skipped sample")
+    p.add_argument("--max-time", type=float, default=None, help="wall-clock budget in seconds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("val", help="COCO mAP of a model on a dataset's val split")
+    p.add_argument("--weights", required=True, help="model dir (arch.yaml + weights.pt) or weights.pt beside one")
+    p.add_argument("--data", default=None)
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--conf", type=float, default=0.001)
+    p.add_argument("--iou", type=float, default=0.65)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_val)
+
+    p = sub.add_parser("predict", help="detect objects in images; writes drawn images and detections.json")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--source", required=True, help="an image or a directory of images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--iou", type=float, default=0.45)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_predict)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from trainer import distributed
+    from trainer.trainer import Trainer
+
+    cfg = TrainConfig(model=args.model, data=args.data, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
+                      batch=args.batch, resume=args.resume, device=args.device, hyp=args.hyp,
+                      optimizer=args.optimizer, lr_schedule=args.lr_schedule, amp=args.amp, workers=args.workers,
+                      seed=args.seed, ema=not args.no_ema, sync_bn=args.sync_bn, strict_data=args.strict,
+                      max_time_s=args.max_time)
+    try:
+        result = Trainer(cfg).train()
+    finally:
+        distributed.cleanup()
+    if distributed.is_main():
+        last = result.last.to_dict() if result.last else {}
+        emit({"out": str(result.out), "epochs": result.epochs_done, "best_map": result.best_map,
+              "map": last.get("map"), "map50": last.get("map50")}, args.json)
+
+
+def _val_loader(data: str | None, imgsz: int, batch: int, strict: bool):
+    from trainer.datasets import YoloDataset, build_dataloader, load_data_config
+
+    cfg = load_data_config(data or "runs/data/synthetic")
+    ds = YoloDataset.from_config(cfg, "val", imgsz=imgsz, strict=strict)
+    return cfg, build_dataloader(ds, batch, workers=0, shuffle=False)
+
+
+def run_val(args: argparse.Namespace) -> None:
+    import torch
+
+    from trainer.evaluate import evaluate
+
+    model = load_model(args.weights)
+    cfg, loader = _val_loader(args.data, args.imgsz, args.batch, args.strict)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    res = evaluate(model.to(device), loader, model.nc, cfg.names, args.conf, args.iou, device)
+    d = res.to_dict()
+    rows = [{"class": n, "ap": a, "ap50": a50} for n, a, a50 in zip(cfg.names, d["per_class"], d["per_class_ap50"])]
+    text = (f"map      {d['map']:.4f}\nmap50    {d['map50']:.4f}\nimages   {d['images']}  ({d['images_per_s']} img/s)\n\n"
+            + format_table(rows))
+    emit({k: d[k] for k in ("map", "map50", "map75", "per_class", "per_class_ap50", "names", "images",
+                            "images_per_s")}, args.json, text)
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from trainer.predict import predict
+
+    model = load_model(args.weights)
+    res = predict(model, args.source, args.out, args.imgsz, args.conf, args.iou)
+    emit({"out": args.out, "images": len(res), "detections": sum(len(v) for v in res.values())}, args.json)
