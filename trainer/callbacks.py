@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -11,6 +11,10 @@ if TYPE_CHECKING:
 
 class Callback:
     """Override any hook; every hook is optional."""
+
+    def modules(self) -> list[nn.Module]:
+        """Extra trainable modules (e.g. distillation adapters): optimised and checkpointed with the model."""
+        return []
 
     def on_train_start(self, trainer: Trainer) -> None:
         """Called once the model, data and optimizer exist (after a resume has been loaded)."""

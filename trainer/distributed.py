@@ -65,6 +65,16 @@ def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(b.data, src)
 
 
+def average_gradients(module: torch.nn.Module) -> None:
+    """All-reduce (mean) the gradients of a module that is not wrapped in DDP."""
+    if world_size() == 1 or not dist.is_initialized():
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size()
+
+
 def gather_strings(s: str) -> list[str]:
     """All ranks' strings, on every rank."""
     if world_size() == 1 or not dist.is_initialized():

@@ -22,7 +22,7 @@ from search_spaces.io import atomic_torch_save, atomic_write_json, atomic_write_
 from . import distributed as ddp
 from .callbacks import Callback
 from .config import TrainConfig
-from .datasets import YoloDataset, build_dataloader, load_data_config
+from .datasets import DataConfig, YoloDataset, build_dataloader, load_data_config
 from .ema import ModelEMA, unwrap
 from .evaluate import EvalResult, evaluate
 from .hyp import Hyp, load_hyp
@@ -75,6 +75,20 @@ def lr_factor(epoch_progress: float, epochs: int, lrf: float, schedule: str) -> 
     return ((1 - math.cos(x * math.pi)) / 2) * (lrf - 1) + 1
 
 
+SYNTHETIC_ROOT = Path("runs/data/synthetic")
+
+
+def resolve_data_config(data: str | Path | None, imgsz: int = 320, progress: bool = False) -> DataConfig:
+    """The dataset config for `data`, or the built-in synthetic set (generated once under runs/data)."""
+    if data:
+        return load_data_config(data)
+    from .synthetic import generate
+
+    if not (SYNTHETIC_ROOT / "data.yaml").is_file():
+        generate(SYNTHETIC_ROOT, imgsz=max(imgsz, 320), seed=0, progress=progress)
+    return load_data_config(SYNTHETIC_ROOT / "data.yaml")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch."""
     random.seed(seed)
@@ -94,7 +108,7 @@ class Trainer:
         self.main = self.rank == 0
         self.out = Path(cfg.out)
         seed_everything(cfg.seed)
-        self.data_cfg = load_data_config(cfg.data) if cfg.data else load_data_config(self.default_data())
+        self.data_cfg = resolve_data_config(cfg.data, cfg.imgsz, progress=self.main)
         self.model = model if model is not None else load_model(cfg.model, nc=self.data_cfg.nc)
         if self.model.nc != self.data_cfg.nc:
             raise ConfigError(f"model has nc={self.model.nc}, dataset has nc={self.data_cfg.nc}", field="nc")
@@ -120,7 +134,8 @@ class Trainer:
                                            seed=cfg.seed)
         self.accumulate_nominal = max(round(cfg.nbs / cfg.batch), 1)
         wd = base_hyp.weight_decay * cfg.batch * self.accumulate_nominal / cfg.nbs
-        groups = param_groups(self.model, wd)
+        self.extra_modules = nn.ModuleList(m for cb in self.callbacks for m in cb.modules()).to(self.device)
+        groups = param_groups(nn.ModuleList([self.model, self.extra_modules]), wd)
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(groups, lr=base_hyp.lr0, betas=(base_hyp.momentum, 0.999))
         else:
@@ -137,15 +152,6 @@ class Trainer:
             self.load_checkpoint(self.out / CHECKPOINT)
 
     # ---- set-up helpers -------------------------------------------------------------------------------
-    def default_data(self) -> Path:
-        """The built-in synthetic dataset (generated once under runs/data)."""
-        from .synthetic import generate
-
-        root = Path("runs/data/synthetic")
-        if not (root / "data.yaml").is_file():
-            generate(root, imgsz=max(self.cfg.imgsz, 320), seed=0, progress=self.main)
-        return root / "data.yaml"
-
     def _amp_dtype(self) -> torch.dtype | None:
         amp = self.cfg.amp
         if self.device.type != "cuda" or amp == "off":
@@ -168,6 +174,7 @@ class Trainer:
             "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
+            "extra": self.extra_modules.state_dict(),
         }
 
     def save_checkpoint(self, epoch: int) -> None:
@@ -184,6 +191,7 @@ class Trainer:
         ck = load_weights(path)
         try:
             unwrap(self.model).load_state_dict(ck["model"])
+            self.extra_modules.load_state_dict(ck.get("extra") or {})
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scaler.load_state_dict(ck["scaler"])
             if self.ema is not None and ck.get("ema") is not None:
@@ -218,9 +226,11 @@ class Trainer:
 
     def optimizer_step(self) -> None:
         """Unscale, clip, step, zero, and update the EMA."""
+        ddp.average_gradients(self.extra_modules)  # callback modules live outside the DDP wrapper
         self.scaler.unscale_(self.optimizer)
         if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.cfg.grad_clip)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, max_norm=self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

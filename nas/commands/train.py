@@ -74,9 +74,10 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def _val_loader(data: str | None, imgsz: int, batch: int, strict: bool):
-    from trainer.datasets import YoloDataset, build_dataloader, load_data_config
+    from trainer.datasets import YoloDataset, build_dataloader
+    from trainer.trainer import resolve_data_config
 
-    cfg = load_data_config(data or "runs/data/synthetic")
+    cfg = resolve_data_config(data, imgsz)
     ds = YoloDataset.from_config(cfg, "val", imgsz=imgsz, strict=strict)
     return cfg, build_dataloader(ds, batch, workers=0, shuffle=False)
 

@@ -1,0 +1,168 @@
+"""Knowledge distillation from a (large) teacher Detector, plugged into the Trainer as extra loss terms.
+
+Output level: per cell, the teacher's objectness and class scores (with temperature) and, where the
+teacher is confident, its decoded box; feature level: channel-wise distillation (CWD) of matched neck
+maps through 1x1 adapters. Levels are matched by grid size, so a P6 teacher or a teacher running at its
+own input size pairs with the student level of the same resolution.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert, complete_box_iou_loss
+
+from search_spaces.errors import ConfigError
+from search_spaces.model import Detector
+from trainer.callbacks import Callback
+from trainer.ema import unwrap
+
+
+@dataclass
+class DistillConfig:
+    """Weights and options of the distillation terms (each weight 0 disables its term)."""
+
+    w_obj: float = 1.0
+    w_cls: float = 1.0
+    w_box: float = 0.05
+    w_feat: float = 1.0
+    temperature: float = 2.0  # output logits
+    feat_temperature: float = 4.0  # CWD spatial softmax
+    box_conf: float = 0.3  # teacher obj*cls above which its box is a regression target
+    teacher_scale: float = 1.0  # teacher input size / student input size (2.0: a P6 teacher at 1280 vs 640)
+    teacher_half: bool = True  # fp16 teacher on CUDA
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cell_scores(raw: Tensor, nc: int) -> tuple[Tensor, Tensor]:
+    """Anchor-agnostic per-cell logits: objectness (max over anchors) and classes of the most confident anchor."""
+    obj = raw[..., 4]  # [B, na, H, W]
+    best = obj.argmax(1, keepdim=True)
+    obj_cell = obj.gather(1, best).squeeze(1)
+    cls = raw[..., 5:5 + nc]
+    cls_cell = cls.gather(1, best[..., None].expand(-1, -1, -1, -1, nc)).squeeze(1)
+    return obj_cell, cls_cell
+
+
+def soft_bce(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """BCE between sigmoid(student / T) and the soft targets sigmoid(teacher / T), times T^2."""
+    t = torch.sigmoid(teacher / temperature)
+    return F.binary_cross_entropy_with_logits(student / temperature, t) * temperature ** 2
+
+
+def cwd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Channel-wise distillation: KL between per-channel spatial softmaxes (Shu et al., 2021)."""
+    b, c, h, w = teacher.shape
+    s = student.reshape(b * c, h * w) / temperature
+    t = teacher.reshape(b * c, h * w) / temperature
+    return F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True) \
+        * temperature ** 2 / c
+
+
+class _Taps:
+    """Forward hooks keeping the outputs of the layers that feed a Detector's lead head."""
+
+    def __init__(self, det: Detector):
+        self.out: dict[int, Tensor] = {}
+        self.order = list(det.lead_inputs)
+        for i in self.order:
+            det.layers[i].register_forward_hook(self._hook(i))
+
+    def _hook(self, i: int):
+        def hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:
+            self.out[i] = out
+        return hook
+
+    def features(self) -> list[Tensor]:
+        return [self.out[i] for i in self.order]
+
+
+class Distiller(Callback):
+    """A Trainer callback adding output- and feature-level distillation terms from a frozen teacher."""
+
+    def __init__(self, teacher: Detector, student: Detector, cfg: DistillConfig | None = None):
+        self.cfg = cfg or DistillConfig()
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.same_classes = teacher.nc == student.nc
+        self.student_taps = _Taps(student)
+        self.teacher_taps = _Taps(teacher)
+        # level pairs (student level, teacher level) whose grids coincide: equal effective strides
+        t_eff = [s / self.cfg.teacher_scale for s in teacher.strides]
+        self.pairs = [(i, t_eff.index(s)) for i, s in enumerate(student.strides) if s in t_eff]
+        if not self.pairs:
+            raise ConfigError(f"no teacher level matches the student's strides {student.strides} "
+                              f"(teacher strides / scale: {t_eff})", field="teacher_scale")
+        s_ch = [student.channels[i] for i in student.lead_inputs]
+        t_ch = [teacher.channels[i] for i in teacher.lead_inputs]
+        self.adapters = nn.ModuleList(nn.Conv2d(s_ch[i], t_ch[j], 1) for i, j in self.pairs)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.adapters] if self.cfg.w_feat > 0 else []
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.teacher.to(trainer.device)
+        if self.cfg.teacher_half and trainer.device.type == "cuda":
+            self.teacher.half()
+
+    @torch.no_grad()
+    def _teacher(self, imgs: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        p = next(self.teacher.parameters())
+        x = imgs.to(p.dtype)
+        if self.cfg.teacher_scale != 1.0:
+            x = F.interpolate(x, scale_factor=self.cfg.teacher_scale, mode="bilinear", align_corners=False)
+        _, raw = self.teacher(x)
+        return [r.float() for r in raw], [f.float() for f in self.teacher_taps.features()]
+
+    def extra_loss(self, trainer: Any, model: Any, imgs: Tensor, targets: Tensor,
+                   preds: list[Tensor]) -> dict[str, Tensor]:
+        student = unwrap(model)
+        t_raw, t_feat = self._teacher(imgs)
+        s_feat = self.student_taps.features()
+        c, dev = self.cfg, imgs.device
+        zero = torch.zeros((), device=dev)
+        obj_l, cls_l, box_l, feat_l = zero, zero, zero, zero
+        for k, (i, j) in enumerate(self.pairs):
+            s, t = preds[i], t_raw[j]
+            if s.shape[2:4] != t.shape[2:4]:
+                continue  # grids differ at this batch's size
+            s_obj, s_cls = cell_scores(s, student.nc)
+            t_obj, t_cls = cell_scores(t, self.teacher.nc)
+            obj_l = obj_l + soft_bce(s_obj, t_obj, c.temperature)
+            if self.same_classes and student.nc > 1:
+                cls_l = cls_l + soft_bce(s_cls, t_cls, c.temperature)
+            if c.w_box > 0:
+                box_l = box_l + self._box_term(student, s, i, t, j)
+            if c.w_feat > 0:
+                sf = self.adapters[k](s_feat[i].float())
+                tf = t_feat[j]
+                if sf.shape[2:] != tf.shape[2:]:
+                    sf = F.interpolate(sf, size=tf.shape[2:], mode="bilinear", align_corners=False)
+                feat_l = feat_l + cwd_loss(sf, tf, c.feat_temperature)
+        n = len(self.pairs)
+        return {"kd_obj": c.w_obj * obj_l / n, "kd_cls": c.w_cls * cls_l / n, "kd_box": c.w_box * box_l / n,
+                "kd_feat": c.w_feat * feat_l / n}
+
+    def _box_term(self, student: Detector, s: Tensor, i: int, t: Tensor, j: int) -> Tensor:
+        """CIoU between the student's and the teacher's decoded boxes where the teacher is confident."""
+        with torch.no_grad():
+            td = self.teacher.head.decode_level(t, j)
+            scale = s.shape[3] * student.strides[i] / (t.shape[3] * self.teacher.strides[j])
+            t_conf = td[..., 4] * td[..., 5:].max(-1).values
+            best = t_conf.argmax(1, keepdim=True)  # [B, 1, H, W]
+            conf = t_conf.gather(1, best).squeeze(1)
+            tbox = td[..., :4].gather(1, best[..., None].expand(-1, -1, -1, -1, 4)).squeeze(1) * scale
+            mask = conf > self.cfg.box_conf
+        if not mask.any():
+            return torch.zeros((), device=s.device)
+        sd = student.head.decode_level(s, i)  # differentiable decode of the student's raw logits
+        s_best = sd[..., 4].detach().argmax(1, keepdim=True)
+        sbox = sd[..., :4].gather(1, s_best[..., None].expand(-1, -1, -1, -1, 4)).squeeze(1)
+        return complete_box_iou_loss(box_convert(sbox[mask], "cxcywh", "xyxy"),
+                                     box_convert(tbox[mask], "cxcywh", "xyxy"), reduction="mean")

@@ -1,0 +1,60 @@
+"""`detforge distill`: train a student with output- and feature-level distillation from a teacher."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nas.output import emit
+from search_spaces import load_model
+from search_spaces.convert import load_official_into, read_official_checkpoint
+from search_spaces.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="train a student with knowledge distillation from a teacher")
+    p.add_argument("--teacher", default="yolov7-e6",
+                   help="model dir (arch.yaml + weights.pt), or an official .pt with --teacher-model")
+    p.add_argument("--teacher-model", default=None, help="zoo name of an official teacher checkpoint")
+    p.add_argument("--teacher-scale", type=float, default=1.0, help="teacher input size / student input size")
+    p.add_argument("--student", default="yolov7-tiny")
+    p.add_argument("--data", default=None)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--w-feat", type=float, default=1.0)
+    p.add_argument("--w-obj", type=float, default=1.0)
+    p.add_argument("--w-cls", type=float, default=1.0)
+    p.add_argument("--w-box", type=float, default=0.05)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def load_teacher(ref: str, official_model: str | None, nc: int | None = None):
+    """A teacher from our own model directory or from an official checkpoint via the converter."""
+    if official_model:
+        det = load_model(official_model, form="training")
+        det = load_official_into(det, read_official_checkpoint(ref), source=ref)
+        return det.deploy()
+    if Path(ref).suffix == ".pt" and not (Path(ref).parent / "arch.yaml").is_file():
+        raise ConfigError("an official checkpoint needs --teacher-model NAME", path=ref)
+    return load_model(ref)
+
+
+def run(args: argparse.Namespace) -> None:
+    from compress.distill import DistillConfig, Distiller
+    from trainer.config import TrainConfig
+    from trainer.trainer import Trainer, resolve_data_config
+
+    cfg = TrainConfig(model=args.student, data=args.data, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
+                      batch=args.batch, device=args.device, resume=args.resume)
+    teacher = load_teacher(args.teacher, args.teacher_model)
+    student = load_model(args.student, nc=resolve_data_config(args.data, args.imgsz).nc)
+    kd = Distiller(teacher, student, DistillConfig(w_obj=args.w_obj, w_cls=args.w_cls, w_box=args.w_box,
+                                                   w_feat=args.w_feat, teacher_scale=args.teacher_scale))
+    result = Trainer(cfg, model=student, callbacks=[kd]).train()
+    last = result.last.to_dict() if result.last else {}
+    emit({"out": str(result.out), "epochs": result.epochs_done, "map": last.get("map"), "map50": last.get("map50"),
+          "level_pairs": kd.pairs}, args.json)
