@@ -1,0 +1,45 @@
+"""train / val / predict through the CLI on a small synthetic set; bad data gives exit code 2 with --strict."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nas.cli import main
+
+
+def test_train_val_predict(small_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(small_data), "--epochs", "1", "--imgsz", "96", "--batch", "4",
+                 "--workers", "0", "--device", "cpu", "--out", str(run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["epochs"] == 1 and 0.0 <= out["map"] <= 1.0
+    assert (run / "last.pt").is_file() and (run / "model" / "arch.yaml").is_file()
+    assert (run / "results.csv").read_text().startswith("epoch,")
+
+    assert main(["val", "--weights", str(run / "model"), "--data", str(small_data), "--imgsz", "96",
+                 "--json"]) == 0
+    val = json.loads(capsys.readouterr().out)
+    assert {"map", "map50", "per_class"} <= set(val) and val["images"] == 8
+
+    images = Path(small_data).parent / "images" / "val"
+    assert main(["predict", "--weights", str(run / "model"), "--source", str(images), "--out",
+                 str(tmp_path / "pred"), "--imgsz", "96", "--conf", "0.0001", "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["images"] == 8
+    dets = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert len(dets) == 8 and len(list((tmp_path / "pred").glob("*.jpg"))) == 8
+
+
+def test_strict_bad_label_is_exit_2(small_data, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "bad"
+    shutil.copytree(Path(small_data).parent, root)
+    data = root / "data.yaml"
+    data.write_text(data.read_text().replace(str(Path(small_data).parent), str(root)))
+    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    label.write_text("0 0.5 0.5 0.2\n")  # four columns
+    assert main(["train", "--data", str(data), "--epochs", "1", "--imgsz", "96", "--batch", "4", "--workers", "0",
+                 "--device", "cpu", "--out", str(tmp_path / "r"), "--strict", "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("detforge: error:") and label.name in err[-1]

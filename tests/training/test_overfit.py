@@ -1,0 +1,27 @@
+"""End to end: a tiny model overfits 8 synthetic images to mAP50 >= 0.9 (data, loss, assignment, NMS, mAP)."""
+from __future__ import annotations
+
+import yaml
+
+from trainer.config import TrainConfig
+from trainer.hyp import load_hyp
+from trainer.synthetic import generate
+from trainer.trainer import Trainer
+
+
+def test_yolov7_tiny_overfits_eight_images(tmp_path):
+    data = generate(tmp_path / "d", train=8, val=1, imgsz=128, seed=3)
+    d = yaml.safe_load(data.read_text())
+    d["val"] = d["train"]  # evaluate on the very images it trains on
+    over = tmp_path / "d" / "over.yaml"
+    over.write_text(yaml.safe_dump(d))
+    # augmentation off and a constant, high learning rate: the point is to memorise (sweep in docs/benchmarks.md)
+    hyp = load_hyp("tiny").replace(lr0=0.04, lrf=1.0, warmup_epochs=0, weight_decay=0.0, mosaic=0.0, mixup=0.0,
+                                   paste_in=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fliplr=0.0, translate=0.0,
+                                   scale=0.0)
+    cfg = TrainConfig(model="yolov7-tiny", data=str(over), out=str(tmp_path / "run"), epochs=180, imgsz=128,
+                      batch=8, nbs=8, workers=0, ema=False, val_interval=60, min_warmup_iters=10, device="cpu",
+                      progress=False)
+    result = Trainer(cfg, hyp=hyp).train()
+    assert result.last is not None
+    assert result.last.metrics.map50 >= 0.9, result.rows[-1]
