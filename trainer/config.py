@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from search_spaces.errors import ConfigError
+from search_spaces.typecheck import type_name, type_ok
 
 
 @dataclass
@@ -58,15 +60,16 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: str | Path | None = None) -> TrainConfig:
         """Validate a mapping (unknown keys and wrong types raise ConfigError naming the key)."""
-        known = {f.name: f for f in fields(cls)}
+        if not isinstance(d, dict):
+            raise ConfigError("expected a mapping", path=path)
+        hints = typing.get_type_hints(cls)
+        known = [f.name for f in fields(cls)]
         for key, value in d.items():
             if key not in known:
                 raise ConfigError(f"unknown key (known: {', '.join(known)})", path=path, field=key)
-            default = known[key].default
-            if default is not None and value is not None and not isinstance(value, type(default)) and not (
-                    isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
-                raise ConfigError(f"expected {type(default).__name__}, got {type(value).__name__}", path=path,
-                                  field=key)
+            if not type_ok(value, hints[key]):
+                raise ConfigError(f"expected {type_name(hints[key])}, got {type(value).__name__} {value!r}",
+                                  path=path, field=key)
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -10,6 +9,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..errors import ConfigError
+from ..typecheck import type_name, type_ok
 
 
 @dataclass(frozen=True)
@@ -41,30 +41,6 @@ def register_block(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return wrap
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (list, tuple, typing.Sequence):
-        args = typing.get_args(hint)
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else True
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
 def validate_block_args(block: str, args: dict[str, Any], *, where: str, path: str | None) -> BlockEntry:
     """Check a layer's block name and arguments against the block's signature; raise ConfigError on mismatch."""
     entry = BLOCKS.get(block)
@@ -76,8 +52,8 @@ def validate_block_args(block: str, args: dict[str, Any], *, where: str, path: s
             raise ConfigError(f"unknown argument for block '{block}' (allowed: {', '.join(entry.params)})",
                               path=path, field=f"{where}.{key}")
         hint = entry.hints.get(key, Any)
-        if not _type_ok(value, hint):
-            raise ConfigError(f"expected {_type_name(hint)}, got {type(value).__name__} {value!r}", path=path,
+        if not type_ok(value, hint):
+            raise ConfigError(f"expected {type_name(hint)}, got {type(value).__name__} {value!r}", path=path,
                               field=f"{where}.{key}")
     for key, p in entry.params.items():
         if p.default is inspect.Parameter.empty and key not in args:
