@@ -1,0 +1,167 @@
+"""Supernet: extracted subnets equal the active path; shapes, shared gradients, sharing layout, BN, state."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from nas.supernet import Supernet
+from search_spaces import ConfigError, Detector, load_model
+from search_spaces.space import load_space
+
+NC = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads; one thread is immune to oversubscription on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def space():
+    return load_space("tiny")
+
+
+@pytest.fixture(scope="module")
+def supernet(space):
+    torch.manual_seed(0)
+    net = Supernet(space, nc=NC)
+    _randomize_bn(net)
+    return net
+
+
+@torch.no_grad()
+def _randomize_bn(net: torch.nn.Module, seed: int = 1234) -> None:
+    """Random BN statistics, so a wrong slice or a missed BN shows in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.uniform_(0.5, 1.5, generator=g)
+            m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+            m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.uniform_(0.3, 1.5, generator=g)
+
+
+def test_extract_equals_active_path(supernet, space):
+    supernet.eval()
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(20):
+        d = space.random_decisions(rng)
+        arch = supernet.set_active(d)
+        seen.add((d["head.layout"], d["head.type"]))
+        x = torch.rand(2, 3, arch.imgsz, arch.imgsz)
+        with torch.no_grad():
+            y_sup, raw_sup = supernet(x)
+            det = supernet.extract().eval()
+            y_det, raw_det = det(x)
+        assert isinstance(det, Detector) and det.arch == arch
+        assert y_sup.shape == y_det.shape
+        assert (y_sup - y_det).abs().max() <= 1e-5
+        assert all((a - b).abs().max() <= 1e-5 for a, b in zip(raw_sup, raw_det))
+    assert len(seen) >= 6  # layouts and head types were exercised
+
+
+def test_train_mode_shapes_match_detector(supernet, space):
+    supernet.train()
+    for d in (space.largest_decisions(), space.smallest_decisions(),
+              space.random_decisions(random.Random(4))):
+        arch = supernet.set_active(d)
+        det = Detector(arch).train()
+        x = torch.rand(2, 3, 64, 64)
+        out, ref = supernet(x), det(x)
+        assert [o.shape for o in out] == [r.shape for r in ref]
+        assert all(o.shape[-1] == 5 + NC for o in out)
+    supernet.eval()
+    for d in (space.largest_decisions(), space.smallest_decisions()):
+        supernet.set_active(d)
+        with torch.no_grad():
+            decoded, _ = supernet(torch.rand(1, 3, 128, 128))
+        assert decoded.shape[0] == 1 and decoded.shape[-1] == 5 + NC
+
+
+def test_gradients_reach_the_shared_slice(space):
+    net = Supernet(space, nc=NC).train()
+    weight = net.blocks["p2"]["elan"].cv1.conv.weight  # [max width, max c_in, 1, 1]
+    big = space.largest_decisions() | {"backbone.p2.block": "elan"}
+    small = space.smallest_decisions() | {"backbone.p2.block": "elan"}
+    for d in (big, small):
+        net.zero_grad()
+        arch = net.set_active(d)
+        sum(o.float().square().mean() for o in net(torch.rand(2, 3, 64, 64))).backward()
+        width = next(la for la in arch.layers if la.name == "p2").args["width"]
+        assert weight.grad[:width].abs().sum() > 0
+        assert weight.grad[width:].abs().sum() == 0  # inactive filters get nothing
+    assert width < weight.shape[0]
+
+
+def test_weights_are_shared_by_tap_position(space):
+    """Two depths of the same ELAN use the same cv3 weights for the chain outputs both concatenate."""
+    net = Supernet(space, nc=NC)
+    base = space.largest_decisions() | {"backbone.p3.block": "elan", "backbone.p3.tap": 1}
+    dets = {depth: net.extract(base | {"backbone.p3.depth": depth}) for depth in (1, 2)}
+    idx = {depth: next(i for i, la in enumerate(det.arch.layers) if la.name == "p3")
+           for depth, det in dets.items()}
+    w = {depth: det.layers[idx[depth]].cv3.conv.weight for depth, det in dets.items()}
+    width = dets[1].arch.layers[idx[1]].args["width"]
+    # concat order [chain[d], ..., chain[0], a]: depth 1 -> [c1, c0, a]; depth 2 -> [c2, c1, c0, a]
+    assert torch.equal(w[1], w[2][:, width:])
+    # the largest subnet is the largest module, unsliced
+    full = net.blocks["p3"]["elan"].cv3.conv.weight
+    assert torch.equal(w[2], full)
+
+
+def test_block_types_keep_their_own_weights(space):
+    net = Supernet(space, nc=NC)
+    assert set(net.blocks["p3"]) == {"elan", "elan_ghost", "eelan"}
+    assert set(net.blocks["ds3"]) == {"maxpool", "mp", "conv"}
+    assert {"idetect_p3_p5", "detect_p3_p4", "decoupled_p3_p6"} <= set(net.heads)
+    a = net.extract(space.largest_decisions() | {"backbone.p3.block": "elan"})
+    b = net.extract(space.largest_decisions() | {"backbone.p3.block": "ghost_elan"})
+    pa = next(m for m, la in zip(a.layers, a.arch.layers) if la.name == "p3")
+    pb = next(m for m, la in zip(b.layers, b.arch.layers) if la.name == "p3")
+    assert not torch.equal(pa.cv1.conv.weight, pb.cv1.conv.weight)
+
+
+def test_state_dict_roundtrip(supernet, space, tmp_path):
+    supernet.eval()
+    d = space.random_decisions(random.Random(9))
+    supernet.set_active(d)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = supernet(x)[0]
+    torch.save(supernet.state_dict(), tmp_path / "sn.pt")
+    other = Supernet(space, nc=NC)
+    other.load_state_dict(torch.load(tmp_path / "sn.pt", weights_only=True))
+    other.eval().set_active(d)
+    with torch.no_grad():
+        assert torch.equal(other(x)[0], ref)
+
+
+def test_recalibrate_bn(space):
+    net = Supernet(space, nc=NC).eval()
+    _randomize_bn(net)
+    arch = net.set_active(space.random_decisions(random.Random(2)))
+    bn = net.active_modules()[0].bn
+    before = bn.running_mean.clone()
+    batches = [torch.rand(2, 3, arch.imgsz, arch.imgsz) for _ in range(3)]
+    assert net.recalibrate_bn(iter(batches), num_batches=2) == 2
+    assert not torch.equal(bn.running_mean, before) and bn.momentum == 0.03 and not net.training
+    net.eval()
+    x = torch.rand(1, 3, arch.imgsz, arch.imgsz)
+    with torch.no_grad():
+        assert (net(x)[0] - net.extract().eval()(x)[0]).abs().max() <= 1e-5
+    net.reset_bn_stats()
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+
+
+def test_foreign_architectures_are_refused(supernet):
+    with pytest.raises(ConfigError):
+        supernet.set_active(load_model("yolov7-tiny").arch.with_nc(NC))
+    with pytest.raises(ConfigError):
+        supernet.set_active(load_model("yolov7-tiny").arch)  # nc differs too
