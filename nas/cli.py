@@ -11,6 +11,7 @@ import importlib
 import pkgutil
 import sys
 import traceback
+import warnings
 from typing import Sequence
 
 from search_spaces.errors import DetforgeError
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `detforge` console script."""
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*")  # fvcore's tracer, not actionable for users
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

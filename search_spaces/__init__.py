@@ -3,9 +3,10 @@ from .architecture import Architecture, HeadSpec, LayerSpec
 from .errors import CheckpointError, ConfigError, DataError, DetforgeError
 from .loading import load_model, resolve_arch, save_model
 from .model import Detector, build, count_params
+from .space import BlockSignature, SearchSpace, arch_signatures, load_space
 from .zoo import list_models
 
 __all__ = [
-    "Architecture", "CheckpointError", "ConfigError", "DataError", "Detector", "DetforgeError", "HeadSpec",
-    "LayerSpec", "build", "count_params", "list_models", "load_model", "resolve_arch", "save_model",
+    "Architecture", "BlockSignature", "CheckpointError", "ConfigError", "DataError", "Detector", "DetforgeError", "HeadSpec",
+    "LayerSpec", "build", "count_params", "SearchSpace", "arch_signatures", "list_models", "load_space", "load_model", "resolve_arch", "save_model",
 ]

@@ -15,6 +15,7 @@ import json
 import math
 import random as _random
 from collections.abc import Callable, Iterable, Iterator, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -91,6 +92,12 @@ class SearchSpace:
     def from_dict(cls, raw: Any, path: str | None = None) -> SearchSpace:
         """Validate a parsed YAML mapping (ConfigError naming the file and field on any problem)."""
         return _parse_space(raw, path)
+
+    def with_nc(self, nc: int | None) -> SearchSpace:
+        """The same space for a dataset with `nc` classes (head signatures and built architectures change)."""
+        if nc is None or nc == self.nc:
+            return self
+        return dataclasses.replace(self, nc=nc)  # init=False: the copy starts with an empty cache
 
     # ---- decisions ---------------------------------------------------------------------------------------
     @property

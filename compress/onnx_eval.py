@@ -1,0 +1,34 @@
+"""mAP of an exported ONNX model (FP32 or INT8 QDQ) with the same evaluation code as PyTorch models."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from latency_tables.onnx_utils import check_onnx
+from trainer.evaluate import EvalResult, evaluate
+
+from .export import ort_session
+
+
+class OnnxDetector(nn.Module):
+    """An ONNX Runtime session behind the Detector eval interface: `model(x) -> (decoded, [])`."""
+
+    def __init__(self, path: str | Path, threads: int = 2):
+        super().__init__()
+        check_onnx(Path(path))  # user files are checked before use
+        self.path = str(path)
+        self.session = ort_session(Path(path), threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: Tensor):
+        out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out), []
+
+
+def evaluate_onnx(path: str | Path, loader: Iterable, nc: int, names: list[str] | None = None,
+                  threads: int = 2, max_batches: int | None = None) -> EvalResult:
+    """COCO mAP of an ONNX detector on `loader` (same NMS and pycocotools code as `trainer.evaluate`)."""
+    return evaluate(OnnxDetector(path, threads), loader, nc, names, device="cpu", max_batches=max_batches)

@@ -1,0 +1,110 @@
+"""`Pipeline`: dataset + device + budget -> deployable Pareto-optimal detectors, stage by stage, resumable.
+
+Each stage reads and writes plain artifacts in the run directory and is recorded in `stages.json` with
+a digest of its inputs (config section + upstream digests); a rerun skips recorded stages whose inputs
+are unchanged, and a stage interrupted by a kill resumes from its own checkpoint (trainer `last.pt`,
+latency table entries, the Optuna study).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from search_spaces.errors import ConfigError
+from search_spaces.io import atomic_write_json, atomic_write_text, read_json
+
+from .pipeline_config import PipelineConfig
+
+STATE = "stages.json"
+
+
+@dataclass
+class StageRecord:
+    """A finished stage: its input digest, outputs (JSON) and duration."""
+
+    name: str
+    digest: str
+    outputs: dict[str, Any]
+    seconds: float
+
+
+@dataclass
+class Pipeline:
+    """Runs the stages of one `detforge run` in `out`."""
+
+    cfg: PipelineConfig
+    out: Path
+    log: Callable[[str], None] = print
+    records: dict[str, StageRecord] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, cfg: PipelineConfig, out: str | Path, resume: bool = False,
+             log: Callable[[str], None] = print) -> Pipeline:
+        """Create the run directory, or reopen it with `resume` (refused without it, so nothing is overwritten)."""
+        out = Path(out)
+        state = out / STATE
+        if state.is_file() and not resume:
+            raise ConfigError("run directory already has a run; pass --resume to continue it or choose --out",
+                              path=out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", cfg.to_yaml())
+        p = cls(cfg, out, log)
+        if state.is_file():
+            for name, r in read_json(state).items():
+                p.records[name] = StageRecord(name, r["digest"], r["outputs"], r["seconds"])
+        return p
+
+    # ---- stage bookkeeping ------------------------------------------------------------------------------
+    def stage(self, name: str, inputs: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run `fn` unless a record with the same input digest exists; record and return its outputs."""
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        rec = self.records.get(name)
+        if rec is not None and rec.digest == digest and all(Path(p).exists() for p in rec.outputs.get("files", [])):
+            self.log(f"[skip] {name} (inputs unchanged)")
+            return rec.outputs
+        self.log(f"[run ] {name}")
+        t0 = time.time()
+        outputs = fn()
+        self.records[name] = StageRecord(name, digest, outputs, round(time.time() - t0, 2))
+        atomic_write_json(self.out / STATE, {k: vars(v) for k, v in self.records.items()})
+        self.log(f"[done] {name} in {self.records[name].seconds:.1f} s")
+        return outputs
+
+    def digest(self, name: str) -> str:
+        """The input digest a finished stage was recorded with (chains stages together)."""
+        return self.records[name].digest
+
+    # ---- the run ------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """All stages in order; returns the summary written to `summary.json`."""
+        from . import stages
+
+        c = self.cfg
+        data = self.stage("data", {"data": c.data, "synthetic": vars(c.synthetic)}, lambda: stages.data(self))
+        table = self.stage("latency", {"latency": vars(c.latency), "space": c.space, "imgsz": c.imgsz,
+                                       "nc": data["nc"]}, lambda: stages.latency_table(self, data))
+        budget = stages.check_budget(self, table)
+        sup = self.stage("supernet", {"supernet": vars(c.supernet), "data": self.digest("data"), "space": c.space,
+                                      "imgsz": c.imgsz, "seed": c.seed}, lambda: stages.supernet(self, data))
+        search = self.stage("search", {"search": vars(c.search), "budget": budget, "supernet": self.digest("supernet"),
+                                       "latency": self.digest("latency")},
+                            lambda: stages.search(self, data, sup, table, budget))
+        front = self.stage("pareto", {"search": self.digest("search"), "select": vars(c.select)},
+                           lambda: stages.pareto(self, sup, search, table, budget))
+        models = {}
+        for mid in front["chosen"]:
+            models[mid] = self.stage(f"model:{mid}", {
+                "pareto": self.digest("pareto"), "finetune": vars(c.finetune), "prune": vars(c.prune),
+                "distill": vars(c.distill), "quantize": vars(c.quantize)},
+                lambda mid=mid: stages.compress_model(self, data, front, mid, table))
+        baselines = self.stage("baselines", {"baselines": vars(c.baselines), "data": self.digest("data"),
+                                             "epochs": c.supernet.epochs + c.finetune.epochs},
+                               lambda: stages.baselines(self, data, table))
+        summary = self.stage("report", {k: self.digest(k) for k in self.records if k != "report"},
+                             lambda: stages.report(self, data, table, front, models, baselines, budget))
+        return summary

@@ -1,0 +1,187 @@
+"""`PipelineConfig`: the `detforge run` configuration, validated once at the boundary into dataclasses."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search_spaces.errors import ConfigError
+from search_spaces.io import read_yaml
+from search_spaces.typecheck import type_name, type_ok
+
+
+@dataclass
+class SyntheticCfg:
+    """The built-in dataset, used when `data` is not set."""
+
+    train: int = 2000
+    val: int = 300
+    imgsz: int = 320
+    classes: int = 6
+    seed: int = 0
+
+
+@dataclass
+class LatencyCfg:
+    """The latency table: loaded from `table`, or built on this device with `backend`."""
+
+    backend: str = "ort-cpu"
+    threads: int = 2
+    table: str | None = None
+
+
+@dataclass
+class SupernetCfg:
+    epochs: int = 10
+    batch: int = 16
+    n_random: int = 2
+
+
+@dataclass
+class SearchCfg:
+    trials: int = 40
+    budget_ms: float | None = None
+    sampler: str = "nsga2"
+    storage: str | None = None  # default: sqlite in the run directory
+    bn_batches: int = 8
+    val_batches: int | None = None
+
+
+@dataclass
+class SelectCfg:
+    """Which front models go on: the `k` best by mAP, or the best one meeting each budget in `budgets_ms`."""
+
+    k: int = 1
+    budgets_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class FinetuneCfg:
+    epochs: int = 5
+    batch: int = 16
+
+
+@dataclass
+class PruneCfg:
+    enabled: bool = False
+    macs: float = 0.7
+    backend: str = "torch-pruning"
+    finetune_epochs: int = 1
+
+
+@dataclass
+class DistillCfg:
+    enabled: bool = False
+    teacher: str = "yolov7-e6"
+    teacher_model: str | None = None  # zoo name when `teacher` is an official checkpoint
+    epochs: int = 3
+
+
+@dataclass
+class QuantizeCfg:
+    enabled: bool = True
+    calib: int = 64
+    method: str = "minmax"
+
+
+@dataclass
+class BaselineCfg:
+    """Zoo models trained with the same budget and drawn on the front."""
+
+    models: list[str] = field(default_factory=lambda: ["yolov7-tiny"])
+    epochs: int | None = None  # default: supernet epochs + finetune epochs
+
+
+@dataclass
+class PipelineConfig:
+    """A whole `detforge run`."""
+
+    name: str = "run"
+    data: str | None = None
+    synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
+    space: str = "default"
+    imgsz: int = 320
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    latency: LatencyCfg = field(default_factory=LatencyCfg)
+    supernet: SupernetCfg = field(default_factory=SupernetCfg)
+    search: SearchCfg = field(default_factory=SearchCfg)
+    select: SelectCfg = field(default_factory=SelectCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
+    prune: PruneCfg = field(default_factory=PruneCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
+    quantize: QuantizeCfg = field(default_factory=QuantizeCfg)
+    baselines: BaselineCfg = field(default_factory=BaselineCfg)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PipelineConfig:
+        """Read and validate a pipeline YAML file."""
+        return cls.from_dict(read_yaml(path) or {}, str(path))
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str | None = None) -> PipelineConfig:
+        """Validate a mapping (unknown key, wrong type, impossible value: ConfigError naming the field)."""
+        cfg = _build(cls, d, path, "")
+        cfg.check(path)
+        return cfg
+
+    def check(self, path: str | None = None) -> None:
+        """Value checks that types cannot express."""
+        positive = {"imgsz": self.imgsz, "supernet.epochs": self.supernet.epochs, "supernet.batch": self.supernet.batch,
+                    "search.trials": self.search.trials, "finetune.batch": self.finetune.batch,
+                    "synthetic.train": self.synthetic.train, "synthetic.val": self.synthetic.val,
+                    "select.k": self.select.k, "quantize.calib": self.quantize.calib,
+                    "latency.threads": self.latency.threads}
+        for key, v in positive.items():
+            if v < 1:
+                raise ConfigError(f"must be >= 1, got {v}", path=path, field=key)
+        if self.imgsz % 32:
+            raise ConfigError(f"must be a multiple of 32, got {self.imgsz}", path=path, field="imgsz")
+        b = self.search.budget_ms
+        if b is not None and b <= 0:
+            raise ConfigError(f"impossible latency budget {b} ms", path=path, field="search.budget_ms")
+        if any(x <= 0 for x in self.select.budgets_ms):
+            raise ConfigError("budgets must be > 0 ms", path=path, field="select.budgets_ms")
+        if not 0 < self.prune.macs <= 1:
+            raise ConfigError(f"the kept MACs fraction must be in (0, 1], got {self.prune.macs}", path=path,
+                              field="prune.macs")
+        choices = {"search.sampler": (self.search.sampler, ("nsga2", "tpe", "random", "gp")),
+                   "quantize.method": (self.quantize.method, ("minmax", "entropy", "percentile")),
+                   "prune.backend": (self.prune.backend, ("torch-pruning", "nni")),
+                   "latency.backend": (self.latency.backend, ("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu",
+                                                              "torch-cuda", "tensorrt"))}
+        for key, (v, allowed) in choices.items():
+            if v not in allowed:
+                raise ConfigError(f"must be one of {', '.join(allowed)}, got {v!r}", path=path, field=key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _build(cls: type, d: Any, path: str | None, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"expected a mapping, got {type(d).__name__}", path=path, field=prefix.rstrip(".") or None)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key (known: {', '.join(names)})", path=path, field=where)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, path, f"{where}.")
+        elif not type_ok(value, hint):
+            raise ConfigError(f"expected {type_name(hint)}, got {type(value).__name__} {value!r}", path=path,
+                              field=where)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)

@@ -1,0 +1,254 @@
+"""The stages of `detforge run`, each a function of the Pipeline that returns its JSON outputs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search_spaces import load_model, load_space, save_model
+from search_spaces.errors import ConfigError
+from search_spaces.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+def data(p: Pipeline) -> dict[str, Any]:
+    """The dataset: the user's YOLO/COCO data.yaml, or the built-in synthetic set generated into the run."""
+    from trainer.datasets import load_data_config
+    from trainer.synthetic import generate
+
+    c = p.cfg
+    if c.data:
+        yaml_path = Path(c.data)
+    else:
+        s = c.synthetic
+        yaml_path = generate(p.out / "data", train=s.train, val=s.val, imgsz=s.imgsz, classes=s.classes, seed=s.seed,
+                             progress=True)
+    dc = load_data_config(yaml_path)
+    return {"yaml": str(dc.yaml_path or yaml_path), "nc": dc.nc, "names": list(dc.names), "files": [str(yaml_path)]}
+
+
+def latency_table(p: Pipeline, d: dict[str, Any]) -> dict[str, Any]:
+    """Load the configured table, or build one for the space on this device (resumable)."""
+    from latency_tables import LatencyTable, get_backend
+
+    c = p.cfg
+    if c.latency.table:
+        table = LatencyTable.load(c.latency.table)
+        path = Path(c.latency.table)
+    else:
+        path = p.out / "latency" / f"{c.latency.backend}-{c.imgsz}.json"
+        space = load_space(c.space).with_nc(d["nc"])
+        backend = get_backend(c.latency.backend, threads=c.latency.threads)
+        table = LatencyTable.build(space, backend, c.imgsz, path)
+    return {"path": str(path), "entries": len(table), "backend": table.backend, "files": [str(path)]}
+
+
+def check_budget(p: Pipeline, t: dict[str, Any]) -> float | None:
+    """The search budget; an impossible one (below the smallest architecture of the space) fails here."""
+    from latency_tables import LatencyTable
+
+    b = p.cfg.search.budget_ms
+    if b is None:
+        return None
+    space = load_space(p.cfg.space).with_nc(_nc(p))
+    smallest = LatencyTable.load(t["path"], check_device=False).predict(space.smallest())
+    if b < smallest:
+        raise ConfigError(f"impossible latency budget {b} ms: the smallest architecture of space '{space.name}' "
+                          f"is predicted at {smallest:.2f} ms", field="search.budget_ms")
+    return b
+
+
+def supernet(p: Pipeline, d: dict[str, Any]) -> dict[str, Any]:
+    """Train the weight-sharing supernet with the sandwich rule (resumes from its last.pt)."""
+    from trainer.config import TrainConfig
+
+    from .supernet import Supernet
+    from .supernet_train import SupernetTrainer
+
+    c = p.cfg
+    out = p.out / "supernet"
+    cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=c.supernet.epochs, imgsz=c.imgsz, batch=c.supernet.batch,
+                      device=c.device, workers=c.workers, seed=c.seed, resume=(out / "last.pt").is_file())
+    net = Supernet(c.space, nc=d["nc"])
+    trainer = SupernetTrainer(cfg, model=net, n_random=c.supernet.n_random)
+    result = trainer.train()
+    weights = out / "supernet.pt"
+    return {"weights": str(weights), "best_map": result.best_map, "files": [str(weights)]}
+
+
+def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any], t: dict[str, Any], budget: float | None
+           ) -> dict[str, Any]:
+    """The Optuna search under the budget (the study in the run directory resumes after a kill)."""
+    from .search import SearchConfig, run_search
+
+    c = p.cfg
+    storage = c.search.storage or f"sqlite:///{(p.out / 'study.db').resolve()}"
+    cfg = SearchConfig(space=c.space, supernet=sup["weights"], table=t["path"], data=d["yaml"], budget_ms=budget,
+                       trials=c.search.trials, storage=storage, study=c.name, sampler=c.search.sampler, seed=c.seed,
+                       bn_batches=c.search.bn_batches, val_batches=c.search.val_batches, imgsz=c.imgsz)
+    study = run_search(cfg)
+    return {"storage": storage, "study": c.name, "trials": len(study.trials), "files": []}
+
+
+def pareto(p: Pipeline, sup: dict[str, Any], s: dict[str, Any], t: dict[str, Any], budget: float | None
+           ) -> dict[str, Any]:
+    """The Pareto front, exported as model directories + ONNX; chooses the models that go on."""
+    import optuna
+
+    from .pareto import export_front, pareto_front
+    from .supernet import load_supernet
+
+    study = optuna.load_study(study_name=s["study"], storage=s["storage"])
+    front = pareto_front(study)
+    if not front:
+        raise ConfigError("the search found no architecture within the budget", field="search.budget_ms")
+    entries = export_front(study, load_supernet(sup["weights"]), p.out / "pareto")
+    chosen = choose(entries, p.cfg.select.k, p.cfg.select.budgets_ms)
+    return {"front": [e.to_dict() for e in entries], "chosen": chosen, "files": []}
+
+
+def choose(entries: list[Any], k: int, budgets: list[float]) -> list[str]:
+    """Arch ids of the k best front models by mAP, or the best one meeting each budget."""
+    if budgets:
+        ids = []
+        for b in budgets:
+            ok = [e for e in entries if e.predicted_ms <= b]
+            if ok:
+                ids.append(max(ok, key=lambda e: e.map).arch_id)
+        return list(dict.fromkeys(ids))
+    return [e.arch_id for e in sorted(entries, key=lambda e: -e.map)[:k]]
+
+
+def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: str, t: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """finetune -> prune -> distill -> fuse -> ONNX FP32 -> INT8 -> verify (mAP, measured latency)."""
+    from compress.fuse import fuse_detector
+
+    from compress.export import export_detector
+    from compress.onnx_eval import evaluate_onnx
+    from compress.report import measure_latency_ms
+    from trainer.config import TrainConfig
+    from trainer.trainer import Trainer
+
+    c = p.cfg
+    root = p.out / "models" / mid
+    steps: list[dict[str, Any]] = []
+    det = load_model(p.out / "pareto" / mid)
+
+    def train(model, name: str, epochs: int, callbacks=()):
+        out = root / name
+        cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=epochs, imgsz=c.imgsz, batch=c.finetune.batch,
+                          device=c.device, workers=c.workers, seed=c.seed, resume=(out / "last.pt").is_file())
+        res = Trainer(cfg, model=model, callbacks=list(callbacks)).train()
+        trained = load_model(out / "model")
+        return trained, res.last.metrics.map if res.last else float("nan")
+
+    det, m = train(det, "finetuned", c.finetune.epochs)
+    steps.append({"step": "finetune", "map": m, **_size(det, c.imgsz)})
+    if c.prune.enabled:
+        from compress.prune import prune_detector
+
+        pruned, rep = prune_detector(det, c.prune.macs, backend=c.prune.backend, imgsz=c.imgsz)
+        det, m = train(pruned, "pruned", c.prune.finetune_epochs)
+        steps.append({"step": "prune", "map": m, **_size(det, c.imgsz), "changes": rep.changes[:5]})
+    if c.distill.enabled:
+        from compress.distill import DistillConfig, Distiller
+
+        from .commands.distill import load_teacher
+
+        teacher = load_teacher(c.distill.teacher, c.distill.teacher_model)
+        det, m = train(det, "distilled", c.distill.epochs, [Distiller(teacher, det, DistillConfig())])
+        steps.append({"step": "distill", "map": m, **_size(det, c.imgsz)})
+    fused, rep = fuse_detector(det)
+    save_model(fused, root / "fused")
+    steps.append({"step": "fuse", "map": m, **_size(fused, c.imgsz)})
+    onnx_fp32 = root / "model.onnx"
+    export_detector(fused, onnx_fp32, c.imgsz)
+    files = [str(onnx_fp32)]
+    loader, names = _val_loader(d, c.imgsz)
+    verify = {"fp32": {"map": evaluate_onnx(onnx_fp32, loader, d["nc"], names).metrics.map}}
+    lat_models: list[Any] = [onnx_fp32]
+    if c.quantize.enabled:
+        from compress.quantize import calibration_images, quantize_onnx
+
+        onnx_int8 = root / "model.int8.onnx"
+        calib = calibration_images(Path(d["yaml"]).parent / "images" / "train", c.imgsz, c.quantize.calib) \
+            if not c.data else calibration_images(_train_images(d), c.imgsz, c.quantize.calib)
+        quantize_onnx(onnx_fp32, onnx_int8, calib, method=c.quantize.method)
+        verify["int8"] = {"map": evaluate_onnx(onnx_int8, loader, d["nc"], names).metrics.map}
+        lat_models.append(onnx_int8)
+        files.append(str(onnx_int8))
+    lat = measure_latency_ms(lat_models, c.imgsz, threads=c.latency.threads)
+    for key, ms in zip(verify, lat):
+        verify[key]["latency_ms"] = ms
+    from latency_tables import LatencyTable
+
+    predicted = LatencyTable.load(t["path"], check_device=False).predict(fused.arch) if not c.prune.enabled else None
+    result = {"steps": steps, "verify": verify, "predicted_ms": predicted, "files": files}
+    atomic_write_json(root / "metrics.json", result)
+    return result
+
+
+def baselines(p: Pipeline, d: dict[str, Any], t: dict[str, Any]) -> dict[str, Any]:
+    """Zoo baselines trained from scratch with the same epoch budget; their mAP and measured latency."""
+    from compress.export import export_detector
+    from compress.report import measure_latency_ms
+    from trainer.config import TrainConfig
+    from trainer.trainer import Trainer
+
+    c = p.cfg
+    epochs = c.baselines.epochs or (c.supernet.epochs + c.finetune.epochs)
+    out: dict[str, Any] = {}
+    for name in c.baselines.models:
+        run = p.out / "baselines" / name
+        cfg = TrainConfig(model=name, data=d["yaml"], out=str(run), epochs=epochs, imgsz=c.imgsz,
+                          batch=c.finetune.batch, device=c.device, workers=c.workers, seed=c.seed,
+                          resume=(run / "last.pt").is_file())
+        res = Trainer(cfg).train()
+        det = load_model(run / "model").eval().fuse()
+        onnx = run / "model.onnx"
+        export_detector(det, onnx, c.imgsz)
+        out[name] = {"map": res.last.metrics.map if res.last else None,
+                     "map50": res.last.metrics.map50 if res.last else None,
+                     "latency_ms": measure_latency_ms([onnx], c.imgsz, threads=c.latency.threads)[0],
+                     "epochs": epochs}
+    return out
+
+
+def report(p: Pipeline, d, t, front, models, base, budget) -> dict[str, Any]:
+    """report.md + plots in the run directory; returns the summary."""
+    from .report import write_report
+
+    path = write_report(p, d, t, front, models, base, budget)
+    return {"report": str(path), "files": [str(path)]}
+
+
+# ---- small helpers -------------------------------------------------------------------------------------------
+def _nc(p: Pipeline) -> int:
+    return int(p.records["data"].outputs["nc"])
+
+
+def _size(det: Any, imgsz: int) -> dict[str, Any]:
+    from compress.report import detector_size
+
+    params, gflops = detector_size(det, imgsz)
+    return {"params": params, "gflops": gflops}
+
+
+def _val_loader(d: dict[str, Any], imgsz: int):
+    from trainer.datasets import YoloDataset, build_dataloader
+
+    ds = YoloDataset.from_config(d["yaml"], "val", imgsz=imgsz)
+    return build_dataloader(ds, 8, workers=0, shuffle=False), ds.names
+
+
+def _train_images(d: dict[str, Any]) -> Path:
+    from trainer.datasets import load_data_config
+
+    train = load_data_config(d["yaml"]).train
+    return train[0] if isinstance(train, list) else train
+
+
+__all__ = ["baselines", "check_budget", "choose", "compress_model", "data", "latency_table", "pareto", "report",
+           "search", "supernet"]
