@@ -1,0 +1,44 @@
+"""`detforge prune` and `detforge quantize` from the command line."""
+from __future__ import annotations
+
+import json
+
+import onnx
+
+from nas.cli import main
+from search_spaces import load_model, save_model
+
+from . import AUX, build, write_images
+
+
+def test_prune_cli_writes_a_reloadable_model(tmp_path, capsys):
+    save_model(build(AUX), tmp_path / "m")
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tmp_path / "m"), "--macs", "0.6", "--round-to", "4", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["details"]["macs_ratio"] <= 0.6 and result["out"] == str(out)
+    assert load_model(out).arch.to_dict() != load_model(tmp_path / "m").arch.to_dict()
+    assert (out / "prune_report.json").is_file()
+
+
+def test_prune_cli_errors(tmp_path, capsys):
+    save_model(build(AUX), tmp_path / "m")
+    assert main(["prune", str(tmp_path / "m"), "--latency-ms", "3", "--out", str(tmp_path / "o")]) == 2
+    assert "--table" in capsys.readouterr().err
+    assert main(["prune", str(tmp_path / "m"), "--macs", "0.5", "--finetune-epochs", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_quantize_cli_from_a_model_dir(tmp_path, capsys):
+    save_model(build(AUX), tmp_path / "m")
+    write_images(tmp_path / "images", 3)
+    out = tmp_path / "m.int8.onnx"
+    assert main(["quantize", str(tmp_path / "m"), "--data", str(tmp_path / "images"), "--calib", "3",
+                 "--method", "minmax", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["calib_images"] == 3 and result["tail_float"]
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out)).graph.node)
+    assert (tmp_path / "m.fp32.onnx").is_file() and (tmp_path / "m.int8.json").is_file()
+    assert main(["quantize", str(tmp_path / "m.fp32.onnx"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "calibration images" in capsys.readouterr().err
