@@ -32,6 +32,8 @@ class LatencyCfg:
     backend: str = "ort-cpu"
     threads: int = 2
     table: str | None = None
+    min_runs: int = 20  # measurement protocol (docs/latency.md): fewer runs build faster, noisier tables
+    max_time_s: float = 30.0  # per block
 
 
 @dataclass

@@ -30,7 +30,7 @@ def data(p: Pipeline) -> dict[str, Any]:
 
 def latency_table(p: Pipeline, d: dict[str, Any]) -> dict[str, Any]:
     """Load the configured table, or build one for the space on this device (resumable)."""
-    from latency_tables import LatencyTable, get_backend
+    from latency_tables import LatencyTable, MeasurementConfig, get_backend
 
     c = p.cfg
     if c.latency.table:
@@ -39,7 +39,9 @@ def latency_table(p: Pipeline, d: dict[str, Any]) -> dict[str, Any]:
     else:
         path = p.out / "latency" / f"{c.latency.backend}-{c.imgsz}.json"
         space = load_space(c.space).with_nc(d["nc"])
-        backend = get_backend(c.latency.backend, threads=c.latency.threads)
+        protocol = MeasurementConfig(min_runs=c.latency.min_runs, max_runs=max(1000, c.latency.min_runs),
+                                     max_time_s=c.latency.max_time_s, warmup=min(10, c.latency.min_runs))
+        backend = get_backend(c.latency.backend, threads=c.latency.threads, config=protocol)
         table = LatencyTable.build(space, backend, c.imgsz, path)
     return {"path": str(path), "entries": len(table), "backend": table.backend, "files": [str(path)]}
 

@@ -549,6 +549,16 @@ class Supernet(nn.Module):
     def active_arch(self) -> Architecture:
         return self._active[0]
 
+    @property
+    def head(self) -> nn.Module:
+        """The active architecture's head module (nl, na, anchors, anchor_free: what the loss reads)."""
+        return self._active[3]
+
+    @property
+    def strides(self) -> list[int]:
+        """The active architecture's head strides."""
+        return list(self._active[0].head_strides())
+
     def active_modules(self) -> list[nn.Module]:
         """The modules the active architecture runs (layers, then the head)."""
         return [*self._active[2], self._active[3]]
@@ -622,6 +632,47 @@ class Supernet(nn.Module):
                 if isinstance(m, nn.BatchNorm2d):
                     seen.setdefault(id(m), m)
         return list(seen.values())
+
+
+SUPERNET_FORMAT = "detforge.supernet"
+
+
+def supernet_document(net: Supernet, state_dict: Mapping[str, Tensor] | None = None,
+                      **meta: Any) -> dict[str, Any]:
+    """The `supernet.pt` document: plain tensors, the space (name, path, YAML text) and nc (weights_only)."""
+    src = net.space.source
+    # the YAML text travels with the weights, so the file loads on a machine without the space file
+    text = Path(src).read_text() if src and Path(src).is_file() else None
+    sd = net.state_dict() if state_dict is None else state_dict
+    return {"format": SUPERNET_FORMAT, "version": 1, "space": net.space.name, "space_path": src,
+            "space_yaml": text, "nc": int(net.nc), "state_dict": {k: v.detach().cpu().clone() for k, v in sd.items()},
+            **meta}
+
+
+def load_supernet(path: str | Path, space: SearchSpace | str | Path | None = None) -> Supernet:
+    """A Supernet from a `supernet.pt` (its space from `space`, else the embedded YAML, else the recorded name)."""
+    from search_spaces.errors import CheckpointError
+    from search_spaces.io import load_weights
+
+    doc = load_weights(path)
+    if not isinstance(doc, dict) or doc.get("format") != SUPERNET_FORMAT:
+        raise CheckpointError("not a detforge supernet file (write one with `detforge supernet train`)",
+                              path=path, field="format")
+    if space is None:
+        if doc.get("space_yaml"):
+            import yaml
+
+            space = SearchSpace.from_dict(yaml.safe_load(doc["space_yaml"]), path=doc.get("space_path"))
+        else:
+            space = doc.get("space_path") if doc.get("space_path") and Path(doc["space_path"]).is_file() \
+                else doc["space"]
+    net = Supernet(space, nc=int(doc["nc"]))
+    try:
+        net.load_state_dict(doc["state_dict"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"weights do not match space '{net.space.name}' ({str(e)[:200]})", path=path,
+                              field="state_dict") from None
+    return net
 
 
 def _set_act(module: nn.Module, act: str) -> None:

@@ -205,13 +205,14 @@ class Trainer:
         self.rows = list(ck["rows"])
 
     # ---- the loop -------------------------------------------------------------------------------------
-    def compute_loss(self, model: nn.Module, imgs: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Detection loss plus every callback's extra terms, for one forward pass of `model`."""
+    def compute_loss(self, model: nn.Module, imgs: Tensor, targets: Tensor,
+                     loss_fn: YoloLoss | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Detection loss (`loss_fn` or self.loss_fn) plus the callbacks' extra terms, for one forward pass."""
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             preds = model(imgs)
         preds = [p.float() for p in preds]
-        parts = self.loss_fn.components(preds, targets, imgs.shape)
+        parts = (loss_fn or self.loss_fn).components(preds, targets, imgs.shape)
         for cb in self.callbacks:
             parts.update(cb.extra_loss(self, model, imgs, targets, preds))
         loss, _ = YoloLoss.combine(parts, imgs.shape[0])

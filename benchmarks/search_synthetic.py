@@ -1,0 +1,235 @@
+"""The NAS loop end to end on the synthetic set: supernet, search, front, rank fidelity, vs yolov7-tiny.
+
+Stages (each resumes after a kill: the supernet from its last.pt, the study from its SQLite file, every
+stand-alone training from its own last.pt):
+
+1. data: the synthetic set (or --data); latency table: --table, else built for the space with ORT on this CPU
+2. supernet training (sandwich rule + in-place distillation) for --supernet-epochs
+3. search: --trials trials of NSGA-II under a budget (default: yolov7-tiny's latency); wall time, trials/min
+4. the Pareto front, exported (model dirs + ONNX, measured latency)
+5. rank fidelity: Kendall tau between inherited-weight mAP and stand-alone mAP over --fidelity-archs
+   architectures of the study (the front first, then other feasible ones), each trained from scratch for
+   --standalone-epochs
+6. the best front model within yolov7-tiny's latency, finetuned for --finetune-epochs from its inherited
+   weights, against yolov7-tiny trained from scratch for the same total epochs (supernet + finetune), both
+   measured interleaved with ORT
+
+The full run (default space at 320, 30 supernet epochs, 40 trials) takes many hours on a 2-core CPU; on a
+GPU about an hour. A plumbing run on the tiny space (minutes on a CPU):
+
+    python benchmarks/search_synthetic.py --space tiny --imgsz 64 --train-images 64 --val-images 32 \\
+        --supernet-epochs 2 --trials 6 --fidelity-archs 6 --standalone-epochs 1 --finetune-epochs 1 \\
+        --latency-protocol quick --out runs/bench/search_tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from latency_tables import LatencyTable, get_backend
+from latency_tables.measurement import MeasurementConfig
+from nas.pareto import export_front, feasible, scored_trials
+from nas.search import SearchConfig, run_search
+from nas.supernet_train import SUPERNET_FILE, SupernetTrainer
+from search_spaces import Detector, load_model
+from search_spaces.architecture import Architecture
+from search_spaces.errors import DetforgeError
+from search_spaces.io import atomic_write_json
+from search_spaces.space import load_space
+from trainer.config import TrainConfig
+from trainer.synthetic import generate
+from trainer.trainer import Trainer
+
+QUICK = {"warmup": 3, "warmup_s": 0.05, "min_runs": 10, "max_runs": 100, "max_time_s": 1.0, "target_rel_ci": 0.05}
+
+
+def _protocol(name: str) -> MeasurementConfig:
+    return MeasurementConfig(**QUICK) if name == "quick" else MeasurementConfig()
+
+
+def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Namespace) -> float:
+    """Train (resuming) and return the final mAP@[.5:.95]."""
+    cfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=args.imgsz,
+                      batch=args.batch, device=args.device, workers=args.workers, seed=args.seed, progress=False,
+                      resume=(out / "last.pt").is_file(), max_time_s=args.max_train_s)
+    result = Trainer(cfg, model=model).train()
+    if result.last is not None:
+        return float(result.last.metrics.map)
+    return float(result.rows[-1].get("map", float("nan"))) if result.rows else float("nan")
+
+
+def _stage(report: dict[str, Any], name: str, t0: float) -> None:
+    report.setdefault("wall_s", {})[name] = round(time.time() - t0, 1)
+    print(f"[{name}] {report['wall_s'][name]:.1f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--space", default="default")
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--out", default="runs/bench/search_synthetic")
+    ap.add_argument("--data", default=None, help="data.yaml (default: generate the synthetic set into OUT/data)")
+    ap.add_argument("--train-images", type=int, default=2000)
+    ap.add_argument("--val-images", type=int, default=300)
+    ap.add_argument("--classes", type=int, default=6)
+    ap.add_argument("--table", default=None, help="latency table (default: build OUT/table.json with ort-cpu)")
+    ap.add_argument("--latency-protocol", default="standard", choices=["standard", "quick"])
+    ap.add_argument("--threads", type=int, default=2, help="ORT threads for the table and the measurements")
+    ap.add_argument("--supernet-epochs", type=int, default=30)
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--sampler", default="nsga2")
+    ap.add_argument("--budget-ms", type=float, default=None, help="default: yolov7-tiny's latency")
+    ap.add_argument("--bn-batches", type=int, default=8)
+    ap.add_argument("--val-batches", type=int, default=None)
+    ap.add_argument("--fidelity-archs", type=int, default=6)
+    ap.add_argument("--standalone-epochs", type=int, default=10)
+    ap.add_argument("--finetune-epochs", type=int, default=10)
+    ap.add_argument("--baseline-epochs", type=int, default=None, help="default: supernet + finetune epochs")
+    ap.add_argument("--max-train-s", type=float, default=None, help="wall-clock cap of each stand-alone training")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.fidelity_archs < 2:
+        ap.error("--fidelity-archs must be >= 2 (a rank correlation needs pairs)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"args": vars(args), "machine": platform.processor() or platform.machine(),
+                              "torch_threads": torch.get_num_threads(),
+                              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    t_all = time.time()
+
+    # 1. data and latency table --------------------------------------------------------------------------------
+    t0 = time.time()
+    data = args.data or str(generate(out / "data", train=args.train_images, val=args.val_images,
+                                     imgsz=max(args.imgsz, 64), classes=args.classes, seed=args.seed))
+    from trainer.datasets import load_data_config
+
+    nc = load_data_config(data).nc
+    space = load_space(args.space).with_nc(nc)
+    protocol = _protocol(args.latency_protocol)
+    table_path = Path(args.table) if args.table else out / "table.json"
+    if args.table:
+        table = LatencyTable.load(table_path, check_device=False)
+    else:
+        backend = get_backend("ort-cpu", threads=args.threads, config=protocol)
+        table = LatencyTable.build(space, backend, args.imgsz, table_path, progress=True)
+    report["table"] = table.summary()
+    _stage(report, "data_and_table", t0)
+
+    # yolov7-tiny: the baseline's latency (measured; predicted too when the table covers it) -----------------
+    yolo = load_model("yolov7-tiny", nc=nc)
+    from compress.report import measure_latency_ms
+
+    yolo_ms = measure_latency_ms([yolo], args.imgsz, threads=args.threads, **QUICK)[0] \
+        if args.latency_protocol == "quick" else measure_latency_ms([yolo], args.imgsz, threads=args.threads)[0]
+    try:
+        yolo_pred = table.predict(yolo.arch, args.imgsz)
+    except DetforgeError:
+        yolo_pred = None  # the space does not contain yolov7-tiny's blocks at this size
+    budget = args.budget_ms or yolo_pred or yolo_ms
+    report["yolov7_tiny"] = {"measured_ms": yolo_ms, "predicted_ms": yolo_pred}
+    report["budget_ms"] = budget
+    print(f"yolov7-tiny: measured {yolo_ms:.2f} ms, predicted {yolo_pred} ms; budget {budget:.2f} ms", flush=True)
+
+    # 2. supernet ---------------------------------------------------------------------------------------------
+    t0 = time.time()
+    sup_out = out / "supernet"
+    cfg = TrainConfig(model=f"supernet:{space.name}", data=data, out=str(sup_out), epochs=args.supernet_epochs,
+                      imgsz=args.imgsz, batch=args.batch, device=args.device, workers=args.workers, seed=args.seed,
+                      progress=False, resume=(sup_out / "last.pt").is_file())
+    sup = SupernetTrainer(cfg, space=space).train()
+    report["supernet"] = {"epochs": sup.epochs_done, "largest_map": sup.best_map}
+    _stage(report, "supernet", t0)
+
+    # 3. search -----------------------------------------------------------------------------------------------
+    t0 = time.time()
+    scfg = SearchConfig(space=None, supernet=str(sup_out / SUPERNET_FILE), table=str(table_path), data=data,
+                        budget_ms=budget, trials=args.trials, out=str(out), study="bench", sampler=args.sampler,
+                        seed=args.seed, bn_batches=args.bn_batches, val_batches=args.val_batches, imgsz=args.imgsz,
+                        batch=args.batch, device=args.device, progress=True)
+    study = run_search(scfg)
+    search_s = time.time() - t0
+    report["search"] = {"trials": args.trials, "wall_s": round(search_s, 1),
+                        "trials_per_min": round(args.trials / max(search_s / 60, 1e-9), 2)}
+    _stage(report, "search", t0)
+
+    # 4. the front, exported and measured ------------------------------------------------------------------------
+    t0 = time.time()
+    front = export_front(study, sup_out / SUPERNET_FILE, out / "pareto", backend="ort-cpu", threads=args.threads,
+                         measure_config=protocol, bn_batches=args.bn_batches, batch=args.batch, device=args.device)
+    report["front"] = [e.to_dict() for e in front]
+    _stage(report, "front", t0)
+
+    # 5. rank fidelity ------------------------------------------------------------------------------------------
+    t0 = time.time()
+    chosen: dict[str, Any] = {e.arch_id: e for e in front}
+    for t in sorted(scored_trials(study), key=lambda t: t.number):
+        if len(chosen) >= args.fidelity_archs:
+            break
+        if feasible(t) and t.user_attrs["arch_id"] not in chosen:
+            chosen[t.user_attrs["arch_id"]] = t
+    rows = []
+    for aid, item in list(chosen.items())[: args.fidelity_archs]:
+        attrs = item.user_attrs if hasattr(item, "user_attrs") else {"map": item.map, "arch": item.arch}
+        arch = Architecture.from_dict(yaml.safe_load(attrs["arch"]))
+        torch.manual_seed(args.seed)
+        m = _train(Detector(arch), data, out / "standalone" / aid, args.standalone_epochs, args)
+        rows.append({"arch_id": aid, "inherited_map": float(attrs["map"]), "standalone_map": m})
+        print(f"stand-alone {aid}: inherited {attrs['map']:.4f}  stand-alone {m:.4f}", flush=True)
+    from scipy.stats import kendalltau
+
+    tau = kendalltau([r["inherited_map"] for r in rows], [r["standalone_map"] for r in rows]).statistic \
+        if len(rows) >= 2 else float("nan")
+    report["rank_fidelity"] = {"kendall_tau": None if tau is None or math.isnan(tau) else float(tau),
+                               "archs": rows, "standalone_epochs": args.standalone_epochs}
+    _stage(report, "rank_fidelity", t0)
+
+    # 6. best front model within yolov7-tiny's latency vs yolov7-tiny, same epoch budget ----------------------
+    t0 = time.time()
+    within = [e for e in front if e.predicted_ms <= budget]
+    comparison: dict[str, Any] = {"budget_ms": budget}
+    if within:
+        best = max(within, key=lambda e: e.map)
+        fastest_as_good = min((e for e in front if e.map >= best.map), key=lambda e: e.predicted_ms)
+        det = load_model(out / "pareto" / best.arch_id)
+        ft = _train(det, data, out / "finetune" / best.arch_id, args.finetune_epochs, args)
+        epochs = args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
+        torch.manual_seed(args.seed)
+        base = _train(load_model("yolov7-tiny", nc=nc), data, out / "yolov7-tiny", epochs, args)
+        tuned = load_model(out / "finetune" / best.arch_id / "model")
+        kw = QUICK if args.latency_protocol == "quick" else {}
+        ms = measure_latency_ms([tuned, load_model(out / "yolov7-tiny" / "model")], args.imgsz, threads=args.threads,
+                                **kw)
+        comparison.update({
+            "front_model": {"arch_id": best.arch_id, "inherited_map": best.map, "finetuned_map": ft,
+                            "epochs": f"{args.supernet_epochs} supernet + {args.finetune_epochs} finetune",
+                            "measured_ms": ms[0], "predicted_ms": best.predicted_ms, "params": best.params,
+                            "gflops": best.gflops},
+            "fastest_front_model_as_accurate": fastest_as_good.arch_id,
+            "yolov7_tiny": {"map": base, "epochs": epochs, "measured_ms": ms[1]},
+        })
+    else:
+        comparison["note"] = "no front model within yolov7-tiny's latency"
+    report["vs_yolov7_tiny"] = comparison
+    _stage(report, "vs_yolov7_tiny", t0)
+
+    report["wall_s"]["total"] = round(time.time() - t_all, 1)
+    atomic_write_json(out / "bench.json", report)
+    summary = {k: report[k] for k in ("budget_ms", "search", "rank_fidelity", "vs_yolov7_tiny", "wall_s")}
+    summary["front"] = [{k: e[k] for k in ("arch_id", "map", "predicted_ms", "measured_ms", "params", "gflops")}
+                        for e in report["front"]]
+    print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The Pareto front of a search study: selection, plot, and export of each front architecture.
+
+The front holds the feasible (within the latency budget), evaluated COMPLETE trials that no other
+such trial dominates on the study's objectives plus predicted latency (so a scratch-mode study, which
+optimises mAP alone, still gets an accuracy/latency front). `export_front` turns each into a model
+directory (`arch.yaml` + `weights.pt` from the supernet, BatchNorm recalibrated), a fused ONNX file and
+a latency measured on a backend of this machine, all listed in `front.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces.architecture import Architecture
+from search_spaces.errors import ConfigError
+from search_spaces.io import atomic_path, atomic_write_json
+
+from .search import STUDY_ATTR, calibration_batches, constraint_of, resolve_device
+from .supernet import Supernet, load_supernet
+
+# objective -> (user attribute, sign that turns it into "smaller is better")
+_DIMS = {"map": ("map", -1.0), "latency": ("predicted_ms", 1.0), "params": ("params", 1.0),
+         "gflops": ("gflops", 1.0)}
+FRONT_COLUMNS = ["arch_id", "trial", "map", "map50", "predicted_ms", "measured_ms", "params", "gflops"]
+
+
+@dataclass
+class FrontEntry:
+    """One architecture of the front."""
+
+    number: int  # trial number
+    arch_id: str
+    map: float
+    map50: float
+    predicted_ms: float
+    params: int
+    gflops: float
+    measured_ms: float | None = None  # filled by export_front
+    path: str | None = None  # model directory, filled by export_front
+    arch: str = dataclasses.field(default="", repr=False)  # architecture YAML
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (without the YAML, which lives in the model directory)."""
+        d = dataclasses.asdict(self)
+        d.pop("arch")
+        return d
+
+    def row(self) -> dict[str, Any]:
+        """A table row (FRONT_COLUMNS)."""
+        return {"arch_id": self.arch_id, "trial": self.number, "map": self.map, "map50": self.map50,
+                "predicted_ms": self.predicted_ms, "measured_ms": "-" if self.measured_ms is None else self.measured_ms,
+                "params": self.params, "gflops": self.gflops}
+
+    def architecture(self) -> Architecture:
+        """The Architecture the trial recorded."""
+        import yaml
+
+        return Architecture.from_dict(yaml.safe_load(self.arch))
+
+
+def settings(study: optuna.Study) -> dict[str, Any]:
+    """The search settings the study recorded (space, budget, objectives, data, supernet, imgsz)."""
+    return dict(study.user_attrs.get(STUDY_ATTR) or {})
+
+
+def front_objectives(study: optuna.Study) -> list[str]:
+    """The dimensions of the front: the study's objectives, plus latency (always part of the trade-off)."""
+    objectives = settings(study).get("objectives") or ["map", "latency"]
+    return list(dict.fromkeys([*objectives, "latency"]))
+
+
+def scored_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """COMPLETE trials with a measured mAP (over-budget trials the search skipped have none)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("map") is not None and t.user_attrs.get("predicted_ms") is not None]
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    """Within the budget (every recorded constraint <= 0)."""
+    return max(constraint_of(trial)) <= 0
+
+
+def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the points no other point dominates (all dimensions minimised)."""
+    return [i for i, p in enumerate(points) if not any(_dominates(q, p) for j, q in enumerate(points) if j != i)]
+
+
+def pareto_front(study: optuna.Study, objectives: Sequence[str] | None = None) -> list[FrontEntry]:
+    """The non-dominated feasible trials, one per architecture, sorted by predicted latency."""
+    dims = list(objectives or front_objectives(study))
+    unknown = [d for d in dims if d not in _DIMS]
+    if unknown:
+        raise ConfigError(f"unknown objective {unknown[0]!r} (known: {', '.join(_DIMS)})", field="objectives")
+    best: dict[str, FrozenTrial] = {}
+    for t in scored_trials(study):
+        if not feasible(t):
+            continue
+        aid = t.user_attrs.get("arch_id") or str(t.number)
+        if aid not in best or t.user_attrs["map"] > best[aid].user_attrs["map"]:  # a retry or a resample
+            best[aid] = t
+    trials = list(best.values())
+    points = [[_DIMS[d][1] * float(t.user_attrs[_DIMS[d][0]]) for d in dims] for t in trials]
+    front = [_entry(trials[i]) for i in non_dominated(points)]
+    return sorted(front, key=lambda e: (e.predicted_ms, -e.map, e.number))
+
+
+def _entry(t: FrozenTrial) -> FrontEntry:
+    a = t.user_attrs
+    return FrontEntry(number=t.number, arch_id=str(a.get("arch_id")), map=float(a["map"]),
+                      map50=float(a.get("map50") or 0.0), predicted_ms=float(a["predicted_ms"]),
+                      params=int(a.get("params") or 0), gflops=float(a.get("gflops") or 0.0), arch=a.get("arch", ""))
+
+
+def plot_front(study: optuna.Study, path: str | Path, front: Sequence[FrontEntry] | None = None,
+               budget_ms: float | None = None, html: str | Path | None = None) -> Path:
+    """PNG of mAP vs predicted latency: every scored trial grey, the front highlighted, the budget line.
+
+    With `html` and plotly installed, also Optuna's interactive Pareto-front plot (skipped without plotly).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = pareto_front(study) if front is None else front
+    budget_ms = settings(study).get("budget_ms") if budget_ms is None else budget_ms
+    trials = scored_trials(study)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ok = [t for t in trials if feasible(t)]
+    bad = [t for t in trials if not feasible(t)]
+    ax.scatter([t.user_attrs["predicted_ms"] for t in ok], [t.user_attrs["map"] for t in ok], s=14, c="0.6",
+               label=f"trials ({len(trials)})")
+    if bad:
+        ax.scatter([t.user_attrs["predicted_ms"] for t in bad], [t.user_attrs["map"] for t in bad], s=14, c="0.8",
+                   marker="x", label="over budget")
+    if front:
+        xs, ys = [e.predicted_ms for e in front], [e.map for e in front]
+        ax.step(xs, ys, where="post", c="tab:red", lw=1)
+        ax.scatter(xs, ys, s=30, c="tab:red", zorder=3, label=f"Pareto front ({len(front)})")
+        measured = [(e.measured_ms, e.map) for e in front if e.measured_ms is not None]
+        if measured:
+            ax.scatter(*zip(*measured), s=30, facecolors="none", edgecolors="tab:blue", zorder=3,
+                       label="front, measured latency")
+    if budget_ms:
+        ax.axvline(float(budget_ms), ls="--", c="k", lw=1, label=f"budget {float(budget_ms):g} ms")
+    ax.set_xlabel("latency (ms, predicted by the table)")
+    ax.set_ylabel("mAP@[.5:.95]")
+    ax.set_title(f"study {study.study_name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    if html is not None and len(study.directions) > 1:
+        _plot_html(study, Path(html))
+    return out
+
+
+def _plot_html(study: optuna.Study, path: Path) -> bool:
+    """Optuna's interactive Pareto-front plot, if plotly is installed (it is optional)."""
+    try:
+        import plotly  # noqa: F401
+    except ImportError:
+        return False
+    names = list(settings(study).get("objectives") or ["map", "latency"])
+    fig = optuna.visualization.plot_pareto_front(study, target_names=names)
+    with atomic_path(path) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs="cdn")
+    return True
+
+
+def export_front(study: optuna.Study, supernet: Supernet | str | Path, out_dir: str | Path, *,
+                 front: Sequence[FrontEntry] | None = None, data: str | None = None, backend: Any = "ort-cpu",
+                 threads: int | None = 2, measure_config: Any = None, bn_batches: int = 8, batch: int = 16,
+                 device: str = "auto", onnx: bool = True) -> list[FrontEntry]:
+    """Write `out_dir/<arch_id>/` (arch.yaml, weights.pt, model.onnx) for each front entry, measure each ONNX
+    on `backend` (a name, a Backend, or None to skip), and `out_dir/front.json` + `front.png`."""
+    from compress.export import export_detector
+    from search_spaces import save_model
+    from trainer.trainer import resolve_data_config
+
+    st = settings(study)
+    entries = [dataclasses.replace(e) for e in (pareto_front(study) if front is None else front)]
+    net = load_supernet(supernet) if isinstance(supernet, (str, Path)) else supernet
+    data = data or st.get("data")
+    imgsz = int(st.get("imgsz") or max(net.space.decisions["imgsz"].choices))
+    data_cfg = resolve_data_config(data, imgsz)
+    if data_cfg.nc != net.nc:
+        raise ConfigError(f"the supernet has nc={net.nc}, the dataset {data_cfg.nc}", field="nc")
+    dev = resolve_device(device)
+    net.to(dev)
+    # the shared BatchNorm statistics fit no subnet: re-estimate them per architecture, as the search did
+    batches = calibration_batches(data_cfg, imgsz, batch, bn_batches, device=dev) if entries else []
+    be = _backend(backend, threads, measure_config)
+    out = Path(out_dir)
+    for e in entries:
+        arch = e.architecture()
+        net.set_active(arch)
+        net.recalibrate_bn(batches)
+        det = net.extract().eval().cpu()
+        d = out / e.arch_id
+        save_model(det, d)
+        e.path = str(d)
+        if onnx:
+            export_detector(det, d / "model.onnx", imgsz=arch.imgsz, fuse=True)
+            if be is not None:
+                e.measured_ms = float(be.measure(d / "model.onnx", (arch.in_channels, arch.imgsz, arch.imgsz)).median_ms)
+    atomic_write_json(out / "front.json", {
+        "study": study.study_name, "budget_ms": st.get("budget_ms"), "objectives": front_objectives(study),
+        "imgsz": imgsz, "backend": None if be is None else be.name, "threads": None if be is None else be.threads,
+        "entries": [e.to_dict() for e in entries]})
+    plot_front(study, out / "front.png", entries, html=out / "front.html")
+    return entries
+
+
+def _backend(backend: Any, threads: int | None, measure_config: Any) -> Any:
+    """A latency backend from a name (None: no measurement)."""
+    if backend is None or not isinstance(backend, str):
+        return backend
+    from latency_tables.backends import get_backend
+
+    kw: dict[str, Any] = {"threads": threads}
+    if measure_config is not None:
+        kw["config"] = measure_config
+    return get_backend(backend, **kw)
+
+
+def front_table(entries: Sequence[FrontEntry]) -> list[dict[str, Any]]:
+    """Rows for `nas.output.format_table`."""
+    return [e.row() for e in entries]
+
+
+__all__ = ["FRONT_COLUMNS", "FrontEntry", "export_front", "feasible", "front_objectives", "front_table",
+           "non_dominated", "pareto_front", "plot_front", "scored_trials", "settings"]

@@ -1,0 +1,757 @@
+"""Architecture search: an Optuna study over a search space, scored with inherited supernet weights.
+
+A trial samples an architecture with `space.sample(trial)` (one `suggest_*` per open decision, so the
+sampler models the real choices), reads its latency from the latency table and, in `supernet` mode,
+evaluates it with the supernet's weights after BatchNorm recalibration; in `scratch` mode it trains the
+candidate briefly with the Trainer, reporting each epoch's mAP to a pruner. The latency budget is a
+constraint (`constraints_func`), never a penalty.
+
+The study lives in a storage URL, so any number of processes running the same command share it:
+`--trials N` bounds the COMPLETE trials of the whole study (a worker claims a trial only while fewer
+than N are complete or running ahead of it), a killed worker's RUNNING trial is failed and retried with
+the same parameters (RDB heartbeats, or at once when the dead worker ran on this host), and a trial that
+raises a DetforgeError or runs out of GPU memory is FAILED with its `fail_reason` while the study goes on.
+See docs/nas.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import fcntl
+import os
+import socket
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from search_spaces import Detector
+from search_spaces.architecture import Architecture
+from search_spaces.errors import ConfigError, DetforgeError
+from search_spaces.space import Decision, SearchSpace, load_space
+from trainer.callbacks import Callback
+
+from .supernet import Supernet, load_supernet
+
+OBJECTIVES = {"map": "maximize", "latency": "minimize", "params": "minimize", "gflops": "minimize"}
+SAMPLERS = ("auto", "nsga2", "tpe", "random", "gp")
+MODES = ("supernet", "scratch")
+PRUNERS = ("median", "hyperband", "none")
+JOURNAL_SUFFIXES = (".log", ".journal")
+HOST = socket.gethostname()
+STUDY_ATTR = "detforge.search"  # the study's settings, checked by every worker that joins it
+NATIVE_CONSTRAINTS = hasattr(Trial, "set_constraint")
+
+PredictMs = Callable[[Architecture], float]
+
+
+@dataclass
+class SearchConfig:
+    """One search (every worker of a study runs the same one). See docs/nas.md for each field."""
+
+    space: str | None = None  # name or YAML; default: the supernet's space (required in scratch mode)
+    supernet: str | None = None  # supernet.pt (supernet mode)
+    table: str | None = None  # LatencyTable JSON measured on the target device
+    data: str | None = None  # data.yaml; None: the built-in synthetic set
+    budget_ms: float | None = None  # hard latency budget (a constraint); None: unconstrained
+    trials: int = 40  # COMPLETE trials of the whole study, over all workers
+    storage: str | None = None  # SQLAlchemy URL or journal file (*.log, *.journal); default sqlite:///OUT/study.db
+    study: str = "detforge"
+    out: str = "runs/search"
+    sampler: str = "auto"  # auto (nsga2; tpe in scratch mode) | nsga2 | tpe | random | gp
+    seed: int = 0
+    mode: str = "supernet"  # supernet | scratch
+    bn_batches: int = 8  # training batches that re-estimate a subnet's BatchNorm statistics
+    val_batches: int | None = None  # validation batches per trial (None: the whole val split)
+    scratch_epochs: int = 3
+    objectives: tuple[str, ...] | None = None  # default (map, latency); scratch mode: (map,)
+    imgsz: int | None = None  # default: the table's input size, else the space's largest
+    nc: int | None = None  # default: the dataset's
+    batch: int = 16
+    device: str = "auto"
+    workers: int = 0  # data loader processes
+    pruner: str = "median"  # scratch mode: median | hyperband | none
+    population: int | None = None  # NSGA-II population (default: trials / 4, in 4..50)
+    skip_infeasible: bool = True  # over-budget candidates are not evaluated (their mAP is recorded as 0)
+    heartbeat_s: int = 20  # a worker's heartbeat interval ...
+    grace_s: int = 60  # ... and how long after the last one its RUNNING trial counts as dead
+    max_retry: int = 2  # retries of a trial whose worker died
+    max_failures: int = 10  # trials failing in a row before this worker gives up
+    poll_s: float = 2.0  # wait between checks while other workers finish the last trials
+    progress: bool = False  # one line per trial on stderr
+
+    def __post_init__(self) -> None:
+        """Validate choices and ranges once (ConfigError naming the field)."""
+        for key, allowed in (("sampler", SAMPLERS), ("mode", MODES), ("pruner", PRUNERS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}", field=key)
+        for key in ("trials", "bn_batches", "scratch_epochs", "batch", "heartbeat_s", "grace_s", "max_failures"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, key)}", field=key)
+        if self.val_batches is not None and self.val_batches < 1:
+            raise ConfigError(f"must be >= 1, got {self.val_batches}", field="val_batches")
+        if self.budget_ms is not None and not self.budget_ms > 0:
+            raise ConfigError(f"must be > 0 ms, got {self.budget_ms}", field="budget_ms")
+        if self.imgsz is not None and (self.imgsz < 32 or self.imgsz % 32):
+            raise ConfigError(f"must be a multiple of 32, got {self.imgsz}", field="imgsz")
+        if self.mode == "supernet" and not self.supernet:
+            raise ConfigError("supernet mode needs the supernet weights (detforge supernet train)", field="supernet")
+        if self.mode == "scratch" and not self.space:
+            raise ConfigError("scratch mode needs the search space", field="space")
+        objectives = tuple(self.objectives or (("map",) if self.mode == "scratch" else ("map", "latency")))
+        unknown = [o for o in objectives if o not in OBJECTIVES]
+        if unknown or len(set(objectives)) != len(objectives) or "map" not in objectives:
+            raise ConfigError(f"objectives must be distinct names of {', '.join(OBJECTIVES)} including map, got "
+                              f"{list(objectives)}", field="objectives")
+        if self.mode == "scratch" and objectives != ("map",):
+            # Optuna prunes single-objective studies only; latency stays the constraint
+            raise ConfigError("scratch mode prunes with per-epoch mAP, which Optuna supports for single-objective "
+                              "studies only: use objectives (map,) with the latency budget", field="objectives")
+        self.objectives = objectives
+        if self.sampler == "auto":
+            self.sampler = "tpe" if self.mode == "scratch" else "nsga2"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-ready)."""
+        d = dataclasses.asdict(self)
+        d["objectives"] = list(self.objectives or ())
+        return d
+
+
+class SurplusTrial(Exception):
+    """Raised in a trial created after N trials were already complete or running ahead of it."""
+
+
+# ---- storage and study ---------------------------------------------------------------------------------------
+def default_storage(out: str | Path) -> str:
+    """`sqlite:///OUT/study.db` (absolute)."""
+    return f"sqlite:///{(Path(out) / 'study.db').resolve()}"
+
+
+def is_journal(url: str) -> bool:
+    """Whether a storage string names a journal file."""
+    return "://" not in url and url.endswith(JOURNAL_SUFFIXES)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url[len("sqlite:///"):])
+    return None
+
+
+def _retry_callback(max_retry: int) -> Any:
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return cls(max_retry=max_retry)
+
+
+class FlockLock:
+    """Journal-file lock by `fcntl.flock` on a side file: the kernel drops it when its holder dies, so a
+    killed worker never leaves a stale lock behind (Optuna's symlink lock waits 30 s for one)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def open_storage(url: str, *, heartbeat_s: int = 20, grace_s: int = 60, max_retry: int = 2) -> optuna.storages.BaseStorage:
+    """An RDBStorage (SQLite timeout, heartbeat + retry of dead workers' trials) or a JournalStorage file."""
+    if is_journal(url):
+        path = Path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from optuna.storages.journal import JournalFileBackend
+        except ImportError:  # optuna < 4
+            from optuna.storages import JournalFileStorage as JournalFileBackend  # type: ignore[no-redef]
+        # the backend only calls acquire() and release(): any object with both is a lock to it
+        lock: Any = FlockLock(path.with_name(path.name + ".flock"))
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+    if "://" not in url:
+        raise ConfigError(f"{url!r} is neither an SQLAlchemy URL (sqlite:///study.db, postgresql://user@host/db) "
+                          f"nor a journal file ending in {' or '.join(JOURNAL_SUFFIXES)}", field="storage")
+    path = _sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # SQLite: wait for a busy database instead of failing; servers: drop dead pooled connections
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    retry = _retry_callback(max_retry)
+    kw = ({"heartbeat_stale_trial_callback": retry} if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+          else {"failed_trial_callback": retry})
+    from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+    last: Exception | None = None
+    for attempt in range(5):  # several workers creating the schema of a new database at once can collide
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+                                                  grace_period=grace_s, **kw)
+        except ImportError as e:
+            raise ConfigError(f"cannot open {_redact(url)}: {e} (install its driver: pip install 'psycopg[binary]' "
+                              "for postgresql://, psycopg2-binary for postgresql+psycopg2://, PyMySQL for "
+                              "mysql+pymysql://)", field="storage") from None
+        except (SQLAlchemyError, ValueError) as e:  # a wrong URL, a server that is down, a schema race
+            last = e
+            race = isinstance(e, IntegrityError) or "already exists" in str(e)
+            if not (race or url.startswith("sqlite")):  # a server that cannot be reached does not come back soon
+                break
+            time.sleep(0.2 * (attempt + 1))
+    raise ConfigError(f"cannot open {_redact(url)}: {str(last).splitlines()[0][:300]}", field="storage")
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}" if ":" in cred else url
+    return url
+
+
+@contextlib.contextmanager
+def _storage_lock(url: str) -> Iterator[None]:
+    """A file lock beside a local storage file (creating a study is then never a race); no-op for servers."""
+    path = Path(url) if is_journal(url) else _sqlite_path(url)
+    if path is None:
+        yield
+        return
+    from latency_tables.table import file_lock
+
+    # not `path`.lock: Optuna's journal lock uses that name
+    with file_lock(path.with_name(path.name + ".create")):
+        yield
+
+
+def load_study(storage: str, study: str) -> optuna.Study:
+    """An existing study (ConfigError naming the storage if it is not there)."""
+    st = open_storage(storage)
+    try:
+        return optuna.load_study(study_name=study, storage=st)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(st)]
+        raise ConfigError(f"no study {study!r} in {_redact(storage)} (studies: {', '.join(names) or 'none'})",
+                          field="study") from None
+
+
+def make_sampler(name: str, seed: int | None, constraints: Callable[[FrozenTrial], Sequence[float]] | None,
+                 population: int) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler `name`, with the latency constraint where the sampler supports one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(population_size=population, seed=seed, constraints_func=constraints)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, multivariate=True)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, constraints_func=constraints)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})", field="sampler")
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """The pruner of scratch mode (per-epoch mAP)."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+def constraint_of(trial: FrozenTrial) -> Sequence[float]:
+    """The constraint values a trial recorded (<= 0: feasible): [predicted_ms - budget]."""
+    return trial.user_attrs.get("constraint") or [0.0]
+
+
+def pinned_space(space: SearchSpace, imgsz: int) -> SearchSpace:
+    """`space` with the input size fixed: one latency table predicts one input size."""
+    dec = space.decisions["imgsz"]
+    if dec.choices == (imgsz,):
+        return space
+    return dataclasses.replace(space, decisions={**space.decisions, "imgsz": Decision("imgsz", (imgsz,), dec.field)})
+
+
+# ---- workers and dead trials ---------------------------------------------------------------------------------
+def heartbeat_enabled(storage: Any) -> bool:
+    """Whether Optuna records heartbeats in this storage (RDB storages opened by `open_storage`)."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return callable(interval) and interval() is not None
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of a process (/proc/PID/stat field 22), None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def worker_id() -> dict[str, Any]:
+    """This process as a trial records it: host, pid and process start time (pids get reused)."""
+    return {"host": HOST, "pid": os.getpid(), "start": _proc_start(os.getpid())}
+
+
+def _worker_dead(w: Any) -> bool:
+    if not isinstance(w, dict) or w.get("host") != HOST or w.get("pid") == os.getpid():
+        return False
+    start = _proc_start(int(w["pid"]))
+    return start is None or (w.get("start") is not None and start != w["start"])
+
+
+def recover_dead_trials(study: optuna.Study, grace_s: float, max_retry: int) -> list[int]:
+    """Fail RUNNING trials whose worker is dead and re-queue them (same parameters); their numbers.
+
+    A worker on this host is dead when its process is gone; elsewhere, RDB storages rely on Optuna's
+    heartbeat, journal files on the `heartbeat` time this module's workers record in the trial.
+    """
+    heartbeat = heartbeat_enabled(study._storage)
+    if heartbeat:  # Optuna checks heartbeats only when a trial starts; a waiting worker checks here too
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    now, failed = time.time(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        w = t.user_attrs.get("worker")
+        dead = _worker_dead(w)
+        if not dead and not heartbeat and not (isinstance(w, dict) and w.get("pid") == os.getpid()
+                                               and w.get("host") == HOST):
+            last = max(float(t.user_attrs.get("heartbeat") or 0.0),
+                       t.datetime_start.timestamp() if t.datetime_start else now)
+            dead = now - last > grace_s
+        if not dead:
+            continue
+        storage = study._storage  # Optuna's own fail_stale_trials works on the storage the same way
+        try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {w} died while running the trial")
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError):
+            continue  # another worker failed it first
+        frozen = copy.deepcopy(storage.get_trial(t._trial_id))
+        frozen.user_attrs = {k: v for k, v in frozen.user_attrs.items()
+                             if k not in ("fail_reason", "worker", "heartbeat")}
+        _retry_callback(max_retry)(study, frozen)
+        failed.append(t.number)
+    return failed
+
+
+@contextlib.contextmanager
+def _attr_heartbeat(trial: Trial, interval: float) -> Iterator[None]:
+    """Record `heartbeat` in the trial every `interval` seconds (for storages without Optuna heartbeats)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            with contextlib.suppress(Exception):  # a missed beat is harmless; the next one comes
+                trial.set_user_attr("heartbeat", time.time())
+
+    trial.set_user_attr("heartbeat", time.time())
+    thread = threading.Thread(target=beat, daemon=True, name="detforge-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    """auto -> cuda if available, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def calibration_batches(data: Any, imgsz: int, batch: int, n: int, *, seed: int = 0, workers: int = 0,
+                        device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """`n` shuffled training batches, letterboxed without augmentation, as floats in [0, 1] on `device`."""
+    from trainer.datasets import YoloDataset, build_dataloader
+
+    ds = YoloDataset.from_config(data, "train", imgsz=imgsz, augment=False, seed=seed)
+    loader = build_dataloader(ds, batch, workers, shuffle=True, seed=seed)
+    out: list[torch.Tensor] = []
+    for imgs, *_ in loader:
+        out.append(imgs.to(device).float() / 255.0)  # Supernet.recalibrate_bn feeds batches as they are
+        if len(out) >= n:
+            break
+    return out
+
+
+@dataclass
+class _Counts:
+    complete: int
+    running: int
+    waiting: int
+
+
+def _counts(study: optuna.Study) -> _Counts:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
+    return _Counts(sum(t.state == TrialState.COMPLETE for t in trials), sum(t.state == TrialState.RUNNING for t in trials),
+                   sum(t.state == TrialState.WAITING for t in trials))
+
+
+class _PruneReport(Callback):
+    """Trainer callback of scratch mode: report each epoch's mAP to the trial and prune when told."""
+
+    def __init__(self, trial: Trial):
+        self.trial = trial
+
+    def on_epoch_end(self, trainer: Any, epoch: int, row: dict[str, Any]) -> None:
+        if "map" in row:
+            self.trial.report(float(row["map"]), epoch)
+            if self.trial.should_prune():
+                self.trial.set_user_attr("pruned_at_epoch", epoch + 1)
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} (mAP {row['map']:.4f})")
+
+
+@dataclass
+class Searcher:
+    """Everything one worker needs to evaluate trials (loaded once, lazily)."""
+
+    cfg: SearchConfig
+    space: SearchSpace  # pinned to imgsz, with the dataset's nc
+    imgsz: int
+    nc: int
+    names: list[str]
+    data: Any  # DataConfig
+    predict_ms: PredictMs
+    supernet: Supernet | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    failures_in_a_row: int = 0
+    last_failure: str = ""
+    _bn: list[torch.Tensor] | None = None
+    _val: Any = None
+    _stats: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    # ---- data -------------------------------------------------------------------------------------------
+    def bn_batches(self) -> list[torch.Tensor]:
+        """The same few training batches for every trial (see `calibration_batches`)."""
+        if self._bn is None:
+            self._bn = calibration_batches(self.data, self.imgsz, self.cfg.batch, self.cfg.bn_batches,
+                                           seed=self.cfg.seed, workers=self.cfg.workers, device=self.device)
+        return self._bn
+
+    def val_loader(self) -> Any:
+        """The validation loader (built once)."""
+        if self._val is None:
+            from trainer.datasets import YoloDataset, build_dataloader
+
+            ds = YoloDataset.from_config(self.data, "val", imgsz=self.imgsz, seed=self.cfg.seed)
+            self._val = build_dataloader(ds, self.cfg.batch, self.cfg.workers, shuffle=False, seed=self.cfg.seed)
+        return self._val
+
+    def stats(self, arch: Architecture, arch_id: str) -> tuple[int, float]:
+        """(params, GFLOPs) of an architecture at the search's input size (cached)."""
+        if arch_id not in self._stats:
+            from search_spaces.stats import model_stats
+
+            s = model_stats(Detector(arch), self.imgsz)
+            self._stats[arch_id] = (s.params, s.gflops)
+        return self._stats[arch_id]
+
+    # ---- one trial --------------------------------------------------------------------------------------------
+    def claim(self, trial: Trial) -> None:
+        """Raise SurplusTrial if N trials are complete or ahead of this one (retries queued go first)."""
+        ahead = done = 0
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
+                                                                 TrialState.WAITING)):
+            if t.number == trial.number:
+                continue
+            if t.state == TrialState.COMPLETE:
+                done += 1
+            elif t.state == TrialState.WAITING or t.number < trial.number:
+                ahead += 1
+        if done + ahead >= self.cfg.trials:
+            raise SurplusTrial(f"{done} trials complete and {ahead} ahead of this one reach --trials "
+                               f"{self.cfg.trials}")
+
+    def __call__(self, trial: Trial) -> tuple[float, ...] | float:
+        """The objective: sample, predict latency, evaluate; errors become FAIL with `fail_reason`."""
+        try:
+            self.claim(trial)
+        except SurplusTrial as e:
+            trial.set_user_attr("surplus", True)
+            trial.set_user_attr("fail_reason", f"surplus: {e}")
+            raise
+        trial.set_user_attr("worker", worker_id())
+        if trial.user_attrs.get("fail_reason"):  # inherited by a retry
+            trial.set_user_attr("fail_reason", None)
+        beat = (contextlib.nullcontext() if heartbeat_enabled(trial.study._storage)
+                else _attr_heartbeat(trial, self.cfg.heartbeat_s))
+        try:
+            with beat:
+                values = self.evaluate(trial)
+        except (DetforgeError, torch.cuda.OutOfMemoryError) as e:
+            self.failures_in_a_row += 1
+            self.last_failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+            trial.set_user_attr("fail_reason", self.last_failure)
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            raise
+        self.failures_in_a_row = 0
+        return values
+
+    def evaluate(self, trial: Trial) -> tuple[float, ...] | float:
+        """Sample the architecture, record its attributes, score it; the objective values."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        decisions = self.space.sample_decisions(trial)
+        arch = self.space.build_arch(decisions, nc=self.nc)
+        arch_id = self.space.arch_id(decisions)
+        predicted = float(self.predict_ms(arch))
+        params, gflops = self.stats(arch, arch_id)
+        attrs: dict[str, Any] = {"arch_id": arch_id, "arch": arch.to_yaml(), "predicted_ms": predicted,
+                                 "params": params, "gflops": gflops}
+        feasible = cfg.budget_ms is None or predicted <= cfg.budget_ms
+        if cfg.budget_ms is not None:
+            attrs["constraint"] = [predicted - cfg.budget_ms]
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        if cfg.budget_ms is not None and NATIVE_CONSTRAINTS:
+            with warnings.catch_warnings():  # a retried trial inherits the (equal) value: Optuna warns and keeps it
+                warnings.simplefilter("ignore")
+                trial.set_constraint("latency_ms", predicted - cfg.budget_ms)
+        if feasible or not cfg.skip_infeasible:
+            m, m50 = self.score(trial, arch)
+            evaluated = True
+        else:  # dominated by every feasible trial under the constraint: not worth an evaluation
+            m, m50, evaluated = 0.0, 0.0, False
+        trial.set_user_attr("map", m if evaluated else None)
+        trial.set_user_attr("map50", m50 if evaluated else None)
+        trial.set_user_attr("evaluated", evaluated)
+        trial.set_user_attr("eval_s", round(time.perf_counter() - t0, 3))
+        if cfg.progress:
+            state = f"map {m:.4f}  map50 {m50:.4f}" if evaluated else "over budget, not evaluated"
+            print(f"trial {trial.number}: {arch_id}  {predicted:.2f} ms  {params / 1e6:.2f}M  {gflops:.2f} GFLOPs  "
+                  f"{state}  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        values = {"map": m, "latency": predicted, "params": float(params), "gflops": gflops}
+        out = tuple(values[o] for o in cfg.objectives or ())
+        return out[0] if len(out) == 1 else out
+
+    def score(self, trial: Trial, arch: Architecture) -> tuple[float, float]:
+        """(mAP50-95, mAP50) of `arch`: inherited weights after BN recalibration, or a short training."""
+        from trainer.evaluate import evaluate
+
+        if self.cfg.mode == "scratch":
+            return self.train_scratch(trial, arch)
+        assert self.supernet is not None
+        net = self.supernet
+        net.set_active(arch)
+        net.recalibrate_bn(self.bn_batches())
+        res = evaluate(net, self.val_loader(), self.nc, self.names, device=self.device,
+                       max_batches=self.cfg.val_batches)
+        return float(res.metrics.map), float(res.metrics.map50)
+
+    def train_scratch(self, trial: Trial, arch: Architecture) -> tuple[float, float]:
+        """Train `arch` from scratch for `scratch_epochs`, reporting each epoch's mAP to the pruner."""
+        from trainer.config import TrainConfig
+        from trainer.trainer import Trainer
+
+        cfg = self.cfg
+        tcfg = TrainConfig(model=arch.name, data=str(self.data.yaml_path) if self.data.yaml_path else cfg.data,
+                           out=str(Path(cfg.out) / "trials" / f"{trial.number:05d}"), epochs=cfg.scratch_epochs,
+                           imgsz=self.imgsz, batch=cfg.batch, device=cfg.device, workers=cfg.workers, seed=cfg.seed,
+                           progress=False, max_val_batches=cfg.val_batches)
+        result = Trainer(tcfg, model=Detector(arch), callbacks=[_PruneReport(trial)]).train()
+        if result.last is None:
+            raise DetforgeError("training produced no validation result", field="scratch_epochs")
+        return float(result.last.metrics.map), float(result.last.metrics.map50)
+
+
+# ---- the search -------------------------------------------------------------------------------------------
+def _table_predictor(path: str, imgsz: int | None) -> tuple[PredictMs, int]:
+    from latency_tables import LatencyTable
+
+    # the table describes the target device, not this machine: no fingerprint warning
+    table = LatencyTable.load(path, check_device=False)
+    if imgsz is not None and imgsz != table.imgsz:
+        raise ConfigError(f"the latency table was measured at imgsz {table.imgsz}, the search asks for {imgsz}",
+                          path=path, field="imgsz")
+    return (lambda arch: table.predict(arch, table.imgsz)), table.imgsz
+
+
+def _abs(path: str | None) -> str | None:
+    """An existing local path made absolute (the pareto command may run elsewhere); anything else as given."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
+def _nc_fallback(predictor: PredictMs, space: SearchSpace, table_nc: int, path: str) -> PredictMs:
+    """Predict heads at the space's own nc when the table was built for it, not for the dataset's classes.
+
+    `detforge latency build` measures a space at its YAML's nc; only the last 1x1 convs of the head depend
+    on nc, so the prediction stays close. Exact heads need a table built for `space.with_nc(dataset nc)`.
+    """
+    try:
+        predictor(space.smallest())
+        return predictor
+    except ConfigError as e:
+        first = e
+    def at_table_nc(arch: Architecture) -> float:
+        return predictor(arch.with_nc(table_nc))
+
+    try:
+        at_table_nc(space.smallest())
+    except ConfigError:
+        raise first from None
+    warnings.warn(f"latency table {path} has heads for nc={table_nc}, not the dataset's nc={space.nc}: "
+                  f"predicting heads at nc={table_nc}", UserWarning, stacklevel=3)
+    return at_table_nc
+
+
+def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) -> dict[str, Any]:
+    return {"space": space.name, "space_path": space.source, "supernet": _abs(cfg.supernet), "table": _abs(cfg.table),
+            "data": _abs(cfg.data), "budget_ms": cfg.budget_ms, "objectives": list(cfg.objectives or ()), "mode": cfg.mode,
+            "imgsz": imgsz, "nc": nc, "trials": cfg.trials}
+
+
+def _check_settings(study: optuna.Study, mine: dict[str, Any]) -> None:
+    """Refuse to join a study created by a different search (paths may differ between machines)."""
+    theirs = study.user_attrs.get(STUDY_ATTR)
+    if not theirs:
+        study.set_user_attr(STUDY_ATTR, mine)
+        return
+    for key in ("space", "objectives", "mode", "budget_ms", "imgsz", "nc"):
+        if theirs.get(key) != mine.get(key):
+            raise ConfigError(f"study {study.study_name!r} was created with {key}={theirs.get(key)!r}, this search "
+                              f"has {mine.get(key)!r}: use another --study", field=key)
+
+
+def prepare(cfg: SearchConfig, *, predictor: PredictMs | None = None, supernet: Supernet | None = None
+            ) -> Searcher:
+    """Load the space, supernet, data and latency predictor of a search (ConfigErrors before any trial)."""
+    from trainer.trainer import resolve_data_config
+
+    if supernet is None and cfg.mode == "supernet":
+        supernet = load_supernet(cfg.supernet, space=cfg.space)
+    if supernet is not None and cfg.space and cfg.mode == "supernet":
+        want = load_space(cfg.space).name if Path(str(cfg.space)).suffix in (".yaml", ".yml") else cfg.space
+        if want != supernet.space.name:
+            raise ConfigError(f"the supernet was trained on space {supernet.space.name!r}, not {want!r}",
+                              path=cfg.supernet, field="space")
+    space = supernet.space if supernet is not None and cfg.mode == "supernet" else load_space(cfg.space)
+    imgsz = cfg.imgsz
+    from_table = predictor is None
+    if predictor is None:
+        if not cfg.table:
+            raise ConfigError("a latency table is needed (detforge latency build)", field="table")
+        predictor, imgsz = _table_predictor(cfg.table, cfg.imgsz)
+    imgsz = imgsz or max(space.decisions["imgsz"].choices)
+    data = resolve_data_config(cfg.data, imgsz)
+    nc = data.nc
+    if cfg.nc is not None and cfg.nc != nc:
+        raise ConfigError(f"the dataset has {nc} classes, the search asks for {cfg.nc}", field="nc")
+    if supernet is not None and cfg.mode == "supernet" and supernet.nc != nc:
+        raise ConfigError(f"the supernet has nc={supernet.nc}, the dataset {nc}", path=cfg.supernet, field="nc")
+    base_nc = space.nc
+    space = pinned_space(space.with_nc(nc), imgsz)
+    if from_table and base_nc != nc:
+        predictor = _nc_fallback(predictor, space, base_nc, str(cfg.table))
+    for probe in (space.smallest(), space.largest()):  # a table for another space fails here, not per trial
+        predictor(probe)
+    device = resolve_device(cfg.device)
+    if supernet is not None:
+        supernet.to(device)
+    return Searcher(cfg=cfg, space=space, imgsz=imgsz, nc=nc, names=list(data.names), data=data,
+                    predict_ms=predictor, supernet=supernet if cfg.mode == "supernet" else None, device=device)
+
+
+def create_study(cfg: SearchConfig, searcher: Searcher) -> optuna.Study:
+    """Create or join the study (every worker runs this; the settings must agree)."""
+    url = cfg.storage or default_storage(cfg.out)
+    storage = open_storage(url, heartbeat_s=cfg.heartbeat_s, grace_s=cfg.grace_s, max_retry=cfg.max_retry)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial (progress) instead of 60 params
+    # Optuna >= 5 reads constraints the trial set (Trial.set_constraint); older ones call constraints_func
+    constraints = constraint_of if cfg.budget_ms is not None and not NATIVE_CONSTRAINTS else None
+    population = cfg.population or min(max(cfg.trials // 4, 4), 50)
+    # workers of one study must not draw the same sequence: mix this process into the seed
+    seed = (cfg.seed * 1_000_003 + os.getpid()) % 2**31
+    sampler = make_sampler(cfg.sampler or "nsga2", seed, constraints, population)
+    pruner = make_pruner(cfg.pruner, cfg.scratch_epochs) if cfg.mode == "scratch" else None
+    directions = [OBJECTIVES[o] for o in cfg.objectives or ()]
+    with _storage_lock(url):
+        study = optuna.create_study(storage=storage, study_name=cfg.study, directions=directions, sampler=sampler,
+                                    pruner=pruner, load_if_exists=True)
+        if [d.name.lower() for d in study.directions] != directions:
+            raise ConfigError(f"study {cfg.study!r} optimises {[d.name.lower() for d in study.directions]}, this "
+                              f"search {directions}: use another --study", field="study")
+        _check_settings(study, _study_settings(cfg, searcher.space, searcher.imgsz, searcher.nc))
+    return study
+
+
+def run_search(cfg: SearchConfig, *, predictor: PredictMs | None = None, supernet: Supernet | None = None,
+               study_callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()) -> optuna.Study:
+    """Run (or join, or resume) the study until it holds `cfg.trials` COMPLETE trials; return it."""
+    searcher = prepare(cfg, predictor=predictor, supernet=supernet)
+    study = create_study(cfg, searcher)
+
+    def stop_on_surplus(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.user_attrs.get("surplus") or searcher.failures_in_a_row >= cfg.max_failures:
+            study.stop()
+
+    callbacks = [optuna.study.MaxTrialsCallback(cfg.trials, states=(TrialState.COMPLETE,)), stop_on_surplus,
+                 *study_callbacks]
+    catch = (DetforgeError, torch.cuda.OutOfMemoryError, SurplusTrial)
+    while True:
+        recover_dead_trials(study, cfg.grace_s, cfg.max_retry)
+        n = _counts(study)
+        if n.complete >= cfg.trials:
+            break
+        if searcher.failures_in_a_row >= cfg.max_failures:
+            raise DetforgeError(f"{searcher.failures_in_a_row} trials in a row failed; the last: "
+                                f"{searcher.last_failure}", field="trials")
+        free = cfg.trials - n.complete - n.running
+        if free <= 0 and n.waiting == 0:  # other workers hold the remaining trials: wait for them (or their death)
+            time.sleep(cfg.poll_s)
+            continue
+        study.optimize(searcher, n_trials=max(free, 1), catch=catch, callbacks=callbacks, gc_after_trial=False)
+    return study
+
+
+def trial_rows(study: optuna.Study, states: Sequence[TrialState] = (TrialState.COMPLETE,)) -> list[dict[str, Any]]:
+    """One plain row per trial: number, state, arch_id, map, map50, predicted_ms, params, gflops, fail_reason."""
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=tuple(states)):
+        a = t.user_attrs
+        rows.append({"number": t.number, "state": t.state.name, "arch_id": a.get("arch_id"), "map": a.get("map"),
+                     "map50": a.get("map50"), "predicted_ms": a.get("predicted_ms"), "params": a.get("params"),
+                     "gflops": a.get("gflops"), "feasible": max(constraint_of(t)) <= 0,
+                     "fail_reason": a.get("fail_reason")})
+    return rows
+
+
+def summary(study: optuna.Study) -> dict[str, Any]:
+    """Counts by state and the settings of a study."""
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    return {"study": study.study_name, **counts, "settings": study.user_attrs.get(STUDY_ATTR, {})}
+
+
+__all__ = ["OBJECTIVES", "SAMPLERS", "SearchConfig", "Searcher", "SurplusTrial", "calibration_batches", "constraint_of", "create_study",
+           "default_storage", "heartbeat_enabled", "load_study", "make_pruner", "make_sampler", "open_storage", "pinned_space",
+           "prepare", "recover_dead_trials", "run_search", "summary", "trial_rows"]

@@ -1,0 +1,204 @@
+"""Supernet training: the sandwich rule with in-place distillation, as a `Trainer` subclass.
+
+Each batch trains the largest subnet, `n_random` random subnets and the smallest one; gradients of all
+of them accumulate and the Trainer takes one optimizer step (BigNAS/OFA). The smaller subnets also learn
+from the largest one's detached outputs (per-cell objectness and class scores, levels matched by grid
+size), which is what makes inherited weights rank architectures well. Only the largest subnet updates
+the shared BatchNorm statistics, so they are the largest path's: validation evaluates that path, and
+the search recalibrates them for every other subnet anyway. See docs/nas.md.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from compress.distill import cell_scores, soft_bce
+from search_spaces.architecture import Architecture
+from search_spaces.errors import ConfigError
+from search_spaces.io import atomic_torch_save
+from search_spaces.space import SearchSpace
+from trainer.callbacks import Callback
+from trainer.config import TrainConfig
+from trainer.evaluate import EvalResult
+from trainer.hyp import Hyp, load_hyp
+from trainer.loss import HeadInfo, YoloLoss
+from trainer.trainer import CHECKPOINT, Trainer, resolve_data_config, seed_everything
+
+from .supernet import Supernet, supernet_document
+
+SUPERNET_FILE = "supernet.pt"
+
+
+def supernet_hyp_name(space: SearchSpace) -> str:
+    """YOLOv7's hyp file for a space: p6 if every layout has P6, tiny for LeakyReLU-only spaces, else p5."""
+    if set(space.layouts) == {"p3-p6"}:
+        return "p6"
+    return "tiny" if tuple(space.decisions["act"].choices) == ("leaky_relu",) else "p5"
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(net: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm that normalises with batch statistics but leaves the running statistics alone."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+
+
+class InplaceDistill(Callback):
+    """Extra loss of the smaller subnets: soft per-cell objectness/class targets from the largest subnet."""
+
+    def extra_loss(self, trainer: Any, model: Any, imgs: Tensor, targets: Tensor,
+                   preds: list[Tensor]) -> dict[str, Tensor]:
+        if trainer.role == "largest":
+            trainer.teacher_raw = [p.detach() for p in preds]
+            return {}
+        teacher = trainer.teacher_raw
+        if not teacher or trainer.kd_weight <= 0:
+            return {}
+        by_grid = {tuple(t.shape[2:4]): t for t in teacher}
+        nc = trainer.supernet.nc
+        zero = torch.zeros((), device=imgs.device)
+        obj_l, cls_l, n = zero, zero, 0
+        for s in preds:
+            t = by_grid.get(tuple(s.shape[2:4]))
+            if t is None:
+                continue  # a P6 level with a P5-topped teacher (cannot happen with the largest as teacher)
+            s_obj, s_cls = cell_scores(s, nc)
+            t_obj, t_cls = cell_scores(t, nc)
+            obj_l = obj_l + soft_bce(s_obj, t_obj, trainer.kd_temperature)
+            if nc > 1:
+                cls_l = cls_l + soft_bce(s_cls, t_cls, trainer.kd_temperature)
+            n += 1
+        if n == 0:
+            return {}
+        # weighted like the detection terms they shadow, so KD and ground truth pull with comparable force
+        h = trainer.current_loss.hyp
+        return {"kd_obj": trainer.kd_weight * h.obj * obj_l / n, "kd_cls": trainer.kd_weight * h.cls * cls_l / n}
+
+
+class SupernetTrainer(Trainer):
+    """Trains a `Supernet` with the sandwich rule (largest + `n_random` random + smallest per batch) and
+    in-place distillation; checkpoints `last.pt` (resume) and `supernet.pt` (EMA weights + space)."""
+
+    def __init__(self, cfg: TrainConfig, model: Supernet | None = None, callbacks: Sequence[Callback] = (),
+                 hyp: Hyp | None = None, *, space: SearchSpace | str | None = None, n_random: int = 2,
+                 kd_weight: float = 1.0, kd_temperature: float = 1.0):
+        if model is None:
+            if space is None:
+                raise ConfigError("give a Supernet or a search space", field="space")
+            nc = resolve_data_config(cfg.data, cfg.imgsz).nc
+            seed_everything(cfg.seed)  # the initial weights are a function of the seed
+            model = Supernet(space, nc=nc)
+        if not isinstance(model, Supernet):
+            raise ConfigError(f"SupernetTrainer trains a Supernet, got {type(model).__name__}", field="model")
+        if cfg.sync_bn:
+            raise ConfigError("SyncBN is not supported for a supernet (its BatchNorms are elastic)", field="sync_bn")
+        if n_random < 0:
+            raise ConfigError(f"must be >= 0, got {n_random}", field="n_random")
+        if kd_temperature <= 0:
+            raise ConfigError(f"must be > 0, got {kd_temperature}", field="kd_temperature")
+        self.supernet = model
+        self.space = model.space
+        self.n_random, self.kd_weight, self.kd_temperature = int(n_random), float(kd_weight), float(kd_temperature)
+        self.role = "largest"
+        self.teacher_raw: list[Tensor] | None = None
+        self._losses: dict[tuple, YoloLoss] = {}
+        self._largest = self.space.largest_decisions()
+        self._smallest = self.space.smallest_decisions()
+        model.set_active(self._largest)  # the Trainer builds its default loss from the active head
+        if hyp is None:
+            hyp = load_hyp(supernet_hyp_name(self.space) if cfg.hyp == "auto" else cfg.hyp)
+        super().__init__(cfg, model=model, callbacks=[InplaceDistill(), *callbacks], hyp=hyp)
+        self.current_loss = self._losses.setdefault(self._loss_key(model.active_arch), self.loss_fn)
+        if self.world > 1:  # inactive choices get no gradient in a step
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+
+    # ---- subnets and their losses ----------------------------------------------------------------------
+    @staticmethod
+    def _loss_key(arch: Architecture) -> tuple:
+        return arch.head.type, tuple(arch.head_strides())
+
+    def loss_for(self, arch: Architecture) -> YoloLoss:
+        """The detection loss of the active subnet's head configuration (cached by head type and layout)."""
+        key = self._loss_key(arch)
+        if key not in self._losses:
+            nl = len(key[1])
+            self._losses[key] = YoloLoss(HeadInfo.from_detector(self.supernet),
+                                         self.hyp.scaled(nl, self.supernet.nc, self.cfg.imgsz))
+        return self._losses[key]
+
+    def sandwich(self) -> list[tuple[str, Mapping[str, Any]]]:
+        """This step's subnets: the largest (the teacher, first), `n_random` random ones, the smallest."""
+        # drawn from torch's RNG, which the Trainer reseeds every epoch: a resumed epoch repeats its subnets
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        if self.world > 1:  # every rank must run the same subnets, whatever else consumed its RNG
+            seed = seed.to(self.device)
+            torch.distributed.broadcast(seed, 0)
+        rng = np.random.default_rng(int(seed.item()))
+        return [("largest", self._largest), *[("random", self.space.random_decisions(rng))
+                                              for _ in range(self.n_random)], ("smallest", self._smallest)]
+
+    def train_step(self, imgs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Forward + backward of every sandwich subnet on one batch (gradients accumulate)."""
+        items: dict[str, Tensor] = {}
+        students: list[dict[str, Tensor]] = []
+        try:
+            for role, decisions in self.sandwich():
+                arch = self.supernet.set_active(decisions)
+                self.role, self.current_loss = role, self.loss_for(arch)
+                # only the largest path feeds the shared running statistics (see the module docstring)
+                with contextlib.nullcontext() if role == "largest" else frozen_bn_stats(self.supernet):
+                    loss, parts = self.compute_loss(self.ddp_model, imgs, targets, loss_fn=self.current_loss)
+                self.scaler.scale(loss * self.world).backward()
+                if role == "largest":
+                    items.update({k: parts[k] for k in ("box", "obj", "cls")})
+                else:
+                    students.append(parts)
+        finally:
+            self.teacher_raw = None
+        if students:
+            n = len(students)
+            items["sub_loss"] = sum(p["box"] + p["obj"] + p["cls"] for p in students) / n
+            zero = torch.zeros((), device=imgs.device)
+            items["kd"] = sum(p.get("kd_obj", zero) + p.get("kd_cls", zero) for p in students) / n
+        return items
+
+    # ---- validation and checkpoints ----------------------------------------------------------------------
+    def validate(self, max_batches: int | None = None) -> EvalResult:
+        """mAP of the largest subnet (EMA weights if enabled) on the validation set."""
+        for net in (self.supernet, self.eval_model):
+            net.set_active(self._largest)  # the EMA copy keeps its own active path
+        return super().validate(max_batches)
+
+    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        """Everything needed to resume after `epoch` (the Trainer's keys; the space instead of an arch)."""
+        return {
+            "epoch": epoch, "best_map": self.best_map, "rows": self.rows, "config": self.cfg.to_dict(),
+            "supernet": {"space": self.space.name, "space_path": self.space.source, "nc": int(self.supernet.nc),
+                         "n_random": self.n_random, "kd_weight": self.kd_weight},
+            "model": self.supernet.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
+            "extra": self.extra_modules.state_dict(),
+        }
+
+    def save_checkpoint(self, epoch: int) -> None:
+        """Atomically write last.pt and supernet.pt (EMA weights, space, nc); a supernet is no Detector dir."""
+        if not self.main:
+            return
+        atomic_torch_save(self.checkpoint_state(epoch), self.out / CHECKPOINT)
+        atomic_torch_save(supernet_document(self.supernet, self.eval_model.state_dict(), epochs=epoch + 1),
+                          self.out / SUPERNET_FILE)

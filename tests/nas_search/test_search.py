@@ -1,0 +1,304 @@
+"""The Optuna search: attributes and constraints, failures, shared studies over processes, kill + resume, CLI."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from nas.cli import main
+from nas.search import SearchConfig, _PruneReport, load_study, open_storage, run_search
+from search_spaces.errors import ConfigError, DetforgeError
+
+from . import IMGSZ, ROOT, artifacts, env, one_thread, search_args, spawn
+
+BUDGET = 4.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = one_thread()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return artifacts(tmp_path_factory.getbasetemp() / "nas_search_shared")
+
+
+def _cfg(shared, out: Path, **kw) -> SearchConfig:
+    """A small search; the journal storage keeps tests fast (an append per suggest instead of an SQLite commit)."""
+    base = {"storage": str(out / "study.journal"), "supernet": str(shared.supernet), "table": str(shared.table), "data": str(shared.data),
+            "budget_ms": BUDGET, "trials": 4, "out": str(out), "study": "s", "bn_batches": 1, "batch": 8,
+            "heartbeat_s": 1, "grace_s": 30}
+    return SearchConfig(**{**base, **kw})
+
+
+def _check_exactly(study: optuna.Study, n: int) -> None:
+    """N COMPLETE trials with distinct numbers; anything else is a surplus claim or a retried dead trial."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
+    assert len({t.number for t in trials}) == len(trials)
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs.get("surplus") or "died" in str(t.user_attrs.get("fail_reason")), t.user_attrs
+            if t.user_attrs.get("surplus"):
+                assert not t.params  # a surplus claim never sampled an architecture
+        else:
+            assert t.state == TrialState.COMPLETE, (t.number, t.state)
+
+
+def test_search_records_attributes_and_constraints(shared, tmp_path):
+    study = run_search(_cfg(shared, tmp_path, storage=None))  # the default: sqlite:///OUT/study.db
+    assert (tmp_path / "study.db").is_file()
+    _check_exactly(study, 4)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    settings = study.user_attrs["detforge.search"]
+    assert settings["budget_ms"] == BUDGET and settings["imgsz"] == IMGSZ and settings["space"] == "tiny"
+    for t in study.trials:
+        a = t.user_attrs
+        assert {"arch", "arch_id", "params", "gflops", "predicted_ms", "map", "map50", "constraint"} <= set(a)
+        assert a["constraint"] == [pytest.approx(a["predicted_ms"] - BUDGET)]
+        assert t.values[1] == pytest.approx(a["predicted_ms"]) and a["params"] > 0
+        assert "imgsz: 64" in a["arch"] and len(t.params) > 40  # every open decision but imgsz was suggested
+        if a["evaluated"]:
+            assert t.values[0] == a["map"] and 0 <= a["map"] <= 1
+        else:
+            assert a["predicted_ms"] > BUDGET and a["map"] is None
+        # Optuna knows the constraint too (what NSGA-II's constrained domination reads)
+        cons = [v for k, v in t.system_attrs.items() if k.startswith("constraints")]
+        assert cons and cons[0] in ([pytest.approx(a["predicted_ms"] - BUDGET)], pytest.approx(a["predicted_ms"] - BUDGET))
+    # running it again finds the study complete: no new trial
+    again = run_search(_cfg(shared, tmp_path, storage=None))
+    assert len(again.trials) == 4
+
+
+def test_failing_trials_keep_their_reason_and_the_study_goes_on(shared, tmp_path):
+    from latency_tables import LatencyTable
+
+    table = LatencyTable.load(shared.table, check_device=False)
+    calls = {"n": 0}
+
+    def flaky(arch) -> float:
+        calls["n"] += 1
+        if calls["n"] == 4:  # 2 probes before the study, then trials 0, 1, 2, 3
+            raise ConfigError("no entry for this block", field="entries")
+        if calls["n"] == 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return table.predict(arch)
+
+    study = run_search(_cfg(shared, tmp_path, trials=2, sampler="random"), predictor=flaky)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [1, 2]
+    assert "ConfigError" in failed[0].user_attrs["fail_reason"] and "no entry" in failed[0].user_attrs["fail_reason"]
+    assert failed[1].user_attrs["fail_reason"].startswith("OutOfMemoryError")
+    assert [t.number for t in study.trials if t.state == TrialState.COMPLETE] == [0, 3]
+
+
+def test_a_worker_gives_up_after_failures_in_a_row(shared, tmp_path):
+    calls = {"n": 0}
+
+    def broken(arch) -> float:
+        calls["n"] += 1
+        if calls["n"] > 2:  # the two probes before the study pass, every trial fails
+            raise DetforgeError("device table unreadable")
+        return 1.0
+
+    with pytest.raises(DetforgeError, match="2 trials in a row failed"):
+        run_search(_cfg(shared, tmp_path, trials=3, max_failures=2, sampler="random"), predictor=broken)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_worker_processes_share_one_study(shared, tmp_path, kind):
+    storage = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else str(tmp_path / "study.journal")
+    n = 4
+    procs = [spawn(search_args(shared, storage, "shared", n, "--out", str(tmp_path / f"w{i}")), tmp_path / f"w{i}.log")
+             for i in range(2)]
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=240) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]
+    study = load_study(storage, "shared")
+    _check_exactly(study, n)
+    workers = {t.user_attrs["worker"]["pid"] for t in study.trials if t.state == TrialState.COMPLETE}
+    assert workers <= {p.pid for p in procs}
+    for i in range(2):  # each worker printed the finished study
+        doc = json.loads((tmp_path / f"w{i}.log").read_text().strip().splitlines()[-1])
+        assert doc["complete"] == n
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_killed_worker_is_resumed_by_a_rerun(shared, tmp_path, kind):
+    storage = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else str(tmp_path / "study.journal")
+    n = 4
+    proc = spawn(search_args(shared, storage, "k", n, "--out", str(tmp_path)), tmp_path / "w.log")
+    st = open_storage(storage)
+
+    def states() -> list[TrialState]:
+        try:
+            return [t.state for t in optuna.load_study(study_name="k", storage=st).get_trials(deepcopy=False)]
+        except KeyError:
+            return []
+
+    deadline = time.time() + 180
+    try:
+        while True:  # wait for the first trial to complete and the next one to be under way
+            assert proc.poll() is None, (tmp_path / "w.log").read_text()[-3000:]
+            assert time.time() < deadline, states()
+            if TrialState.COMPLETE in states() and TrialState.RUNNING in states():
+                proc.send_signal(signal.SIGSTOP)  # frozen: the trial cannot finish between the check and the kill
+                if TrialState.RUNNING in states():
+                    break
+                proc.send_signal(signal.SIGCONT)
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed = [t.number for t in optuna.load_study(study_name="k", storage=st).trials if t.state == TrialState.RUNNING]
+    assert len(killed) == 1
+    study = run_search(_cfg(shared, tmp_path, storage=storage, study="k", trials=n))
+    _check_exactly(study, n)
+    dead = study.trials[killed[0]]
+    assert dead.state == TrialState.FAIL and "died" in dead.user_attrs["fail_reason"]
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed[0]]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    # the retry keeps every decision the dead trial had sampled (it may have been killed half-way through)
+    assert all(retry[0].params[k] == v for k, v in dead.params.items())
+
+
+def test_scratch_mode_trains_reports_and_prunes(shared, tmp_path):
+    cfg = _cfg(shared, tmp_path, mode="scratch", space="tiny", supernet=None, trials=2, scratch_epochs=2,
+               budget_ms=None)
+    study = run_search(cfg)
+    assert [d.name for d in study.directions] == ["MAXIMIZE"]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 2 and all(sorted(t.intermediate_values) == [0, 1] for t in complete)
+    assert all(t.values[0] == t.user_attrs["map"] for t in complete)
+
+    class Trial:  # should_prune says yes: the Trainer callback stops training with TrialPruned
+        def __init__(self):
+            self.reported, self.user_attrs = [], {}
+
+        def report(self, v, step):
+            self.reported.append((step, v))
+
+        def should_prune(self):
+            return True
+
+        def set_user_attr(self, k, v):
+            self.user_attrs[k] = v
+
+    trial = Trial()
+    with pytest.raises(optuna.TrialPruned):
+        _PruneReport(trial).on_epoch_end(None, 0, {"map": 0.1})
+    assert trial.reported == [(0, 0.1)] and trial.user_attrs["pruned_at_epoch"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sampler", "cmaes"], "invalid choice"),
+    (["--mode", "evolution"], "invalid choice"),
+    (["--trials", "x"], "invalid int"),
+    (["--budget-ms"], "expected one argument"),
+])
+def test_malformed_flags_exit_2(shared, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--supernet", str(shared.supernet), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--trials", "0"], "trials"),
+    (["--storage", "study.txt"], "storage"),
+    (["--objectives", "map,speed"], "objectives"),
+    (["--mode", "scratch", "--objectives", "map,latency", "--space", "tiny"], "objectives"),
+    (["--budget-ms", "-1"], "budget_ms"),
+    (["--imgsz", "128"], "imgsz"),  # the table was measured at 64
+])
+def test_bad_values_are_one_line_errors_with_exit_2(shared, tmp_path, capsys, argv, field):
+    base = ["search", "--supernet", str(shared.supernet), "--table", str(shared.table), "--data", str(shared.data),
+            "--out", str(tmp_path), "--quiet"]
+    assert main([*base, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("detforge: error:") and field in err and len(err.splitlines()) == 1
+
+
+def test_a_table_built_at_the_spaces_nc_predicts_heads_at_that_nc(shared, tmp_path):
+    from latency_tables import LatencyTable
+    from nas.search import prepare
+    from search_spaces.space import load_space
+    from tests.latency_table import SizeBackend
+
+    table = tmp_path / "t80.json"  # what `detforge latency build --space tiny` writes: heads for the YAML's nc=80
+    LatencyTable.build(load_space("tiny"), SizeBackend(), IMGSZ, table, progress=False, fit_models=0, group=64)
+    with pytest.warns(UserWarning, match="nc=80"):
+        searcher = prepare(_cfg(shared, tmp_path, table=str(table)))
+    arch = searcher.space.smallest()
+    assert arch.nc == 3 and searcher.predict_ms(arch) == LatencyTable.load(table).predict(arch.with_nc(80))
+
+
+def test_joining_a_study_with_other_settings_is_refused(shared, tmp_path):
+    run_search(_cfg(shared, tmp_path, trials=1))
+    with pytest.raises(ConfigError, match="budget_ms"):
+        run_search(_cfg(shared, tmp_path, trials=2, budget_ms=9.0))
+
+
+@pytest.fixture
+def postgres_url():
+    """A throw-away PostgreSQL server on a Unix socket (skips with the reason when it cannot run here)."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    driver = next((d for d in ("psycopg", "psycopg2") if importlib.util.find_spec(d)), None)
+    if driver is None:
+        pytest.skip("no PostgreSQL driver installed: pip install 'psycopg[binary]' (or psycopg2-binary)")
+    prefix: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="detforge-pg-"))
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres user
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run the server as")
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    os.chmod(base, 0o777)  # the socket lives here
+    data, port = base / "data", 20000 + os.getpid() % 20000
+    run = functools.partial(subprocess.run, check=True, capture_output=True, timeout=120)
+    try:
+        run([*prefix, initdb, "-D", str(data), "-U", "detforge", "--auth=trust"])
+        run([*prefix, pg_ctl, "-D", str(data), "-l", str(base / "pg.log"), "-w", "-o",
+             f"-p {port} -k {base} -c listen_addresses=''", "start"])
+    except subprocess.CalledProcessError as e:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip(f"could not start a PostgreSQL server: {e.stderr.decode(errors='replace')[-300:]}")
+    yield f"postgresql+{driver}://detforge@/postgres?host={base}&port={port}"
+    subprocess.run([*prefix, pg_ctl, "-D", str(data), "stop", "-m", "immediate"], check=False, capture_output=True,
+                   timeout=120)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.postgres
+def test_postgresql_storage_with_two_workers(shared, tmp_path, postgres_url):
+    procs = [spawn(search_args(shared, postgres_url, "pg", 4, "--out", str(tmp_path / f"w{i}")),
+                   tmp_path / f"w{i}.log") for i in range(2)]
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=240) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]
+    _check_exactly(load_study(postgres_url, "pg"), 4)
+
+
+def test_module_entry_point_runs(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "nas.cli", "search", "--help"], check=False, cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--budget-ms" in out.stdout and "--storage" in out.stdout

@@ -1,0 +1,113 @@
+"""Supernet training: the sandwich step, in-place distillation, BN statistics, checkpoints, resume, CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from nas.cli import main
+from nas.supernet import Supernet, load_supernet
+from nas.supernet_train import SupernetTrainer, frozen_bn_stats
+from search_spaces import ConfigError, Detector
+from search_spaces.space import load_space
+from trainer.config import TrainConfig
+
+from . import IMGSZ, NC, artifacts, one_thread
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = one_thread()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return artifacts(tmp_path_factory.getbasetemp() / "nas_search_shared")
+
+
+def _cfg(shared, out, **kw) -> TrainConfig:
+    return TrainConfig(data=str(shared.data), out=str(out), epochs=2, imgsz=IMGSZ, batch=8, workers=0, progress=False,
+                       **kw)
+
+
+def test_sandwich_step_trains_every_head_configuration(shared, tmp_path):
+    tr = SupernetTrainer(_cfg(shared, tmp_path), space="tiny", n_random=2)
+    space = tr.space
+    roles = tr.sandwich()
+    assert [r for r, _ in roles] == ["largest", "random", "random", "smallest"]
+    assert roles[0][1] == space.largest_decisions() and roles[-1][1] == space.smallest_decisions()
+    # the two ends differ in head type and layout: decoupled P3-P6 vs detect P3-P4
+    big, small = space.build_arch(roles[0][1]), space.build_arch(roles[-1][1])
+    assert (big.head.type, len(big.head_strides())) != (small.head.type, len(small.head_strides()))
+    imgs, targets, *_ = next(iter(tr.train_loader))
+    tr.model.train()
+    items = tr.train_step(imgs.float() / 255.0, targets)
+    assert {"box", "obj", "cls", "sub_loss", "kd"} <= set(items) and float(items["kd"]) > 0
+    assert len(tr._losses) >= 2  # one YoloLoss per (head type, layout)
+    net = tr.supernet
+    for key in ("decoupled_p3_p6", "detect_p3_p4"):  # both ends' heads got gradients in one step
+        grads = [p.grad for p in net.heads[key].parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), key
+
+
+def test_bn_statistics_untouched_when_frozen():
+    net = Supernet("tiny", nc=NC).train()
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    with frozen_bn_stats(net):
+        net(torch.rand(2, 3, IMGSZ, IMGSZ))
+    after = net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    net(torch.rand(2, 3, IMGSZ, IMGSZ))  # unfrozen: the statistics move
+    assert any(not torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert all(bn.momentum != 0.0 for bn in net.modules() if isinstance(bn, torch.nn.BatchNorm2d))
+
+
+def test_one_epoch_then_resume_equals_an_uninterrupted_run(shared, tmp_path):
+    straight = SupernetTrainer(_cfg(shared, tmp_path / "a"), space="tiny")
+    straight.train()
+    first = SupernetTrainer(_cfg(shared, tmp_path / "b", max_time_s=1e-9), space="tiny").train()  # stops after 1
+    assert first.epochs_done == 1 and (tmp_path / "b" / "last.pt").is_file()
+    resumed = SupernetTrainer(_cfg(shared, tmp_path / "b", resume=True), space="tiny")
+    assert resumed.start_epoch == 1
+    result = resumed.train()
+    assert result.epochs_done == 2 and len(result.rows) == 2 and "map" in result.rows[-1]
+    a = torch.load(tmp_path / "a" / "supernet.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "supernet.pt", weights_only=True)
+    assert a["space"] == "tiny" and a["nc"] == NC and a["format"] == "detforge.supernet"
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())  # bit-identical resume
+    assert not (tmp_path / "b" / "model").exists()  # a supernet is not saved as a Detector directory
+    # validation ran the largest path, on the EMA copy too
+    assert resumed.eval_model.active_arch == resumed.space.with_nc(NC).largest()
+    net = load_supernet(tmp_path / "b" / "supernet.pt")
+    assert isinstance(net, Supernet) and net.nc == NC and net.space.name == "tiny"
+    det = net.extract(net.space.smallest_decisions())
+    assert isinstance(det, Detector)
+
+
+def test_cli_trains_and_resumes(shared, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["supernet", "train", "--space", "tiny", "--data", str(shared.data), "--epochs", "1", "--batch", "8",
+            "--out", str(out), "--workers", "0", "--json"]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["epochs"] == 1 and doc["supernet"].endswith("supernet.pt")
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["supernet"]["space"] == "tiny" and ck["config"]["imgsz"] == 128  # the space's largest imgsz
+    assert main([*args[:7], "2", *args[8:], "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 2
+    shutil.rmtree(out)
+
+
+def test_bad_inputs_are_config_errors(shared, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="Supernet"):
+        SupernetTrainer(_cfg(shared, tmp_path), model=Detector(load_space("tiny").with_nc(NC).smallest()))
+    with pytest.raises(ConfigError, match="SyncBN"):
+        SupernetTrainer(_cfg(shared, tmp_path, sync_bn=True), space="tiny")
+    with pytest.raises(ConfigError, match="n_random"):
+        SupernetTrainer(_cfg(shared, tmp_path), space="tiny", n_random=-1)
+    assert main(["supernet", "train", "--space", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
