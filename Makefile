@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python benchmarks/demo.py
+	$(BIN)/detforge run configs/demo.yaml --out runs/demo --resume
 
 test: install
 	$(BIN)/pytest -q

@@ -86,7 +86,7 @@ def write_report(p: Pipeline, d: dict, t: dict, front: dict, models: dict, base:
     pairs = [(e["arch_id"], e["predicted_ms"], e["measured_ms"]) for e in entries if e.get("measured_ms")]
     _plot_latency(out / "latency.png", pairs)
     table_json = read_json(t["path"])
-    fp = table_json.get("fingerprint", {})
+    fp = table_json.get("device", {})
     lines = [f"# detforge run `{p.cfg.name}`", "",
              (f"Dataset: `{d['yaml']}` ({d['nc']} classes). Space: `{p.cfg.space}` at {p.cfg.imgsz} px. "
               f"Latency budget: {budget if budget is not None else 'none'} ms on `{t['backend']}`."), "",

@@ -87,8 +87,10 @@ def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any], t: dict[str, Any
     c = p.cfg
     storage = c.search.storage or f"sqlite:///{(p.out / 'study.db').resolve()}"
     cfg = SearchConfig(space=c.space, supernet=sup["weights"], table=t["path"], data=d["yaml"], budget_ms=budget,
-                       trials=c.search.trials, storage=storage, study=c.name, sampler=c.search.sampler, seed=c.seed,
-                       bn_batches=c.search.bn_batches, val_batches=c.search.val_batches, imgsz=c.imgsz)
+                       trials=c.search.trials, storage=storage, study=c.name, out=str(p.out / "search"),
+                       sampler=c.search.sampler, seed=c.seed, bn_batches=c.search.bn_batches,
+                       val_batches=c.search.val_batches, imgsz=c.imgsz, nc=d["nc"], batch=c.supernet.batch,
+                       device=c.device, progress=True)
     study = run_search(cfg)
     return {"storage": storage, "study": c.name, "trials": len(study.trials), "files": []}
 
@@ -96,16 +98,17 @@ def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any], t: dict[str, Any
 def pareto(p: Pipeline, sup: dict[str, Any], s: dict[str, Any], t: dict[str, Any], budget: float | None
            ) -> dict[str, Any]:
     """The Pareto front, exported as model directories + ONNX; chooses the models that go on."""
-    import optuna
-
     from .pareto import export_front, pareto_front
     from .supernet import load_supernet
 
-    study = optuna.load_study(study_name=s["study"], storage=s["storage"])
-    front = pareto_front(study)
-    if not front:
+    from .search import load_study
+
+    study = load_study(s["storage"], s["study"])
+    if not pareto_front(study):
         raise ConfigError("the search found no architecture within the budget", field="search.budget_ms")
-    entries = export_front(study, load_supernet(sup["weights"]), p.out / "pareto")
+    entries = export_front(study, load_supernet(sup["weights"]), p.out / "pareto", data=p.records["data"].outputs["yaml"],
+                           threads=p.cfg.latency.threads, bn_batches=p.cfg.search.bn_batches,
+                           batch=p.cfg.supernet.batch, device=p.cfg.device)
     chosen = choose(entries, p.cfg.select.k, p.cfg.select.budgets_ms)
     return {"front": [e.to_dict() for e in entries], "chosen": chosen, "files": []}
 

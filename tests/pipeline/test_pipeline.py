@@ -1,0 +1,108 @@
+"""`detforge run` end to end on a micro config; resume after kill -9; config errors before any work."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nas.cli import main
+
+SPACE = Path(__file__).with_name("micro_space.yaml")
+
+
+def _config(tmp_path: Path, **over) -> Path:
+    cfg = {
+        "name": "micro", "synthetic": {"train": 16, "val": 8, "imgsz": 64, "classes": 2, "seed": 0},
+        "space": str(SPACE), "imgsz": 64, "device": "cpu", "workers": 0,
+        "latency": {"backend": "ort-cpu", "threads": 1, "min_runs": 3, "max_time_s": 0.5},
+        "supernet": {"epochs": 1, "batch": 8, "n_random": 1},
+        "search": {"trials": 3, "budget_ms": 100.0, "bn_batches": 1, "val_batches": 1},
+        "finetune": {"epochs": 1, "batch": 8}, "quantize": {"enabled": True, "calib": 4, "method": "minmax"},
+        "baselines": {"models": ["yolov7-tiny"], "epochs": 1},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "nas.cli", "run", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _stages(out: Path) -> dict:
+    try:
+        return json.loads((out / "stages.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_pipeline_runs_and_resumes_after_kill(tmp_path):
+    cfg = _config(tmp_path)
+    out = tmp_path / "run"
+    proc = _run(str(cfg), "--out", str(out))
+    deadline = time.time() + 900
+    while "supernet" not in _stages(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGKILL)  # somewhere in the search stage or just after
+    proc.wait()
+    done_before = set(_stages(out))
+    assert {"data", "latency", "supernet"} <= done_before
+
+    again = _run(str(cfg), "--out", str(out), "--resume")
+    log, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, log[-3000:]
+    for name in done_before:
+        assert f"[skip] {name}" in log  # finished stages are not redone
+    stages = _stages(out)
+    assert {"search", "pareto", "baselines", "report"} <= set(stages)
+    model_stage = next(k for k in stages if k.startswith("model:"))
+    mid = model_stage.split(":", 1)[1]
+    assert (out / "models" / mid / "model.onnx").is_file() and (out / "models" / mid / "model.int8.onnx").is_file()
+    metrics = json.loads((out / "models" / mid / "metrics.json").read_text())
+    assert {"fp32", "int8"} <= set(metrics["verify"]) and metrics["verify"]["int8"]["latency_ms"] > 0
+    report = (out / "report.md").read_text()
+    assert "yolov7-tiny" in report and "model.int8.onnx" in report and (out / "front.png").is_file()
+
+    third = _run(str(cfg), "--out", str(out), "--resume")
+    log, _ = third.communicate(timeout=300)
+    assert third.returncode == 0 and "[run ]" not in log  # nothing left to do
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"serach": {}}, "serach"), ({"imgsz": "64"}, "imgsz"), ({"search": {"budget_ms": -1.0}}, "search.budget_ms"),
+    ({"quantize": {"method": "magic"}}, "quantize.method"),
+])
+def test_bad_config_fails_before_any_work(over, field, tmp_path, capsys):
+    cfg = _config(tmp_path, **over)
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and field in err and str(cfg) in err
+    assert not out.exists()
+
+
+def test_existing_run_needs_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "stages.json").write_text("{}")
+    assert main(["run", str(_config(tmp_path)), "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_dry_run_prints_plan(tmp_path, capsys):
+    assert main(["run", str(_config(tmp_path)), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [s["stage"] for s in plan["stages"]][:4] == ["data", "latency", "supernet", "search"]
+    assert plan["stages"][-1]["stage"] == "total" and plan["stages"][-1]["est_s"] > 0
