@@ -1,0 +1,50 @@
+"""`make bench`: every benchmark script with its documented settings; each also runs alone (see its --help).
+
+The full settings take hours on a 2-core CPU (training for 30 minutes, a search of 40 trials on the default
+space); `--quick` runs each at small sizes to check that they work.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+FULL = [
+    ["zoo_stats.py"],
+    ["latency_validate.py"],
+    ["train_synthetic.py", "--model", "yolov7-tiny", "--imgsz", "320", "--minutes", "30"],
+    ["search_synthetic.py"],
+]
+QUICK = [
+    ["zoo_stats.py"],
+    ["train_synthetic.py", "--train", "64", "--val", "16", "--imgsz", "128", "--minutes", "1", "--epochs", "2",
+     "--data-dir", "runs/bench/quick-data", "--out", "runs/bench/quick-train"],
+    ["search_synthetic.py", "--space", "tiny", "--imgsz", "64", "--train-images", "32", "--val-images", "16",
+     "--latency-protocol", "quick", "--supernet-epochs", "1", "--trials", "4", "--fidelity-archs", "2",
+     "--standalone-epochs", "1", "--finetune-epochs", "1", "--out", "runs/bench/quick-search"],
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small settings: checks the scripts, not the figures")
+    args = ap.parse_args()
+    failed = []
+    for cmd in QUICK if args.quick else FULL:
+        print(f"$ python benchmarks/{' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
+        print(f"  -> exit {rc} in {time.time() - t0:.0f} s", flush=True)
+        if rc:
+            failed.append(cmd[0])
+    if failed:
+        print("failed: " + ", ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
