@@ -1,0 +1,286 @@
+"""detforge probe runner: time the bundle's micro-models with ONNX Runtime on this device, write results JSON.
+
+Needs only Python 3.8+, numpy and onnxruntime (no detforge). Run it from the unpacked bundle:
+
+    python runner.py --threads 2 --out results.json
+
+then bring results.json back and turn it into a table with `detforge latency import results.json --out T.json`.
+Results are saved after every group of models, so a killed run continues where it stopped when started again
+with the same --out. The timing loop is detforge's own (measurement.py, shipped beside this file).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS_SCHEMA = "detforge.probe_results"
+RESULTS_VERSION = 1
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
+ORT_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")
+TRT_DISTS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-libs")
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+# ---- device fingerprint (the fields of latency_tables.fingerprint.DeviceFingerprint, collected without it) ----
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo, as detforge's fingerprint reads it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        info = ""
+    for key in ("model name", "Hardware", "Model", "cpu model"):
+        m = re.search(rf"^{key}\s*:\s*(.+)$", info, re.MULTILINE)
+        if m:
+            return re.sub(r"\s+", " ", m.group(1)).strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def gpu_info() -> tuple:
+    """(GPU name, driver version) of GPU 0 from nvidia-smi, else (None, None)."""
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader",
+                                  "--id=0"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+            name, _, driver = out.partition(",")
+            if name:
+                return name.strip(), driver.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return None, None
+
+
+def dist_version(dists: tuple) -> str | None:
+    """Installed version of the first of `dists` that is installed."""
+    from importlib import metadata
+
+    for d in dists:
+        try:
+            return metadata.version(d)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def fingerprint(provider: str, threads: int | None, precision: str, batch: int, exporter_torch: str | None) -> dict:
+    """This device as a DeviceFingerprint dict (backend ort-<provider>)."""
+    import onnxruntime as ort
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    gpu_name, driver = gpu_info() if provider != "cpu" else (None, None)
+    # torch is listed because it exported the graphs (on the packing machine): it shapes what ORT runs.
+    versions = {"onnxruntime": dist_version(ORT_DISTS) or ort.__version__, "torch": exporter_torch}
+    if provider == "trt":
+        versions["tensorrt"] = dist_version(TRT_DISTS)
+    return {"cpu_model": cpu_model(), "logical_cores": os.cpu_count() or 1, "usable_cores": usable,
+            "threads": threads, "gpu_name": gpu_name, "gpu_driver": driver, "backend": f"ort-{provider}",
+            "precision": precision, "batch": batch, "versions": versions, "os": platform.system(),
+            "arch": platform.machine(), "kernel": platform.release(), "python": platform.python_version()}
+
+
+# ---- sessions ------------------------------------------------------------------------------------------------
+def session_options(threads: int | None):
+    """detforge's reference session: ORT_ENABLE_ALL, sequential, intra-op `threads`, inter-op 1."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def provider_list(provider: str, device_id: int, fp16: bool) -> list:
+    """Execution providers, most preferred first."""
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+    if provider == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    return [("TensorrtExecutionProvider", {"device_id": device_id, "trt_fp16_enable": fp16}), cuda,
+            "CPUExecutionProvider"]
+
+
+def write_weights(path: Path, nbytes: int, dtype: str, seed: int) -> None:
+    """Random stand-in weights for a model whose large float initializers were left out of the bundle."""
+    import numpy as np
+
+    n = nbytes // np.dtype(dtype).itemsize
+    # N(0, 0.05): finite, no denormals; the values do not change how long a dense model takes.
+    data = (np.random.default_rng(seed).standard_normal(n, dtype=np.float32) * 0.05).astype(dtype)
+    path.write_bytes(data.tobytes())
+
+
+class Model:
+    """One ONNX model ready to run: a session with fixed random inputs (on the GPU for GPU providers)."""
+
+    def __init__(self, item: dict, args: argparse.Namespace, manifest: dict, scratch: Path):
+        import numpy as np
+        import onnxruntime as ort
+
+        src = HERE / item["file"]
+        path = src
+        weights = item.get("weights")
+        if weights:
+            # The graph points at <name>.bin beside it: write random weights there, load, delete again.
+            path = scratch / src.name
+            shutil.copyfile(src, path)
+            write_weights(scratch / weights["file"], int(weights["bytes"]), weights["dtype"], seed=len(item["file"]))
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=session_options(args.threads),
+                                                providers=provider_list(args.provider, args.device_id,
+                                                                        manifest["precision"] == "fp16"))
+        finally:
+            if weights:
+                for p in (path, scratch / weights["file"]):
+                    p.unlink(missing_ok=True)
+        ep = PROVIDERS[args.provider]
+        if ep not in self.session.get_providers():
+            raise SystemExit(f"runner: onnxruntime fell back to {self.session.get_providers()} instead of {ep}")
+        batch = manifest["batch"]
+        rng = np.random.default_rng(0)
+        self.feeds = {}
+        for inp, shape in zip(self.session.get_inputs(), item["input_shapes"]):
+            dt = np.dtype(ORT_DTYPES.get(inp.type, "float32"))
+            self.feeds[inp.name] = rng.standard_normal((batch, *shape), dtype=np.float32).astype(dt)
+        shapes = [list(s) for s in item["input_shapes"]]
+        self.meta = {"backend": f"ort-{args.provider}", "threads": args.threads, "precision": manifest["precision"],
+                     "batch": batch, "input_shape": shapes[0] if len(shapes) == 1 else shapes}
+        self.binding = None
+        self.device_values = []
+        if args.provider != "cpu":  # inputs copied to the GPU once: time the model, not PCIe transfers
+            self.binding = self.session.io_binding()
+            for name, arr in self.feeds.items():
+                value = ort.OrtValue.ortvalue_from_numpy(arr, "cuda", args.device_id)
+                self.device_values.append(value)
+                self.binding.bind_ortvalue_input(name, value)
+            for out in self.session.get_outputs():
+                self.binding.bind_output(out.name, "cuda", args.device_id)
+
+    def __call__(self) -> None:
+        """One run, waited for."""
+        if self.binding is None:
+            self.session.run(None, self.feeds)
+        else:
+            self.session.run_with_iobinding(self.binding)
+            self.binding.synchronize_outputs()
+
+
+# ---- results -------------------------------------------------------------------------------------------------
+def save(path: Path, doc: dict) -> None:
+    """Write the results atomically (temp file + rename), so a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_previous(path: Path, bundle_id: str, setup: dict) -> dict | None:
+    """Results of an earlier run of this bundle with the same settings, to continue; else None."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if doc.get("bundle_id") != bundle_id or doc.get("setup") != setup:
+        return None
+    return doc
+
+
+def measure_groups(items: list, kind: str, doc: dict, args: argparse.Namespace, manifest: dict, cfg,
+                   checkpoint, key: str) -> None:
+    """Measure manifest `items` one at a time into doc[kind]; checkpoint after every `args.group` of them."""
+    # One session at a time: ORT's intra-op workers spin after each run, and sessions timed round-robin fight
+    # over the cores (on 2 vCPUs every model measured ~1.8x slower than alone).
+    from measurement import measure_callable
+
+    store = doc[kind]
+    todo = [it for it in items if it[key] not in store]
+    done = len(items) - len(todo)
+    with tempfile.TemporaryDirectory(prefix="detforge-probe-") as scratch:
+        for i in range(0, len(todo), args.group):
+            chunk = todo[i:i + args.group]
+            for it in chunk:
+                model = Model(it, args, manifest, Path(scratch))
+                store[it[key]] = measure_callable(model, cfg).to_dict()
+                del model  # frees the session and its thread pool before the next one starts
+            done += len(chunk)
+            checkpoint()
+            print(f"runner: {kind} {done}/{len(items)}", file=sys.stderr, flush=True)
+
+
+def main(argv: list | None = None) -> int:
+    """Command line entry point."""
+    ap = argparse.ArgumentParser(description="Time a detforge probe bundle's models with ONNX Runtime.")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    ap.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu", help="execution provider")
+    ap.add_argument("--device-id", type=int, default=0)
+    ap.add_argument("--out", default="results.json", help="results file (continued if it exists)")
+    ap.add_argument("--group", type=int, default=8, help="models measured between two saves of the results")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a measurement setting, e.g. --set min_runs=10 (repeatable)")
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(HERE))  # measurement.py ships beside this file
+    from measurement import MeasurementConfig, measure_callable
+
+    manifest = json.loads((HERE / "manifest.json").read_text())
+    overrides = {}
+    for s in args.set:
+        name, _, value = s.partition("=")
+        overrides[name] = json.loads(value) if value not in ("", None) else None
+    protocol = {**manifest.get("protocol", {}), **overrides}
+    cfg = MeasurementConfig(**protocol)
+    bundle_id = manifest["bundle_id"]
+    setup = {"provider": args.provider, "threads": args.threads, "device_id": args.device_id}
+    out = Path(args.out)
+    doc = load_previous(out, bundle_id, setup) or {
+        "schema": RESULTS_SCHEMA, "version": RESULTS_VERSION, "bundle_id": bundle_id, "setup": setup,
+        "bundle": {k: manifest[k] for k in ("imgsz", "batch", "precision", "fused", "space", "opset", "torch")},
+        "protocol": protocol, "signatures": {b["key"]: b["signature"] for b in manifest["blocks"]},
+        "model_archs": {m["name"]: m["arch"] for m in manifest["models"]},
+        "entries": {}, "models": {}, "empty": None, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    doc["device"] = fingerprint(args.provider, args.threads, manifest["precision"], manifest["batch"],
+                                manifest.get("torch"))
+    t0, before = time.perf_counter(), float(doc.get("elapsed_s", 0.0))
+
+    def checkpoint() -> None:
+        doc["elapsed_s"] = round(before + time.perf_counter() - t0, 2)
+        save(out, doc)
+
+    if not doc.get("empty"):
+        with tempfile.TemporaryDirectory(prefix="detforge-probe-") as scratch:
+            doc["empty"] = measure_callable(Model(manifest["empty"], args, manifest, Path(scratch)), cfg).to_dict()
+        checkpoint()
+    measure_groups(manifest["blocks"], "entries", doc, args, manifest, cfg, checkpoint, "key")
+    measure_groups(manifest["models"], "models", doc, args, manifest, cfg, checkpoint, "name")
+    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    checkpoint()
+    print(f"runner: wrote {out} ({len(doc['entries'])} blocks, {len(doc['models'])} whole models)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

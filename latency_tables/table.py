@@ -1,0 +1,706 @@
+"""`LatencyTable`: block latencies measured on one device, summed and corrected to predict whole detectors."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from search_spaces.errors import ConfigError, DetforgeError
+from search_spaces.io import atomic_write_json, read_json
+
+from .backends import Backend, get_backend
+from .fingerprint import DeviceFingerprint, check_fingerprint
+from .measurement import (
+    LoadMonitor,
+    Measurement,
+    MeasurementConfig,
+    measure_callable,
+    measure_interleaved,
+    user_stacklevel,
+)
+from .predictor import OverheadModel, fit_overhead
+
+if TYPE_CHECKING:
+    from search_spaces import Architecture
+
+SCHEMA = "detforge.latency_table"
+SCHEMA_VERSION = 1
+TABLES_DIR = Path(__file__).resolve().parent / "tables"  # tables shipped with the package
+BLOCK_GROUP = 8  # blocks measured interleaved together
+MODEL_GROUP = 4  # whole models measured interleaved together (where the backend interleaves)
+MODEL_PASSES = 3  # passes over the whole models of a fit or a validation; each model's median pass counts
+FIT_MODELS = 8  # whole models the overhead is fitted on
+SAVE_EVERY_S = 10.0  # a build saves at most this often (a save re-reads, merges and rewrites the whole file)
+FIT_SEED = 1234  # a different stream from validate()'s default seed 0, so fit and validation models differ
+
+# The protocol `detforge latency build` uses: thousands of blocks, so each stops at a 2 % CI of the median or
+# after 300 rounds / 8 s per group (a 1 % CI needs hundreds more runs of a noisy 20 us block for no better sum).
+BUILD_PROTOCOL = MeasurementConfig(warmup=5, warmup_s=0.1, min_runs=15, max_runs=300, max_time_s=8.0,
+                                   target_rel_ci=0.02)
+QUIET_WINDOW_S = 1.0  # how long the machine is watched before a group is measured
+REALTIME_PRIORITY = 10  # SCHED_FIFO priority of timed runs with realtime=True (low among real-time tasks)
+
+EntryCallback = Callable[[str, Measurement], None]
+
+
+def arch_signatures(arch: Architecture, imgsz: int, batch: int = 1) -> list[Any]:
+    """Per-layer block signatures of `arch`, head levels included (search_spaces.space.arch_signatures)."""
+    from search_spaces.space import arch_signatures as signatures  # lazy: the search space imports torch
+
+    return signatures(arch, imgsz, batch)
+
+
+def sample_shapes(sig: Any) -> list[tuple[int, ...]]:
+    """Per-sample input shapes (C, H, W) of a block signature, whose input_shapes() include the batch."""
+    return [tuple(int(d) for d in s[1:]) for s in sig.input_shapes()]
+
+
+def eval_signatures(arch: Architecture, imgsz: int, batch: int = 1) -> list[Any]:
+    """The signatures of the layers an eval-mode forward pass runs, then the head levels."""
+    # arch_signatures lists every layer; an auxiliary head's branch (IAuxDetect) is training-only and is not
+    # part of the latency, so the layers the deploy form drops are left out.
+    sigs = arch_signatures(arch, imgsz, batch)
+    n = len(arch.layers)
+    if len(sigs) < n:  # not one per layer: nothing to filter by position
+        return sigs
+    _, keep = arch.deploy_form()
+    kept = set(keep)
+    return [s for i, s in enumerate(sigs) if i >= n or i in kept]
+
+
+def resolve_architecture(arch: Architecture | str | Path) -> Architecture:
+    """An Architecture, or the one named by a zoo name / architecture YAML / model directory."""
+    from search_spaces import Architecture, resolve_arch
+
+    return arch if isinstance(arch, Architecture) else resolve_arch(arch)[0]
+
+
+def make_backend(name: str, *, threads: int | None = 2, precision: str = "fp32", **kw: Any) -> Backend:
+    """get_backend with the settings a table records (TensorRT takes no thread count)."""
+    if name != "tensorrt":
+        kw["threads"] = threads
+    return get_backend(name, precision=precision, **kw)
+
+
+# ---- what gets measured --------------------------------------------------------------------------------------
+def deploy_ready(module: nn.Module, fuse: bool = True) -> nn.Module:
+    """`module` in eval mode, with Conv+BN, RepConv and implicit layers folded in place when `fuse`."""
+    # Blocks and whole models go through the same folding, so a table's entries add up to what is deployed.
+    module.eval()
+    if fuse:
+        for sub in list(module.modules()):
+            fold = getattr(sub, "fuse", None)
+            if callable(fold):
+                fold()
+    return module
+
+
+class DecodedOutput(nn.Module):
+    """A Detector in eval mode returning only its decoded tensor `[B, N, 5 + nc]` (one ONNX output)."""
+
+    def __init__(self, det: nn.Module):
+        super().__init__()
+        self.det = det
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Decoded predictions; the raw levels are computed on the way but not returned."""
+        return self.det(x)[0]
+
+
+class FirstOutput(nn.Module):
+    """A block whose output is a tuple (a head level returns decoded and raw) reduced to its first tensor."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        """The block's output, or the first element of it."""
+        y = self.block(*xs)
+        return y[0] if isinstance(y, (tuple, list)) else y
+
+
+class EmptyModel(nn.Module):
+    """One elementwise op on one number: what a backend charges for a call, with nothing to compute."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x + 1."""
+        return x + 1.0
+
+
+EMPTY_SHAPE = (1, 1, 1)
+
+
+def block_model(sig: Any, fuse: bool = True) -> nn.Module:
+    """A block signature's module as a table times it: eval, folded, one output (like the whole model)."""
+    return FirstOutput(deploy_ready(sig.build_module(), fuse)).eval()
+
+
+def decoded_model(det: nn.Module, fuse: bool = True) -> nn.Module:
+    """A Detector as tables time it: eval mode, folded when `fuse` (in place), returning only decoded boxes."""
+    return DecodedOutput(deploy_ready(det, fuse)).eval()
+
+
+def whole_model(arch: Architecture, fuse: bool = True) -> nn.Module:
+    """The end-to-end model a table predicts for `arch` (a fresh Detector, see decoded_model)."""
+    from search_spaces import Detector
+
+    return decoded_model(Detector(arch), fuse)
+
+
+def empty_model() -> nn.Module:
+    """A model that does nothing worth timing, to measure the per-call cost every block entry includes."""
+    return EmptyModel().eval()
+
+
+def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most n items."""
+    for i in range(0, len(items), max(1, n)):
+        yield items[i:i + n]
+
+
+def wait_for_quiet(max_other_load: float, *, window_s: float = QUIET_WINDOW_S, timeout_s: float | None = None,
+                   monitor: LoadMonitor | None = None) -> float | None:
+    """Block until other processes use at most `max_other_load` of the CPU over a window; the last reading."""
+    # Cheaper than letting the protocol measure a whole repeat, find it was busy and throw it away: on a shared
+    # 2-vCPU machine a 2-thread model runs several times slower while anything else runs (docs/latency.md).
+    mon = monitor or LoadMonitor()
+    t0 = time.perf_counter()
+    while True:
+        mon.start()
+        time.sleep(window_s)
+        load = mon.stop()
+        if load is None or load <= max_other_load:
+            return load
+        if timeout_s is not None and time.perf_counter() - t0 >= timeout_s:
+            return load
+
+
+def _thread_ids() -> list[int]:
+    """Kernel ids of this process's threads (the main thread, ORT's and torch's pools, ...)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [threading.get_native_id()]
+
+
+@contextlib.contextmanager
+def realtime_priority(enabled: bool = True, priority: int = REALTIME_PRIORITY) -> Iterator[bool]:
+    """Run the block under SCHED_FIFO (every thread of this process) where permitted; yields whether it is."""
+    # On a shared machine a 2-thread model runs several times slower whenever another process holds a core,
+    # and waiting for a quiet machine may never end; at real-time priority the timed runs preempt other work
+    # (the kernel still leaves others 5 % of each second). Only the timed runs are elevated, so others keep
+    # the machine while models are exported and sessions built. Without the permission this is a no-op.
+    if not enabled or not hasattr(os, "sched_setscheduler") or os.sched_getscheduler(0) != os.SCHED_OTHER:
+        yield False
+        return
+    done = False
+    try:
+        for tid in _thread_ids():
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
+                done = True
+        yield done
+    finally:
+        for tid in _thread_ids():  # threads started meanwhile inherited the policy: reset them too
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+
+
+def interleaves(backend: Backend) -> bool:
+    """Whether models are timed round-robin on `backend` (not on ORT: each session owns a spinning thread pool)."""
+    # ORT's intra-op workers spin for a while after every run; timed round-robin, the sessions' pools fight over
+    # the cores, and on 2 vCPUs every model measured ~1.8x slower than alone (docs/latency.md). One session at a
+    # time it is. Torch shares one pool between modules and GPU backends time on the device: those interleave.
+    from .backends import OrtBackend
+
+    return not isinstance(backend, OrtBackend)
+
+
+def measure_group(pairs: Mapping[str, tuple[Any, Sequence | None]], backend: Backend, *, batch: int = 1,
+                  realtime: bool = False) -> dict[str, Measurement]:
+    """Measure (model, input shapes) pairs like Backend.measure_many, interleaved where the backend allows it.
+
+    Only the timed runs (not the export and session set-up) run at real-time priority with `realtime`.
+    """
+    def prepare(model: Any, shapes: Sequence | None) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=Warning, module=r"torch\..*")  # tracer notes per block
+            return backend.prepare(model, None if shapes is None else [tuple(s) for s in shapes], batch)
+
+    if not interleaves(backend):
+        out = {}
+        for k, (model, shapes) in pairs.items():
+            with prepare(model, shapes) as runner, realtime_priority(realtime):
+                out[k] = measure_callable(runner, backend.config)
+        return out
+    runners = {}
+    try:
+        for k, (model, shapes) in pairs.items():
+            runners[k] = prepare(model, shapes)
+        with realtime_priority(realtime):
+            res = measure_interleaved(runners, backend.config)
+    finally:
+        for r in runners.values():
+            r.close()
+    assert isinstance(res, dict)
+    return res
+
+
+def measure_modules(items: Mapping[str, tuple[Callable[[], nn.Module], Sequence]], backend: Backend, *,
+                    batch: int = 1, group: int = BLOCK_GROUP, progress: bool = False, desc: str = "measuring",
+                    on_group: Callable[[dict[str, Measurement]], None] | None = None,
+                    skip: Callable[[str], bool] | None = None, realtime: bool = False) -> dict[str, Measurement]:
+    """Measure keyed (module factory, input shapes) pairs, `group` at a time interleaved; `on_group` after each."""
+    # Modules are built per group, so a table of thousands of blocks never holds them all in memory; `skip` is
+    # asked again before every group, so keys that appeared meanwhile (another build) are not measured twice.
+    # With the backend's config.max_other_load set (and not `realtime`), each group first waits for the machine
+    # to be that quiet.
+    from tqdm import tqdm
+
+    cfg = backend.config
+    limit = cfg.max_other_load if cfg.check_load and not realtime else None
+    keys = list(items)
+    out: dict[str, Measurement] = {}
+    with tqdm(total=len(keys), desc=desc, file=sys.stderr, disable=not progress, unit="model",
+              dynamic_ncols=True) as bar:
+        for chunk in _chunks(keys, group):
+            todo = [k for k in chunk if skip is None or not skip(k)]
+            if todo:
+                pairs = {k: (items[k][0](), items[k][1]) for k in todo}
+                if limit is not None:
+                    wait_for_quiet(limit, timeout_s=cfg.max_retries * max(cfg.retry_wait_s, 1.0))
+                res = measure_group(pairs, backend, batch=batch, realtime=realtime)
+                out.update(res)
+                if on_group is not None:
+                    on_group(res)
+            bar.update(len(chunk))
+    return out
+
+
+def median_of_passes(ms: Sequence[Measurement]) -> Measurement:
+    """The pass with the median latency (the lower middle one for an even count), listing every pass's median."""
+    ranked = sorted(ms, key=lambda m: m.median_ms)
+    mid = ranked[(len(ranked) - 1) // 2]
+    return replace(mid, repeat_medians_ms=[m.median_ms for m in ms], repeats=sum(m.repeats for m in ms))
+
+
+def measure_architectures(archs: Sequence[Architecture], backend: Backend, imgsz: int, *, batch: int = 1,
+                          group: int = MODEL_GROUP, fuse: bool = True, progress: bool = False,
+                          desc: str = "whole models", realtime: bool = False,
+                          passes: int = MODEL_PASSES) -> list[Measurement]:
+    """End-to-end latency of each architecture (decoded output, folded): the median of `passes` passes."""
+    # Each pass measures every model once, so a model's passes lie minutes apart: an episode of slow seconds on
+    # a shared machine (it happens, even at real-time priority) spoils one pass, and the median drops it.
+    items = {str(i): ((lambda a=a: whole_model(a, fuse)), [(a.in_channels, imgsz, imgsz)])
+             for i, a in enumerate(archs)}
+    runs = [measure_modules(items, backend, batch=batch, group=group, progress=progress, realtime=realtime,
+                            desc=desc if passes == 1 else f"{desc} (pass {p + 1}/{passes})")
+            for p in range(passes)]
+    return [median_of_passes([r[str(i)] for r in runs]) for i in range(len(archs))]
+
+
+def measure_call_overhead(backend: Backend, batch: int = 1, realtime: bool = False) -> Measurement:
+    """The latency of the empty model on `backend`: the per-call cost inside every block entry."""
+    return measure_group({"empty": (empty_model(), [EMPTY_SHAPE])}, backend, batch=batch, realtime=realtime)["empty"]
+
+
+# ---- the table -------------------------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    """A predicted end-to-end latency and how it was put together."""
+
+    predicted_ms: float
+    sum_ms: float  # sum of block entries, net of the per-call overhead
+    a_ms: float
+    b: float
+    blocks: list[tuple[str, float]] = field(default_factory=list)  # (signature key, net ms) per layer
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        d = asdict(self)
+        d["blocks"] = [{"key": k, "ms": v} for k, v in self.blocks]
+        return d
+
+
+@dataclass
+class LatencyTable:
+    """Block latencies keyed by signature, measured on one device, plus the overhead model fitted on it."""
+
+    fingerprint: DeviceFingerprint
+    backend: str
+    imgsz: int
+    batch: int = 1
+    precision: str = "fp32"
+    threads: int | None = None
+    fused: bool = True  # blocks and whole models were measured folded (Conv+BN, RepConv, implicit)
+    space: str | None = None
+    entries: dict[str, Measurement] = field(default_factory=dict)
+    signatures: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> BlockSignature.to_dict()
+    overhead: OverheadModel = field(default_factory=OverheadModel)
+    protocol: dict[str, Any] = field(default_factory=dict)  # the MeasurementConfig the entries were taken with
+    info: dict[str, Any] = field(default_factory=dict)  # created, updated, build_s, source
+    path: Path | None = field(default=None, compare=False, repr=False)
+
+    # ---- container ------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Number of entries."""
+        return len(self.entries)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether a signature (or its key) has an entry."""
+        k = key if isinstance(key, str) else getattr(key, "key", lambda: None)()
+        return k in self.entries
+
+    def add(self, sig: Any, m: Measurement) -> None:
+        """Store the measurement of one block signature."""
+        k = sig.key()
+        self.entries[k] = m
+        self.signatures[k] = sig.to_dict()
+
+    def backend_instance(self, **kw: Any) -> Backend:
+        """A backend with this table's settings (backend name, threads, precision), to measure more."""
+        return make_backend(self.backend, threads=self.threads, precision=self.precision, **kw)
+
+    # ---- prediction -----------------------------------------------------------------------------------------
+    def missing(self, arch: Architecture | str | Path, imgsz: int | None = None) -> list[Any]:
+        """Signatures of `arch` that have no entry."""
+        return [s for s in self._signatures(arch, imgsz) if s.key() not in self.entries]
+
+    def _signatures(self, arch: Architecture | str | Path, imgsz: int | None) -> list[Any]:
+        """Per-layer signatures of `arch` at this table's batch."""
+        return eval_signatures(resolve_architecture(arch), imgsz or self.imgsz, self.batch)
+
+    def breakdown(self, arch: Architecture | str | Path, imgsz: int | None = None, *,
+                  measure_missing: bool = False, backend: Backend | None = None) -> Prediction:
+        """The prediction for `arch` with its per-block terms; missing entries raise or, if asked, get measured."""
+        sigs = self._signatures(arch, imgsz)
+        absent = list({s.key(): s for s in sigs if s.key() not in self.entries}.values())
+        if absent and not measure_missing:
+            where = f" (the table was measured at imgsz {self.imgsz})" if imgsz not in (None, self.imgsz) else ""
+            more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
+            raise ConfigError(f"no entry for block signature {absent[0].key()}{more}{where}; rebuild the table "
+                              "for this search space (detforge latency build) or predict with measure_missing=True",
+                              path=self.path, field="entries")
+        if absent:
+            self.measure_signatures(absent, backend or self.backend_instance())
+        blocks = [(s.key(), self.overhead.net(self.entries[s.key()].median_ms)) for s in sigs]
+        total = math.fsum(ms for _, ms in blocks)
+        return Prediction(self.overhead.apply(total), total, self.overhead.a_ms, self.overhead.b, blocks)
+
+    def predict(self, arch: Architecture | str | Path, imgsz: int | None = None, *, measure_missing: bool = False,
+                backend: Backend | None = None) -> float:
+        """Predicted end-to-end latency of `arch` in ms: `a + b * sum(block entries - per-call overhead)`."""
+        return self.breakdown(arch, imgsz, measure_missing=measure_missing, backend=backend).predicted_ms
+
+    def block_sum(self, arch: Architecture | str | Path, imgsz: int | None = None) -> float:
+        """Sum of the net block entries of `arch` (before the overhead model)."""
+        return self.breakdown(arch, imgsz).sum_ms
+
+    # ---- measuring ------------------------------------------------------------------------------------------
+    def measure_signatures(self, sigs: Sequence[Any], backend: Backend, *, group: int = BLOCK_GROUP,
+                           progress: bool = False, after_group: Callable[[], None] | None = None,
+                           callback: EntryCallback | None = None, only_missing: bool = True,
+                           realtime: bool = False) -> None:
+        """Measure block signatures on `backend` (interleaved by group) into this table (skipping present keys)."""
+        # `after_group` runs once a group is stored (build saves there), then `callback` sees each new entry.
+        by_key = {s.key(): s for s in sigs}
+        items = {k: ((lambda s=s: block_model(s, self.fused)), sample_shapes(s)) for k, s in by_key.items()}
+
+        def store(res: dict[str, Measurement]) -> None:
+            for k, m in res.items():
+                self.add(by_key[k], m)
+            if after_group is not None:
+                after_group()
+            if callback is not None:
+                for k, m in res.items():
+                    callback(k, m)
+
+        measure_modules(items, backend, batch=self.batch, group=group, progress=progress,
+                        desc="latency blocks", on_group=store,
+                        skip=self.entries.__contains__ if only_missing else None, realtime=realtime)
+
+    def fit(self, archs: Sequence[Architecture], measured: Sequence[Measurement | float]) -> OverheadModel:
+        """Fit the overhead model on whole architectures and their measured end-to-end latencies."""
+        sums = [self.breakdown(a).sum_ms for a in archs]
+        ms = [m.median_ms if isinstance(m, Measurement) else float(m) for m in measured]
+        self.overhead = fit_overhead(sums, ms, call_overhead_ms=self.overhead.call_overhead_ms,
+                                     archs=[a.to_dict() for a in archs])
+        return self.overhead
+
+    def refit(self) -> OverheadModel:
+        """Re-fit the overhead from the stored fit points against the current entries (after adding entries)."""
+        from search_spaces import Architecture
+
+        pts = self.overhead.points
+        archs = [Architecture.from_dict(p["arch"]) for p in pts if p.get("arch")]
+        if len(archs) != len(pts):
+            raise ConfigError("the overhead fit points do not record their architectures", path=self.path,
+                              field="overhead.points")
+        return self.fit(archs, [p["measured_ms"] for p in pts])
+
+    @classmethod
+    def build(cls, space: Any, backend: Backend | str, imgsz: int, out_path: str | Path, batch: int = 1,
+              progress: bool = True, resume: bool = True, *, fit_models: int = FIT_MODELS, seed: int = FIT_SEED,
+              group: int = BLOCK_GROUP, fuse: bool = True, save_every_s: float = SAVE_EVERY_S,
+              retry_loaded: int = 1, realtime: bool = False, callback: EntryCallback | None = None
+              ) -> LatencyTable:
+        """Measure every block signature of `space` on `backend`, then fit the overhead on whole models."""
+        # Saved (locked, merged, atomic) every `save_every_s` seconds, after the last group and when the build
+        # is interrupted, so a killed build keeps what it finished and `resume` measures only the rest; entries
+        # another build saved meanwhile are merged in and skipped. With the backend's config.max_other_load set,
+        # entries that were still measured under more load than that are measured again (`retry_loaded` passes).
+        # `realtime` times every group at real-time priority (see realtime_priority) instead of waiting for quiet.
+        be = make_backend(backend, config=BUILD_PROTOCOL) if isinstance(backend, str) else backend
+        out = Path(out_path)
+        table = None
+        if not resume:
+            out.unlink(missing_ok=True)  # start over: save() would otherwise merge the old entries back in
+        elif out.is_file():
+            table = cls.load(out, check_device=False)
+            table.check_compatible(be.name, imgsz, batch, be.precision, be.threads, fuse)
+            check_fingerprint(table.fingerprint, be.fingerprint(batch), what=f"the table being resumed ({out})")
+        if table is None:
+            table = cls(fingerprint=be.fingerprint(batch), backend=be.name, imgsz=imgsz, batch=batch,
+                        precision=be.precision, threads=be.threads, fused=fuse, space=getattr(space, "name", None),
+                        protocol=asdict(be.config), info={"created": _now(), "source": "build", "build_s": 0.0})
+        table.path = out
+        clock = {"start": time.perf_counter(), "saved": 0.0}
+
+        def save(force: bool = False) -> None:
+            now = time.perf_counter()
+            if force or now - clock["saved"] >= save_every_s:
+                table.info["build_s"] = round(float(table.info.get("build_s", 0.0)) + now - clock["start"], 3)
+                clock["start"] = clock["saved"] = now
+                table.save()
+
+        try:
+            if table.overhead.call_overhead_ms == 0.0:
+                table.overhead.call_overhead_ms = measure_call_overhead(be, batch, realtime).median_ms
+            sigs = {s.key(): s for s in space.block_signatures(imgsz, batch)}
+            todo = [s for k, s in sigs.items() if k not in table.entries]
+            save(force=True)  # settings and fingerprint first, so a concurrent build can check them
+            table.measure_signatures(todo, be, group=group, progress=progress, after_group=save, callback=callback,
+                                     realtime=realtime)
+            limit = be.config.max_other_load
+            for _ in range(retry_loaded if limit is not None else 0):
+                loaded = [sigs[k] for k, m in table.entries.items()
+                          if k in sigs and m.other_load is not None and m.other_load > limit]
+                if not loaded:
+                    break
+                table.measure_signatures(loaded, be, group=group, progress=progress, after_group=save,
+                                         callback=callback, only_missing=False, realtime=realtime)
+                todo += loaded
+            if fit_models > 0 and (todo or table.overhead.method == "identity"):
+                archs = sample_architectures(space, fit_models, seed, extremes=True)
+                measured = measure_architectures(archs, be, imgsz, batch=batch, fuse=fuse, progress=progress,
+                                                 desc="overhead fit", realtime=realtime)
+                table.fit(archs, measured)
+            table.info["updated"] = _now()
+            if realtime:
+                table.info["realtime"] = True
+        finally:
+            save(force=True)  # also on Ctrl-C or an error: keep every finished entry
+        return table
+
+    # ---- compatibility ----------------------------------------------------------------------------------------
+    def check_compatible(self, backend: str, imgsz: int, batch: int, precision: str, threads: int | None,
+                         fused: bool) -> None:
+        """Refuse to mix entries measured under other settings into this table (ConfigError naming the field)."""
+        mine = {"backend": self.backend, "imgsz": self.imgsz, "batch": self.batch, "precision": self.precision,
+                "threads": self.threads, "fused": self.fused}
+        theirs = {"backend": backend, "imgsz": imgsz, "batch": batch, "precision": precision, "threads": threads,
+                  "fused": fused}
+        for k, v in mine.items():
+            if v != theirs[k]:
+                raise ConfigError(f"the table holds {k}={v!r}, this build measures {k}={theirs[k]!r}; use another "
+                                  "--out or delete the table", path=self.path, field=k)
+
+    # ---- files ------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (schema in docs/latency.md)."""
+        return {
+            "schema": SCHEMA,
+            "version": SCHEMA_VERSION,
+            "backend": self.backend,
+            "threads": self.threads,
+            "precision": self.precision,
+            "batch": self.batch,
+            "imgsz": self.imgsz,
+            "fused": self.fused,
+            "space": self.space,
+            "device": self.fingerprint.to_dict(),
+            "protocol": self.protocol,
+            "info": self.info,
+            "overhead": self.overhead.to_dict(),
+            "entries": {k: m.to_dict() for k, m in sorted(self.entries.items())},
+            "signatures": {k: self.signatures[k] for k in sorted(self.signatures)},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str | Path | None = None) -> LatencyTable:
+        """Validate a parsed table document (ConfigError naming the file and field on any problem)."""
+        p = None if path is None else str(path)
+        if not isinstance(d, dict):
+            raise ConfigError(f"a latency table must be a JSON object, got {type(d).__name__}", path=p)
+        if d.get("schema") != SCHEMA:
+            raise ConfigError(f"not a detforge latency table (schema {d.get('schema')!r}, expected {SCHEMA!r})",
+                              path=p, field="schema")
+        version = d.get("version")
+        if not isinstance(version, int) or version < 1:
+            raise ConfigError(f"expected a positive int, got {version!r}", path=p, field="version")
+        if version > SCHEMA_VERSION:
+            raise ConfigError(f"written by a newer detforge (table version {version}, this one reads up to "
+                              f"{SCHEMA_VERSION})", path=p, field="version")
+        for key, typ in (("backend", str), ("imgsz", int), ("batch", int), ("precision", str), ("entries", dict),
+                         ("device", dict)):
+            if key not in d:
+                raise ConfigError("missing required key", path=p, field=key)
+            if not isinstance(d[key], typ) or isinstance(d[key], bool):
+                raise ConfigError(f"expected {typ.__name__}, got {type(d[key]).__name__}", path=p, field=key)
+        try:
+            fp = DeviceFingerprint.from_dict(d["device"])
+        except DetforgeError as e:
+            raise ConfigError(e.message, path=p, field="device") from None
+        entries = {}
+        for k, v in d["entries"].items():
+            try:
+                entries[k] = Measurement.from_dict(v)
+            except DetforgeError as e:
+                raise ConfigError(e.message, path=p, field=f"entries.{k}") from None
+            if not (isinstance(entries[k].median_ms, (int, float)) and entries[k].median_ms >= 0):
+                raise ConfigError(f"median_ms must be a non-negative number, got {entries[k].median_ms!r}",
+                                  path=p, field=f"entries.{k}.median_ms")
+        sigs = d.get("signatures") or {}
+        if not isinstance(sigs, dict):
+            raise ConfigError(f"expected an object, got {type(sigs).__name__}", path=p, field="signatures")
+        return cls(fingerprint=fp, backend=d["backend"], imgsz=d["imgsz"], batch=d["batch"],
+                   precision=d["precision"], threads=d.get("threads"), fused=bool(d.get("fused", True)),
+                   space=d.get("space"), entries=entries, signatures=dict(sigs),
+                   overhead=OverheadModel.from_dict(d.get("overhead") or {}, p),
+                   protocol=dict(d.get("protocol") or {}), info=dict(d.get("info") or {}),
+                   path=None if path is None else Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, *, check_device: bool = True) -> LatencyTable:
+        """Read a table; a truncated or malformed file is a ConfigError, another device a UserWarning."""
+        table = cls.from_dict(read_json(path), path)
+        if check_device:
+            table.check_device()
+        return table
+
+    def check_device(self) -> list[str]:
+        """Warn (UserWarning) if this machine differs from the one the table was measured on; the differences."""
+        here = DeviceFingerprint.collect(backend=self.backend, threads=self.threads, precision=self.precision,
+                                         batch=self.batch)
+        where = f"latency table {self.path}" if self.path else "latency table"
+        return check_fingerprint(self.fingerprint, here, what=where)
+
+    def merge_from(self, path: str | Path) -> int:
+        """Add the entries of the table at `path` that this one lacks (same settings only); how many were added."""
+        p = Path(path)
+        if not p.is_file():
+            return 0
+        try:
+            other = LatencyTable.from_dict(read_json(p), p)
+        except ConfigError as e:
+            warnings.warn(f"ignoring unreadable latency table while merging: {e.line()}", UserWarning,
+                          stacklevel=user_stacklevel())
+            return 0
+        other.check_compatible(self.backend, self.imgsz, self.batch, self.precision, self.threads, self.fused)
+        added = 0
+        for k, m in other.entries.items():
+            if k not in self.entries:
+                self.entries[k] = m
+                if k in other.signatures:
+                    self.signatures[k] = other.signatures[k]
+                added += 1
+        if self.overhead.method == "identity" and other.overhead.method != "identity":
+            self.overhead = other.overhead
+        elif self.overhead.call_overhead_ms == 0.0:
+            self.overhead.call_overhead_ms = other.overhead.call_overhead_ms
+        return added
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the table atomically under a lock, first merging entries another writer saved there meanwhile."""
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise ConfigError("no path to save the latency table to", field="path")
+        with file_lock(target):
+            self.merge_from(target)
+            atomic_write_json(target, self.to_dict())
+        self.path = target
+        return target
+
+    def summary(self) -> dict[str, Any]:
+        """A short description for people and the CLI."""
+        return {"path": str(self.path) if self.path else None, "backend": self.backend, "threads": self.threads,
+                "precision": self.precision, "batch": self.batch, "imgsz": self.imgsz, "space": self.space,
+                "entries": len(self.entries), "device": self.fingerprint.slug(),
+                "overhead_a_ms": round(self.overhead.a_ms, 4), "overhead_b": round(self.overhead.b, 4),
+                "call_overhead_ms": round(self.overhead.call_overhead_ms, 4), "fit": self.overhead.method,
+                "fit_mape": self.overhead.residual_mape, "build_s": self.info.get("build_s")}
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive fcntl.flock on `path`.lock for the duration of the block (read-merge-write of a table)."""
+    lock = Path(path)
+    lock = lock.with_name(lock.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def sample_architectures(space: Any, n: int, seed: int, *, extremes: bool = False) -> list[Architecture]:
+    """`n` distinct random architectures of `space` (seeded); with `extremes`, its smallest and largest first."""
+    import random
+
+    archs: list[Architecture] = []
+    if extremes:  # the ends of the range pin down the overhead fit's slope
+        for name in ("smallest", "largest"):
+            fn = getattr(space, name, None)
+            if callable(fn) and len(archs) < n:
+                archs.append(fn())
+    seen = {repr(a.to_dict()) for a in archs}
+    rng = random.Random(seed)
+    tries = 0
+    while len(archs) < n and tries < 50 * n:
+        a = space.random(rng)
+        tries += 1
+        if repr(a.to_dict()) not in seen:  # a small space repeats itself; duplicates add no information
+            seen.add(repr(a.to_dict()))
+            archs.append(a)
+    return archs
+
+
+def shipped_tables() -> list[Path]:
+    """Tables that come with the package (latency_tables/tables/*.json)."""
+    return sorted(TABLES_DIR.glob("*.json"))
+
+
+def table_name(fp: DeviceFingerprint, imgsz: int) -> str:
+    """The file name of a table: the fingerprint slug and the input size."""
+    return f"{fp.slug()}_{imgsz}.json"
+
+
+def _now() -> str:
+    """UTC time stamp."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+

@@ -1,0 +1,120 @@
+"""Probe bundles: pack, run the extracted runner with plain Python, import the results as a table."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import onnx
+import pytest
+
+from latency_tables import DeviceFingerprint, bundle_manifest, import_results, pack
+from latency_tables.probe import strip_weights
+from search_spaces.errors import ConfigError
+from search_spaces.space import load_space
+
+from . import FAST, MICRO_IMGSZ, micro_space_file
+
+RUNNER_SETTINGS = [f"--set={k}={json.dumps(v)}" for k, v in FAST.items()]
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    """The micro search space."""
+    return load_space(micro_space_file(tmp_path_factory.mktemp("space")))
+
+
+@pytest.fixture(scope="module")
+def bundle(space, tmp_path_factory):
+    """A packed and extracted bundle: (tar.gz path, extracted runner dir)."""
+    root = tmp_path_factory.mktemp("probe")
+    out = pack(space, root / "bundle.tar.gz", imgsz=MICRO_IMGSZ, fit_models=3, progress=False)
+    with tarfile.open(out) as tar:
+        tar.extractall(root / "device", filter="data")
+    return out, root / "device" / "detforge-probe"
+
+
+def run_runner(runner_dir, out, *extra: str) -> subprocess.CompletedProcess:
+    """Run the bundle's runner in a fresh interpreter where detforge and torch cannot be imported."""
+    argv = [str(runner_dir / "runner.py"), "--threads", "2", "--out", str(out), *RUNNER_SETTINGS, *extra]
+    code = ("import runpy, sys\n"
+            "for name in ('search_spaces', 'latency_tables', 'nas', 'compress', 'trainer', 'torch'):\n"
+            "    sys.modules[name] = None  # importing them now fails, as on a device without them\n"
+            f"sys.argv = {argv!r}\n"
+            f"runpy.run_path({argv[0]!r}, run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=runner_dir,
+                          check=False, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def results(bundle, tmp_path_factory):
+    """results.json of one run of the extracted runner."""
+    out = tmp_path_factory.mktemp("results") / "results.json"
+    r = run_runner(bundle[1], out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_bundle_holds_every_signature_and_a_standalone_runner(space, bundle):
+    out, root = bundle
+    man = bundle_manifest(out)
+    assert {b["key"] for b in man["blocks"]} == {s.key() for s in space.block_signatures(MICRO_IMGSZ, 1)}
+    assert len(man["models"]) == 3 and man["imgsz"] == MICRO_IMGSZ
+    assert (root / "runner.py").is_file() and (root / "measurement.py").is_file()
+    source = (root / "runner.py").read_text() + (root / "measurement.py").read_text()
+    assert "import latency_tables" not in source and "from latency_tables" not in source
+    # Weights are left out: every float tensor over 1 KiB points at a .bin the runner writes itself.
+    for item in man["blocks"] + man["models"]:
+        model = onnx.load(str(root / item["file"]), load_external_data=False)
+        big = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.raw_data) >= 1024]
+        assert not big, item["file"]
+
+
+def test_round_trip_gives_a_table_for_this_device(space, results, tmp_path):
+    table = import_results(results, tmp_path / "table.json")
+    assert len(table) == len(space.block_signatures(MICRO_IMGSZ, 1))
+    assert table.backend == "ort-cpu" and table.threads == 2 and table.imgsz == MICRO_IMGSZ
+    here = DeviceFingerprint.collect(backend="ort-cpu", threads=2, precision="fp32", batch=1)
+    assert table.fingerprint.compare(here) == []  # the runner's fingerprint matches detforge's own
+    assert table.overhead.method in ("ratio", "soft_l1") and len(table.overhead.points) == 3
+    assert table.overhead.call_overhead_ms > 0
+    assert 0 < table.predict(space.smallest()) < table.predict(space.largest())
+    assert (tmp_path / "table.json").is_file()
+
+
+def test_runner_continues_a_finished_run_without_measuring_again(bundle, results, tmp_path):
+    copy = tmp_path / "again.json"
+    copy.write_text(results.read_text())
+    before = json.loads(copy.read_text())
+    r = run_runner(bundle[1], copy)
+    assert r.returncode == 0, r.stderr
+    after = json.loads(copy.read_text())
+    assert after["entries"] == before["entries"] and after["models"] == before["models"]
+
+
+def test_strip_weights_moves_large_floats_out():
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((64, 8, 1, 1), np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, -1], np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 4, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [w, shape])
+    data, info = strip_weights(helper.make_model(graph).SerializeToString(), "m.bin", "fp32")
+    assert info == {"file": "m.bin", "bytes": 64 * 8 * 4, "dtype": "float32"}
+    model = onnx.load_from_string(data)
+    assert model.graph.initializer[0].data_location == onnx.TensorProto.EXTERNAL
+    assert len(model.graph.initializer[1].raw_data) == 16  # small int64 constants stay inline
+
+
+def test_corrupt_results_are_a_config_error(tmp_path):
+    bad = tmp_path / "results.json"
+    bad.write_text('{"schema": "detforge.probe_results", "entries": {')
+    with pytest.raises(ConfigError, match="invalid or truncated JSON"):
+        import_results(bad, tmp_path / "t.json")
+    bad.write_text(json.dumps({"schema": "other"}))
+    with pytest.raises(ConfigError) as e:
+        import_results(bad, tmp_path / "t.json")
+    assert e.value.field == "schema" and str(bad) in str(e.value)

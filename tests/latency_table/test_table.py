@@ -1,0 +1,233 @@
+"""LatencyTable: build, resume, concurrent saves, files, prediction, overhead fit and validation."""
+from __future__ import annotations
+
+import json
+import random
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from latency_tables import LatencyTable, fit_overhead, validate
+from latency_tables.backends import get_backend
+from latency_tables.measurement import Measurement, MeasurementConfig
+from latency_tables.table import eval_signatures
+from search_spaces.errors import ConfigError
+from search_spaces.space import arch_signatures, load_space
+
+from . import FAST, MICRO_IMGSZ, TINY_IMGSZ, SizeBackend, micro_space_file
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny search space (627 block signatures at 64 px)."""
+    return load_space("tiny")
+
+
+@pytest.fixture(scope="module")
+def sized(tiny, tmp_path_factory):
+    """A table of the whole tiny space from the deterministic size backend."""
+    path = tmp_path_factory.mktemp("sized") / "t.json"
+    return LatencyTable.build(tiny, SizeBackend(), TINY_IMGSZ, path, progress=False, fit_models=4, group=64)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """The micro search space (43 block signatures at 64 px)."""
+    return load_space(micro_space_file(tmp_path_factory.mktemp("space")))
+
+
+@pytest.fixture(scope="module")
+def backend():
+    """ORT on the CPU with a short protocol."""
+    return get_backend("ort-cpu", threads=2, config=MeasurementConfig(**FAST))
+
+
+@pytest.fixture(scope="module")
+def built(micro, backend, tmp_path_factory):
+    """A table of the micro space timed with ORT, built once for the module."""
+    path = tmp_path_factory.mktemp("table") / "t.json"
+    return LatencyTable.build(micro, backend, MICRO_IMGSZ, path, progress=False, fit_models=3)
+
+
+def fake_measurement(ms: float) -> Measurement:
+    """A Measurement with only the median set meaningfully."""
+    return Measurement(median_ms=ms, p10_ms=ms, p90_ms=ms, iqr_ms=0.0, mean_ms=ms, runs=5, warmup=1, threads=2,
+                       precision="fp32", batch=1, input_shape=[3, 8, 8], backend="ort-cpu", noise=0.0,
+                       rejected_outliers=0, repeats=1)
+
+
+def test_every_signature_of_random_archs_has_an_entry(tiny, sized):
+    rng = random.Random(0)
+    for _ in range(20):
+        arch = tiny.random(rng)
+        assert all(s.key() in sized for s in arch_signatures(arch, TINY_IMGSZ, 1))
+    assert len(sized) == len(tiny.block_signatures(TINY_IMGSZ, 1))
+    assert all(k in sized.signatures for k in sized.entries)
+
+
+def test_prediction_adds_blocks_and_the_fitted_overhead(tiny, sized):
+    # The size backend's whole model costs one call (0.01 ms) plus its blocks' parameters: the fit finds that.
+    assert sized.overhead.call_overhead_ms == pytest.approx(0.01)
+    assert sized.overhead.a_ms == pytest.approx(0.01, abs=1e-6) and sized.overhead.b == pytest.approx(1.0)
+    small, large = sized.predict(tiny.smallest()), sized.predict(tiny.largest())
+    assert 0 < small < large
+    p = sized.breakdown(tiny.largest())
+    assert p.predicted_ms == pytest.approx(p.a_ms + p.b * p.sum_ms)
+    assert len(p.blocks) == len(arch_signatures(tiny.largest(), TINY_IMGSZ, 1))
+
+
+def test_validate_matches_exactly_on_a_deterministic_backend(tiny, sized, tmp_path):
+    rep = validate(sized, tiny, n=6, seed=3, backend=SizeBackend(), plot=tmp_path / "v.png",
+                   report=tmp_path / "v.json")
+    assert rep.n == 6 and rep.within_5 == 1.0 and rep.mape < 1e-6 and rep.kendall_tau > 0.99
+    assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads((tmp_path / "v.json").read_text())
+    assert {"mape", "kendall_tau", "spearman", "within_5", "within_10", "points"} <= set(doc)
+
+
+def test_a_real_table_predicts_positive_latencies(micro, built):
+    assert len(built) == len(micro.block_signatures(MICRO_IMGSZ, 1))
+    assert built.backend == "ort-cpu" and built.overhead.call_overhead_ms > 0
+    assert built.overhead.method in ("soft_l1", "ratio") and len(built.overhead.points) == 3
+    rng = random.Random(1)
+    assert all(built.predict(micro.random(rng)) > 0 for _ in range(5))
+
+
+def test_aux_branch_layers_are_not_part_of_the_prediction():
+    from search_spaces import resolve_arch
+
+    arch, _ = resolve_arch("yolov7-w6")  # IAuxDetect: its aux branch runs only in training
+    sigs = eval_signatures(arch, 256)
+    assert len(sigs) < len(arch_signatures(arch, 256))
+    assert len(sigs) == len(arch.deploy_form()[0].layers) + len(arch.head.inputs)
+
+
+def test_save_load_round_trip(built, tmp_path):
+    path = built.save(tmp_path / "copy.json")
+    again = LatencyTable.load(path)
+    assert again.entries == built.entries and again.overhead == built.overhead
+    assert again.fingerprint == built.fingerprint and again.imgsz == MICRO_IMGSZ
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "detforge.latency_table" and doc["version"] == 1
+    assert set(doc) >= {"backend", "threads", "precision", "batch", "imgsz", "device", "overhead", "entries"}
+
+
+def test_missing_entry_names_the_signature_or_is_measured(micro, built, backend, tmp_path):
+    t = LatencyTable.load(built.save(tmp_path / "gap.json"))
+    key = arch_signatures(micro.largest(), MICRO_IMGSZ, 1)[-1].key()
+    del t.entries[key]
+    t.save(tmp_path / "gap2.json")  # a fresh file: save merges what is on disk
+    with pytest.raises(ConfigError, match="no entry for block signature") as e:
+        t.predict(micro.largest())
+    assert key in str(e.value)
+    assert t.predict(micro.largest(), measure_missing=True, backend=backend) > 0
+    assert key in t
+
+
+def test_resume_keeps_finished_entries(micro, tmp_path):
+    path = tmp_path / "killed.json"
+    first: list[str] = []
+
+    def die_after_three(key: str, m: Measurement) -> None:
+        first.append(key)
+        if len(first) == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=0, group=4,
+                           callback=die_after_three)
+    kept = LatencyTable.load(path)
+    total = len(micro.block_signatures(MICRO_IMGSZ, 1))
+    assert 3 <= len(kept) < total  # the group that was running when it died was saved, no more
+    second: list[str] = []
+    done = LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=0, group=4,
+                              callback=lambda k, m: second.append(k))
+    assert not set(second) & set(kept.entries)  # nothing measured twice
+    assert len(done) == total and len(second) == total - len(kept)
+    assert all(done.entries[k] == kept.entries[k] for k in kept.entries)
+
+
+def test_resume_refuses_other_settings(micro, backend, built):
+    other = get_backend("ort-cpu", threads=1, config=backend.config)
+    with pytest.raises(ConfigError, match="threads"):
+        LatencyTable.build(micro, other, MICRO_IMGSZ, built.path, progress=False, fit_models=0)
+
+
+def test_concurrent_saves_merge_entries(built, tmp_path):
+    path = tmp_path / "shared.json"
+    base = LatencyTable.from_dict(built.to_dict())
+    base.entries, base.signatures = {}, {}
+    base.save(path)
+    errors: list[BaseException] = []
+
+    def writer(w: int) -> None:
+        try:
+            t = LatencyTable.load(path, check_device=False)
+            for i in range(5):
+                t.entries[f"w{w}-{i}"] = fake_measurement(1.0 + i)
+                t.save()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    final = LatencyTable.load(path)
+    assert set(final.entries) == {f"w{w}-{i}" for w in range(4) for i in range(5)}
+
+
+def test_fingerprint_mismatch_warns(built, tmp_path):
+    t = LatencyTable.from_dict(built.to_dict())
+    t.fingerprint = replace(t.fingerprint, cpu_model="Some Other CPU 9000")
+    path = t.save(tmp_path / "elsewhere.json")
+    with pytest.warns(UserWarning, match="cpu_model"):
+        LatencyTable.load(path)
+
+
+@pytest.mark.parametrize("damage, field", [
+    (lambda text: text[: len(text) // 2], None),
+    (lambda text: text.replace('"detforge.latency_table"', '"something.else"'), "schema"),
+    (lambda text: text.replace('"version": 1', '"version": 99'), "version"),
+    (lambda text: text.replace('"median_ms"', '"mediane"', 1), "entries."),
+])
+def test_corrupt_table_is_a_config_error_naming_the_file(built, tmp_path, damage, field):
+    path = tmp_path / "bad.json"
+    path.write_text(damage(json.dumps(built.to_dict(), indent=1)))
+    with pytest.raises(ConfigError) as e:
+        LatencyTable.load(path)
+    assert str(path) in str(e.value)
+    if field:
+        assert e.value.field.startswith(field)
+
+
+def test_overhead_fit_is_robust_to_one_outlier():
+    sums = np.array([10.0, 14.0, 20.0, 25.0, 31.0, 40.0, 52.0, 60.0])
+    measured = 0.8 + 1.15 * sums
+    measured[3] *= 1.6  # one model measured under a burst of other load
+    om = fit_overhead(sums, measured, call_overhead_ms=0.01)
+    assert om.method == "soft_l1"
+    assert om.b == pytest.approx(1.15, rel=0.02) and om.a_ms == pytest.approx(0.8, abs=0.3)
+    assert om.apply(100.0) == pytest.approx(0.8 + 115.0, rel=0.02)
+    assert om.net(0.005) == 0.0 and om.net(1.01) == pytest.approx(1.0)
+
+
+def test_overhead_fit_falls_back_to_a_ratio_on_a_narrow_range():
+    om = fit_overhead([10.0, 10.5, 11.0], [12.0, 12.6, 13.2])
+    assert om.method == "ratio" and om.a_ms == 0.0 and om.b == pytest.approx(1.2)
+
+
+def test_realtime_priority_is_restored_and_measure_group_times_real_models(backend):
+    import os
+
+    from latency_tables.table import empty_model, measure_group, realtime_priority
+
+    with realtime_priority() as elevated:
+        assert isinstance(elevated, bool)
+        res = measure_group({"empty": (empty_model(), [(1, 1, 1)])}, backend, realtime=False)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert res["empty"].median_ms > 0 and res["empty"].backend == "ort-cpu"
