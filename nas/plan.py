@@ -11,7 +11,7 @@ from search_spaces.stats import count_macs
 
 from .pipeline_config import PipelineConfig
 
-SECONDS_PER_BLOCK = 0.4  # measured block-table cost per signature on the 2-vCPU dev machine (docs/benchmarks.md)
+SECONDS_PER_BLOCK = 0.4  # rough cost per signature with the default protocol (3-run builds took ~0.11 s)
 TRAIN_FLOP_FACTOR = 3.0  # forward + backward ~ 3 forwards
 
 

@@ -145,12 +145,16 @@ def test_killed_worker_is_resumed_by_a_rerun(shared, tmp_path, kind):
     storage = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else str(tmp_path / "study.journal")
     n = 4
     proc = spawn(search_args(shared, storage, "k", n, "--out", str(tmp_path)), tmp_path / "w.log")
-    st = open_storage(storage)
+    # the observer waits at most 2 s for SQLite's lock: a worker frozen inside a transaction must not block it
+    st = (optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 2}}) if kind == "sqlite"
+          else open_storage(storage))
 
     def states() -> list[TrialState]:
+        from sqlalchemy.exc import OperationalError
+
         try:
             return [t.state for t in optuna.load_study(study_name="k", storage=st).get_trials(deepcopy=False)]
-        except KeyError:
+        except (KeyError, OperationalError):  # no study yet, or the database is locked right now
             return []
 
     deadline = time.time() + 180
