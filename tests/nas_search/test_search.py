@@ -154,7 +154,7 @@ def test_killed_worker_is_resumed_by_a_rerun(shared, tmp_path, kind):
 
         try:
             return [t.state for t in optuna.load_study(study_name="k", storage=st).get_trials(deepcopy=False)]
-        except (KeyError, OperationalError):  # no study yet, or the database is locked right now
+        except (KeyError, OperationalError, optuna.exceptions.StorageInternalError):  # no study yet, or locked
             return []
 
     deadline = time.time() + 180
