@@ -12,7 +12,7 @@ import pkgutil
 import sys
 import traceback
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 from search_spaces.errors import DetforgeError
 

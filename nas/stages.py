@@ -99,9 +99,8 @@ def pareto(p: Pipeline, sup: dict[str, Any], s: dict[str, Any], t: dict[str, Any
            ) -> dict[str, Any]:
     """The Pareto front, exported as model directories + ONNX; chooses the models that go on."""
     from .pareto import export_front, pareto_front
-    from .supernet import load_supernet
-
     from .search import load_study
+    from .supernet import load_supernet
 
     study = load_study(s["storage"], s["study"])
     if not pareto_front(study):
@@ -128,9 +127,8 @@ def choose(entries: list[Any], k: int, budgets: list[float]) -> list[str]:
 def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: str, t: dict[str, Any]
                    ) -> dict[str, Any]:
     """finetune -> prune -> distill -> fuse -> ONNX FP32 -> INT8 -> verify (mAP, measured latency)."""
-    from compress.fuse import fuse_detector
-
     from compress.export import export_detector
+    from compress.fuse import fuse_detector
     from compress.onnx_eval import evaluate_onnx
     from compress.report import measure_latency_ms
     from trainer.config import TrainConfig

@@ -7,6 +7,22 @@ from .space import BlockSignature, SearchSpace, arch_signatures, load_space
 from .zoo import list_models
 
 __all__ = [
-    "Architecture", "BlockSignature", "CheckpointError", "ConfigError", "DataError", "Detector", "DetforgeError", "HeadSpec",
-    "LayerSpec", "build", "count_params", "SearchSpace", "arch_signatures", "list_models", "load_space", "load_model", "resolve_arch", "save_model",
+    "Architecture",
+    "BlockSignature",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "Detector",
+    "DetforgeError",
+    "HeadSpec",
+    "LayerSpec",
+    "SearchSpace",
+    "arch_signatures",
+    "build",
+    "count_params",
+    "list_models",
+    "load_model",
+    "load_space",
+    "resolve_arch",
+    "save_model",
 ]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from .architecture import Architecture
 from .errors import CheckpointError, ConfigError
 from .io import atomic_torch_save, load_weights

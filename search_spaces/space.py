@@ -8,6 +8,7 @@ contain, so a latency table can time each one in isolation. See docs/search_spac
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import itertools
@@ -15,7 +16,6 @@ import json
 import math
 import random as _random
 from collections.abc import Callable, Iterable, Iterator, Mapping
-import dataclasses
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
