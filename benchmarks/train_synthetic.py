@@ -26,13 +26,14 @@ def main() -> None:
     ap.add_argument("--data-dir", default="runs/data/synthetic")
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--val", type=int, default=300)
-    ap.add_argument("--epochs", type=int, default=300, help="schedule length; the budget usually stops it first")
+    ap.add_argument("--epochs", type=int, default=300, help="longest schedule; the epochs that fit --minutes (timed on epoch 1) shorten it")
     ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="auto")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="runs/bench/train_synthetic")
+    ap.add_argument("--resume", action="store_true", help="continue OUT/last.pt after a kill")
     args = ap.parse_args()
     data = Path(args.data_dir)
     t0 = time.time()
@@ -40,7 +41,8 @@ def main() -> None:
     gen_s = time.time() - t0
     cfg = TrainConfig(model=args.model, data=str(yaml_path), out=args.out, epochs=args.epochs, imgsz=args.imgsz,
                       batch=args.batch, device=args.device, amp=args.amp, workers=args.workers,
-                      max_time_s=args.minutes * 60, progress=False)
+                      max_time_s=args.minutes * 60, fit_epochs_to_time=True, progress=False,
+                      resume=args.resume)
     t0 = time.time()
     result = Trainer(cfg).train()
     report = {
@@ -50,6 +52,7 @@ def main() -> None:
         "data_generation_s": round(gen_s, 1), "train_wall_s": round(time.time() - t0, 1),
         "epochs": result.epochs_done, "best_map": result.best_map,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_worker_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
         "rows": result.rows,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)

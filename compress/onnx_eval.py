@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +22,15 @@ class OnnxDetector(nn.Module):
         check_onnx(Path(path))  # user files are checked before use
         self.path = str(path)
         self.session = ort_session(Path(path), threads)
-        self.input_name = self.session.get_inputs()[0].name
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_name = inp.name
+        dims = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
+        self.imgsz = dims[-1] if len(dims) == 4 and dims[-1] == dims[-2] else None  # None: dynamic
+        last = out.shape[-1] if out.shape else None
+        if not isinstance(last, int) and self.imgsz is not None:  # symbolic in our exports: run once to see it
+            x = np.zeros((1, dims[1] or 3, self.imgsz, self.imgsz), np.float32)
+            last = self.session.run(None, {self.input_name: x})[0].shape[-1]
+        self.nc = last - 5 if isinstance(last, int) and last > 5 else None  # decoded [B, N, 5 + nc]
 
     def forward(self, x: Tensor):
         out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]

@@ -37,6 +37,7 @@ class TrainConfig:
     max_val_batches: int | None = None
     sync_bn: bool = False
     max_time_s: float | None = None  # stop after the epoch that crosses this wall-clock budget
+    fit_epochs_to_time: bool = False  # with max_time_s: shorten the LR schedule to the epochs that fit in it
     min_warmup_iters: int = 100  # YOLOv7 uses max(3 epochs, 1000 iters); capped at half of all iterations
     strict_data: bool = False
     cache: bool = True

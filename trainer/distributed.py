@@ -82,3 +82,12 @@ def gather_strings(s: str) -> list[str]:
     out: list[str] = [""] * world_size()
     dist.all_gather_object(out, s)
     return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s picklable object, on every rank (decisions such as when to stop must agree)."""
+    if world_size() == 1 or not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]

@@ -149,6 +149,7 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.start_epoch, self.best_map, self.rows = 0, -1.0, []
+        self.epochs = cfg.epochs  # the schedule's length; `fit_epochs_to_time` may shorten it after epoch 1
         if cfg.resume:
             self.load_checkpoint(self.out / CHECKPOINT)
 
@@ -170,7 +171,8 @@ class Trainer:
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
         """Everything needed to resume after `epoch` (plain tensors and containers: weights_only-loadable)."""
         return {
-            "epoch": epoch, "best_map": self.best_map, "rows": self.rows, "config": self.cfg.to_dict(),
+            "epoch": epoch, "epochs": self.epochs, "best_map": self.best_map, "rows": self.rows,
+            "config": self.cfg.to_dict(),
             "arch": self.model.arch.to_yaml(),
             "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -202,6 +204,7 @@ class Trainer:
             raise CheckpointError(f"cannot resume: checkpoint does not match this run ({str(e)[:200]})",
                                   path=path) from None
         self.start_epoch = int(ck["epoch"]) + 1
+        self.epochs = int(ck.get("epochs", self.cfg.epochs))
         self.best_map = float(ck["best_map"])
         self.rows = list(ck["rows"])
 
@@ -242,7 +245,7 @@ class Trainer:
     def _warmup(self, ni: int, nw: int, epoch_progress: float) -> int:
         """Set lr/momentum for global iteration ni (YOLOv7 warmup) and return the accumulation steps."""
         h, cfg = self.hyp, self.cfg
-        factor = lr_factor(epoch_progress, cfg.epochs, h.lrf, cfg.lr_schedule)
+        factor = lr_factor(epoch_progress, self.epochs, h.lrf, cfg.lr_schedule)
         if ni <= nw:
             for g in self.optimizer.param_groups:
                 start = h.warmup_bias_lr if g.get("kind") == "bias" else 0.0
@@ -276,14 +279,15 @@ class Trainer:
         nw = min(max(round(self.hyp.warmup_epochs * nb), cfg.min_warmup_iters), cfg.epochs * nb // 2)
         t_start, last = time.time(), None
         epoch = self.start_epoch - 1
-        for epoch in range(self.start_epoch, cfg.epochs):
+        while epoch + 1 < self.epochs:
+            epoch += 1
             torch.manual_seed(cfg.seed + epoch)  # each epoch is a function of (seed, epoch): exact resume
             self.train_loader.set_epoch(epoch)
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             t0, n_img = time.time(), 0
-            bar = tqdm(enumerate(self.train_loader), total=nb, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            bar = tqdm(enumerate(self.train_loader), total=nb, desc=f"epoch {epoch + 1}/{self.epochs}",
                        disable=not (cfg.progress and self.main), leave=False)
             for i, (imgs, targets, _paths, _shapes) in bar:
                 ni = epoch * nb + i
@@ -302,11 +306,16 @@ class Trainer:
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[1]["lr"],
                                    **{k: v / nb for k, v in sums.items()},
                                    "train_img_s": n_img / max(train_s, 1e-9), "train_s": train_s}
-            final = epoch + 1 == cfg.epochs or (cfg.max_time_s and time.time() - t_start > cfg.max_time_s)
-            if self.main and ((epoch + 1) % cfg.val_interval == 0 or final):
-                last = self.validate()
-                row.update(map=last.metrics.map, map50=last.metrics.map50, val_img_s=last.images_per_s)
-                self.best_map = max(self.best_map, last.metrics.map)
+            out_of_time = bool(cfg.max_time_s) and time.time() - t_start > cfg.max_time_s
+            final = epoch + 1 == self.epochs or bool(ddp.broadcast_object(out_of_time))  # ranks' clocks differ
+            if (epoch + 1) % cfg.val_interval == 0 or final:
+                last = self._validate_into(row) or last
+            if cfg.fit_epochs_to_time and cfg.max_time_s and epoch == self.start_epoch and not final:
+                self.epochs = self._epochs_for_budget(epoch, time.time() - t_start)
+                row["epochs_planned"] = self.epochs
+                final = epoch + 1 >= self.epochs
+                if final and "map" not in row:
+                    last = self._validate_into(row) or last
             if self.device.type == "cuda":
                 row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.rows.append(row)
@@ -320,6 +329,23 @@ class Trainer:
             cb.on_train_end(self)
         self._finish()
         return TrainResult(self.out, epoch + 1, self.best_map, last, self.rows)
+
+    def _validate_into(self, row: dict[str, Any]) -> EvalResult | None:
+        """Validate on rank 0 and add mAP and speed to the epoch's row."""
+        if not self.main:
+            return None
+        res = self.validate()
+        row.update(map=res.metrics.map, map50=res.metrics.map50, val_img_s=res.images_per_s)
+        self.best_map = max(self.best_map, res.metrics.map)
+        return res
+
+    def _epochs_for_budget(self, epoch: int, epoch_s: float) -> int:
+        """Schedule length that fits the rest of max_time_s at this epoch's pace (same on every rank)."""
+        # Decided once, after the first epoch of this run (train + validation), so the cosine reaches its
+        # floor when the budget ends instead of being cut at its start. Rank 0 decides: ranks must agree.
+        left = max(self.cfg.max_time_s - epoch_s, 0.0)  # type: ignore[operator]
+        planned = min(self.cfg.epochs, epoch + 1 + int(left / max(epoch_s, 1e-9)))
+        return int(ddp.broadcast_object(planned))
 
     def _log(self, row: dict[str, Any]) -> None:
         if not self.main:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from nas.output import emit, format_table
 from search_spaces import load_model
+from search_spaces.errors import ConfigError
 from trainer.config import TrainConfig
 
 
@@ -28,11 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sync-bn", action="store_true")
     p.add_argument("--strict", action="store_true", help="bad data is an error instead of a skipped sample")
     p.add_argument("--max-time", type=float, default=None, help="wall-clock budget in seconds")
+    p.add_argument("--fit-schedule", action="store_true",
+                   help="with --max-time: shorten the LR schedule (--epochs) to the epochs that fit the budget")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_train)
 
     p = sub.add_parser("val", help="COCO mAP of a model on a dataset's val split")
-    p.add_argument("--weights", required=True, help="model dir (arch.yaml + weights.pt) or weights.pt beside one")
+    p.add_argument("--weights", required=True,
+                   help="model dir (arch.yaml + weights.pt), weights.pt beside one, or an exported .onnx")
     p.add_argument("--data", default=None)
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--batch", type=int, default=16)
@@ -62,7 +67,7 @@ def run_train(args: argparse.Namespace) -> None:
                       batch=args.batch, resume=args.resume, device=args.device, hyp=args.hyp,
                       optimizer=args.optimizer, lr_schedule=args.lr_schedule, amp=args.amp, workers=args.workers,
                       seed=args.seed, ema=not args.no_ema, sync_bn=args.sync_bn, strict_data=args.strict,
-                      max_time_s=args.max_time)
+                      max_time_s=args.max_time, fit_epochs_to_time=args.fit_schedule)
     try:
         result = Trainer(cfg).train()
     finally:
@@ -87,11 +92,22 @@ def run_val(args: argparse.Namespace) -> None:
 
     from trainer.evaluate import evaluate
 
-    model = load_model(args.weights)
+    if Path(args.weights).suffix == ".onnx":  # an exported file (FP32 or INT8 QDQ), run by ONNX Runtime
+        from compress.onnx_eval import OnnxDetector
+
+        model, device = OnnxDetector(args.weights), "cpu"
+        if model.imgsz is not None and model.imgsz != args.imgsz:
+            raise ConfigError(f"the ONNX input is {model.imgsz} px: pass --imgsz {model.imgsz}",
+                              path=args.weights, field="imgsz")
+    else:
+        model = load_model(args.weights)
+        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+            "cpu" if args.device == "auto" else args.device)
+        model = model.to(device)
     cfg, loader = _val_loader(args.data, args.imgsz, args.batch, args.strict)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
-    res = evaluate(model.to(device), loader, model.nc, cfg.names, args.conf, args.iou, device)
+    if model.nc is not None and model.nc != cfg.nc:
+        raise ConfigError(f"the model has {model.nc} classes, the dataset {cfg.nc}", path=args.weights, field="nc")
+    res = evaluate(model, loader, cfg.nc, cfg.names, args.conf, args.iou, device)
     d = res.to_dict()
     rows = [{"class": n, "ap": a, "ap50": a50} for n, a, a50 in zip(cfg.names, d["per_class"], d["per_class_ap50"])]
     text = (f"map      {d['map']:.4f}\nmap50    {d['map50']:.4f}\nimages   {d['images']}  ({d['images_per_s']} img/s)\n\n"

@@ -21,6 +21,16 @@ def test_train_val_predict(small_data, tmp_path, capsys):
     val = json.loads(capsys.readouterr().out)
     assert {"map", "map50", "per_class"} <= set(val) and val["images"] == 8
 
+    # the exported, fused ONNX evaluates to the PyTorch model's mAP through the same command
+    onnx = tmp_path / "model.onnx"
+    assert main(["export", str(run / "model"), "--imgsz", "96", "--fuse", "--out", str(onnx), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["val", "--weights", str(onnx), "--data", str(small_data), "--imgsz", "96", "--json"]) == 0
+    val_onnx = json.loads(capsys.readouterr().out)
+    assert val_onnx["images"] == 8 and abs(val_onnx["map"] - val["map"]) <= 0.01
+    assert main(["val", "--weights", str(onnx), "--data", str(small_data), "--imgsz", "128"]) == 2
+    assert "pass --imgsz 96" in capsys.readouterr().err
+
     images = Path(small_data).parent / "images" / "val"
     assert main(["predict", "--weights", str(run / "model"), "--source", str(images), "--out",
                  str(tmp_path / "pred"), "--imgsz", "96", "--conf", "0.0001", "--json"]) == 0

@@ -1,0 +1,29 @@
+"""A wall-clock budget shortens the LR schedule to the epochs that fit, and a resumed run keeps that length."""
+from __future__ import annotations
+
+from trainer.config import TrainConfig
+from trainer.trainer import Trainer, lr_factor
+
+
+def _trainer(small_data, tmp_path, **kw) -> Trainer:
+    cfg = TrainConfig(model="yolov7-tiny", data=str(small_data), out=str(tmp_path), imgsz=96, batch=4, workers=0,
+                      device="cpu", progress=False, **kw)
+    return Trainer(cfg)
+
+
+def test_epochs_for_budget_follows_the_first_epochs_pace(small_data, tmp_path):
+    t = _trainer(small_data, tmp_path, epochs=50, max_time_s=100.0, fit_epochs_to_time=True)
+    assert t._epochs_for_budget(0, 10.0) == 10  # 1 done + 90 s left at 10 s per epoch
+    assert t._epochs_for_budget(0, 1.0) == 50  # never longer than --epochs
+    assert t._epochs_for_budget(0, 150.0) == 1  # over budget already: this epoch was the last
+    assert t._epochs_for_budget(4, 10.0) == 14  # resumed at epoch 5: counts from there
+
+
+def test_fitted_schedule_is_checkpointed_and_resumed(small_data, tmp_path):
+    t = _trainer(small_data, tmp_path, epochs=50, max_time_s=1e6, fit_epochs_to_time=True)
+    t.epochs = 7  # as if the first epoch had planned 7
+    t.save_checkpoint(0)
+    again = _trainer(small_data, tmp_path, epochs=50, max_time_s=1e6, fit_epochs_to_time=True, resume=True)
+    assert again.start_epoch == 1 and again.epochs == 7
+    # the cosine reaches its floor at the planned end, not at --epochs
+    assert lr_factor(7.0, again.epochs, 0.01, "cosine") == lr_factor(50.0, 50, 0.01, "cosine")
