@@ -102,8 +102,9 @@ def load_weights(path: str | Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"refused: not a plain-tensor checkpoint ({str(e).splitlines()[0]})", path=path) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"truncated or corrupt checkpoint ({str(e).splitlines()[0]})", path=path) from None
+    except Exception as e:  # noqa: BLE001 - garbage bytes make the legacy unpickler fail in any way
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"truncated or corrupt checkpoint ({type(e).__name__}: {first})", path=path) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"expected a dict of tensors, got {type(obj).__name__}", path=path)
     return obj

@@ -58,8 +58,8 @@ def run_info(args: argparse.Namespace) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
+    arch, _ = resolve_arch(args.model, form=args.form)  # a wrong name fails before a large file is read
     sd = read_official_checkpoint(args.checkpoint)
-    arch, _ = resolve_arch(args.model, form=args.form)
     if args.nc is not None:
         arch = arch.with_nc(args.nc)
     det = load_official_into(Detector(arch), sd, source=args.checkpoint)

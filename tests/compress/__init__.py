@@ -4,11 +4,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 
 from search_spaces.architecture import Architecture
-from search_spaces.blocks import ImplicitA, ImplicitM
 from search_spaces.model import Detector
+
+from ..helpers import randomize
 
 # RepConv with and without identity branch, E-ELAN, Ghost-ELAN (never pruned), a grouped conv (never pruned
 # on its outputs, nor its input producer), DownC, MP with a lateral, SPPCSPC, SPP-tiny, an add, IDetect.
@@ -80,20 +80,6 @@ def build(d: dict, seed: int = 0) -> Detector:
     det = Detector(Architecture.from_dict(copy.deepcopy(d)))
     randomize(det, seed)
     return det
-
-
-@torch.no_grad()
-def randomize(model: nn.Module, seed: int = 0) -> None:
-    """Re-draw BatchNorm statistics/affine and implicit tensors, so that fusion and pruning errors would show."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
-            m.bias.data = torch.randn(m.num_features, generator=g) * 0.2
-            m.running_mean = torch.randn(m.num_features, generator=g) * 0.2
-            m.running_var = torch.rand(m.num_features, generator=g) + 0.3
-        elif isinstance(m, (ImplicitA, ImplicitM)):
-            m.implicit.data += torch.randn(m.implicit.shape, generator=g) * 0.3
 
 
 def write_images(folder, n: int = 6, seed: int = 0) -> list:

@@ -72,7 +72,7 @@ def micro_space_file(folder: Path) -> Path:
 
 
 class SizeRunner(Runner):
-    """Runs nothing per call; 'takes' 0.01 ms + 1 ms per 100k parameters, so results are exact and repeatable."""
+    """Runs nothing; 'takes' 0.01 ms + 1 ms per 100k parameters, so results are exact and repeatable."""
 
     def __init__(self, ms: float, meta: dict[str, Any]):
         self.ms = ms

@@ -34,8 +34,9 @@ def run_json(capsys, *argv: str) -> dict:
 def table_path(space_file, tmp_path_factory):
     """A table built through the CLI."""
     path = tmp_path_factory.mktemp("cli") / "table.json"
-    assert main(["latency", "build", "--space", space_file, "--backend", "ort-cpu", "--imgsz", str(MICRO_IMGSZ),
-                 "--out", str(path), "--threads", "2", "--quick", "--fit-models", "3", "--no-progress"]) == 0
+    assert main(["latency", "build", "--space", space_file, "--backend", "ort-cpu", "--imgsz",
+                 str(MICRO_IMGSZ), "--out", str(path), "--threads", "2", "--quick", "--fit-models", "3",
+                 "--no-progress"]) == 0
     return path
 
 
@@ -48,8 +49,8 @@ def arch_yaml(space, tmp_path):
 
 
 def test_build_resumes_and_reports(space, space_file, table_path, capsys):
-    d = run_json(capsys, "latency", "build", "--space", space_file, "--imgsz", str(MICRO_IMGSZ), "--out", str(table_path),
-                 "--quick", "--no-progress")
+    d = run_json(capsys, "latency", "build", "--space", space_file, "--imgsz", str(MICRO_IMGSZ), "--out",
+                 str(table_path), "--quick", "--no-progress")
     assert d["entries"] == len(space.block_signatures(MICRO_IMGSZ, 1)) and d["backend"] == "ort-cpu"
     assert d["imgsz"] == MICRO_IMGSZ and d["threads"] == 2
 
@@ -63,9 +64,10 @@ def test_predict(table_path, arch_yaml, capsys):
 
 
 def test_measure(arch_yaml, capsys):
-    d = run_json(capsys, "latency", "measure", str(arch_yaml), "--backend", "ort-cpu", "--imgsz", str(MICRO_IMGSZ),
-                 "--quick")
-    assert d["median_ms"] > 0 and d["input_shape"] == [3, MICRO_IMGSZ, MICRO_IMGSZ] and d["backend"] == "ort-cpu"
+    d = run_json(capsys, "latency", "measure", str(arch_yaml), "--backend", "ort-cpu", "--imgsz",
+                 str(MICRO_IMGSZ), "--quick")
+    assert d["median_ms"] > 0 and d["input_shape"] == [3, MICRO_IMGSZ, MICRO_IMGSZ]
+    assert d["backend"] == "ort-cpu"
 
 
 def test_validate(space_file, table_path, tmp_path, capsys):
@@ -76,8 +78,8 @@ def test_validate(space_file, table_path, tmp_path, capsys):
 
 
 def test_pack(space, space_file, tmp_path, capsys):
-    d = run_json(capsys, "latency", "pack", "--space", space_file, "--out", str(tmp_path / "b.tar.gz"), "--imgsz",
-                 str(MICRO_IMGSZ), "--fit-models", "2", "--no-progress")
+    d = run_json(capsys, "latency", "pack", "--space", space_file, "--out", str(tmp_path / "b.tar.gz"),
+                 "--imgsz", str(MICRO_IMGSZ), "--fit-models", "2", "--no-progress")
     assert d["blocks"] == len(space.block_signatures(MICRO_IMGSZ, 1)) and d["models"] == 2 and d["bytes"] > 0
 
 

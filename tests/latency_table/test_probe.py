@@ -67,7 +67,8 @@ def test_bundle_holds_every_signature_and_a_standalone_runner(space, bundle):
     # Weights are left out: every float tensor over 1 KiB points at a .bin the runner writes itself.
     for item in man["blocks"] + man["models"]:
         model = onnx.load(str(root / item["file"]), load_external_data=False)
-        big = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.raw_data) >= 1024]
+        big = [t for t in model.graph.initializer
+               if t.data_type == onnx.TensorProto.FLOAT and len(t.raw_data) >= 1024]
         assert not big, item["file"]
 
 

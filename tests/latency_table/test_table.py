@@ -29,7 +29,7 @@ def tiny():
 def sized(tiny, tmp_path_factory):
     """A table of the whole tiny space from the deterministic size backend."""
     path = tmp_path_factory.mktemp("sized") / "t.json"
-    return LatencyTable.build(tiny, SizeBackend(), TINY_IMGSZ, path, progress=False, fit_models=4, group=64)
+    return LatencyTable.build(tiny, SizeBackend(), TINY_IMGSZ, path, progress=False, fit_models=8, group=64)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,9 @@ def built(micro, backend, tmp_path_factory):
 
 def fake_measurement(ms: float) -> Measurement:
     """A Measurement with only the median set meaningfully."""
-    return Measurement(median_ms=ms, p10_ms=ms, p90_ms=ms, iqr_ms=0.0, mean_ms=ms, runs=5, warmup=1, threads=2,
-                       precision="fp32", batch=1, input_shape=[3, 8, 8], backend="ort-cpu", noise=0.0,
-                       rejected_outliers=0, repeats=1)
+    return Measurement(median_ms=ms, p10_ms=ms, p90_ms=ms, iqr_ms=0.0, mean_ms=ms, runs=5, warmup=1,
+                       threads=2, precision="fp32", batch=1, input_shape=[3, 8, 8], backend="ort-cpu",
+                       noise=0.0, rejected_outliers=0, repeats=1)
 
 
 def test_every_signature_of_random_archs_has_an_entry(tiny, sized):
@@ -70,7 +70,10 @@ def test_every_signature_of_random_archs_has_an_entry(tiny, sized):
 def test_prediction_adds_blocks_and_the_fitted_overhead(tiny, sized):
     # The size backend's whole model costs one call (0.01 ms) plus its blocks' parameters: the fit finds that.
     assert sized.overhead.call_overhead_ms == pytest.approx(0.01)
-    assert sized.overhead.a_ms == pytest.approx(0.01, abs=1e-6) and sized.overhead.b == pytest.approx(1.0)
+    om = sized.overhead
+    assert om.method == "soft_l1" and len(om.points) == 8
+    assert om.a_ms == pytest.approx(0.01, abs=1e-6) and om.b == pytest.approx(1.0)
+    assert om.c_ms == pytest.approx(0.0, abs=1e-6)
     small, large = sized.predict(tiny.smallest()), sized.predict(tiny.largest())
     assert 0 < small < large
     p = sized.breakdown(tiny.largest())
@@ -214,6 +217,18 @@ def test_overhead_fit_is_robust_to_one_outlier():
     assert om.b == pytest.approx(1.15, rel=0.02) and om.a_ms == pytest.approx(0.8, abs=0.3)
     assert om.apply(100.0) == pytest.approx(0.8 + 115.0, rel=0.02)
     assert om.net(0.005) == 0.0 and om.net(1.01) == pytest.approx(1.0)
+
+
+def test_overhead_fit_finds_a_per_block_cost():
+    rng = np.random.default_rng(0)
+    sums = rng.uniform(5.0, 60.0, 12)
+    blocks = rng.integers(28, 50, 12)
+    measured = 0.4 + 0.95 * sums + 0.05 * blocks
+    om = fit_overhead(sums, measured, blocks=blocks)
+    assert (om.a_ms, om.b, om.c_ms) == pytest.approx((0.4, 0.95, 0.05), abs=1e-3)
+    assert om.apply(10.0, 40) == pytest.approx(0.4 + 9.5 + 2.0)
+    few = fit_overhead(sums[:5], measured[:5], blocks=blocks[:5])  # 5 models: no per-block term
+    assert few.c_ms == 0.0 and few.method == "soft_l1"
 
 
 def test_overhead_fit_falls_back_to_a_ratio_on_a_narrow_range():

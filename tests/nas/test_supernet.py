@@ -10,6 +10,8 @@ from nas.supernet import Supernet
 from search_spaces import ConfigError, Detector, load_model
 from search_spaces.space import load_space
 
+from ..helpers import randomize
+
 NC = 3
 
 
@@ -31,20 +33,8 @@ def space():
 def supernet(space):
     torch.manual_seed(0)
     net = Supernet(space, nc=NC)
-    _randomize_bn(net)
+    randomize(net)
     return net
-
-
-@torch.no_grad()
-def _randomize_bn(net: torch.nn.Module, seed: int = 1234) -> None:
-    """Random BN statistics, so a wrong slice or a missed BN shows in the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.uniform_(0.5, 1.5, generator=g)
-            m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-            m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-            m.running_var.uniform_(0.3, 1.5, generator=g)
 
 
 def test_extract_equals_active_path(supernet, space):
@@ -145,7 +135,7 @@ def test_state_dict_roundtrip(supernet, space, tmp_path):
 
 def test_recalibrate_bn(space):
     net = Supernet(space, nc=NC).eval()
-    _randomize_bn(net)
+    randomize(net)
     arch = net.set_active(space.random_decisions(random.Random(2)))
     bn = net.active_modules()[0].bn
     before = bn.running_mean.clone()

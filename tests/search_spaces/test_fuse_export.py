@@ -12,6 +12,7 @@ from search_spaces import load_model, save_model
 from search_spaces.blocks import RepConv
 
 from ..conftest import ZOO
+from ..helpers import randomize
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -19,22 +20,12 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return diff <= 1e-3 or diff <= 1e-5 * b.abs().max().item()
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
-            m.bias.data = torch.randn(m.num_features, generator=g) * 0.2
-            m.running_mean = torch.randn(m.num_features, generator=g) * 0.2
-            m.running_var = torch.rand(m.num_features, generator=g) + 0.3
-
-
 @pytest.mark.parametrize("form", ["training", "deploy"])
 @pytest.mark.parametrize("name", ZOO)
 def test_fuse_is_exact(name, form):
     torch.manual_seed(0)
     det = load_model(name, form=form).eval()
-    _randomize_bn(det)
+    randomize(det)
     x = torch.rand(1, 3, 256 if det.arch.p6 else 128, 256 if det.arch.p6 else 128)
     with torch.no_grad():
         ref = det(x)[0]
@@ -50,7 +41,7 @@ def test_fuse_is_exact(name, form):
 def test_deploy_keeps_lead_outputs(name, model_stats_ref):
     torch.manual_seed(0)
     det = load_model(name, form="training").eval()
-    _randomize_bn(det)
+    randomize(det)
     for p in det.head.parameters():
         if p.shape[0] == 1:  # implicit tensors: make them matter
             p.data += torch.randn_like(p) * 0.3
