@@ -1,12 +1,20 @@
 """Fuzzing the parsers: no input makes them fail with anything but detforge's own error type."""
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
+
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from search_spaces import Architecture
+from latency_tables import LatencyTable
+from latency_tables.table import TABLES_DIR
+from nas.pipeline_config import PipelineConfig
 from search_spaces.errors import DetforgeError
+from search_spaces.space import SPACES_DIR, SearchSpace
 from search_spaces.zoo import zoo_path
 from trainer.config import TrainConfig
 from trainer.datasets import parse_yolo_labels
@@ -96,5 +104,50 @@ def test_hyp_parser_only_raises_config_errors(d):
 def test_train_config_only_raises_config_errors(d):
     try:
         TrainConfig.from_dict(d)
+    except DetforgeError:
+        pass
+
+
+# ---- search spaces, pipeline configs and latency tables: the same two attacks on each document kind ----------
+SPACE = yaml.safe_load((SPACES_DIR / "tiny.yaml").read_text())
+PIPELINE = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").read_text())
+
+
+def _small_table() -> dict:
+    """The shipped table cut to three entries and one fit point: every field kind, small enough to mutate."""
+    d = json.loads(next(TABLES_DIR.glob("*.json")).read_text())
+    keys = list(d["entries"])[:3]
+    d["entries"] = {k: d["entries"][k] for k in keys}
+    d["signatures"] = {k: d["signatures"][k] for k in keys if k in d.get("signatures", {})}
+    d["overhead"]["points"] = d["overhead"]["points"][:1]
+    return d
+
+
+TABLE = _small_table()
+PARSERS = {
+    "space": (SPACE, lambda d: SearchSpace.from_dict(d)),
+    "pipeline": (PIPELINE, lambda d: PipelineConfig.from_dict(d)),
+    "table": (TABLE, lambda d: LatencyTable.from_dict(d)),
+}
+DOC_PATHS = [(kind, p) for kind, (doc, _) in PARSERS.items() for p in _paths(doc)
+             if not (kind == "table" and p[:2] == ("overhead", "points") and len(p) > 3)]
+
+
+@SETTINGS
+@given(st.sampled_from(DOC_PATHS), values)
+def test_space_pipeline_and_table_parsers_only_raise_config_errors(kind_path, value):
+    kind, path = kind_path
+    doc, parse = PARSERS[kind]
+    try:
+        parse(_mutate(copy.deepcopy(doc), list(path), value))
+    except DetforgeError:
+        pass
+
+
+@SETTINGS
+@given(st.sampled_from(list(PARSERS)), values)
+def test_space_pipeline_and_table_parsers_on_arbitrary_documents(kind, doc):
+    try:
+        PARSERS[kind][1](doc)
     except DetforgeError:
         pass
