@@ -1,6 +1,6 @@
 """Build latency tables for a search space and validate them end to end (ORT CPU and PyTorch CPU by default).
 
-    python benchmarks/latency_validate.py [--space default] [--imgsz 320] [--n 50] [--backends ort-cpu,torch-cpu]
+    python benchmarks/latency_validate.py [--space default] [--imgsz 320] [--n 50] [--backends ort-cpu,...]
 
 Per backend it builds (or resumes) a table, then predicts and measures `n` random architectures, and writes
 runs/bench/latency_validate_<backend>.json (+ .png scatter plot); the summary of all backends goes to
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     ap.add_argument("--needed-only", action="store_true",
                     help="measure only the blocks the fit and validation architectures use (quick check)")
-    ap.add_argument("--rebuild", action="store_true", help="measure the tables again instead of resuming them")
+    ap.add_argument("--rebuild", action="store_true", help="measure the tables again, not resuming them")
+    ap.add_argument("--refit", action="store_true", help="measure the overhead-fit models again and refit")
     ap.add_argument("--realtime", action="store_true",
                     help="time at real-time priority (SCHED_FIFO) instead of waiting for a quiet machine")
     ap.add_argument("--max-other-load", type=float, default=0.1,
@@ -87,15 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         archs = (sample_architectures(space, FIT_MODELS, FIT_SEED, extremes=True)
                  + sample_architectures(space, args.n, args.seed))
         space = NeededOnly(space, archs, args.imgsz)
-    # On a shared machine the protocol waits for quiet periods: a repeat during which other processes used more
-    # than --max-other-load of the CPU is measured again (docs/latency.md, "Noise on a shared 2-vCPU machine").
-    # With --realtime the timed runs preempt the other load instead (other_load is still reported).
+    # On a shared machine the protocol waits for quiet periods: a repeat during which other processes used
+    # more than --max-other-load of the CPU is measured again (docs/latency.md, "Noise on a shared 2-vCPU
+    # machine"). With --realtime the timed runs preempt the other load instead (other_load is still reported).
     gate = {"max_other_load": None if args.realtime else args.max_other_load, "max_retries": args.max_retries,
             "retry_wait_s": args.retry_wait}
     build_cfg = BUILD_PROTOCOL.with_overrides(**gate)
     validate_cfg = MeasurementConfig(max_time_s=15.0, **gate)
     # One summary for all runs: backends measured by an earlier invocation (other flags) stay in it.
-    prev = json.loads((out / "latency_validate.json").read_text()) if (out / "latency_validate.json").is_file() else {}
+    summary_path = out / "latency_validate.json"
+    prev = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary = {"space": args.space, "imgsz": args.imgsz, "n": args.n, "threads": args.threads,
                "backends": prev.get("backends", {})}
     for name in args.backends.split(","):
@@ -108,18 +110,25 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         table = LatencyTable.build(space, be, args.imgsz, path, resume=not args.rebuild,
                                    progress=not args.no_progress, realtime=args.realtime)
+        if args.refit:
+            table.fit_space(space, be, progress=not args.no_progress, realtime=args.realtime, remeasure=True)
+            table.save()
         wall = time.perf_counter() - t0
         be.config = validate_cfg
         rep = validate(table, space, n=args.n, seed=args.seed, backend=be, progress=not args.no_progress,
                        realtime=args.realtime,
-                       plot=out / f"latency_validate_{name}.png", report=out / f"latency_validate_{name}.json")
-        row = {**rep.figures(), "needed_only": args.needed_only, "realtime": args.realtime, "table": str(path), "entries": len(table), "build_s": table.info.get("build_s"),
-               "build_wall_s_this_run": round(wall, 1), "overhead": {k: v for k, v in table.overhead.to_dict().items()
-                                                                    if k != "points"},
+                       plot=out / f"latency_validate_{name}.png",
+                       report=out / f"latency_validate_{name}.json")
+        overhead = {k: v for k, v in table.overhead.to_dict().items() if k != "points"}
+        row = {**rep.figures(), "needed_only": args.needed_only, "realtime": args.realtime,
+               "table": str(path),
+               "entries": len(table), "build_s": table.info.get("build_s"),
+               "build_wall_s_this_run": round(wall, 1), "overhead": overhead,
                "passed": rep.passed()}
         summary["backends"][name] = row
-        print(f"{name}: {rep.text()}; {len(table)} entries, build {table.info.get('build_s')} s", file=sys.stderr)
-        atomic_write_json(out / "latency_validate.json", summary)  # after each backend: a cut-off run keeps it
+        print(f"{name}: {rep.text()}; {len(table)} entries, build {table.info.get('build_s')} s",
+              file=sys.stderr)
+        atomic_write_json(summary_path, summary)  # after each backend: a cut-off run keeps what it finished
     print(json.dumps(summary, indent=2))
     return 0
 

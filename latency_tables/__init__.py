@@ -5,10 +5,12 @@ from .measurement import LoadMonitor, Measurement, MeasurementConfig, measure_ca
 from .predictor import OverheadModel, fit_overhead
 from .probe import bundle_manifest, import_results, pack
 from .table import (
+    BUILD_PROTOCOL,
     LatencyTable,
     Prediction,
     decoded_model,
     measure_architectures,
+    realtime_priority,
     sample_architectures,
     shipped_tables,
     table_name,
@@ -17,9 +19,10 @@ from .table import (
 from .validate import ValidationReport, validate
 
 __all__ = [
-    "BACKEND_NAMES", "Backend", "DeviceFingerprint", "LatencyTable", "LoadMonitor", "Measurement",
-    "MeasurementConfig", "OrtBackend", "OverheadModel", "Prediction", "Runner", "TensorRTBackend", "TorchBackend",
-    "ValidationReport", "bundle_manifest", "check_fingerprint", "decoded_model", "fit_overhead", "get_backend",
-    "import_results", "measure_architectures", "measure_callable", "measure_interleaved", "pack",
-    "sample_architectures", "shipped_tables", "table_name", "validate", "whole_model",
+    "BACKEND_NAMES", "BUILD_PROTOCOL", "Backend", "DeviceFingerprint", "LatencyTable", "LoadMonitor",
+    "Measurement", "MeasurementConfig", "OrtBackend", "OverheadModel", "Prediction", "Runner",
+    "TensorRTBackend", "TorchBackend", "ValidationReport", "bundle_manifest", "check_fingerprint",
+    "decoded_model", "fit_overhead", "get_backend", "import_results", "measure_architectures",
+    "measure_callable", "measure_interleaved", "pack", "realtime_priority", "sample_architectures",
+    "shipped_tables", "table_name", "validate", "whole_model",
 ]

@@ -50,7 +50,7 @@ _EXTERNAL_DTYPES = {1: "float32", 10: "float16"}  # onnx TensorProto.FLOAT, FLOA
 
 
 def strip_weights(data: bytes, bin_name: str, precision: str) -> tuple[bytes, dict[str, Any] | None]:
-    """Point the large float initializers at external file `bin_name` without writing it; (graph, weights info)."""
+    """Point large float initializers at external file `bin_name` (not written); (graph, weights info)."""
     # The runner writes random values of the recorded size there before loading; only one float dtype per
     # model is moved out (the runner fills the file with a single dtype), the rest stays in the graph.
     from onnx import external_data_helper, numpy_helper
@@ -73,11 +73,12 @@ def strip_weights(data: bytes, bin_name: str, precision: str) -> tuple[bytes, di
         offset += (-offset) % 64  # keep every tensor 64-byte aligned inside the file
     if offset == 0:
         return data, None
-    return model.SerializeToString(), {"file": bin_name, "bytes": offset, "dtype": _EXTERNAL_DTYPES[dtype_code]}
+    info = {"file": bin_name, "bytes": offset, "dtype": _EXTERNAL_DTYPES[dtype_code]}
+    return model.SerializeToString(), info
 
 
 def _export(module: Any, shapes: list, batch: int, opset: int, precision: str) -> bytes:
-    """ONNX bytes of a module exactly as the ORT backend runs it (same export; fp16 converted the same way)."""
+    """ONNX bytes of a module exactly as the ORT backend runs it (same export, same fp16 conversion)."""
     import warnings
 
     from .backends import OrtBackend
@@ -87,7 +88,8 @@ def _export(module: Any, shapes: list, batch: int, opset: int, precision: str) -
         return OrtBackend("cpu", precision=precision, opset=opset).onnx_bytes(module, shapes, batch)
 
 
-def pack(space: Any, out: str | Path = "bundle.tar.gz", imgsz: int = 640, batch: int = 1, *, precision: str = "fp32",
+def pack(space: Any, out: str | Path = "bundle.tar.gz", imgsz: int = 640, batch: int = 1, *,
+         precision: str = "fp32",
          fit_models: int = FIT_MODELS, seed: int = FIT_SEED, fuse: bool = True, opset: int = DEFAULT_OPSET,
          config: MeasurementConfig | None = None, progress: bool = True) -> Path:
     """Write a probe bundle for every block signature of `space` at `imgsz` (see the module docstring)."""
@@ -103,9 +105,11 @@ def pack(space: Any, out: str | Path = "bundle.tar.gz", imgsz: int = 640, batch:
         (root / "models").mkdir(parents=True)
 
         def write(name: str, module: Any, shapes: list) -> dict[str, Any]:
-            graph, weights = strip_weights(_export(module, shapes, batch, opset, precision), f"{name}.bin", precision)
+            data = _export(module, shapes, batch, opset, precision)
+            graph, weights = strip_weights(data, f"{name}.bin", precision)
             (root / "models" / f"{name}.onnx").write_bytes(graph)
-            return {"file": f"models/{name}.onnx", "input_shapes": [list(s) for s in shapes], "weights": weights}
+            return {"file": f"models/{name}.onnx", "input_shapes": [list(s) for s in shapes],
+                    "weights": weights}
 
         blocks = []
         for i, s in enumerate(tqdm(sigs, desc="packing blocks", file=sys.stderr, disable=not progress)):
@@ -131,7 +135,8 @@ def pack(space: Any, out: str | Path = "bundle.tar.gz", imgsz: int = 640, batch:
         shutil.copyfile(RUNNER, root / "runner.py")
         shutil.copyfile(MEASUREMENT, root / "measurement.py")
         with atomic_path(out) as t, tarfile.open(t, "w:gz") as tar:
-            for name in ("manifest.json", "runner.py", "measurement.py", "models"):  # manifest first: quick to read
+            # the manifest first, so bundle_manifest() finds it without decompressing the models
+            for name in ("manifest.json", "runner.py", "measurement.py", "models"):
                 tar.add(root / name, arcname=f"{BUNDLE_DIR}/{name}")
     return out
 
@@ -165,7 +170,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
 
 
 def import_results(results: str | Path, out: str | Path = "table.json") -> LatencyTable:
-    """Turn a runner's results into a LatencyTable saved at `out` (the overhead fitted on the bundle's models)."""
+    """Turn a runner's results into a LatencyTable saved at `out` (overhead fitted on the bundle's models)."""
     from search_spaces import Architecture
 
     doc = read_results(results)
@@ -179,14 +184,15 @@ def import_results(results: str | Path, out: str | Path = "table.json") -> Laten
     except DetforgeError as e:
         raise ConfigError(e.message, path=p, field=e.field) from None
     table = LatencyTable(
-        fingerprint=fp, backend=f"ort-{setup['provider']}", imgsz=int(bundle["imgsz"]), batch=int(bundle["batch"]),
-        precision=bundle["precision"], threads=setup.get("threads"), fused=bool(bundle.get("fused", True)),
+        fingerprint=fp, backend=f"ort-{setup['provider']}", imgsz=int(bundle["imgsz"]),
+        batch=int(bundle["batch"]), precision=bundle["precision"], threads=setup.get("threads"),
+        fused=bool(bundle.get("fused", True)),
         space=bundle.get("space"), entries=entries,
         signatures={k: v for k, v in doc["signatures"].items() if k in entries},
         overhead=OverheadModel(call_overhead_ms=empty.median_ms if empty else 0.0),
         protocol=dict(doc.get("protocol") or {}),
-        info={"created": doc.get("started"), "source": f"probe {doc.get('bundle_id')}", "build_s": doc.get("elapsed_s"),
-              "results": str(results)})
+        info={"created": doc.get("started"), "source": f"probe {doc.get('bundle_id')}",
+              "build_s": doc.get("elapsed_s"), "results": str(results)})
     archs = doc.get("model_archs") or {}
     names = [n for n in fits if n in archs]
     if names:

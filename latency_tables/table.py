@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import math
 import os
 import sys
@@ -40,13 +41,14 @@ SCHEMA_VERSION = 1
 TABLES_DIR = Path(__file__).resolve().parent / "tables"  # tables shipped with the package
 BLOCK_GROUP = 8  # blocks measured interleaved together
 MODEL_GROUP = 4  # whole models measured interleaved together (where the backend interleaves)
-MODEL_PASSES = 3  # passes over the whole models of a fit or a validation; each model's median pass counts
-FIT_MODELS = 8  # whole models the overhead is fitted on
+MODEL_PASSES = 3  # passes over the whole models of a fit or a validation; each model's fastest pass counts
+FIT_MODELS = 16  # whole models the overhead is fitted on (three coefficients: a few models per coefficient)
 SAVE_EVERY_S = 10.0  # a build saves at most this often (a save re-reads, merges and rewrites the whole file)
 FIT_SEED = 1234  # a different stream from validate()'s default seed 0, so fit and validation models differ
 
 # The protocol `detforge latency build` uses: thousands of blocks, so each stops at a 2 % CI of the median or
-# after 300 rounds / 8 s per group (a 1 % CI needs hundreds more runs of a noisy 20 us block for no better sum).
+# after 300 rounds / 8 s per group (a 1 % CI needs hundreds more runs of a noisy 20 us block for no better
+# sum).
 BUILD_PROTOCOL = MeasurementConfig(warmup=5, warmup_s=0.1, min_runs=15, max_runs=300, max_time_s=8.0,
                                    target_rel_ci=0.02)
 QUIET_WINDOW_S = 1.0  # how long the machine is watched before a group is measured
@@ -94,7 +96,8 @@ def make_backend(name: str, *, threads: int | None = 2, precision: str = "fp32",
     return get_backend(name, precision=precision, **kw)
 
 
-# ---- what gets measured --------------------------------------------------------------------------------------
+# ---- what gets measured
+# --------------------------------------------------------------------------------------
 def deploy_ready(module: nn.Module, fuse: bool = True) -> nn.Module:
     """`module` in eval mode, with Conv+BN, RepConv and implicit layers folded in place when `fuse`."""
     # Blocks and whole models go through the same folding, so a table's entries add up to what is deployed.
@@ -149,7 +152,7 @@ def block_model(sig: Any, fuse: bool = True) -> nn.Module:
 
 
 def decoded_model(det: nn.Module, fuse: bool = True) -> nn.Module:
-    """A Detector as tables time it: eval mode, folded when `fuse` (in place), returning only decoded boxes."""
+    """A Detector as tables time it: eval mode, folded when `fuse` (in place), returning decoded boxes."""
     return DecodedOutput(deploy_ready(det, fuse)).eval()
 
 
@@ -157,7 +160,7 @@ def whole_model(arch: Architecture, fuse: bool = True) -> nn.Module:
     """The end-to-end model a table predicts for `arch` (a fresh Detector, see decoded_model)."""
     from search_spaces import Detector
 
-    return decoded_model(Detector(arch), fuse)
+    return decoded_model(Detector(arch.copy()), fuse)  # a copy: folding marks the Detector's arch as fused
 
 
 def empty_model() -> nn.Module:
@@ -174,8 +177,9 @@ def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
 def wait_for_quiet(max_other_load: float, *, window_s: float = QUIET_WINDOW_S, timeout_s: float | None = None,
                    monitor: LoadMonitor | None = None) -> float | None:
     """Block until other processes use at most `max_other_load` of the CPU over a window; the last reading."""
-    # Cheaper than letting the protocol measure a whole repeat, find it was busy and throw it away: on a shared
-    # 2-vCPU machine a 2-thread model runs several times slower while anything else runs (docs/latency.md).
+    # Cheaper than letting the protocol measure a whole repeat, find it was busy and throw it away: on a
+    # shared 2-vCPU machine a 2-thread model runs several times slower while anything else runs
+    # (docs/latency.md).
     mon = monitor or LoadMonitor()
     t0 = time.perf_counter()
     while True:
@@ -220,10 +224,11 @@ def realtime_priority(enabled: bool = True, priority: int = REALTIME_PRIORITY) -
 
 
 def interleaves(backend: Backend) -> bool:
-    """Whether models are timed round-robin on `backend` (not on ORT: each session owns a spinning thread pool)."""
-    # ORT's intra-op workers spin for a while after every run; timed round-robin, the sessions' pools fight over
-    # the cores, and on 2 vCPUs every model measured ~1.8x slower than alone (docs/latency.md). One session at a
-    # time it is. Torch shares one pool between modules and GPU backends time on the device: those interleave.
+    """Whether models are timed round-robin on `backend` (not on ORT: a session owns a spinning pool)."""
+    # ORT's intra-op workers spin for a while after every run; timed round-robin, the sessions' pools fight
+    # over the cores, and on 2 vCPUs every model measured ~1.8x slower than alone (docs/latency.md). One
+    # session at a time it is. Torch shares one pool between modules and GPU backends time on the device:
+    # those interleave.
     from .backends import OrtBackend
 
     return not isinstance(backend, OrtBackend)
@@ -262,12 +267,13 @@ def measure_group(pairs: Mapping[str, tuple[Any, Sequence | None]], backend: Bac
 def measure_modules(items: Mapping[str, tuple[Callable[[], nn.Module], Sequence]], backend: Backend, *,
                     batch: int = 1, group: int = BLOCK_GROUP, progress: bool = False, desc: str = "measuring",
                     on_group: Callable[[dict[str, Measurement]], None] | None = None,
-                    skip: Callable[[str], bool] | None = None, realtime: bool = False) -> dict[str, Measurement]:
-    """Measure keyed (module factory, input shapes) pairs, `group` at a time interleaved; `on_group` after each."""
+                    skip: Callable[[str], bool] | None = None, realtime: bool = False
+                    ) -> dict[str, Measurement]:
+    """Measure keyed (module factory, input shapes) pairs, `group` at a time; `on_group` after each group."""
     # Modules are built per group, so a table of thousands of blocks never holds them all in memory; `skip` is
     # asked again before every group, so keys that appeared meanwhile (another build) are not measured twice.
-    # With the backend's config.max_other_load set (and not `realtime`), each group first waits for the machine
-    # to be that quiet.
+    # With the backend's config.max_other_load set (and not `realtime`), each group first waits for the
+    # machine to be that quiet.
     from tqdm import tqdm
 
     cfg = backend.config
@@ -290,34 +296,38 @@ def measure_modules(items: Mapping[str, tuple[Callable[[], nn.Module], Sequence]
     return out
 
 
-def median_of_passes(ms: Sequence[Measurement]) -> Measurement:
-    """The pass with the median latency (the lower middle one for an even count), listing every pass's median."""
-    ranked = sorted(ms, key=lambda m: m.median_ms)
-    mid = ranked[(len(ranked) - 1) // 2]
-    return replace(mid, repeat_medians_ms=[m.median_ms for m in ms], repeats=sum(m.repeats for m in ms))
+def fastest_pass(ms: Sequence[Measurement]) -> Measurement:
+    """The pass with the lowest median latency, listing every pass's median in repeat_medians_ms."""
+    # Other work on a shared machine (other VMs on the host too, which no priority keeps out) only ever slows
+    # a pass down, for seconds or minutes at a time; the fastest of passes minutes apart is the one that ran
+    # clean. With real-time priority the passes of a clean model agree within about 1 %.
+    best = min(ms, key=lambda m: m.median_ms)
+    return replace(best, repeat_medians_ms=[m.median_ms for m in ms], repeats=sum(m.repeats for m in ms))
 
 
 def measure_architectures(archs: Sequence[Architecture], backend: Backend, imgsz: int, *, batch: int = 1,
                           group: int = MODEL_GROUP, fuse: bool = True, progress: bool = False,
                           desc: str = "whole models", realtime: bool = False,
                           passes: int = MODEL_PASSES) -> list[Measurement]:
-    """End-to-end latency of each architecture (decoded output, folded): the median of `passes` passes."""
-    # Each pass measures every model once, so a model's passes lie minutes apart: an episode of slow seconds on
-    # a shared machine (it happens, even at real-time priority) spoils one pass, and the median drops it.
+    """End-to-end latency of each architecture (decoded output, folded): the fastest of `passes` passes."""
+    # Each pass measures every model once, so a model's passes lie minutes apart and rarely share an episode
+    # of slow seconds on a shared machine (see fastest_pass).
     items = {str(i): ((lambda a=a: whole_model(a, fuse)), [(a.in_channels, imgsz, imgsz)])
              for i, a in enumerate(archs)}
     runs = [measure_modules(items, backend, batch=batch, group=group, progress=progress, realtime=realtime,
                             desc=desc if passes == 1 else f"{desc} (pass {p + 1}/{passes})")
             for p in range(passes)]
-    return [median_of_passes([r[str(i)] for r in runs]) for i in range(len(archs))]
+    return [fastest_pass([r[str(i)] for r in runs]) for i in range(len(archs))]
 
 
 def measure_call_overhead(backend: Backend, batch: int = 1, realtime: bool = False) -> Measurement:
     """The latency of the empty model on `backend`: the per-call cost inside every block entry."""
-    return measure_group({"empty": (empty_model(), [EMPTY_SHAPE])}, backend, batch=batch, realtime=realtime)["empty"]
+    pair = {"empty": (empty_model(), [EMPTY_SHAPE])}
+    return measure_group(pair, backend, batch=batch, realtime=realtime)["empty"]
 
 
-# ---- the table -------------------------------------------------------------------------------------------------
+# ---- the table
+# -------------------------------------------------------------------------------------------------
 @dataclass
 class Prediction:
     """A predicted end-to-end latency and how it was put together."""
@@ -326,6 +336,7 @@ class Prediction:
     sum_ms: float  # sum of block entries, net of the per-call overhead
     a_ms: float
     b: float
+    c_ms: float
     blocks: list[tuple[str, float]] = field(default_factory=list)  # (signature key, net ms) per layer
 
     def to_dict(self) -> dict[str, Any]:
@@ -350,11 +361,12 @@ class LatencyTable:
     entries: dict[str, Measurement] = field(default_factory=dict)
     signatures: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> BlockSignature.to_dict()
     overhead: OverheadModel = field(default_factory=OverheadModel)
-    protocol: dict[str, Any] = field(default_factory=dict)  # the MeasurementConfig the entries were taken with
+    protocol: dict[str, Any] = field(default_factory=dict)  # the MeasurementConfig of the entries
     info: dict[str, Any] = field(default_factory=dict)  # created, updated, build_s, source
     path: Path | None = field(default=None, compare=False, repr=False)
 
-    # ---- container ------------------------------------------------------------------------------------------
+    # ---- container
+    # ------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         """Number of entries."""
         return len(self.entries)
@@ -374,7 +386,8 @@ class LatencyTable:
         """A backend with this table's settings (backend name, threads, precision), to measure more."""
         return make_backend(self.backend, threads=self.threads, precision=self.precision, **kw)
 
-    # ---- prediction -----------------------------------------------------------------------------------------
+    # ---- prediction
+    # -----------------------------------------------------------------------------------------
     def missing(self, arch: Architecture | str | Path, imgsz: int | None = None) -> list[Any]:
         """Signatures of `arch` that have no entry."""
         return [s for s in self._signatures(arch, imgsz) if s.key() not in self.entries]
@@ -385,36 +398,39 @@ class LatencyTable:
 
     def breakdown(self, arch: Architecture | str | Path, imgsz: int | None = None, *,
                   measure_missing: bool = False, backend: Backend | None = None) -> Prediction:
-        """The prediction for `arch` with its per-block terms; missing entries raise or, if asked, get measured."""
+        """The prediction for `arch` with its per-block terms; missing entries raise or get measured."""
         sigs = self._signatures(arch, imgsz)
         absent = list({s.key(): s for s in sigs if s.key() not in self.entries}.values())
         if absent and not measure_missing:
-            where = f" (the table was measured at imgsz {self.imgsz})" if imgsz not in (None, self.imgsz) else ""
+            other = imgsz not in (None, self.imgsz)
+            where = f" (the table was measured at imgsz {self.imgsz})" if other else ""
             more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
-            raise ConfigError(f"no entry for block signature {absent[0].key()}{more}{where}; rebuild the table "
-                              "for this search space (detforge latency build) or predict with measure_missing=True",
-                              path=self.path, field="entries")
+            raise ConfigError(f"no entry for block signature {absent[0].key()}{more}{where}; rebuild the "
+                              "table for this search space (detforge latency build) or predict with "
+                              "measure_missing=True", path=self.path, field="entries")
         if absent:
             self.measure_signatures(absent, backend or self.backend_instance())
         blocks = [(s.key(), self.overhead.net(self.entries[s.key()].median_ms)) for s in sigs]
         total = math.fsum(ms for _, ms in blocks)
-        return Prediction(self.overhead.apply(total), total, self.overhead.a_ms, self.overhead.b, blocks)
+        om = self.overhead
+        return Prediction(om.apply(total, len(blocks)), total, om.a_ms, om.b, om.c_ms, blocks)
 
-    def predict(self, arch: Architecture | str | Path, imgsz: int | None = None, *, measure_missing: bool = False,
-                backend: Backend | None = None) -> float:
-        """Predicted end-to-end latency of `arch` in ms: `a + b * sum(block entries - per-call overhead)`."""
+    def predict(self, arch: Architecture | str | Path, imgsz: int | None = None, *,
+                measure_missing: bool = False, backend: Backend | None = None) -> float:
+        """Predicted end-to-end latency of `arch` in ms: a + b * sum(entries - call overhead) + c * blocks."""
         return self.breakdown(arch, imgsz, measure_missing=measure_missing, backend=backend).predicted_ms
 
     def block_sum(self, arch: Architecture | str | Path, imgsz: int | None = None) -> float:
         """Sum of the net block entries of `arch` (before the overhead model)."""
         return self.breakdown(arch, imgsz).sum_ms
 
-    # ---- measuring ------------------------------------------------------------------------------------------
+    # ---- measuring
+    # ------------------------------------------------------------------------------------------
     def measure_signatures(self, sigs: Sequence[Any], backend: Backend, *, group: int = BLOCK_GROUP,
                            progress: bool = False, after_group: Callable[[], None] | None = None,
                            callback: EntryCallback | None = None, only_missing: bool = True,
                            realtime: bool = False) -> None:
-        """Measure block signatures on `backend` (interleaved by group) into this table (skipping present keys)."""
+        """Measure block signatures on `backend` into this table, by group (skipping present keys)."""
         # `after_group` runs once a group is stored (build saves there), then `callback` sees each new entry.
         by_key = {s.key(): s for s in sigs}
         items = {k: ((lambda s=s: block_model(s, self.fused)), sample_shapes(s)) for k, s in by_key.items()}
@@ -434,14 +450,29 @@ class LatencyTable:
 
     def fit(self, archs: Sequence[Architecture], measured: Sequence[Measurement | float]) -> OverheadModel:
         """Fit the overhead model on whole architectures and their measured end-to-end latencies."""
-        sums = [self.breakdown(a).sum_ms for a in archs]
+        parts = [self.breakdown(a) for a in archs]
         ms = [m.median_ms if isinstance(m, Measurement) else float(m) for m in measured]
-        self.overhead = fit_overhead(sums, ms, call_overhead_ms=self.overhead.call_overhead_ms,
+        self.overhead = fit_overhead([p.sum_ms for p in parts], ms, blocks=[len(p.blocks) for p in parts],
+                                     call_overhead_ms=self.overhead.call_overhead_ms,
                                      archs=[a.to_dict() for a in archs])
         return self.overhead
 
+    def fit_space(self, space: Any, backend: Backend, n: int = FIT_MODELS, seed: int = FIT_SEED, *,
+                  progress: bool = False, realtime: bool = False, remeasure: bool = False) -> OverheadModel:
+        """Fit the overhead on `n` architectures of `space`, measuring those the stored fit lacks (or all)."""
+        # The space's smallest and largest first (they pin the line's ends), then seeded random ones; a
+        # model's end-to-end latency does not depend on the entries, so earlier fit measurements are reused.
+        archs = sample_architectures(space, n, seed, extremes=True)
+        points = [] if remeasure else self.overhead.points
+        known = {_arch_key(p["arch"]): p["measured_ms"] for p in points if p.get("arch")}
+        todo = [a for a in archs if _arch_key(a.to_dict()) not in known]
+        measured = measure_architectures(todo, backend, self.imgsz, batch=self.batch, fuse=self.fused,
+                                         progress=progress, desc="overhead fit", realtime=realtime)
+        known.update({_arch_key(a.to_dict()): m.median_ms for a, m in zip(todo, measured)})
+        return self.fit(archs, [known[_arch_key(a.to_dict())] for a in archs])
+
     def refit(self) -> OverheadModel:
-        """Re-fit the overhead from the stored fit points against the current entries (after adding entries)."""
+        """Re-fit the overhead from the stored fit points against the current entries."""
         from search_spaces import Architecture
 
         pts = self.overhead.points
@@ -453,16 +484,17 @@ class LatencyTable:
 
     @classmethod
     def build(cls, space: Any, backend: Backend | str, imgsz: int, out_path: str | Path, batch: int = 1,
-              progress: bool = True, resume: bool = True, *, fit_models: int = FIT_MODELS, seed: int = FIT_SEED,
-              group: int = BLOCK_GROUP, fuse: bool = True, save_every_s: float = SAVE_EVERY_S,
-              retry_loaded: int = 1, realtime: bool = False, callback: EntryCallback | None = None
-              ) -> LatencyTable:
+              progress: bool = True, resume: bool = True, *, fit_models: int = FIT_MODELS,
+              seed: int = FIT_SEED, group: int = BLOCK_GROUP, fuse: bool = True,
+              save_every_s: float = SAVE_EVERY_S, retry_loaded: int = 1, realtime: bool = False,
+              callback: EntryCallback | None = None) -> LatencyTable:
         """Measure every block signature of `space` on `backend`, then fit the overhead on whole models."""
         # Saved (locked, merged, atomic) every `save_every_s` seconds, after the last group and when the build
-        # is interrupted, so a killed build keeps what it finished and `resume` measures only the rest; entries
-        # another build saved meanwhile are merged in and skipped. With the backend's config.max_other_load set,
-        # entries that were still measured under more load than that are measured again (`retry_loaded` passes).
-        # `realtime` times every group at real-time priority (see realtime_priority) instead of waiting for quiet.
+        # is interrupted, so a killed build keeps what it finished and `resume` measures only the rest;
+        # entries another build saved meanwhile are merged in and skipped. With the backend's
+        # config.max_other_load set, entries that were still measured under more load than that are measured
+        # again (`retry_loaded` passes). `realtime` times every group at real-time priority (see
+        # realtime_priority) instead of waiting for quiet.
         be = make_backend(backend, config=BUILD_PROTOCOL) if isinstance(backend, str) else backend
         out = Path(out_path)
         table = None
@@ -471,11 +503,13 @@ class LatencyTable:
         elif out.is_file():
             table = cls.load(out, check_device=False)
             table.check_compatible(be.name, imgsz, batch, be.precision, be.threads, fuse)
-            check_fingerprint(table.fingerprint, be.fingerprint(batch), what=f"the table being resumed ({out})")
+            check_fingerprint(table.fingerprint, be.fingerprint(batch),
+                              what=f"the table being resumed ({out})")
         if table is None:
             table = cls(fingerprint=be.fingerprint(batch), backend=be.name, imgsz=imgsz, batch=batch,
-                        precision=be.precision, threads=be.threads, fused=fuse, space=getattr(space, "name", None),
-                        protocol=asdict(be.config), info={"created": _now(), "source": "build", "build_s": 0.0})
+                        precision=be.precision, threads=be.threads, fused=fuse,
+                        space=getattr(space, "name", None), protocol=asdict(be.config),
+                        info={"created": _now(), "source": "build", "build_s": 0.0})
         table.path = out
         clock = {"start": time.perf_counter(), "saved": 0.0}
 
@@ -492,8 +526,8 @@ class LatencyTable:
             sigs = {s.key(): s for s in space.block_signatures(imgsz, batch)}
             todo = [s for k, s in sigs.items() if k not in table.entries]
             save(force=True)  # settings and fingerprint first, so a concurrent build can check them
-            table.measure_signatures(todo, be, group=group, progress=progress, after_group=save, callback=callback,
-                                     realtime=realtime)
+            table.measure_signatures(todo, be, group=group, progress=progress, after_group=save,
+                                     callback=callback, realtime=realtime)
             limit = be.config.max_other_load
             for _ in range(retry_loaded if limit is not None else 0):
                 loaded = [sigs[k] for k, m in table.entries.items()
@@ -503,11 +537,9 @@ class LatencyTable:
                 table.measure_signatures(loaded, be, group=group, progress=progress, after_group=save,
                                          callback=callback, only_missing=False, realtime=realtime)
                 todo += loaded
-            if fit_models > 0 and (todo or table.overhead.method == "identity"):
-                archs = sample_architectures(space, fit_models, seed, extremes=True)
-                measured = measure_architectures(archs, be, imgsz, batch=batch, fuse=fuse, progress=progress,
-                                                 desc="overhead fit", realtime=realtime)
-                table.fit(archs, measured)
+            om = table.overhead
+            if fit_models > 0 and (todo or om.method == "identity" or len(om.points) < fit_models):
+                table.fit_space(space, be, fit_models, seed, progress=progress, realtime=realtime)
             table.info["updated"] = _now()
             if realtime:
                 table.info["realtime"] = True
@@ -515,20 +547,22 @@ class LatencyTable:
             save(force=True)  # also on Ctrl-C or an error: keep every finished entry
         return table
 
-    # ---- compatibility ----------------------------------------------------------------------------------------
+    # ---- compatibility
+    # ----------------------------------------------------------------------------------------
     def check_compatible(self, backend: str, imgsz: int, batch: int, precision: str, threads: int | None,
                          fused: bool) -> None:
-        """Refuse to mix entries measured under other settings into this table (ConfigError naming the field)."""
-        mine = {"backend": self.backend, "imgsz": self.imgsz, "batch": self.batch, "precision": self.precision,
-                "threads": self.threads, "fused": self.fused}
-        theirs = {"backend": backend, "imgsz": imgsz, "batch": batch, "precision": precision, "threads": threads,
-                  "fused": fused}
+        """Refuse to mix entries measured under other settings into this table (ConfigError on the field)."""
+        mine = {"backend": self.backend, "imgsz": self.imgsz, "batch": self.batch,
+                "precision": self.precision, "threads": self.threads, "fused": self.fused}
+        theirs = {"backend": backend, "imgsz": imgsz, "batch": batch, "precision": precision,
+                  "threads": threads, "fused": fused}
         for k, v in mine.items():
             if v != theirs[k]:
-                raise ConfigError(f"the table holds {k}={v!r}, this build measures {k}={theirs[k]!r}; use another "
-                                  "--out or delete the table", path=self.path, field=k)
+                raise ConfigError(f"the table holds {k}={v!r}, this build measures {k}={theirs[k]!r}; use "
+                                  "another --out or delete the table", path=self.path, field=k)
 
-    # ---- files ------------------------------------------------------------------------------------------------
+    # ---- files
+    # ------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (schema in docs/latency.md)."""
         return {
@@ -556,16 +590,16 @@ class LatencyTable:
         if not isinstance(d, dict):
             raise ConfigError(f"a latency table must be a JSON object, got {type(d).__name__}", path=p)
         if d.get("schema") != SCHEMA:
-            raise ConfigError(f"not a detforge latency table (schema {d.get('schema')!r}, expected {SCHEMA!r})",
-                              path=p, field="schema")
+            raise ConfigError(f"not a detforge latency table (schema {d.get('schema')!r}, expected "
+                              f"{SCHEMA!r})", path=p, field="schema")
         version = d.get("version")
         if not isinstance(version, int) or version < 1:
             raise ConfigError(f"expected a positive int, got {version!r}", path=p, field="version")
         if version > SCHEMA_VERSION:
             raise ConfigError(f"written by a newer detforge (table version {version}, this one reads up to "
                               f"{SCHEMA_VERSION})", path=p, field="version")
-        for key, typ in (("backend", str), ("imgsz", int), ("batch", int), ("precision", str), ("entries", dict),
-                         ("device", dict)):
+        for key, typ in (("backend", str), ("imgsz", int), ("batch", int), ("precision", str),
+                         ("entries", dict), ("device", dict)):
             if key not in d:
                 raise ConfigError("missing required key", path=p, field=key)
             if not isinstance(d[key], typ) or isinstance(d[key], bool):
@@ -602,14 +636,14 @@ class LatencyTable:
         return table
 
     def check_device(self) -> list[str]:
-        """Warn (UserWarning) if this machine differs from the one the table was measured on; the differences."""
+        """Warn (UserWarning) if this machine differs from the table's; returns the differences."""
         here = DeviceFingerprint.collect(backend=self.backend, threads=self.threads, precision=self.precision,
                                          batch=self.batch)
         where = f"latency table {self.path}" if self.path else "latency table"
         return check_fingerprint(self.fingerprint, here, what=where)
 
     def merge_from(self, path: str | Path) -> int:
-        """Add the entries of the table at `path` that this one lacks (same settings only); how many were added."""
+        """Add the entries of the table at `path` that this one lacks (same settings only); how many."""
         p = Path(path)
         if not p.is_file():
             return 0
@@ -634,7 +668,7 @@ class LatencyTable:
         return added
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Write the table atomically under a lock, first merging entries another writer saved there meanwhile."""
+        """Write the table atomically under a lock, first merging entries another writer saved there."""
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ConfigError("no path to save the latency table to", field="path")
@@ -646,10 +680,12 @@ class LatencyTable:
 
     def summary(self) -> dict[str, Any]:
         """A short description for people and the CLI."""
-        return {"path": str(self.path) if self.path else None, "backend": self.backend, "threads": self.threads,
-                "precision": self.precision, "batch": self.batch, "imgsz": self.imgsz, "space": self.space,
+        return {"path": str(self.path) if self.path else None, "backend": self.backend,
+                "threads": self.threads, "precision": self.precision, "batch": self.batch,
+                "imgsz": self.imgsz, "space": self.space,
                 "entries": len(self.entries), "device": self.fingerprint.slug(),
                 "overhead_a_ms": round(self.overhead.a_ms, 4), "overhead_b": round(self.overhead.b, 4),
+                "overhead_c_ms": round(self.overhead.c_ms, 5),
                 "call_overhead_ms": round(self.overhead.call_overhead_ms, 4), "fit": self.overhead.method,
                 "fit_mape": self.overhead.residual_mape, "build_s": self.info.get("build_s")}
 
@@ -669,7 +705,7 @@ def file_lock(path: str | Path) -> Iterator[None]:
 
 
 def sample_architectures(space: Any, n: int, seed: int, *, extremes: bool = False) -> list[Architecture]:
-    """`n` distinct random architectures of `space` (seeded); with `extremes`, its smallest and largest first."""
+    """`n` distinct random architectures of `space` (seeded); `extremes`: its smallest and largest first."""
     import random
 
     archs: list[Architecture] = []
@@ -688,6 +724,11 @@ def sample_architectures(space: Any, n: int, seed: int, *, extremes: bool = Fals
             seen.add(repr(a.to_dict()))
             archs.append(a)
     return archs
+
+
+def _arch_key(d: Mapping[str, Any]) -> str:
+    """An architecture dict as a comparable string (whether its weights are stored folded does not matter)."""
+    return json.dumps({k: v for k, v in d.items() if k != "fused"}, sort_keys=True)
 
 
 def shipped_tables() -> list[Path]:

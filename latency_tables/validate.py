@@ -40,7 +40,7 @@ class ValidationReport:
     table: str | None = None
     plot: str | None = None
     report: str | None = None
-    points: list[dict[str, Any]] = field(default_factory=list)  # name, predicted_ms, measured_ms, error_pct, ...
+    points: list[dict[str, Any]] = field(default_factory=list)  # name, predicted_ms, measured_ms, ...
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
@@ -53,7 +53,7 @@ class ValidationReport:
         return d
 
     def passed(self, within_10: float = 0.9, tau: float = 0.85) -> bool:
-        """The acceptance: at least `within_10` of the models within +-10 % and Kendall tau of at least `tau`."""
+        """The acceptance: a share of at least `within_10` within +-10 %, and Kendall tau >= `tau`."""
         return self.within_10 >= within_10 and self.kendall_tau >= tau
 
     def text(self) -> str:
@@ -84,24 +84,28 @@ def error_stats(predicted: Sequence[float], measured: Sequence[float]) -> dict[s
 
 
 def validate(table: LatencyTable, space: Any, n: int = 50, seed: int = 0, backend: Backend | None = None, *,
-             archs: Sequence[Architecture] | None = None, group: int = MODEL_GROUP, plot: str | Path | None = None,
+             archs: Sequence[Architecture] | None = None, group: int = MODEL_GROUP,
+             plot: str | Path | None = None,
              report: str | Path | None = None, progress: bool = False, realtime: bool = False,
              passes: int = MODEL_PASSES) -> ValidationReport:
     """Predict and measure `n` random architectures of `space` (seeded) end to end on the table's backend."""
-    # Every model is measured in `passes` passes minutes apart and its median pass counts (measure_architectures);
-    # `realtime` as in build().
+    # Every model is measured in `passes` passes minutes apart and its fastest pass counts
+    # (measure_architectures); `realtime` as in build().
     be = backend or table.backend_instance()
-    check_fingerprint(table.fingerprint, be.fingerprint(table.batch), what="the latency table being validated")
+    check_fingerprint(table.fingerprint, be.fingerprint(table.batch),
+                      what="the latency table being validated")
     models = list(archs) if archs is not None else sample_architectures(space, n, seed)
     predicted = [table.predict(a) for a in models]
     t0 = time.perf_counter()
-    measured = measure_architectures(models, be, table.imgsz, batch=table.batch, group=group, fuse=table.fused,
-                                     progress=progress, desc="validation", realtime=realtime, passes=passes)
+    measured = measure_architectures(models, be, table.imgsz, batch=table.batch, group=group,
+                                     fuse=table.fused, progress=progress, desc="validation",
+                                     realtime=realtime, passes=passes)
     measure_s = time.perf_counter() - t0
     meds = [m.median_ms for m in measured]
     points = [{"name": a.name, "predicted_ms": p, "measured_ms": m.median_ms,
-               "error_pct": (p - m.median_ms) / m.median_ms * 100.0, "noise": m.noise, "other_load": m.other_load,
-               "stop_reason": m.stop_reason, "arch": a.to_dict()}
+               "error_pct": (p - m.median_ms) / m.median_ms * 100.0, "noise": m.noise,
+               "other_load": m.other_load, "stop_reason": m.stop_reason, "passes_ms": m.repeat_medians_ms,
+               "arch": a.to_dict()}
               for a, p, m in zip(models, predicted, measured)]
     rep = ValidationReport(n=len(models), seed=seed, backend=be.name, imgsz=table.imgsz,
                            device=table.fingerprint.slug(), measure_s=round(measure_s, 2),
@@ -137,7 +141,8 @@ def plot_report(rep: ValidationReport, path: str | Path) -> Path:
     ax.set_xlabel("measured latency (ms)")
     ax.set_ylabel("predicted latency (ms)")
     ax.set_title(f"{rep.backend}, imgsz {rep.imgsz}, n={rep.n}", fontsize=10)
-    ax.text(0.03, 0.97, f"MAPE {rep.mape:.1f}%\nKendall τ {rep.kendall_tau:.3f}\nSpearman {rep.spearman:.3f}\n"
+    ax.text(0.03, 0.97, f"MAPE {rep.mape:.1f}%\nKendall τ {rep.kendall_tau:.3f}\n"
+            f"Spearman {rep.spearman:.3f}\n"
             f"within 5% {rep.within_5:.0%}, 10% {rep.within_10:.0%}", transform=ax.transAxes, va="top",
             fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
     ax.legend(loc="lower right", fontsize=7)

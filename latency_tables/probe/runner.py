@@ -4,7 +4,7 @@ Needs only Python 3.8+, numpy and onnxruntime (no detforge). Run it from the unp
 
     python runner.py --threads 2 --out results.json
 
-then bring results.json back and turn it into a table with `detforge latency import results.json --out T.json`.
+then bring results.json back and turn it into a table: `detforge latency import results.json --out T.json`.
 Results are saved after every group of models, so a killed run continues where it stopped when started again
 with the same --out. The timing loop is detforge's own (measurement.py, shipped beside this file).
 """
@@ -25,14 +25,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS_SCHEMA = "detforge.probe_results"
 RESULTS_VERSION = 1
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "trt": "TensorrtExecutionProvider"}
 ORT_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")
 TRT_DISTS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-libs")
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
 
 
-# ---- device fingerprint (the fields of latency_tables.fingerprint.DeviceFingerprint, collected without it) ----
+# ---- device fingerprint (the fields of latency_tables.fingerprint.DeviceFingerprint, collected without it)
+# ----
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo, as detforge's fingerprint reads it."""
     try:
@@ -51,8 +53,8 @@ def gpu_info() -> tuple:
     """(GPU name, driver version) of GPU 0 from nvidia-smi, else (None, None)."""
     if shutil.which("nvidia-smi"):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader",
-                                  "--id=0"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+            cmd = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", "--id=0"]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
             name, _, driver = out.partition(",")
             if name:
                 return name.strip(), driver.strip() or None
@@ -73,7 +75,8 @@ def dist_version(dists: tuple) -> str | None:
     return None
 
 
-def fingerprint(provider: str, threads: int | None, precision: str, batch: int, exporter_torch: str | None) -> dict:
+def fingerprint(provider: str, threads: int | None, precision: str, batch: int,
+                exporter_torch: str | None) -> dict:
     """This device as a DeviceFingerprint dict (backend ort-<provider>)."""
     import onnxruntime as ort
 
@@ -92,7 +95,8 @@ def fingerprint(provider: str, threads: int | None, precision: str, batch: int, 
             "arch": platform.machine(), "kernel": platform.release(), "python": platform.python_version()}
 
 
-# ---- sessions ------------------------------------------------------------------------------------------------
+# ---- sessions
+# ------------------------------------------------------------------------------------------------
 def session_options(threads: int | None):
     """detforge's reference session: ORT_ENABLE_ALL, sequential, intra-op `threads`, inter-op 1."""
     import onnxruntime as ort
@@ -142,7 +146,8 @@ class Model:
             # The graph points at <name>.bin beside it: write random weights there, load, delete again.
             path = scratch / src.name
             shutil.copyfile(src, path)
-            write_weights(scratch / weights["file"], int(weights["bytes"]), weights["dtype"], seed=len(item["file"]))
+            write_weights(scratch / weights["file"], int(weights["bytes"]), weights["dtype"],
+                          seed=len(item["file"]))
         try:
             self.session = ort.InferenceSession(str(path), sess_options=session_options(args.threads),
                                                 providers=provider_list(args.provider, args.device_id,
@@ -153,7 +158,8 @@ class Model:
                     p.unlink(missing_ok=True)
         ep = PROVIDERS[args.provider]
         if ep not in self.session.get_providers():
-            raise SystemExit(f"runner: onnxruntime fell back to {self.session.get_providers()} instead of {ep}")
+            raise SystemExit(f"runner: onnxruntime fell back to {self.session.get_providers()} "
+                             f"instead of {ep}")
         batch = manifest["batch"]
         rng = np.random.default_rng(0)
         self.feeds = {}
@@ -161,8 +167,9 @@ class Model:
             dt = np.dtype(ORT_DTYPES.get(inp.type, "float32"))
             self.feeds[inp.name] = rng.standard_normal((batch, *shape), dtype=np.float32).astype(dt)
         shapes = [list(s) for s in item["input_shapes"]]
-        self.meta = {"backend": f"ort-{args.provider}", "threads": args.threads, "precision": manifest["precision"],
-                     "batch": batch, "input_shape": shapes[0] if len(shapes) == 1 else shapes}
+        self.meta = {"backend": f"ort-{args.provider}", "threads": args.threads,
+                     "precision": manifest["precision"], "batch": batch,
+                     "input_shape": shapes[0] if len(shapes) == 1 else shapes}
         self.binding = None
         self.device_values = []
         if args.provider != "cpu":  # inputs copied to the GPU once: time the model, not PCIe transfers
@@ -183,7 +190,8 @@ class Model:
             self.binding.synchronize_outputs()
 
 
-# ---- results -------------------------------------------------------------------------------------------------
+# ---- results
+# -------------------------------------------------------------------------------------------------
 def save(path: Path, doc: dict) -> None:
     """Write the results atomically (temp file + rename), so a kill never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +223,7 @@ def measure_groups(items: list, kind: str, doc: dict, args: argparse.Namespace, 
     # over the cores (on 2 vCPUs every model measured ~1.8x slower than alone).
     from measurement import measure_callable
 
-    store = doc[kind]
+    store = doc.setdefault(kind, {})
     todo = [it for it in items if it[key] not in store]
     done = len(items) - len(todo)
     with tempfile.TemporaryDirectory(prefix="detforge-probe-") as scratch:
@@ -238,6 +246,7 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--device-id", type=int, default=0)
     ap.add_argument("--out", default="results.json", help="results file (continued if it exists)")
     ap.add_argument("--group", type=int, default=8, help="models measured between two saves of the results")
+    ap.add_argument("--passes", type=int, default=3, help="passes over the whole models for the overhead fit")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override a measurement setting, e.g. --set min_runs=10 (repeatable)")
     args = ap.parse_args(argv)
@@ -257,7 +266,8 @@ def main(argv: list | None = None) -> int:
     out = Path(args.out)
     doc = load_previous(out, bundle_id, setup) or {
         "schema": RESULTS_SCHEMA, "version": RESULTS_VERSION, "bundle_id": bundle_id, "setup": setup,
-        "bundle": {k: manifest[k] for k in ("imgsz", "batch", "precision", "fused", "space", "opset", "torch")},
+        "bundle": {k: manifest[k] for k in ("imgsz", "batch", "precision", "fused", "space", "opset",
+                                            "torch")},
         "protocol": protocol, "signatures": {b["key"]: b["signature"] for b in manifest["blocks"]},
         "model_archs": {m["name"]: m["arch"] for m in manifest["models"]},
         "entries": {}, "models": {}, "empty": None, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -272,13 +282,22 @@ def main(argv: list | None = None) -> int:
 
     if not doc.get("empty"):
         with tempfile.TemporaryDirectory(prefix="detforge-probe-") as scratch:
-            doc["empty"] = measure_callable(Model(manifest["empty"], args, manifest, Path(scratch)), cfg).to_dict()
+            empty = Model(manifest["empty"], args, manifest, Path(scratch))
+            doc["empty"] = measure_callable(empty, cfg).to_dict()
         checkpoint()
     measure_groups(manifest["blocks"], "entries", doc, args, manifest, cfg, checkpoint, "key")
-    measure_groups(manifest["models"], "models", doc, args, manifest, cfg, checkpoint, "name")
+    # The fit models in passes over the whole list, minutes apart: slow seconds on a busy device spoil a pass,
+    # and each model's fastest pass is kept (as detforge's measure_architectures does).
+    for p in range(args.passes):
+        measure_groups(manifest["models"], f"models_pass{p}", doc, args, manifest, cfg, checkpoint, "name")
+    for m in manifest["models"]:
+        passes = [doc[f"models_pass{p}"][m["name"]] for p in range(args.passes)]
+        doc["models"][m["name"]] = {**min(passes, key=lambda d: d["median_ms"]),
+                                    "repeat_medians_ms": [d["median_ms"] for d in passes]}
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     checkpoint()
-    print(f"runner: wrote {out} ({len(doc['entries'])} blocks, {len(doc['models'])} whole models)", file=sys.stderr)
+    print(f"runner: wrote {out} ({len(doc['entries'])} blocks, {len(doc['models'])} whole models)",
+          file=sys.stderr)
     return 0
 
 

@@ -1,15 +1,17 @@
-"""`detforge latency`: build, use, validate and ship latency tables (build/measure/predict/validate/pack/import)."""
+"""`detforge latency`: build, measure, predict, validate, pack and import latency tables."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
 
+from latency_tables.table import FIT_MODELS
 from nas.output import emit
 from search_spaces.errors import ConfigError
 
 # A short protocol for smoke tests and quick looks; numbers taken with it are rough.
-QUICK = {"warmup": 2, "warmup_s": 0.0, "min_runs": 5, "max_runs": 30, "max_time_s": 5.0, "target_rel_ci": 0.05}
+QUICK = {"warmup": 2, "warmup_s": 0.0, "min_runs": 5, "max_runs": 30, "max_time_s": 5.0,
+         "target_rel_ci": 0.05}
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda", "tensorrt")
 
 
@@ -22,7 +24,7 @@ def load_space(ref: str) -> Any:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `latency build|measure|predict|validate|pack|import` to the `detforge` parser."""
-    p = subparsers.add_parser("latency", help="latency tables: build on a device, predict, validate, probe bundles")
+    p = subparsers.add_parser("latency", help="latency tables: build on a device, predict, validate, probes")
     sub = p.add_subparsers(dest="latency_command", metavar="ACTION")
 
     def usage(args: argparse.Namespace) -> int:
@@ -36,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _backend_args(b)
     b.add_argument("--imgsz", type=int, required=True, help="input size the table is measured at")
     b.add_argument("--out", required=True, help="table JSON (resumed if it exists)")
-    b.add_argument("--fit-models", type=int, default=8, help="whole models the overhead is fitted on (default 8)")
-    b.add_argument("--no-resume", action="store_true", help="start over instead of keeping the entries in --out")
+    b.add_argument("--fit-models", type=int, default=FIT_MODELS,
+                   help=f"whole models the overhead is fitted on (default {FIT_MODELS})")
+    b.add_argument("--no-resume", action="store_true", help="start over instead of resuming --out")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     b.set_defaults(func=run_build)
 
@@ -56,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=run_predict)
 
-    v = sub.add_parser("validate", help="measure random architectures end to end against the table's predictions")
+    v = sub.add_parser("validate", help="measure random architectures end to end against the predictions")
     v.add_argument("--table", required=True, help="latency table JSON")
     v.add_argument("--space", required=True, help="search space name or YAML")
     v.add_argument("--n", type=int, default=50, help="random architectures (default 50)")
@@ -69,13 +72,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(func=run_validate)
 
-    k = sub.add_parser("pack", help="write a probe bundle (ONNX micro-models + runner.py) for a remote device")
+    k = sub.add_parser("pack", help="write a probe bundle (ONNX micro-models + runner.py) for a device")
     k.add_argument("--space", required=True, help="search space name or YAML")
     k.add_argument("--out", default="bundle.tar.gz", help="bundle path (default bundle.tar.gz)")
     k.add_argument("--imgsz", type=int, default=640)
     k.add_argument("--batch", type=int, default=1)
     k.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    k.add_argument("--fit-models", type=int, default=8, help="whole models for the overhead fit (default 8)")
+    k.add_argument("--fit-models", type=int, default=FIT_MODELS,
+                   help=f"whole models for the overhead fit (default {FIT_MODELS})")
     k.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     k.add_argument("--json", action="store_true", help="print one JSON object")
     k.set_defaults(func=run_pack)
@@ -125,7 +129,8 @@ def _backend(args: argparse.Namespace, base: Any = None) -> Any:
     """The backend the options ask for."""
     from latency_tables.table import make_backend
 
-    return make_backend(args.backend, threads=args.threads, precision=args.precision, config=_config(args, base))
+    return make_backend(args.backend, threads=args.threads, precision=args.precision,
+                        config=_config(args, base))
 
 
 def _fmt(d: dict[str, Any], keys: list[str]) -> str:
@@ -139,7 +144,8 @@ def run_build(args: argparse.Namespace) -> int:
     """`detforge latency build`."""
     from latency_tables.table import BUILD_PROTOCOL, LatencyTable
 
-    table = LatencyTable.build(load_space(args.space), _backend(args, BUILD_PROTOCOL), args.imgsz, args.out, batch=args.batch,
+    table = LatencyTable.build(load_space(args.space), _backend(args, BUILD_PROTOCOL), args.imgsz, args.out,
+                               batch=args.batch,
                                progress=not args.no_progress,
                                resume=not args.no_resume, fit_models=args.fit_models, fuse=not args.no_fuse,
                                realtime=args.realtime)
@@ -161,7 +167,8 @@ def run_measure(args: argparse.Namespace) -> int:
 
         det = load_model(args.model)
         imgsz = args.imgsz or det.arch.imgsz
-        model, shape, name = decoded_model(det, not args.no_fuse), [(det.arch.in_channels, imgsz, imgsz)], det.arch.name
+        model, name = decoded_model(det, not args.no_fuse), det.arch.name
+        shape = [(det.arch.in_channels, imgsz, imgsz)]
     m = measure_group({name: (model, shape)}, be, batch=args.batch, realtime=args.realtime)[name]
     d = {"model": name, **m.to_dict()}
     emit(d, args.json, f"{name}: {m.summary()}")
@@ -176,7 +183,8 @@ def run_predict(args: argparse.Namespace) -> int:
     arch = resolve_architecture(args.arch)
     p = table.breakdown(arch, measure_missing=args.measure_missing)
     d = {"arch": arch.name, "predicted_ms": p.predicted_ms, "sum_ms": p.sum_ms, "a_ms": p.a_ms, "b": p.b,
-         "blocks": len(p.blocks), "imgsz": table.imgsz, "backend": table.backend, "device": table.fingerprint.slug()}
+         "c_ms": p.c_ms, "blocks": len(p.blocks), "imgsz": table.imgsz, "backend": table.backend,
+         "device": table.fingerprint.slug()}
     if args.blocks:
         d["block_ms"] = [{"key": k, "ms": ms} for k, ms in p.blocks]
     emit(d, args.json, _fmt(d, ["arch", "predicted_ms", "sum_ms", "blocks", "backend", "imgsz", "device"]))
@@ -205,8 +213,9 @@ def run_pack(args: argparse.Namespace) -> int:
     out = pack(load_space(args.space), args.out, args.imgsz, args.batch, precision=args.precision,
                fit_models=args.fit_models, progress=not args.no_progress)
     man = bundle_manifest(out)
-    d = {"out": str(out), "bytes": out.stat().st_size, "blocks": len(man["blocks"]), "models": len(man["models"]),
-         "imgsz": man["imgsz"], "batch": man["batch"], "precision": man["precision"], "bundle_id": man["bundle_id"],
+    d = {"out": str(out), "bytes": out.stat().st_size, "blocks": len(man["blocks"]),
+         "models": len(man["models"]), "imgsz": man["imgsz"], "batch": man["batch"],
+         "precision": man["precision"], "bundle_id": man["bundle_id"],
          "run": "tar xzf BUNDLE && python detforge-probe/runner.py --threads 2 --out results.json"}
     emit(d, args.json)
     return 0
