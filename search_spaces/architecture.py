@@ -102,7 +102,7 @@ class Architecture:
         unknown = set(d) - _TOP_KEYS
         if unknown:
             raise ConfigError(f"unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})", path=path,
-                              field=sorted(unknown)[0])
+                              field=min(unknown))
         for key in ("name", "nc", "backbone", "head"):
             if key not in d:
                 raise ConfigError("missing required key", path=path, field=key)
@@ -203,7 +203,7 @@ class Architecture:
         """Strides of the lead head's levels."""
         s = self.strides(path)
         lead, _ = self.head_indices(path)
-        return [int(round(s[i])) for i in lead]
+        return [round(s[i]) for i in lead]
 
     def validate(self, path: str | None = None) -> None:
         """Check block arguments, references, resolutions and the head (raises ConfigError)."""
@@ -349,7 +349,7 @@ def _head(raw: Any, path: str | None) -> HeadSpec:
     unknown = set(raw) - _HEAD_KEYS
     if unknown:
         raise ConfigError(f"unknown key (allowed: {', '.join(sorted(_HEAD_KEYS))})", path=path,
-                          field=f"head.{sorted(unknown)[0]}")
+                          field=f"head.{min(unknown)}")
     typ = raw.get("type")
     if typ not in HEAD_TYPES:
         raise ConfigError(f"unknown head type {typ!r} (known: {', '.join(HEAD_TYPES)})", path=path, field="head.type")

@@ -45,7 +45,7 @@ class TrainConfig:
     conf_thres: float = 0.001
     iou_thres: float = 0.65
 
-    _CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "linear"),
+    _CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "linear"),
                 "amp": ("auto", "bf16", "fp16", "off")}
 
     def __post_init__(self) -> None:

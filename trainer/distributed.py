@@ -11,12 +11,12 @@ import torch.distributed as dist
 def world_size() -> int:
     """Number of processes (1 without torchrun)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else int(
-        os.environ.get("WORLD_SIZE", 1))
+        os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
     """This process's global rank (0 without torchrun)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def is_main() -> bool:
@@ -28,8 +28,8 @@ def setup(device: str) -> torch.device:
     """Initialise the process group under torchrun (NCCL on CUDA, gloo on CPU) and pick this rank's device."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", 0))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if device.startswith("cuda"):
             torch.cuda.set_device(local)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +56,7 @@ class Conv(nn.Module):
         self.act = make_act(act)
         self.out_channels = out
 
-    official_layout = [""]
+    official_layout: ClassVar[list[str]] = [""]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.bn(self.conv(x)))
@@ -83,7 +84,7 @@ class RepConv(nn.Module):
         self.rbr_1x1 = nn.Sequential(nn.Conv2d(c1, out, 1, s, 0, groups=g, bias=False), make_bn(out))
         self.rbr_reparam: nn.Conv2d | None = None
 
-    official_layout = [""]
+    official_layout: ClassVar[list[str]] = [""]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rbr_reparam is not None:
@@ -126,7 +127,7 @@ class GhostConv(nn.Module):
         self.cv2 = Conv(self.primary_channels, self.primary_channels, dw_k, 1, g=self.primary_channels, act=act)
         self.out_channels = out
 
-    official_layout = [""]
+    official_layout: ClassVar[list[str]] = [""]
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.cv1(x)

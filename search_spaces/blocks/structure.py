@@ -1,6 +1,8 @@
 """Parameter-light structural blocks: pooling transitions, SPP, re-organisation, upsample, concat, sum."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,7 +20,7 @@ class MaxPool(nn.Module):
         self.out_channels = single_input(c_in)
         self.k, self.s = k, s
 
-    official_layout = [None]
+    official_layout: ClassVar[list[str]] = [None]
 
     def forward(self, x: Tensor) -> Tensor:
         return F.max_pool2d(x, self.k, self.s, self.k // 2 if self.s == 1 else 0)
@@ -39,7 +41,7 @@ class MPConv(nn.Module):
         self.cv3 = Conv(c, c, 3, 2, act=act)
         self.out_channels = 2 * c + sum(cs[1:])
 
-    official_layout = [None, "cv1", "cv2", "cv3", None]
+    official_layout: ClassVar[list[str]] = [None, "cv1", "cv2", "cv3", None]
 
     def forward(self, *xs: Tensor) -> Tensor:
         x = xs[0]
@@ -62,7 +64,7 @@ class DownC(nn.Module):
         self.cv3 = Conv(c1, out // 2, 1, act=act)
         self.out_channels = out
 
-    official_layout = [""]
+    official_layout: ClassVar[list[str]] = [""]
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([self.cv2(self.cv1(x)), self.cv3(F.max_pool2d(x, 2, 2))], 1)
@@ -85,7 +87,7 @@ class SPPCSPC(nn.Module):
         self.cv7 = Conv(2 * c_, out, 1, act=act)
         self.out_channels = out
 
-    official_layout = [""]
+    official_layout: ClassVar[list[str]] = [""]
 
     def forward(self, x: Tensor) -> Tensor:
         x1 = self.cv4(self.cv3(self.cv1(x)))
@@ -106,7 +108,7 @@ class SPPCSPTiny(nn.Module):
         self.cv4 = Conv(2 * out, out, 1, act=act)
         self.out_channels = out
 
-    official_layout = ["cv1", "cv2", None, None, None, None, "cv3", None, "cv4"]
+    official_layout: ClassVar[list[str]] = ["cv1", "cv2", None, None, None, None, "cv3", None, "cv4"]
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.cv1(x)
@@ -124,7 +126,7 @@ class ReOrg(nn.Module):
         super().__init__()
         self.out_channels = 4 * single_input(c_in)
 
-    official_layout = [None]
+    official_layout: ClassVar[list[str]] = [None]
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
@@ -139,7 +141,7 @@ class Upsample(nn.Module):
         self.out_channels = single_input(c_in)
         self.scale = scale
 
-    official_layout = [None]
+    official_layout: ClassVar[list[str]] = [None]
 
     def forward(self, x: Tensor) -> Tensor:
         return F.interpolate(x, scale_factor=float(self.scale), mode="nearest")
@@ -153,7 +155,7 @@ class Concat(nn.Module):
         super().__init__()
         self.out_channels = sum([c_in] if isinstance(c_in, int) else c_in)
 
-    official_layout = [None]
+    official_layout: ClassVar[list[str]] = [None]
 
     def forward(self, *xs: Tensor) -> Tensor:
         return torch.cat(xs, 1)
@@ -170,7 +172,7 @@ class Add(nn.Module):
             raise ValueError(f"add needs inputs with equal channels, got {cs}")
         self.out_channels = cs[0]
 
-    official_layout = [None]
+    official_layout: ClassVar[list[str]] = [None]
 
     def forward(self, *xs: Tensor) -> Tensor:
         y = xs[0]
