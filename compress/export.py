@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from torch import Tensor, nn
 from latency_tables.onnx_utils import DEFAULT_OPSET, check_onnx, export_onnx
 from search_spaces.errors import DetforgeError
 from search_spaces.model import Detector
+
+from .graph_nms import OUTPUT_COLUMNS, DetectionsOutput, NmsSpec
 
 
 class DecodedOutput(nn.Module):
@@ -35,7 +38,9 @@ class ExportReport:
     fused: bool
     max_abs_diff: float
     max_abs_output: float
-    outputs: list[int]
+    outputs: list[int | str]  # [N, 5 + nc] decoded, or ["K", 7] detections with in-graph NMS
+    nms: dict | None = None  # the NmsSpec of an end-to-end export
+    nms_agreement: float | None = None  # share of detections ONNX Runtime and PyTorch agree on (verify_detections)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,8 +70,8 @@ def verify_onnx(det: Detector, onnx_path: str | Path, imgsz: int, batch: int = 2
 
 
 def export_detector(det: Detector, out: str | Path, imgsz: int | None = None, fuse: bool = False,
-                    opset: int = DEFAULT_OPSET, verify: bool = True) -> ExportReport:
-    """Export the decoded output of `det` to ONNX at `out` (checked with onnx.checker), verified with ORT."""
+                    opset: int = DEFAULT_OPSET, verify: bool = True, nms: NmsSpec | None = None) -> ExportReport:
+    """Export the decoded output of `det` (or, with `nms`, its detections) to checked ONNX, verified with ORT."""
     if opset < 17:
         raise DetforgeError("opset must be >= 17", field="opset")
     imgsz = imgsz or det.arch.imgsz
@@ -75,10 +80,54 @@ def export_detector(det: Detector, out: str | Path, imgsz: int | None = None, fu
     model = copy.deepcopy(det).eval().float()
     if fuse:
         model.fuse()
-    export_onnx(DecodedOutput(model), (det.arch.in_channels, imgsz, imgsz), path=out, opset=opset,
-                input_names=["images"], output_names=["output"], check=False)
+    shape = (det.arch.in_channels, imgsz, imgsz)
+    if nms is not None:
+        wrapped = DetectionsOutput(model, nms)
+        with warnings.catch_warnings():  # the NMS bounds become graph constants: exactly what is meant
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            export_onnx(wrapped, shape, path=out, opset=opset, input_names=["images"],
+                        output_names=["detections"], output_axes={"detections": {0: "detections"}}, check=False)
+        check_onnx(Path(out))
+        diff, scale, agree = (verify_detections(wrapped, out, imgsz) if verify
+                              else (float("nan"), float("nan"), float("nan")))
+        return ExportReport(path=str(out), imgsz=imgsz, opset=opset, fused=fuse, max_abs_diff=diff,
+                            max_abs_output=scale, outputs=["K", len(OUTPUT_COLUMNS)], nms=nms.to_dict(),
+                            nms_agreement=agree)
+    export_onnx(DecodedOutput(model), shape, path=out, opset=opset, input_names=["images"],
+                output_names=["output"], check=False)
     check_onnx(Path(out))
     diff, scale = verify_onnx(model, out, imgsz) if verify else (float("nan"), float("nan"))
     n = sum(det.head.na * (imgsz // s) ** 2 for s in det.strides)
     return ExportReport(path=str(out), imgsz=imgsz, opset=opset, fused=fuse, max_abs_diff=diff,
                         max_abs_output=scale, outputs=[n, det.nc + 5])
+
+
+def _sorted_rows(d: np.ndarray) -> np.ndarray:
+    """Detections in a canonical order (image, class, falling score): the kernel's order, tie-proof."""
+    return d[np.lexsort((-d[:, 5], d[:, 6], d[:, 0]))] if len(d) else d
+
+
+def verify_detections(wrapped: DetectionsOutput, onnx_path: str | Path, imgsz: int, batch: int = 2,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """ONNX Runtime's vs PyTorch's detections on a random batch: max abs diff of matched rows, scale, agreement.
+
+    Agreement is the share of rows (of the larger set) that the other side has too, within 1e-3 of the
+    output scale. Below 1 only where scores nearly tie (an untrained model): fused and reference outputs
+    differ by ~1e-5 and NMS may then keep a different one of two equal boxes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, wrapped.det.arch.in_channels, imgsz, imgsz, generator=g)
+    with torch.no_grad():
+        ref = _sorted_rows(wrapped.eval()(x).float().numpy())
+    sess = ort_session(Path(onnx_path))
+    out = _sorted_rows(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    if len(ref) == 0 and len(out) == 0:
+        return 0.0, 0.0, 1.0
+    scale = float(max(np.abs(ref).max(initial=0.0), np.abs(out).max(initial=0.0)))
+    if len(ref) == 0 or len(out) == 0:
+        return float("inf"), scale, 0.0
+    dist = np.abs(out[:, None, :] - ref[None, :, :]).max(-1)  # [K_onnx, K_torch]
+    nearest = dist.min(1)
+    matched = nearest <= 1e-3 * max(scale, 1.0)
+    diff = float(nearest[matched].max()) if matched.any() else float("inf")
+    return diff, scale, float(matched.sum()) / max(len(out), len(ref))

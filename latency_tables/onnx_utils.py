@@ -6,7 +6,7 @@ import copy
 import io
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -85,6 +85,7 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     check: bool = True,
+    output_axes: Mapping[str, Mapping[int, str]] | None = None,
 ) -> bytes:
     """Export `model` (eval mode, its own device and dtype) to checked ONNX bytes; optionally write `path`."""
     # The TorchScript exporter (dynamo=False) at `opset`; dim 0 of every input and of every output that
@@ -120,7 +121,9 @@ def export_onnx(
             if dynamic_batch:
                 dynamic_axes = {n: {0: "batch"} for n in in_names}
                 dynamic_axes.update({n: {0: "batch"} for n, t in zip(out_names, outs)
-                                     if t.dim() >= 1 and t.shape[0] == batch})
+                                     if t.dim() >= 1 and t.shape[0] == batch and n not in (output_axes or {})})
+            if output_axes:  # outputs whose dynamic dims are not the batch (a detection count)
+                dynamic_axes = {**(dynamic_axes or {}), **{k: dict(v) for k, v in output_axes.items()}}
             buf = io.BytesIO()
             with warnings.catch_warnings():
                 # dynamo=False is the documented choice for this project; its deprecation notice is noise here.

@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--fuse", action="store_true", help="fold Conv+BN / RepConv / implicit layers first")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--nms", action="store_true",
+                   help="end-to-end: NMS inside the graph (ONNX NonMaxSuppression); output [K, 7] = image, "
+                        "x1, y1, x2, y2, score, class")
+    p.add_argument("--nms-iou", type=float, default=0.45)
+    p.add_argument("--nms-conf", type=float, default=0.25)
+    p.add_argument("--max-det", type=int, default=100, help="boxes kept per class and image")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_export)
 
@@ -71,7 +77,10 @@ def run_export(args: argparse.Namespace) -> None:
     from compress.export import export_detector
 
     det = load_model(args.model)
-    report = export_detector(det, args.out, args.imgsz, fuse=args.fuse, opset=args.opset)
+    from compress.graph_nms import NmsSpec
+
+    nms = NmsSpec(iou=args.nms_iou, conf=args.nms_conf, max_det=args.max_det) if args.nms else None
+    report = export_detector(det, args.out, args.imgsz, fuse=args.fuse, opset=args.opset, nms=nms)
     emit(report.to_dict(), args.json)
 
 
