@@ -58,11 +58,11 @@ class _NonMaxSuppression(torch.autograd.Function):
     """torchvision's NMS when run, the ONNX operator when exported (TorchScript exporter)."""
 
     @staticmethod
-    def forward(ctx, boxes: Tensor, scores: Tensor, max_det: Tensor, iou: Tensor, conf: Tensor) -> Tensor:  # noqa: ARG004
+    def forward(ctx, boxes: Tensor, scores: Tensor, max_det: Tensor, iou: Tensor, conf: Tensor) -> Tensor:
         return reference_nms(boxes, scores, int(max_det), float(iou), float(conf))
 
     @staticmethod
-    def symbolic(g, boxes, scores, max_det, iou, conf):  # noqa: ANN001, ANN205 - exporter callback
+    def symbolic(g, boxes, scores, max_det, iou, conf):
         return g.op("NonMaxSuppression", boxes, scores, max_det, iou, conf, center_point_box_i=0)
 
 
