@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default="runs/data/synthetic")
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--val", type=int, default=300)
+    ap.add_argument("--data-imgsz", type=int, default=None, help="synthetic image size (default: max(imgsz, 320))")
+    ap.add_argument("--classes", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=300, help="longest schedule; the epochs that fit --minutes (timed on epoch 1) shorten it")
     ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
     ap.add_argument("--batch", type=int, default=16)
@@ -37,7 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     data = Path(args.data_dir)
     t0 = time.time()
-    yaml_path = generate(data, train=args.train, val=args.val, imgsz=max(args.imgsz, 320), seed=0)
+    yaml_path = generate(data, train=args.train, val=args.val, imgsz=args.data_imgsz or max(args.imgsz, 320),
+                         classes=args.classes, seed=0)
     gen_s = time.time() - t0
     cfg = TrainConfig(model=args.model, data=str(yaml_path), out=args.out, epochs=args.epochs, imgsz=args.imgsz,
                       batch=args.batch, device=args.device, amp=args.amp, workers=args.workers,
