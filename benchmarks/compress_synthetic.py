@@ -126,8 +126,16 @@ def fusion(b: Bench) -> dict[str, Any]:
     det = load_model("yolov7", form="training").eval()
     randomize(det, seed=0)  # non-trivial BN statistics and implicit tensors, so every fold is exercised
     fused, rep = fuse_detector(det, b.args.imgsz, check_imgsz=b.args.imgsz)
+    x = torch.rand(2, 3, b.args.imgsz, b.args.imgsz, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (dec0, raw0), (dec1, raw1) = det(x), fused(x)
+    # decoded boxes are in pixels (float32 spacing ~3e-5 at 500 px), so also compare the head's raw maps
+    # (logits) and the scores, whose scale is 1
+    raw_diff = max((a - c).abs().max().item() for a, c in zip(raw0, raw1))
+    score_diff = (dec0[..., 4:] - dec1[..., 4:]).abs().max().item()
     ms_train, ms_fused = b.latency([det, fused])
     return {"model": "yolov7", "max_abs_diff": rep.details["max_abs_diff"],
+            "max_abs_diff_raw": raw_diff, "max_abs_diff_scores": score_diff,
             "max_abs_output": rep.details["max_abs_output"], "params_before": rep.params_before,
             "params_after": rep.params_after, "latency_ms_training_form": ms_train, "latency_ms_fused": ms_fused,
             "speedup": ms_train / ms_fused}

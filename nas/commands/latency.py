@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from latency_tables.table import FIT_MODELS
+from latency_tables.table import FIT_MODELS, SAVE_EVERY_S
 from nas.output import emit
 from search_spaces.errors import ConfigError
 
@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--fit-models", type=int, default=FIT_MODELS,
                    help=f"whole models the overhead is fitted on (default {FIT_MODELS})")
     b.add_argument("--no-resume", action="store_true", help="start over instead of resuming --out")
+    b.add_argument("--save-every", type=float, default=SAVE_EVERY_S,
+                   help=f"seconds between saves of the finished entries (default {SAVE_EVERY_S:g}; a kill "
+                        "loses at most this much measuring)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     b.set_defaults(func=run_build)
 
@@ -148,7 +151,7 @@ def run_build(args: argparse.Namespace) -> int:
                                batch=args.batch,
                                progress=not args.no_progress,
                                resume=not args.no_resume, fit_models=args.fit_models, fuse=not args.no_fuse,
-                               realtime=args.realtime)
+                               realtime=args.realtime, save_every_s=args.save_every)
     s = table.summary()
     emit(s, args.json)
     return 0
