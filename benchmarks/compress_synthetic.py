@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", default="runs/data/synthetic/data.yaml")
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--macs", type=float, default=0.5, help="fraction of MACs the pruned models keep")
+    ap.add_argument("--round-to", type=int, default=16,
+                    help="pruned channel counts are multiples of this (16: AVX-512 NCHWc blocks in ORT's MLAS)")
     ap.add_argument("--finetune-epochs", type=int, default=2, help="finetune budget after pruning (and distill)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--calib", type=int, default=128, help="INT8 calibration images (train split)")
@@ -167,7 +169,8 @@ def prune(b: Bench) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     onnx = [b.out / "base.fp32.onnx"]
     for backend in ("torch-pruning", "nni"):
-        pruned, rep = prune_detector(det, b.args.macs, backend=backend, imgsz=b.args.imgsz)
+        pruned, rep = prune_detector(det, b.args.macs, backend=backend, imgsz=b.args.imgsz,
+                                     round_to=b.args.round_to)
         save_model(pruned, b.out / f"pruned-{backend}")  # before finetuning: the distillation student
         tuned = b.finetune(copy.deepcopy(pruned), f"finetune-{backend}")
         save_model(tuned, b.out / f"pruned-{backend}-finetuned")
@@ -180,7 +183,7 @@ def prune(b: Bench) -> dict[str, Any]:
     lat = b.latency(onnx)
     for backend, ms in zip(rows, lat[1:]):
         rows[backend].update(latency_ms=ms, latency_ms_unpruned=lat[0], latency_change=ms / lat[0] - 1.0)
-    return {"finetune_epochs": b.args.finetune_epochs, "base_map": base_map,
+    return {"finetune_epochs": b.args.finetune_epochs, "round_to": b.args.round_to, "base_map": base_map,
             "base": b.results["baseline"].get("params"), **rows}
 
 
