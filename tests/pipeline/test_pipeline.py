@@ -47,18 +47,22 @@ def _stages(out: Path) -> dict:
         return {}
 
 
-def test_pipeline_runs_and_resumes_after_kill(tmp_path):
+ORDER = ["data", "latency", "supernet", "search", "pareto"]
+
+
+@pytest.mark.parametrize("after", ["data", "supernet"])  # killed in the latency stage, in the search stage
+def test_pipeline_runs_and_resumes_after_kill(after, tmp_path):
     cfg = _config(tmp_path)
     out = tmp_path / "run"
     proc = _run(str(cfg), "--out", str(out))
     deadline = time.time() + 900
-    while "supernet" not in _stages(out) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    while after not in _stages(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
     assert proc.poll() is None, proc.stdout.read()[-3000:]
-    proc.send_signal(signal.SIGKILL)  # somewhere in the search stage or just after
+    proc.send_signal(signal.SIGKILL)  # in the stage after `after`, or just after it
     proc.wait()
     done_before = set(_stages(out))
-    assert {"data", "latency", "supernet"} <= done_before
+    assert set(ORDER[:ORDER.index(after) + 1]) <= done_before
 
     again = _run(str(cfg), "--out", str(out), "--resume")
     log, _ = again.communicate(timeout=900)

@@ -177,14 +177,14 @@ def _dataset_copy(d: Path, data: Path) -> Path:
 
 def _bad_label(d: Path, data: Path) -> str:
     root = _dataset_copy(d, data)
-    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    label = min((root / "labels" / "train").glob("*.txt"))
     label.write_text("0 0.5 0.5 0.2\n")  # four columns
     return str(root / "data.yaml")
 
 
 def _corrupt_image(d: Path, data: Path) -> str:
     root = _dataset_copy(d, data)
-    image = sorted((root / "images" / "train").iterdir())[0]
+    image = min((root / "images" / "train").iterdir())
     image.write_bytes(image.read_bytes()[:50])
     return str(root / "data.yaml")
 

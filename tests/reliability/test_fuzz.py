@@ -9,10 +9,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from search_spaces import Architecture
 from latency_tables import LatencyTable
 from latency_tables.table import TABLES_DIR
 from nas.pipeline_config import PipelineConfig
+from search_spaces import Architecture
 from search_spaces.errors import DetforgeError
 from search_spaces.space import SPACES_DIR, SearchSpace
 from search_spaces.zoo import zoo_path
@@ -74,7 +74,7 @@ def test_architecture_parser_on_arbitrary_documents(doc):
 @SETTINGS
 @given(st.text(max_size=200))
 def test_label_parser_never_crashes(text):
-    labels, problems = parse_yolo_labels(text, nc=6)
+    labels, _problems = parse_yolo_labels(text, nc=6)
     assert labels.ndim == 2 and labels.shape[1] == 5
     assert ((labels[:, 1:] >= 0) & (labels[:, 1:] <= 1)).all()
     assert ((labels[:, 0] >= 0) & (labels[:, 0] < 6)).all()

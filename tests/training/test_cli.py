@@ -47,7 +47,7 @@ def test_strict_bad_label_is_exit_2(small_data, tmp_path, capsys):
     shutil.copytree(Path(small_data).parent, root)
     data = root / "data.yaml"
     data.write_text(data.read_text().replace(str(Path(small_data).parent), str(root)))
-    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    label = min((root / "labels" / "train").glob("*.txt"))
     label.write_text("0 0.5 0.5 0.2\n")  # four columns
     assert main(["train", "--data", str(data), "--epochs", "1", "--imgsz", "96", "--batch", "4", "--workers", "0",
                  "--device", "cpu", "--out", str(tmp_path / "r"), "--strict", "--json"]) == 2
