@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--imgsz", type=int, default=None, help="input size (default: the ONNX input's, or the model's)")
     q.add_argument("--measure", action="store_true", help="measure FP32 and INT8 latency (ORT CPU, 2 threads)")
     q.add_argument("--engine", help="also build a TensorRT engine here (GPU; use --target trt)")
+    q.add_argument("--qat-epochs", type=int, default=0,
+                   help="quantization-aware finetuning for this many epochs on --data instead of PTQ "
+                        "(MODEL must be a model, not an .onnx)")
+    q.add_argument("--qat-lr-scale", type=float, default=0.1, help="QAT learning rate / the training lr0")
+    q.add_argument("--batch", type=int, default=16, help="QAT batch size")
+    q.add_argument("--device", default="auto", help="QAT device")
     q.add_argument("--out", required=True, help="output .onnx")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=run_quantize)
@@ -121,6 +127,8 @@ def run_quantize(args: argparse.Namespace) -> None:
                         "images would calibrate the wrong ranges)", field="data")
     out = Path(args.out)
     src = Path(args.model)
+    if args.qat_epochs:
+        return _run_qat(args, out)
     if src.suffix == ".onnx":
         fp32 = src
         dims = input_specs(fp32)[0][1]
@@ -143,3 +151,34 @@ def run_quantize(args: argparse.Namespace) -> None:
     brief = {k: result[k] for k in ("path", "fp32_path", "method", "target", "calib_images", "excluded_sensitive",
                                     "latency_ms_fp32", "latency_ms_int8")}
     emit(result, args.json, format_mapping({**brief, **{f"error.{k}": v for k, v in report.error.items()}}))
+
+
+def _run_qat(args: argparse.Namespace, out: Path) -> None:
+    """`detforge quantize MODEL --qat-epochs N`: fake-quant finetune, then QDQ ONNX export."""
+    from compress.qat import export_qat, qat_finetune
+    from compress.quantize import qdq_counts
+    from latency_tables.onnx_utils import load_onnx_model
+    from search_spaces import load_model
+    from search_spaces.io import atomic_write_json
+    from trainer.config import TrainConfig
+
+    if Path(args.model).suffix == ".onnx":
+        raise ConfigError("QAT trains the model: give a model directory or zoo name, not an .onnx",
+                          path=args.model, field="qat_epochs")
+    det = load_model(args.model)
+    imgsz = args.imgsz or det.arch.imgsz
+    run_dir = out.with_name(out.name.removesuffix(".onnx") + "_qat")
+    cfg = TrainConfig(model=str(args.model), data=args.data, out=str(run_dir), epochs=args.qat_epochs, imgsz=imgsz,
+                      batch=args.batch, device=args.device, resume=(run_dir / "last.pt").is_file())
+    qat, report = qat_finetune(det, cfg, lr_scale=args.qat_lr_scale)
+    export_qat(qat.cpu(), out, imgsz)
+    result = {"path": str(out), "method": "qat", "run": str(run_dir), **report.to_dict(),
+              "qdq": qdq_counts(load_onnx_model(out))}
+    result["map"] = report.rows[-1].get("map") if report.rows else None
+    if args.measure:
+        from compress.report import measure_latency_ms
+
+        result["latency_ms_int8"] = measure_latency_ms([out], imgsz)[0]
+    atomic_write_json(out.with_suffix(".json"), result)
+    emit(result, args.json, format_mapping({k: result[k] for k in ("path", "run", "epochs", "convs",
+                                                                   "float_outputs", "map")}))
