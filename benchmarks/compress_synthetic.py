@@ -12,8 +12,11 @@ Sections:
   fusion    yolov7 (random weights) training form -> fused deploy form: max abs diff, ORT speedup
   baseline  the trained model: mAP (PyTorch, EMA weights) and its fused FP32 ONNX mAP
   int8      ORT QDQ INT8 of the fused ONNX: mAP and latency vs FP32
+  qat       quantization-aware finetuning (--qat-epochs) exported as QDQ: mAP and latency vs FP32 and PTQ
   prune     50% of MACs removed with torch-pruning and with NNI, each finetuned --finetune-epochs:
             mAP and latency vs the unpruned model
+  latency   every exported file of the run measured together, interleaved, --measurements times (the
+            sections' own latencies compare a few files each; this puts them on one footing)
   distill   the torch-pruning student finetuned the same epochs and seed with the trained model as teacher
             (output + feature terms): its mAP vs the plain finetune's
 """
@@ -39,6 +42,7 @@ from compress.export import export_detector
 from compress.fuse import fuse_detector
 from compress.onnx_eval import evaluate_onnx
 from compress.prune import prune_detector
+from compress.qat import export_qat, qat_finetune
 from compress.quantize import calibration_images, quantize_onnx
 from compress.report import measure_latency_ms
 from search_spaces import load_model, save_model
@@ -51,7 +55,7 @@ from trainer.datasets import YoloDataset, build_dataloader
 from trainer.evaluate import evaluate
 from trainer.trainer import Trainer, resolve_data_config
 
-SECTIONS = ("fusion", "baseline", "int8", "prune", "distill")
+SECTIONS = ("fusion", "baseline", "int8", "qat", "prune", "distill", "latency")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,8 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--round-to", type=int, default=16,
                     help="pruned channel counts are multiples of this (16: AVX-512 NCHWc blocks in ORT's MLAS)")
     ap.add_argument("--finetune-epochs", type=int, default=2, help="finetune budget after pruning (and distill)")
+    ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--calib", type=int, default=128, help="INT8 calibration images (train split)")
+    ap.add_argument("--measurements", type=int, default=3, help="interleaved measurements in `latency`")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved latency repeats per comparison")
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--redo", default="", help="comma-separated sections to measure again")
@@ -163,6 +169,20 @@ def int8(b: Bench) -> dict[str, Any]:
             "latency_ms_fp32": ms_fp32, "latency_ms_int8": ms_int8, "speedup": ms_fp32 / ms_int8}
 
 
+def qat(b: Bench) -> dict[str, Any]:
+    a = b.args
+    cfg = TrainConfig(model=a.model, data=a.data, out=str(b.out / "qat"), epochs=a.qat_epochs, imgsz=a.imgsz,
+                      batch=a.batch, device="cpu", progress=False, seed=0)
+    model, rep = qat_finetune(load_model(a.model), cfg)
+    path = export_qat(model, b.out / "base.qat.onnx", a.imgsz)
+    ms_fp32, ms_ptq, ms_qat = b.latency([b.out / "base.fp32.onnx", b.out / "base.int8.onnx", path])
+    m = b.map_onnx(path)
+    fp32, ptq = b.results["baseline"]["onnx_fp32"], b.results["int8"]["int8"]
+    return {"epochs": rep.epochs, "convs": rep.convs, "fp32": fp32, "ptq": ptq, "qat": m,
+            "map_drop_points": 100 * (fp32["map"] - m["map"]), "latency_ms_fp32": ms_fp32,
+            "latency_ms_ptq": ms_ptq, "latency_ms_qat": ms_qat, "speedup": ms_fp32 / ms_qat}
+
+
 def prune(b: Bench) -> dict[str, Any]:
     det = load_model(b.args.model)
     base_map = b.results["baseline"]["torch"]["map"]
@@ -199,11 +219,25 @@ def distill(b: Bench) -> dict[str, Any]:
             "distilled": m["map"], "distilled_map50": m["map50"], "gain_points": 100 * (m["map"] - plain["map"])}
 
 
+FILES = ("base.fp32.onnx", "base.int8.onnx", "base.qat.onnx", "pruned-torch-pruning.fp32.onnx",
+         "pruned-nni.fp32.onnx")
+
+
+def latency(b: Bench) -> dict[str, Any]:
+    files = [f for f in FILES if (b.out / f).is_file()]
+    rows: dict[str, list[float]] = {f: [] for f in files}
+    for _ in range(b.args.measurements):
+        for f, ms in zip(files, b.latency([b.out / f for f in files])):
+            rows[f].append(ms)
+    ref = rows[files[0]]
+    return {"files": {f: {"latency_ms": v, "vs_fp32": [m / r for m, r in zip(v, ref)]} for f, v in rows.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     b = Bench(args)
-    for name, fn in (("fusion", fusion), ("baseline", baseline), ("int8", int8), ("prune", prune),
-                     ("distill", distill)):
+    for name, fn in (("fusion", fusion), ("baseline", baseline), ("int8", int8), ("qat", qat),
+                     ("prune", prune), ("distill", distill), ("latency", latency)):
         b.run(name, lambda fn=fn: fn(b))
     print(json.dumps(b.results, indent=2))
     return 0
