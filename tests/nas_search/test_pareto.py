@@ -16,23 +16,11 @@ from nas.pareto import FrontEntry, export_front, non_dominated, pareto_front, pl
 from nas.search import STUDY_ATTR, SearchConfig, open_storage, run_search
 from search_spaces import load_model
 
-from . import IMGSZ, NC, artifacts, one_thread
+from . import IMGSZ, NC
 
 PNG = b"\x89PNG\r\n\x1a\n"
 QUICK = MeasurementConfig(warmup=2, warmup_s=0.0, min_runs=5, max_runs=20, max_time_s=1.0, target_rel_ci=0.1,
                           check_load=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = one_thread()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return artifacts(tmp_path_factory.getbasetemp() / "nas_search_shared")
 
 
 @pytest.fixture(scope="module")

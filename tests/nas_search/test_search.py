@@ -23,21 +23,9 @@ from nas.cli import main
 from nas.search import SearchConfig, _PruneReport, load_study, open_storage, run_search
 from search_spaces.errors import ConfigError, DetforgeError
 
-from . import IMGSZ, ROOT, artifacts, env, one_thread, search_args, spawn
+from . import IMGSZ, ROOT, env, search_args, spawn
 
 BUDGET = 4.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = one_thread()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return artifacts(tmp_path_factory.getbasetemp() / "nas_search_shared")
 
 
 def _cfg(shared, out: Path, **kw) -> SearchConfig:

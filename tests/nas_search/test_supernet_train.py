@@ -14,19 +14,7 @@ from search_spaces import ConfigError, Detector
 from search_spaces.space import load_space
 from trainer.config import TrainConfig
 
-from . import IMGSZ, NC, artifacts, one_thread
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = one_thread()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return artifacts(tmp_path_factory.getbasetemp() / "nas_search_shared")
+from . import IMGSZ, NC
 
 
 def _cfg(shared, out, **kw) -> TrainConfig:
