@@ -183,17 +183,10 @@ class SupernetTrainer(Trainer):
             net.set_active(self._largest)  # the EMA copy keeps its own active path
         return super().validate(max_batches)
 
-    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
-        """Everything needed to resume after `epoch` (the Trainer's keys; the space instead of an arch)."""
-        return {
-            "epoch": epoch, "best_map": self.best_map, "rows": self.rows, "config": self.cfg.to_dict(),
-            "supernet": {"space": self.space.name, "space_path": self.space.source, "nc": int(self.supernet.nc),
-                         "n_random": self.n_random, "kd_weight": self.kd_weight},
-            "model": self.supernet.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
-            "extra": self.extra_modules.state_dict(),
-        }
+    def model_identity(self) -> dict[str, Any]:
+        """The space and settings instead of an arch: a supernet is all architectures at once."""
+        return {"supernet": {"space": self.space.name, "space_path": self.space.source, "nc": int(self.supernet.nc),
+                             "n_random": self.n_random, "kd_weight": self.kd_weight}}
 
     def save_checkpoint(self, epoch: int) -> None:
         """Atomically write last.pt and supernet.pt (EMA weights, space, nc); a supernet is no Detector dir."""

@@ -172,13 +172,16 @@ class Trainer:
         """Everything needed to resume after `epoch` (plain tensors and containers: weights_only-loadable)."""
         return {
             "epoch": epoch, "epochs": self.epochs, "best_map": self.best_map, "rows": self.rows,
-            "config": self.cfg.to_dict(),
-            "arch": self.model.arch.to_yaml(),
+            "config": self.cfg.to_dict(), **self.model_identity(),
             "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
             "extra": self.extra_modules.state_dict(),
         }
+
+    def model_identity(self) -> dict[str, Any]:
+        """What the checkpoint records to say which model its weights belong to (subclasses: not an arch)."""
+        return {"arch": self.model.arch.to_yaml()}
 
     def save_checkpoint(self, epoch: int) -> None:
         """Atomically write last.pt and the EMA model directory (only rank 0 writes)."""
