@@ -617,9 +617,14 @@ class LatencyTable:
             if not (isinstance(entries[k].median_ms, (int, float)) and entries[k].median_ms >= 0):
                 raise ConfigError(f"median_ms must be a non-negative number, got {entries[k].median_ms!r}",
                                   path=p, field=f"entries.{k}.median_ms")
+        for key in ("signatures", "protocol", "info"):
+            if not isinstance(d.get(key) or {}, dict):
+                raise ConfigError(f"expected an object, got {type(d[key]).__name__}", path=p, field=key)
+        for key, typ in (("threads", int), ("space", str)):
+            v = d.get(key)
+            if v is not None and (not isinstance(v, typ) or isinstance(v, bool)):
+                raise ConfigError(f"expected {typ.__name__} or null, got {type(v).__name__}", path=p, field=key)
         sigs = d.get("signatures") or {}
-        if not isinstance(sigs, dict):
-            raise ConfigError(f"expected an object, got {type(sigs).__name__}", path=p, field="signatures")
         return cls(fingerprint=fp, backend=d["backend"], imgsz=d["imgsz"], batch=d["batch"],
                    precision=d["precision"], threads=d.get("threads"), fused=bool(d.get("fused", True)),
                    space=d.get("space"), entries=entries, signatures=dict(sigs),

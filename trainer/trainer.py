@@ -207,7 +207,10 @@ class Trainer:
             raise CheckpointError(f"cannot resume: checkpoint does not match this run ({str(e)[:200]})",
                                   path=path) from None
         self.start_epoch = int(ck["epoch"]) + 1
-        self.epochs = int(ck.get("epochs", self.cfg.epochs))
+        # A schedule shortened to a time budget stays as planned; otherwise --epochs may extend a finished run.
+        planned = ck.get("epochs")
+        self.epochs = min(int(planned), self.cfg.epochs) if self.cfg.fit_epochs_to_time and planned \
+            else self.cfg.epochs
         self.best_map = float(ck["best_map"])
         self.rows = list(ck["rows"])
 

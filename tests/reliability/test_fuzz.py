@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -20,7 +21,11 @@ from trainer.config import TrainConfig
 from trainer.datasets import parse_yolo_labels
 from trainer.hyp import Hyp
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: CI sees the same examples every run (a red run must be reproducible); DETFORGE_FUZZ_EXAMPLES=5000
+# with DETFORGE_FUZZ_RANDOM=1 explores further (the table `info`/`protocol` bug was found that way).
+SETTINGS = settings(max_examples=int(os.environ.get("DETFORGE_FUZZ_EXAMPLES", "150")), deadline=None,
+                    derandomize=not os.environ.get("DETFORGE_FUZZ_RANDOM"),
+                    suppress_health_check=[HealthCheck.too_slow])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                     st.text(max_size=12))
