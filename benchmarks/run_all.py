@@ -17,7 +17,8 @@ FULL = [
     ["zoo_stats.py"],
     ["latency_validate.py"],
     ["train_synthetic.py", "--model", "yolov7-tiny", "--imgsz", "320", "--minutes", "30"],
-    ["compress_synthetic.py", "--model", "runs/bench/train_synthetic/model", "--finetune-epochs", "2"],
+    ["compress_synthetic.py", "--model", "runs/bench/train_synthetic/model", "--finetune-epochs", "1"],
+    ["prune_round_to.py", "--model", "runs/bench/train_synthetic/model"],
     ["search_synthetic.py"],
 ]
 QUICK = [
@@ -25,7 +26,8 @@ QUICK = [
     ["train_synthetic.py", "--train", "64", "--val", "16", "--imgsz", "128", "--minutes", "1", "--epochs", "2",
      "--data-dir", "runs/bench/quick-data", "--out", "runs/bench/quick-train"],
     ["compress_synthetic.py", "--model", "runs/bench/quick-train/model", "--data", "runs/bench/quick-data/data.yaml",
-     "--imgsz", "128", "--finetune-epochs", "1", "--calib", "16", "--repeats", "2", "--out", "runs/bench/quick-compress"],
+     "--imgsz", "128", "--finetune-epochs", "1", "--calib", "16", "--repeats", "2", "--measurements", "1",
+     "--qat-epochs", "1", "--out", "runs/bench/quick-compress"],
     ["search_synthetic.py", "--space", "tiny", "--imgsz", "64", "--train-images", "32", "--val-images", "16",
      "--latency-protocol", "quick", "--supernet-epochs", "1", "--trials", "4", "--fidelity-archs", "2",
      "--standalone-epochs", "1", "--finetune-epochs", "1", "--out", "runs/bench/quick-search"],
