@@ -44,11 +44,10 @@ from compress.onnx_eval import evaluate_onnx
 from compress.prune import prune_detector
 from compress.qat import export_qat, qat_finetune
 from compress.quantize import calibration_images, quantize_onnx
-from compress.report import measure_latency_ms
+from compress.report import detector_size, measure_latency_ms
 from search_spaces import load_model, save_model
 from search_spaces.io import atomic_write_json
-from search_spaces.model import Detector, count_params
-from search_spaces.stats import count_macs
+from search_spaces.model import Detector
 from tests.helpers import randomize
 from trainer.config import TrainConfig
 from trainer.datasets import YoloDataset, build_dataloader
@@ -126,7 +125,8 @@ class Bench:
 
 
 def model_stats(det: Detector, imgsz: int) -> dict[str, float]:
-    return {"params": count_params(det), "gflops": 2 * count_macs(det, imgsz, det.arch.in_channels) / 1e9}
+    params, gflops = detector_size(det, imgsz)
+    return {"params": params, "gflops": gflops}
 
 
 def fusion(b: Bench) -> dict[str, Any]:

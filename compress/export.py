@@ -58,14 +58,20 @@ def ort_session(path_or_bytes: str | Path | bytes, threads: int = 2):
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
+def _torch_and_onnx(module: nn.Module, onnx_path: str | Path, shape: tuple[int, ...],
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first output of `module` (eval) and of the ONNX file on one seeded random batch of `shape`."""
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = module.eval()(x)
+    ref = (out[0] if isinstance(out, (tuple, list)) else out).float().numpy()
+    sess = ort_session(Path(onnx_path))
+    return ref, sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
 def verify_onnx(det: Detector, onnx_path: str | Path, imgsz: int, batch: int = 2, seed: int = 0) -> tuple[float, float]:
     """Max abs difference between ONNX Runtime and PyTorch decoded outputs on a random batch, and the output scale."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, det.arch.in_channels, imgsz, imgsz, generator=g)
-    with torch.no_grad():
-        ref = det.eval()(x)[0].float().numpy()
-    sess = ort_session(Path(onnx_path))
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    ref, out = _torch_and_onnx(det, onnx_path, (batch, det.arch.in_channels, imgsz, imgsz), seed)
     return float(np.abs(out - ref).max()), float(np.abs(ref).max())
 
 
@@ -115,12 +121,8 @@ def verify_detections(wrapped: DetectionsOutput, onnx_path: str | Path, imgsz: i
     output scale. Below 1 only where scores nearly tie (an untrained model): fused and reference outputs
     differ by ~1e-5 and NMS may then keep a different one of two equal boxes.
     """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, wrapped.det.arch.in_channels, imgsz, imgsz, generator=g)
-    with torch.no_grad():
-        ref = _sorted_rows(wrapped.eval()(x).float().numpy())
-    sess = ort_session(Path(onnx_path))
-    out = _sorted_rows(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    ref, out = _torch_and_onnx(wrapped, onnx_path, (batch, wrapped.det.arch.in_channels, imgsz, imgsz), seed)
+    ref, out = _sorted_rows(ref), _sorted_rows(out)
     if len(ref) == 0 and len(out) == 0:
         return 0.0, 0.0, 1.0
     scale = float(max(np.abs(ref).max(initial=0.0), np.abs(out).max(initial=0.0)))
