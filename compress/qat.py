@@ -30,6 +30,7 @@ from torch.ao.quantization import (
 from search_spaces.errors import ConfigError
 from search_spaces.io import atomic_torch_save
 from search_spaces.model import Detector
+from trainer.callbacks import Callback
 from trainer.config import TrainConfig
 from trainer.hyp import load_hyp
 from trainer.trainer import CHECKPOINT, Trainer, default_hyp_name
@@ -125,21 +126,33 @@ class QatReport:
                 "observer_freeze_epoch": self.observer_freeze_epoch, "rows": self.rows}
 
 
-class QatTrainer(Trainer):
-    """The Trainer on a fake-quantized model: observers freeze after `freeze_epoch`; checkpoints are last.pt only."""
+class FreezeObservers(Callback):
+    """Stops the fake-quant observers (model and EMA) after `epoch` epochs, also in a resumed run."""
 
-    def __init__(self, cfg: TrainConfig, model: Detector, freeze_epoch: int = 1, **kw: Any):
-        super().__init__(cfg, model=model, **kw)
-        self.freeze_epoch = freeze_epoch
+    def __init__(self, epoch: int = 1):
+        self.epoch = epoch
+
+    def _freeze(self, trainer: Trainer) -> None:
+        set_observers(trainer.model, False)
+        if trainer.ema is not None:
+            set_observers(trainer.ema.ema, False)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.start_epoch >= self.epoch:
+            self._freeze(trainer)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        if epoch + 1 >= self.epoch:
+            self._freeze(trainer)
+
+
+class QatTrainer(Trainer):
+    """The Trainer on a fake-quantized model, whose checkpoints are last.pt only."""
 
     def save_checkpoint(self, epoch: int) -> None:
         # a fake-quantized model is not an architecture + weights pair; its deliverable is the QDQ ONNX
         if self.main:
             atomic_torch_save(self.checkpoint_state(epoch), self.out / CHECKPOINT)
-        if epoch + 1 >= self.freeze_epoch:
-            set_observers(self.model, False)
-            if self.ema is not None:
-                set_observers(self.ema.ema, False)
 
 
 def qat_finetune(det: Detector, cfg: TrainConfig, *, lr_scale: float = 0.1, freeze_epoch: int = 1,
@@ -150,18 +163,14 @@ def qat_finetune(det: Detector, cfg: TrainConfig, *, lr_scale: float = 0.1, free
     # small steps from trained weights: no warmup (its bias LR starts at 0.1), a tenth of the LR
     lr = hyp.lr0 * lr_scale
     hyp = dataclasses.replace(hyp, lr0=lr, warmup_epochs=0.0, warmup_bias_lr=lr)
-    trainer = QatTrainer(dataclasses.replace(cfg, min_warmup_iters=0), model, freeze_epoch=freeze_epoch, hyp=hyp)
+    trainer = QatTrainer(dataclasses.replace(cfg, min_warmup_iters=0), model=model, hyp=hyp,
+                         callbacks=[FreezeObservers(freeze_epoch)])
     if trainer.start_epoch == 0:
         batches = (imgs.to(trainer.device).float() / 255.0 for i, (imgs, *_rest) in
                    zip(range(calib_batches), trainer.train_loader))
         calibrate(trainer.model, batches)
         if trainer.ema is not None:
             trainer.ema.ema.load_state_dict(trainer.model.state_dict())
-    else:  # resumed: the observers were frozen at the freeze epoch, keep them so
-        if trainer.start_epoch >= freeze_epoch:
-            set_observers(trainer.model, False)
-            if trainer.ema is not None:
-                set_observers(trainer.ema.ema, False)
     result = trainer.train()
     qat = trainer.eval_model
     set_observers(qat, False)
