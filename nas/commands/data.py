@@ -4,19 +4,13 @@ from __future__ import annotations
 import argparse
 import time
 
+from nas.commands import command_group
 from nas.output import emit, format_mapping
 
 
 def register(subparsers) -> None:
     """Add `data synth` and `data check` to the `detforge` parser."""
-    p = subparsers.add_parser("data", help="datasets: make the synthetic one, check a YOLO one")
-    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
-
-    def usage(args: argparse.Namespace) -> int:
-        p.print_help()
-        return 2
-
-    p.set_defaults(func=usage)
+    _, sub = command_group(subparsers, "data", "datasets: make the synthetic one, check a YOLO one")
 
     s = sub.add_parser("synth", help="write the built-in synthetic shapes dataset (YOLO format)")
     s.add_argument("--out", required=True, help="output directory (created; resumed if it holds a partial run)")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from latency_tables.table import FIT_MODELS, SAVE_EVERY_S
+from nas.commands import command_group
 from nas.output import emit
 from search_spaces.errors import ConfigError
 
@@ -24,14 +25,7 @@ def load_space(ref: str) -> Any:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `latency build|measure|predict|validate|pack|import` to the `detforge` parser."""
-    p = subparsers.add_parser("latency", help="latency tables: build on a device, predict, validate, probes")
-    sub = p.add_subparsers(dest="latency_command", metavar="ACTION")
-
-    def usage(args: argparse.Namespace) -> int:
-        p.print_help()
-        return 2
-
-    p.set_defaults(func=usage)
+    _, sub = command_group(subparsers, "latency", "latency tables: build on a device, predict, validate, probes")
 
     b = sub.add_parser("build", help="measure every block of a search space on a backend into a table")
     b.add_argument("--space", required=True, help="search space name ('default', 'tiny') or YAML")

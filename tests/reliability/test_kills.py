@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
+from ..helpers import checkpoint_epoch
 from ..latency_table import MICRO_IMGSZ, micro_space_file
 from ..nas_search import ROOT, env
 
@@ -73,13 +73,6 @@ def data(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("d"), train=16, val=8, imgsz=64, classes=2, seed=0)
 
 
-def _epoch(path: Path) -> int:
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
-    except Exception:  # noqa: BLE001 - absent or being replaced
-        return -1
-
-
 def test_supernet_training_killed_mid_epoch_resumes_to_the_end(data, tmp_path):
     out = tmp_path / "sn"
     args = ["supernet", "train", "--space", "tiny", "--data", str(data), "--epochs", "3", "--imgsz", "64",
@@ -87,12 +80,12 @@ def test_supernet_training_killed_mid_epoch_resumes_to_the_end(data, tmp_path):
     kills = 0
     for epoch in (0, 1):  # killed during epoch 2, then (resumed) during epoch 3
         resume = ["--resume"] if kills else []
-        if _run_until(args + resume, lambda e=epoch: _epoch(out / "last.pt") >= e):
+        if _run_until(args + resume, lambda e=epoch: checkpoint_epoch(out / "last.pt") >= e):
             kills += 1
-            assert _epoch(out / "last.pt") >= epoch  # the finished epoch survived the kill
+            assert checkpoint_epoch(out / "last.pt") >= epoch  # the finished epoch survived the kill
     assert kills >= 1, "training finished before it could be killed"
     res = subprocess.run([sys.executable, "-m", "nas.cli", *args, "--resume"], cwd=ROOT, env=env(),
                          capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["epochs"] == 3
-    assert _epoch(out / "last.pt") == 2 and (out / "supernet.pt").is_file()
+    assert checkpoint_epoch(out / "last.pt") == 2 and (out / "supernet.pt").is_file()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from search_spaces.io import load_weights
+from ..helpers import checkpoint_epoch
 
 TRAIN = ["train", "--model", "yolov7-tiny", "--imgsz", "96", "--batch", "4", "--workers", "0", "--device", "cpu",
          "--seed", "3", "--json"]
@@ -23,13 +23,6 @@ def _detforge(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _epoch_of(ckpt: Path) -> int:
-    try:
-        return int(load_weights(ckpt)["epoch"])
-    except Exception:  # noqa: BLE001 - the file may not exist yet
-        return -1
-
-
 def test_resume_after_kill_matches_uninterrupted_run(small_data, tmp_path):
     full = _detforge(*TRAIN, "--data", str(small_data), "--epochs", "3", "--out", str(tmp_path / "full"))
     _, err = full.communicate(timeout=600)
@@ -37,13 +30,13 @@ def test_resume_after_kill_matches_uninterrupted_run(small_data, tmp_path):
     killed_dir = tmp_path / "killed"
     proc = _detforge(*TRAIN, "--data", str(small_data), "--epochs", "3", "--out", str(killed_dir))
     deadline = time.time() + 600
-    while _epoch_of(killed_dir / "last.pt") < 0 and time.time() < deadline and proc.poll() is None:
+    while checkpoint_epoch(killed_dir / "last.pt") < 0 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     time.sleep(1.0)  # now inside epoch 2
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _epoch_of(killed_dir / "last.pt") in (0, 1)
+    assert checkpoint_epoch(killed_dir / "last.pt") in (0, 1)
     again = _detforge(*TRAIN, "--data", str(small_data), "--epochs", "3", "--out", str(killed_dir), "--resume")
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
