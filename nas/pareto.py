@@ -20,8 +20,9 @@ from optuna.trial import FrozenTrial, TrialState
 from search_spaces.architecture import Architecture
 from search_spaces.errors import ConfigError
 from search_spaces.io import atomic_path, atomic_write_json
+from trainer.distributed import resolve_device
 
-from .search import STUDY_ATTR, calibration_batches, constraint_of, resolve_device
+from .search import STUDY_ATTR, calibration_batches, constraint_of
 from .supernet import Supernet, load_supernet
 
 # objective -> (user attribute, sign that turns it into "smaller is better")

@@ -39,6 +39,7 @@ from search_spaces.architecture import Architecture
 from search_spaces.errors import ConfigError, DetforgeError
 from search_spaces.space import Decision, SearchSpace, load_space
 from trainer.callbacks import Callback
+from trainer.distributed import resolve_device
 
 from .supernet import Supernet, load_supernet
 
@@ -380,13 +381,6 @@ def _attr_heartbeat(trial: Trial, interval: float) -> Iterator[None]:
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda if available, else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
 def calibration_batches(data: Any, imgsz: int, batch: int, n: int, *, seed: int = 0, workers: int = 0,
                         device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """`n` shuffled training batches, letterboxed without augmentation, as floats in [0, 1] on `device`."""

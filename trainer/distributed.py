@@ -24,10 +24,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def setup(device: str) -> torch.device:
-    """Initialise the process group under torchrun (NCCL on CUDA, gloo on CPU) and pick this rank's device."""
+def resolve_device(device: str) -> torch.device:
+    """auto -> cuda if available, else cpu; anything else as torch spells it."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def setup(device: str) -> torch.device:
+    """Initialise the process group under torchrun (NCCL on CUDA, gloo on CPU) and pick this rank's device."""
+    device = str(resolve_device(device))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if device.startswith("cuda") else "gloo"

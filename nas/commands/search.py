@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+from nas.commands import command_group
 from nas.output import emit, format_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("supernet", help="the weight-sharing supernet of a search space")
-    ss = p.add_subparsers(dest="supernet_command", metavar="COMMAND")
+    _, ss = command_group(sub, "supernet", help="the weight-sharing supernet of a search space", metavar="COMMAND")
     t = ss.add_parser("train", help="train a supernet with the sandwich rule and in-place distillation")
     t.add_argument("--space", default="default", help="search space: name or YAML path")
     t.add_argument("--data", default=None, help="data.yaml or dataset dir (default: the built-in synthetic set)")

@@ -88,8 +88,7 @@ def _val_loader(data: str | None, imgsz: int, batch: int, strict: bool):
 
 
 def run_val(args: argparse.Namespace) -> None:
-    import torch
-
+    from trainer.distributed import resolve_device
     from trainer.evaluate import evaluate
 
     if Path(args.weights).suffix == ".onnx":  # an exported file (FP32 or INT8 QDQ), run by ONNX Runtime
@@ -101,8 +100,7 @@ def run_val(args: argparse.Namespace) -> None:
                               path=args.weights, field="imgsz")
     else:
         model = load_model(args.weights)
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-            "cpu" if args.device == "auto" else args.device)
+        device = resolve_device(args.device)
         model = model.to(device)
     cfg, loader = _val_loader(args.data, args.imgsz, args.batch, args.strict)
     if model.nc is not None and model.nc != cfg.nc:

@@ -210,3 +210,10 @@ def test_bad_input_is_one_clear_line_and_exit_2(case, data, model_dir, tmp_path,
     assert len(lines) == 1 and lines[0].startswith("detforge: error: "), f"{case}:\n{err}"
     assert "Traceback" not in err
     assert needle in lines[0], f"{case}: {needle!r} not in {lines[0]!r}"
+
+
+@pytest.mark.parametrize("group", ["data", "latency", "supernet"])
+def test_command_group_without_action_prints_its_help_and_exits_2(group, capsys):
+    assert main([group]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: detforge {group} ") and "Traceback" not in out
