@@ -38,6 +38,25 @@ def check_threads(threads: int | None) -> int | None:
     return threads
 
 
+def onnx_graph(model: ModelSource, input_shape: InputShape | None, batch: int, *, opset: int,
+               precision: str) -> bytes:
+    """ONNX bytes of `model`: an nn.Module exported at `input_shape`, or an ONNX source (QDQ when int8)."""
+    from ..onnx_utils import export_onnx, is_quantized, is_torch_module, load_onnx_bytes
+
+    if is_torch_module(model):
+        if precision == "int8":
+            raise DetforgeError("int8 needs a quantized ONNX model (QDQ, see compress.quantize), "
+                                "not an nn.Module", field="precision")
+        if input_shape is None:
+            raise DetforgeError("input_shape is required to export an nn.Module", field="input_shape")
+        return export_onnx(model, input_shape, batch=batch, opset=opset)
+    data = load_onnx_bytes(model)
+    if precision == "int8" and not is_quantized(data):
+        raise DetforgeError("precision 'int8' needs an ONNX model with QuantizeLinear/DequantizeLinear "
+                            "nodes (explicit quantization); this one has none", field="precision")
+    return data
+
+
 def random_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[np.dtype], batch: int,
                   seed: int = 0) -> list[np.ndarray]:
     """Deterministic inputs: standard normal for floats, zeros for ints and bools (indices must stay valid)."""

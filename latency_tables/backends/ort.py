@@ -12,16 +12,21 @@ from search_spaces.errors import DetforgeError
 from ..measurement import MeasurementConfig
 from ..onnx_utils import (
     DEFAULT_OPSET,
-    export_onnx,
     input_specs,
-    is_quantized,
-    is_torch_module,
-    load_onnx_bytes,
     normalize_shapes,
     resolve_shapes,
     to_fp16,
 )
-from .base import Backend, InputShape, ModelSource, Runner, check_choice, check_threads, random_inputs
+from .base import (
+    Backend,
+    InputShape,
+    ModelSource,
+    Runner,
+    check_choice,
+    check_threads,
+    onnx_graph,
+    random_inputs,
+)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -172,18 +177,7 @@ class OrtBackend(Backend):
 
     def onnx_bytes(self, model: ModelSource, input_shape: InputShape | None, batch: int) -> bytes:
         """The ONNX graph this backend runs for `model`, in this backend's precision."""
-        if is_torch_module(model):
-            if self.precision == "int8":
-                raise DetforgeError("int8 needs a quantized ONNX model (QDQ, see compress.quantize), "
-                                    "not an nn.Module", field="precision")
-            if input_shape is None:
-                raise DetforgeError("input_shape is required to export an nn.Module", field="input_shape")
-            data = export_onnx(model, input_shape, batch=batch, opset=self.opset)
-        else:
-            data = load_onnx_bytes(model)
-            if self.precision == "int8" and not is_quantized(data):
-                raise DetforgeError("precision 'int8' needs an ONNX model with QuantizeLinear/DequantizeLinear "
-                                    "nodes (explicit quantization); this one has none", field="precision")
+        data = onnx_graph(model, input_shape, batch, opset=self.opset, precision=self.precision)
         # TensorRT lowers fp32 graphs itself (trt_fp16_enable); the other providers need an fp16 graph.
         if self.precision == "fp16" and self.providers != "trt":
             data = to_fp16(data)

@@ -17,16 +17,14 @@ from ..measurement import MeasurementConfig
 from ..onnx_utils import (
     DEFAULT_OPSET,
     OnnxSource,
-    export_onnx,
     input_specs,
     is_quantized,
-    is_torch_module,
     load_onnx_bytes,
     normalize_shapes,
     resolve_shapes,
     to_fp16,
 )
-from .base import Backend, InputShape, ModelSource, Runner, check_choice
+from .base import Backend, InputShape, ModelSource, Runner, check_choice, onnx_graph
 
 PRECISIONS = ("fp32", "fp16", "int8")
 _LOGGER: Any = None
@@ -215,15 +213,7 @@ class TensorRTBackend(Backend):
         """(serialized engine, full input shapes by name) for `model`, from the cache when possible."""
         import torch
 
-        if is_torch_module(model):
-            if self.precision == "int8":
-                raise DetforgeError("int8 needs a quantized ONNX model (Q/DQ, see compress.quantize), "
-                                    "not an nn.Module", field="precision")
-            if input_shape is None:
-                raise DetforgeError("input_shape is required to export an nn.Module", field="input_shape")
-            data = export_onnx(model, input_shape, batch=batch, opset=self.opset)
-        else:
-            data = load_onnx_bytes(model)
+        data = onnx_graph(model, input_shape, batch, opset=self.opset, precision=self.precision)
         specs = input_specs(data)
         per_sample = resolve_shapes([d for _, d, _ in specs],
                                     None if input_shape is None else normalize_shapes(input_shape), batch)
