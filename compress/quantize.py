@@ -467,17 +467,14 @@ def _weights(model: onnx.ModelProto) -> int:
 
 
 def build_trt_int8_engine(qdq_onnx: str | Path, engine_path: str | Path, *, max_batch: int = 1,
-                          workspace_gb: float = 4.0, fp16: bool = True) -> Path:
+                          workspace_gb: float = 4.0) -> Path:
     """Build a TensorRT engine from a QDQ model (explicit quantization: the Q/DQ scales are used, no calibrator).
 
     Needs an NVIDIA GPU and the `tensorrt` Python package; quantize with `target='trt'` (symmetric int8).
-    Layers left in float run in FP16 when `fp16` (else FP32).
+    Layers left in float run in FP16; a dynamic batch accepts 1..`max_batch`, tuned for `max_batch`.
     """
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise DetforgeError("TensorRT is not installed (pip install 'detforge[tensorrt]'; needs an NVIDIA GPU)",
-                            field="tensorrt") from None
+    from latency_tables.backends.tensorrt import build_engine
+
     qdq_onnx = Path(qdq_onnx)
     model = load_onnx_model(qdq_onnx)
     zero_points = _activation_zero_point_types(model)
@@ -487,34 +484,18 @@ def build_trt_int8_engine(qdq_onnx: str | Path, engine_path: str | Path, *, max_
     if onnx.TensorProto.UINT8 in zero_points:
         raise DetforgeError("uint8 activations: TensorRT takes symmetric int8 only; quantize with target='trt'",
                             path=qdq_onnx)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    # TensorRT 10 networks are always explicit-batch (the flag is gone); 8.x needs it for ONNX
-    major = int(trt.__version__.split(".")[0])
-    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(qdq_onnx.read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise DetforgeError(f"TensorRT cannot parse the model: {errors}", path=qdq_onnx)
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    config.set_flag(trt.BuilderFlag.INT8)  # with Q/DQ in the graph this is explicit quantization
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        inp = network.get_input(i)
-        shape = list(inp.shape)
-        if shape[0] == -1:  # dynamic batch: 1..max_batch, tuned for max_batch
-            rest = shape[1:]
-            profile.set_shape(inp.name, [1, *rest], [max_batch, *rest], [max_batch, *rest])
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise DetforgeError("TensorRT failed to build the engine (see its log above)", path=qdq_onnx)
+    shapes = {}
+    for name, dims, _ in input_specs(model):
+        if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            raise DetforgeError(f"input {name!r} has dynamic dims {dims}: export at a fixed image size",
+                                path=qdq_onnx, field="input")
+        shapes[name] = (max_batch, *dims[1:])
+    try:
+        engine = build_engine(model, shapes=shapes, precision="int8", workspace_gb=workspace_gb, min_batch=1)
+    except DetforgeError as e:
+        raise DetforgeError(e.message, path=qdq_onnx, field=e.field) from None
     engine_path = Path(engine_path)
-    atomic_write_bytes(engine_path, bytes(serialized))
+    atomic_write_bytes(engine_path, engine)
     return engine_path
 
 

@@ -61,8 +61,11 @@ def _torch_dtype(trt: Any, dt: Any) -> Any:
 
 
 def build_engine(onnx_model: OnnxSource, *, shapes: Mapping[str, Sequence[int]], precision: str = "fp16",
-                 workspace_gb: float = 4.0) -> bytes:
-    """Build a serialized TensorRT engine for exactly the input `shapes` (full shapes, batch first)."""
+                 workspace_gb: float = 4.0, min_batch: int | None = None) -> bytes:
+    """Build a serialized TensorRT engine for the input `shapes` (full shapes, batch first, tuned for them).
+
+    With `min_batch`, a dynamic-batch input also accepts batches from `min_batch` up to the shapes' batch.
+    """
     # fp16: the FP16 builder flag on TensorRT 10 (weak typing); TensorRT 11+ has no precision flags, so the
     # graph is converted to fp16 first and built strongly typed. int8: explicit quantization only, i.e. the
     # ONNX must already hold Q/DQ nodes (compress.quantize); no calibrator is used.
@@ -99,11 +102,12 @@ def build_engine(onnx_model: OnnxSource, *, shapes: Mapping[str, Sequence[int]],
     if missing:
         raise DetforgeError(f"no shape given for TensorRT input(s) {missing}", field="input_shape")
     if any(d < 0 for t in net_inputs for d in t.shape):
-        # min = opt = max: the engine is tuned for the one shape it will be timed at.
+        # opt = max: the engine is tuned for the shape it is timed (or deployed) at; min = max unless asked
         profile = builder.create_optimization_profile()
         for t in net_inputs:
             s = tuple(int(d) for d in shapes[t.name])
-            profile.set_shape(t.name, s, s, s)
+            lo = (min_batch, *s[1:]) if min_batch is not None and t.shape[0] < 0 else s
+            profile.set_shape(t.name, lo, s, s)
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -1,9 +1,12 @@
 """quantize_onnx: QDQ INT8 that loads in ONNX Runtime, float box decode, a measured sensitivity scan; calibration."""
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from compress.export import export_detector, ort_session
 from compress.quantize import (
@@ -109,10 +112,30 @@ def test_trt_target_is_symmetric_int8_and_engine_build_needs_tensorrt(tiny_onnx,
     report = quantize_onnx(tiny_onnx, out, calibration_images(images, IMGSZ, n=2), method="minmax", target="trt")
     assert report.activation_type == "qint8"
     assert _activation_zero_point_types(onnx.load(str(out))) == {onnx.TensorProto.INT8}
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        with pytest.raises(DetforgeError, match="TensorRT is not installed"):
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(DetforgeError, match="TensorRT is not available"):
             build_trt_int8_engine(out, tmp_path / "m.engine")
-    else:
-        pytest.skip("TensorRT is installed: the engine build is exercised on GPU machines")
+    with pytest.raises(DetforgeError, match="uint8 activations"):  # ORT's CPU form is refused before building
+        build_trt_int8_engine(quantize_onnx(tiny_onnx, tmp_path / "cpu.onnx", calibration_images(images, IMGSZ, n=2),
+                                            method="minmax").path, tmp_path / "m.engine")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="needs an NVIDIA GPU and tensorrt (pip install 'detforge[tensorrt]')")
+def test_trt_int8_engine_builds_with_a_dynamic_batch_and_runs(tiny_onnx, images, tmp_path):
+    import tensorrt as trt
+
+    out = tmp_path / "trt.onnx"
+    quantize_onnx(tiny_onnx, out, calibration_images(images, IMGSZ, n=2), method="minmax", target="trt")
+    engine = build_trt_int8_engine(out, tmp_path / "m.engine", max_batch=4)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    eng = runtime.deserialize_cuda_engine(engine.read_bytes())
+    name = next(eng.get_tensor_name(i) for i in range(eng.num_io_tensors)
+                if eng.get_tensor_mode(eng.get_tensor_name(i)) == trt.TensorIOMode.INPUT)
+    lo, opt, hi = eng.get_tensor_profile_shape(name, 0)
+    assert tuple(lo) == (1, 3, IMGSZ, IMGSZ) and tuple(opt) == tuple(hi) == (4, 3, IMGSZ, IMGSZ)
+    # the same QDQ file through the latency backend: an int8 engine that runs
+    from latency_tables.backends import TensorRTBackend
+
+    m = TensorRTBackend(precision="int8").measure(out, (3, IMGSZ, IMGSZ), batch=2)
+    assert m.median_ms > 0
