@@ -10,11 +10,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from latency_tables.onnx_utils import DEFAULT_OPSET, check_onnx, export_onnx
+from latency_tables.onnx_utils import DEFAULT_OPSET, check_onnx, export_onnx, input_specs
 from search_spaces.errors import DetforgeError
+from search_spaces.io import atomic_write_bytes
 from search_spaces.model import Detector
 
-from .graph_nms import OUTPUT_COLUMNS, DetectionsOutput, NmsSpec
+from .graph_nms import (
+    OUTPUT_COLUMNS,
+    TRT_OUTPUTS,
+    DetectionsOutput,
+    EfficientNmsOutput,
+    NmsSpec,
+    boxes_and_scores,
+)
 
 
 class DecodedOutput(nn.Module):
@@ -41,6 +49,10 @@ class ExportReport:
     outputs: list[int | str]  # [N, 5 + nc] decoded, or ["K", 7] detections with in-graph NMS
     nms: dict | None = None  # the NmsSpec of an end-to-end export
     nms_agreement: float | None = None  # share of detections ONNX Runtime and PyTorch agree on (verify_detections)
+    engine: str | None = None  # a TensorRT engine built from the ONNX file (build_trt_engine)
+    engine_precision: str | None = None
+    engine_max_abs_diff: float | None = None  # engine vs PyTorch (verify_engine)
+    engine_agreement: float | None = None  # in-graph NMS: share of images with the same detections
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +99,16 @@ def export_detector(det: Detector, out: str | Path, imgsz: int | None = None, fu
     if fuse:
         model.fuse()
     shape = (det.arch.in_channels, imgsz, imgsz)
+    if nms is not None and nms.op == "trt":
+        trt_wrapped = EfficientNmsOutput(model, nms)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            export_onnx(trt_wrapped, shape, path=out, opset=opset, input_names=["images"],
+                        output_names=list(TRT_OUTPUTS), check=False)
+        check_onnx(Path(out), full_check=False)  # the plugin op has no ONNX schema to infer shapes with
+        diff, scale = verify_nms_inputs(model, out, imgsz) if verify else (float("nan"), float("nan"))
+        return ExportReport(path=str(out), imgsz=imgsz, opset=opset, fused=fuse, max_abs_diff=diff,
+                            max_abs_output=scale, outputs=list(TRT_OUTPUTS), nms=nms.to_dict())
     if nms is not None:
         wrapped = DetectionsOutput(model, nms)
         with warnings.catch_warnings():  # the NMS bounds become graph constants: exactly what is meant
@@ -106,6 +128,31 @@ def export_detector(det: Detector, out: str | Path, imgsz: int | None = None, fu
     n = sum(det.head.na * (imgsz // s) ** 2 for s in det.strides)
     return ExportReport(path=str(out), imgsz=imgsz, opset=opset, fused=fuse, max_abs_diff=diff,
                         max_abs_output=scale, outputs=[n, det.nc + 5])
+
+
+def verify_nms_inputs(det: Detector, onnx_path: str | Path, imgsz: int, batch: int = 2,
+                      seed: int = 0) -> tuple[float, float]:
+    """Max abs diff between ONNX Runtime and PyTorch at the inputs of a TensorRT NMS plugin node, and their scale.
+
+    ONNX Runtime cannot run the plugin, so the graph is cut just before it: everything the export computes
+    except the NMS itself (which TensorRT verifies when the engine is built; see verify_engine).
+    """
+    import onnx
+
+    cut = onnx.load(str(onnx_path))
+    node = next((n for n in cut.graph.node if n.op_type == "EfficientNMS_TRT"), None)
+    if node is None:
+        raise DetforgeError("no EfficientNMS_TRT node in the graph", path=onnx_path)
+    cut.graph.node.remove(node)  # the plugin is the graph's last node: its inputs become the outputs
+    del cut.graph.output[:]
+    cut.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in node.input)
+    x = torch.rand(batch, det.arch.in_channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = [t.float().numpy() for t in boxes_and_scores(det.eval(), x)]
+    sess = ort_session(cut.SerializeToString())
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    diff = max(float(np.abs(o - r).max()) for o, r in zip(out, ref))
+    return diff, max(float(np.abs(r).max()) for r in ref)
 
 
 def _sorted_rows(d: np.ndarray) -> np.ndarray:
@@ -133,3 +180,65 @@ def verify_detections(wrapped: DetectionsOutput, onnx_path: str | Path, imgsz: i
     matched = nearest <= 1e-3 * max(scale, 1.0)
     diff = float(nearest[matched].max()) if matched.any() else float("inf")
     return diff, scale, float(matched.sum()) / max(len(out), len(ref))
+
+
+# ---- TensorRT engines ---------------------------------------------------------------------------------------
+def build_trt_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: str = "fp16",
+                     max_batch: int = 1, workspace_gb: float = 4.0) -> Path:
+    """A TensorRT engine (fp32, fp16, or int8 from a QDQ model) of a fixed-size export; batch 1..max_batch."""
+    from latency_tables.backends.tensorrt import build_engine
+
+    if max_batch < 1:
+        raise DetforgeError(f"must be >= 1, got {max_batch}", field="max_batch")
+    shapes = {}
+    for name, dims, _ in input_specs(onnx_path):
+        if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            raise DetforgeError(f"input {name!r} has dynamic dims {dims}: export at a fixed image size",
+                                path=onnx_path, field="input")
+        shapes[name] = (max_batch, *dims[1:])
+    try:
+        engine = build_engine(onnx_path, shapes=shapes, precision=precision, workspace_gb=workspace_gb,
+                              min_batch=1)
+    except DetforgeError as e:
+        raise DetforgeError(e.message, path=onnx_path, field=e.field) from None
+    atomic_write_bytes(engine_path, engine)
+    return Path(engine_path)
+
+
+def run_engine(engine_path: str | Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The outputs of a TensorRT engine on one batch of inputs (by name), as float32 host arrays (GPU)."""
+    from latency_tables.backends.tensorrt import TrtRunner
+
+    if not torch.cuda.is_available():
+        raise DetforgeError("running a TensorRT engine needs a CUDA GPU", path=engine_path)
+    runner = TrtRunner(Path(engine_path).read_bytes(), {k: v.shape for k, v in inputs.items()}, meta={},
+                       device=torch.device("cuda"), inputs=inputs)
+    try:
+        return runner.outputs()
+    finally:
+        runner.close()
+
+
+def verify_engine(det: Detector, engine_path: str | Path, imgsz: int, nms: NmsSpec | None = None,
+                  batch: int = 1, seed: int = 0) -> tuple[float, float | None]:
+    """TensorRT engine vs PyTorch on a random batch: max abs diff, and with TensorRT NMS the agreement.
+
+    Decoded exports compare the whole `[B, N, 5 + nc]` output. EfficientNMS exports compare the detections
+    of the images whose count agrees (agreement: the share of such images; near-ties may flip in fp16).
+    """
+    x = torch.rand(batch, det.arch.in_channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
+    outs = run_engine(engine_path, {"images": x.numpy()})
+    model = copy.deepcopy(det).eval().float()
+    with torch.no_grad():
+        if nms is None or nms.op != "trt":
+            ref = model(x)[0].numpy()
+            return float(np.abs(outs[0] - ref).max()), None
+        num, boxes, scores, classes = (t.float().numpy() for t in EfficientNmsOutput(model, nms)(x))
+    same = [b for b in range(batch) if int(outs[0][b, 0]) == int(num[b, 0])]
+    diffs = [0.0]
+    for b in same:
+        k = int(num[b, 0])
+        ref = np.concatenate([boxes[b, :k], scores[b, :k, None], classes[b, :k, None]], 1)
+        got = np.concatenate([outs[1][b, :k], outs[2][b, :k, None], outs[3][b, :k, None]], 1)
+        diffs.append(float(np.abs(got - ref).max(initial=0.0)))
+    return max(diffs), len(same) / batch

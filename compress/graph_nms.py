@@ -1,9 +1,14 @@
-"""Non-maximum suppression inside the exported graph: the ONNX `NonMaxSuppression` operator.
+"""Non-maximum suppression inside the exported graph: the ONNX operator or TensorRT's EfficientNMS plugin.
 
-An end-to-end export returns detections, not raw predictions: one `[K, 7]` tensor of
-`(image index, x1, y1, x2, y2, score, class)` rows in input pixels, ordered by image, class and
-falling score (the order ONNX Runtime's kernel produces). Scores are objectness x class probability, as
-in evaluation; NMS runs per class, keeping at most `max_det` boxes per class and image.
+An end-to-end export returns detections, not raw predictions. Scores are objectness x class probability,
+as in evaluation, and NMS runs per class. Two operators:
+
+- `op="onnx"` (any runtime): ONNX `NonMaxSuppression`; one `[K, 7]` tensor of
+  `(image index, x1, y1, x2, y2, score, class)` rows in input pixels, ordered by image, class and falling
+  score (the order ONNX Runtime's kernel produces), at most `max_det` boxes per class and image.
+- `op="trt"` (TensorRT engines): the `EfficientNMS_TRT` plugin; fixed-size outputs `num_dets [B, 1]`,
+  `det_boxes [B, max_det, 4]` (x1, y1, x2, y2), `det_scores [B, max_det]`, `det_classes [B, max_det]`,
+  at most `max_det` boxes per image, by falling score, zero-padded. ONNX Runtime cannot run the plugin.
 """
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert, nms
+from torchvision.ops import batched_nms, box_convert, nms
 
 from search_spaces.errors import ConfigError
 from search_spaces.model import Detector
 
 OUTPUT_COLUMNS = ("image", "x1", "y1", "x2", "y2", "score", "class")
+TRT_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
+NMS_OPS = ("onnx", "trt")
 
 
 @dataclass(frozen=True)
@@ -25,9 +32,12 @@ class NmsSpec:
 
     iou: float = 0.45  # a box is suppressed by a higher-scoring box of its class overlapping it by more than this
     conf: float = 0.25  # boxes scoring at or below this are dropped first
-    max_det: int = 100  # per class and image
+    max_det: int = 100  # per class and image (onnx), per image (trt)
+    op: str = "onnx"  # onnx: NonMaxSuppression; trt: TensorRT's EfficientNMS_TRT plugin
 
     def __post_init__(self) -> None:
+        if self.op not in NMS_OPS:
+            raise ConfigError(f"must be one of {list(NMS_OPS)}, got {self.op!r}", field="nms_op")
         if not 0.0 < self.iou <= 1.0:
             raise ConfigError(f"must be in (0, 1], got {self.iou}", field="nms_iou")
         if not 0.0 <= self.conf < 1.0:
@@ -66,6 +76,68 @@ class _NonMaxSuppression(torch.autograd.Function):
         return g.op("NonMaxSuppression", boxes, scores, max_det, iou, conf, center_point_box_i=0)
 
 
+def reference_efficient_nms(boxes: Tensor, scores: Tensor, max_det: int, iou: float, conf: float
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """TensorRT EfficientNMS (class-wise, corner boxes) with torchvision: num_dets, boxes, scores, classes."""
+    # boxes [B, N, 4] xyxy, scores [B, N, C]; at most max_det per image by falling score, zero-padded
+    bsz = scores.shape[0]
+    num = torch.zeros((bsz, 1), dtype=torch.int32, device=boxes.device)
+    out_boxes = boxes.new_zeros((bsz, max_det, 4))
+    out_scores = scores.new_zeros((bsz, max_det))
+    out_classes = torch.zeros((bsz, max_det), dtype=torch.int32, device=boxes.device)
+    for b in range(bsz):
+        box_idx, cls = torch.nonzero(scores[b] > conf, as_tuple=True)
+        s = scores[b, box_idx, cls]
+        keep = batched_nms(boxes[b, box_idx], s, cls, iou)[:max_det]  # sorted by falling score
+        k = keep.numel()
+        num[b, 0] = k
+        out_boxes[b, :k] = boxes[b, box_idx[keep]]
+        out_scores[b, :k] = s[keep]
+        out_classes[b, :k] = cls[keep].to(torch.int32)
+    return num, out_boxes, out_scores, out_classes
+
+
+class _EfficientNms(torch.autograd.Function):
+    """torchvision's class-wise NMS when run, TensorRT's EfficientNMS_TRT plugin node when exported."""
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, max_det: int, iou: float, conf: float
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return reference_efficient_nms(boxes, scores, max_det, iou, conf)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, max_det, iou, conf):
+        # box_coding 0: corners; score_activation 0: the scores are already probabilities; no background class
+        outs = g.op("TRT::EfficientNMS_TRT", boxes, scores, background_class_i=-1, box_coding_i=0,
+                    iou_threshold_f=iou, max_output_boxes_i=max_det, plugin_version_s="1",
+                    score_activation_i=0, score_threshold_f=conf, outputs=4)
+        # the exporter cannot infer a plugin's outputs: declare them (batch stays dynamic)
+        f32, i32 = boxes.type().with_dtype(torch.float32), boxes.type().with_dtype(torch.int32)
+        for out, t, sizes in zip(outs, (i32, f32, f32, i32), ([None, 1], [None, max_det, 4], [None, max_det],
+                                                              [None, max_det])):
+            out.setType(t.with_sizes(sizes))
+        return outs
+
+
+def boxes_and_scores(det: Detector, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Decoded corner boxes `[B, N, 4]` and class scores (objectness x class) `[B, N, nc]` of `det` on `x`."""
+    pred = det(x)[0]  # [B, N, 5 + nc] decoded, xywh in input pixels
+    return box_convert(pred[..., :4], "cxcywh", "xyxy"), pred[..., 5:] * pred[..., 4:5]
+
+
+class EfficientNmsOutput(nn.Module):
+    """Wraps a Detector so that its outputs are TensorRT EfficientNMS's four tensors (see TRT_OUTPUTS)."""
+
+    def __init__(self, det: Detector, spec: NmsSpec | None = None):
+        super().__init__()
+        self.det = det
+        self.spec = spec or NmsSpec(op="trt")
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        boxes, scores = boxes_and_scores(self.det, x)
+        return _EfficientNms.apply(boxes, scores, self.spec.max_det, self.spec.iou, self.spec.conf)
+
+
 class DetectionsOutput(nn.Module):
     """Wraps a Detector so that its output is NMS-filtered detections `[K, 7]` (see OUTPUT_COLUMNS)."""
 
@@ -75,9 +147,7 @@ class DetectionsOutput(nn.Module):
         self.spec = spec or NmsSpec()
 
     def forward(self, x: Tensor) -> Tensor:
-        pred = self.det(x)[0]  # [B, N, 5 + nc] decoded, xywh in input pixels
-        boxes = box_convert(pred[..., :4], "cxcywh", "xyxy")
-        scores = pred[..., 5:] * pred[..., 4:5]  # [B, N, nc]
+        boxes, scores = boxes_and_scores(self.det, x)
         sel = _NonMaxSuppression.apply(
             boxes, scores.transpose(1, 2).contiguous(), torch.tensor([self.spec.max_det], dtype=torch.int64),
             torch.tensor([self.spec.iou], dtype=torch.float32), torch.tensor([self.spec.conf], dtype=torch.float32))

@@ -24,7 +24,7 @@ from latency_tables.onnx_utils import check_onnx, input_specs, load_onnx_model
 from search_spaces.errors import ConfigError, DataError, DetforgeError
 from search_spaces.io import atomic_write_bytes
 
-from .export import ort_session
+from .export import build_trt_engine, ort_session
 from .report import OutputError, StepReport, measure_latency_ms
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -473,8 +473,6 @@ def build_trt_int8_engine(qdq_onnx: str | Path, engine_path: str | Path, *, max_
     Needs an NVIDIA GPU and the `tensorrt` Python package; quantize with `target='trt'` (symmetric int8).
     Layers left in float run in FP16; a dynamic batch accepts 1..`max_batch`, tuned for `max_batch`.
     """
-    from latency_tables.backends.tensorrt import build_engine
-
     qdq_onnx = Path(qdq_onnx)
     model = load_onnx_model(qdq_onnx)
     zero_points = _activation_zero_point_types(model)
@@ -484,19 +482,8 @@ def build_trt_int8_engine(qdq_onnx: str | Path, engine_path: str | Path, *, max_
     if onnx.TensorProto.UINT8 in zero_points:
         raise DetforgeError("uint8 activations: TensorRT takes symmetric int8 only; quantize with target='trt'",
                             path=qdq_onnx)
-    shapes = {}
-    for name, dims, _ in input_specs(model):
-        if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
-            raise DetforgeError(f"input {name!r} has dynamic dims {dims}: export at a fixed image size",
-                                path=qdq_onnx, field="input")
-        shapes[name] = (max_batch, *dims[1:])
-    try:
-        engine = build_engine(model, shapes=shapes, precision="int8", workspace_gb=workspace_gb, min_batch=1)
-    except DetforgeError as e:
-        raise DetforgeError(e.message, path=qdq_onnx, field=e.field) from None
-    engine_path = Path(engine_path)
-    atomic_write_bytes(engine_path, engine)
-    return engine_path
+    return build_trt_engine(qdq_onnx, engine_path, precision="int8", max_batch=max_batch,
+                            workspace_gb=workspace_gb)
 
 
 def _activation_zero_point_types(model: onnx.ModelProto) -> set[int]:

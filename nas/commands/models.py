@@ -43,7 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "x1, y1, x2, y2, score, class")
     p.add_argument("--nms-iou", type=float, default=0.45)
     p.add_argument("--nms-conf", type=float, default=0.25)
-    p.add_argument("--max-det", type=int, default=100, help="boxes kept per class and image")
+    p.add_argument("--max-det", type=int, default=100, help="boxes kept per class and image (per image with trt)")
+    p.add_argument("--nms-op", choices=["onnx", "trt"], default="onnx",
+                   help="onnx: NonMaxSuppression (any runtime); trt (implies --nms): TensorRT's EfficientNMS_TRT "
+                        "plugin, outputs num_dets, det_boxes, det_scores, det_classes (TensorRT only)")
+    p.add_argument("--engine", default=None, help="also build a TensorRT engine here and verify it (GPU)")
+    p.add_argument("--engine-precision", choices=["fp32", "fp16"], default="fp16")
+    p.add_argument("--max-batch", type=int, default=1, help="the engine accepts batches 1..N (tuned for N)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_export)
 
@@ -74,13 +80,18 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from compress.export import export_detector
-
-    det = load_model(args.model)
+    from compress.export import build_trt_engine, export_detector, verify_engine
     from compress.graph_nms import NmsSpec
 
-    nms = NmsSpec(iou=args.nms_iou, conf=args.nms_conf, max_det=args.max_det) if args.nms else None
+    det = load_model(args.model)
+    nms = NmsSpec(iou=args.nms_iou, conf=args.nms_conf, max_det=args.max_det, op=args.nms_op) \
+        if args.nms or args.nms_op == "trt" else None
     report = export_detector(det, args.out, args.imgsz, fuse=args.fuse, opset=args.opset, nms=nms)
+    if args.engine:
+        engine = build_trt_engine(args.out, args.engine, precision=args.engine_precision, max_batch=args.max_batch)
+        diff, agree = verify_engine(det, engine, report.imgsz, nms=nms, batch=args.max_batch)
+        report.engine, report.engine_precision = str(engine), args.engine_precision
+        report.engine_max_abs_diff, report.engine_agreement = diff, agree
     emit(report.to_dict(), args.json)
 
 

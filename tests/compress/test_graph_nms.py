@@ -1,6 +1,8 @@
-"""In-graph NMS: the ONNX NonMaxSuppression export agrees with torchvision, by hand and on a whole detector."""
+"""In-graph NMS: the ONNX NonMaxSuppression export agrees with torchvision, by hand and on a whole detector;
+the TensorRT EfficientNMS variant's graph, its reference semantics, and (on a GPU with TensorRT) its engine."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from onnx import TensorProto, helper
 
 from compress.export import ort_session
-from compress.graph_nms import NmsSpec, reference_nms
+from compress.graph_nms import TRT_OUTPUTS, NmsSpec, reference_efficient_nms, reference_nms
 from nas.cli import main
 from search_spaces import ConfigError, load_model, save_model
 
@@ -61,7 +63,7 @@ def test_end_to_end_export_matches_pytorch(tmp_path, capsys):
     assert main(["export", str(model), "--imgsz", "64", "--fuse", "--nms", "--nms-conf", "0.0", "--max-det", "5",
                  "--out", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["outputs"] == ["K", 7] and rep["nms"] == {"iou": 0.45, "conf": 0.0, "max_det": 5}
+    assert rep["outputs"] == ["K", 7] and rep["nms"] == {"iou": 0.45, "conf": 0.0, "max_det": 5, "op": "onnx"}
     assert rep["nms_agreement"] == 1.0 and 0 < rep["max_abs_output"]
     assert rep["max_abs_diff"] <= 1e-3 * rep["max_abs_output"]
     onnx.checker.check_model(onnx.load(str(out)))
@@ -80,3 +82,71 @@ def test_bad_spec_is_a_config_error():
         NmsSpec(iou=0.0)
     with pytest.raises(ConfigError, match="max_det"):
         NmsSpec(max_det=0)
+
+    with pytest.raises(ConfigError, match="nms_op"):
+        NmsSpec(op="efficient")
+
+
+def test_efficient_nms_reference_by_hand_and_against_onnx_semantics():
+    num, boxes, scores, classes = reference_efficient_nms(BOXES, SCORES.transpose(1, 2), 4, 0.45, 0.0)
+    # class-wise NMS as above, then the 4 best (box, class) pairs of the image: B/1, A/0, C/0, D/1
+    assert num.tolist() == [[4]] and classes.tolist() == [[1, 0, 0, 1]]
+    assert torch.allclose(scores, torch.tensor([[0.95, 0.9, 0.7, 0.6]]))
+    assert torch.equal(boxes[0], BOXES[0, [1, 0, 2, 3]])
+    # with room for every box, it keeps exactly the (box, class) pairs ONNX NonMaxSuppression keeps
+    for conf in (0.0, 0.5):
+        num, boxes, _, classes = reference_efficient_nms(BOXES, SCORES.transpose(1, 2), 100, 0.45, conf)
+        k = int(num[0, 0])
+        pairs = {(int(c), int(next(i for i in range(4) if torch.equal(BOXES[0, i], b))))
+                 for b, c in zip(boxes[0, :k], classes[0, :k])}
+        assert pairs == {(c, i) for _, c, i in reference_nms(BOXES, SCORES, 100, 0.45, conf).tolist()}
+        assert (boxes[0, k:] == 0).all()  # zero-padded
+
+
+def _trt_model(tmp_path):
+    torch.manual_seed(0)
+    det = load_model("yolov7-tiny", form="deploy", nc=3)
+    randomize(det)
+    return save_model(det, tmp_path / "m")
+
+
+def test_tensorrt_nms_export_has_the_plugin_node_and_verified_inputs(tmp_path, capsys):
+    out = tmp_path / "trt_nms.onnx"
+    assert main(["export", str(_trt_model(tmp_path)), "--imgsz", "64", "--fuse", "--nms-op", "trt", "--max-det",
+                 "7", "--nms-conf", "0.1", "--out", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["outputs"] == list(TRT_OUTPUTS) and rep["nms"]["op"] == "trt"
+    assert rep["max_abs_diff"] <= 1e-4 * rep["max_abs_output"]  # ORT vs PyTorch just before the plugin
+    model = onnx.load(str(out))
+    node = next(n for n in model.graph.node if n.op_type == "EfficientNMS_TRT")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert node.domain == "TRT" and attrs["max_output_boxes"] == 7 and attrs["box_coding"] == 0
+    assert attrs["score_activation"] == 0 and attrs["background_class"] == -1 and attrs["plugin_version"] == b"1"
+    assert attrs["iou_threshold"] == pytest.approx(0.45) and attrs["score_threshold"] == pytest.approx(0.1)
+    assert [o.name for o in model.graph.output] == list(TRT_OUTPUTS)
+    dims = {o.name: (o.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim])
+            for o in model.graph.output}
+    assert dims == {"num_dets": (TensorProto.INT32, ["batch", 1]), "det_boxes": (TensorProto.FLOAT, ["batch", 7, 4]),
+                    "det_scores": (TensorProto.FLOAT, ["batch", 7]), "det_classes": (TensorProto.INT32, ["batch", 7])}
+    assert list(node.output) == list(TRT_OUTPUTS)  # the plugin's outputs are the graph's
+    if importlib.util.find_spec("tensorrt") is None:  # an engine needs TensorRT: one clear line, exit 2
+        assert main(["export", str(tmp_path / "m"), "--imgsz", "64", "--out", str(tmp_path / "x.onnx"),
+                     "--engine", str(tmp_path / "x.engine")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "TensorRT is not available" in err[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="needs an NVIDIA GPU and tensorrt (pip install 'detforge[tensorrt]')")
+@pytest.mark.parametrize("nms_op", [None, "trt"])
+def test_tensorrt_engine_matches_pytorch(nms_op, tmp_path, capsys):
+    model = _trt_model(tmp_path)
+    argv = ["export", str(model), "--imgsz", "64", "--fuse", "--out", str(tmp_path / "m.onnx"),
+            "--engine", str(tmp_path / "m.engine"), "--engine-precision", "fp32", "--max-batch", "2", "--json"]
+    assert main(argv + (["--nms-op", nms_op, "--nms-conf", "0.05"] if nms_op else [])) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "m.engine").stat().st_size > 0 and rep["engine_precision"] == "fp32"
+    scale = rep["max_abs_output"] if nms_op is None else 64.0  # boxes are in input pixels
+    assert rep["engine_max_abs_diff"] <= 1e-3 * scale
+    if nms_op:
+        assert rep["engine_agreement"] == 1.0
