@@ -3,7 +3,8 @@
 Stages (each resumes after a kill: the supernet from its last.pt, the study from its SQLite file, every
 stand-alone training from its own last.pt):
 
-1. data: the synthetic set (or --data); latency table: --table, else built for the space with ORT on this CPU
+1. data: the synthetic set (or --data); latency table: --table, else built for the space with ORT on this CPU,
+   starting from this machine's shipped table for the space when there is one (--no-shipped-table: not)
 2. supernet training (sandwich rule + in-place distillation) for --supernet-epochs
 3. search: --trials trials of NSGA-II under a budget (default: yolov7-tiny's latency); wall time, trials/min
 4. the Pareto front, exported (model dirs + ONNX, measured latency)
@@ -27,6 +28,7 @@ import argparse
 import json
 import math
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ import yaml
 
 from latency_tables import LatencyTable, get_backend
 from latency_tables.measurement import MeasurementConfig
+from latency_tables.table import TABLES_DIR, table_name
 from nas.pareto import export_front, feasible, scored_trials
 from nas.search import SearchConfig, run_search
 from nas.supernet_train import SUPERNET_FILE, SupernetTrainer
@@ -81,6 +84,8 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=300)
     ap.add_argument("--classes", type=int, default=6)
     ap.add_argument("--table", default=None, help="latency table (default: build OUT/table.json with ort-cpu)")
+    ap.add_argument("--no-shipped-table", action="store_true",
+                    help="measure every block, not starting from this machine's shipped table for the space")
     ap.add_argument("--latency-protocol", default="standard", choices=["standard", "quick"])
     ap.add_argument("--threads", type=int, default=2, help="ORT threads for the table and the measurements")
     ap.add_argument("--supernet-epochs", type=int, default=30)
@@ -122,6 +127,13 @@ def main() -> None:
         table = LatencyTable.load(table_path, check_device=False)
     else:
         backend = get_backend("ort-cpu", threads=args.threads, config=protocol)
+        shipped = TABLES_DIR / table_name(backend.fingerprint(1), args.imgsz)
+        if not table_path.is_file() and not args.no_shipped_table and shipped.is_file() \
+                and LatencyTable.load(shipped, check_device=False).space == space.name:
+            # this machine's shipped table for the space: the build then measures only what it lacks (the
+            # heads at this class count) and refits the overhead on models of this class count
+            shutil.copyfile(shipped, table_path)
+            report["table_seeded_from"] = str(shipped)
         table = LatencyTable.build(space, backend, args.imgsz, table_path, progress=True)
     report["table"] = table.summary()
     _stage(report, "data_and_table", t0)
