@@ -58,15 +58,21 @@ def _protocol(name: str) -> MeasurementConfig:
     return MeasurementConfig(**QUICK) if name == "quick" else MeasurementConfig()
 
 
-def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Namespace) -> float:
-    """Train (resuming) and return the final mAP@[.5:.95]."""
+def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Namespace,
+           max_s: float | None = None) -> tuple[float, int]:
+    """Train (resuming) and return the final mAP@[.5:.95] and the epochs trained.
+
+    With `max_s` the cosine schedule is fitted to the epochs that fit in it (--fit-schedule), so a
+    time-capped run still ends at a low learning rate.
+    """
     cfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=args.imgsz,
                       batch=args.batch, device=args.device, workers=args.workers, seed=args.seed, progress=False,
-                      resume=(out / "last.pt").is_file(), max_time_s=args.max_train_s)
+                      resume=(out / "last.pt").is_file(), max_time_s=max_s, fit_epochs_to_time=max_s is not None)
     result = Trainer(cfg, model=model).train()
     if result.last is not None:
-        return float(result.last.metrics.map)
-    return float(result.rows[-1].get("map", float("nan"))) if result.rows else float("nan")
+        return float(result.last.metrics.map), result.epochs_done
+    m = float(result.rows[-1].get("map", float("nan"))) if result.rows else float("nan")
+    return m, result.epochs_done
 
 
 def _stage(report: dict[str, Any], name: str, t0: float) -> None:
@@ -98,7 +104,8 @@ def main() -> None:
     ap.add_argument("--standalone-epochs", type=int, default=10)
     ap.add_argument("--finetune-epochs", type=int, default=10)
     ap.add_argument("--baseline-epochs", type=int, default=None, help="default: supernet + finetune epochs")
-    ap.add_argument("--max-train-s", type=float, default=None, help="wall-clock cap of each stand-alone training")
+    ap.add_argument("--max-train-s", type=float, default=None,
+                    help="wall-clock cap of each stand-alone (rank fidelity) training, its schedule fitted to it")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="auto")
@@ -148,7 +155,14 @@ def main() -> None:
         yolo_pred = table.predict(yolo.arch, args.imgsz)
     except DetforgeError:
         yolo_pred = None  # the space does not contain yolov7-tiny's blocks at this size
-    budget = args.budget_ms or yolo_pred or yolo_ms
+    budget_file = out / "budget.json"  # a rerun resumes the same study, which must keep its budget
+    if args.budget_ms:
+        budget = args.budget_ms
+    elif budget_file.is_file():
+        budget = float(json.loads(budget_file.read_text())["budget_ms"])
+    else:
+        budget = yolo_pred or yolo_ms
+        atomic_write_json(budget_file, {"budget_ms": budget, "source": "predicted" if yolo_pred else "measured"})
     report["yolov7_tiny"] = {"measured_ms": yolo_ms, "predicted_ms": yolo_pred}
     report["budget_ms"] = budget
     print(f"yolov7-tiny: measured {yolo_ms:.2f} ms, predicted {yolo_pred} ms; budget {budget:.2f} ms", flush=True)
@@ -195,8 +209,9 @@ def main() -> None:
         attrs = item.user_attrs if hasattr(item, "user_attrs") else {"map": item.map, "arch": item.arch}
         arch = Architecture.from_dict(yaml.safe_load(attrs["arch"]))
         torch.manual_seed(args.seed)
-        m = _train(Detector(arch), data, out / "standalone" / aid, args.standalone_epochs, args)
-        rows.append({"arch_id": aid, "inherited_map": float(attrs["map"]), "standalone_map": m})
+        m, done = _train(Detector(arch), data, out / "standalone" / aid, args.standalone_epochs, args,
+                         max_s=args.max_train_s)
+        rows.append({"arch_id": aid, "inherited_map": float(attrs["map"]), "standalone_map": m, "epochs": done})
         print(f"stand-alone {aid}: inherited {attrs['map']:.4f}  stand-alone {m:.4f}", flush=True)
     from scipy.stats import kendalltau
 
@@ -214,21 +229,21 @@ def main() -> None:
         best = max(within, key=lambda e: e.map)
         fastest_as_good = min((e for e in front if e.map >= best.map), key=lambda e: e.predicted_ms)
         det = load_model(out / "pareto" / best.arch_id)
-        ft = _train(det, data, out / "finetune" / best.arch_id, args.finetune_epochs, args)
+        ft, ft_done = _train(det, data, out / "finetune" / best.arch_id, args.finetune_epochs, args)
         epochs = args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
         torch.manual_seed(args.seed)
-        base = _train(load_model("yolov7-tiny", nc=nc), data, out / "yolov7-tiny", epochs, args)
+        base, base_done = _train(load_model("yolov7-tiny", nc=nc), data, out / "yolov7-tiny", epochs, args)
         tuned = load_model(out / "finetune" / best.arch_id / "model")
         kw = QUICK if args.latency_protocol == "quick" else {}
         ms = measure_latency_ms([tuned, load_model(out / "yolov7-tiny" / "model")], args.imgsz, threads=args.threads,
                                 **kw)
         comparison.update({
             "front_model": {"arch_id": best.arch_id, "inherited_map": best.map, "finetuned_map": ft,
-                            "epochs": f"{args.supernet_epochs} supernet + {args.finetune_epochs} finetune",
+                            "epochs": f"{args.supernet_epochs} supernet + {ft_done} finetune",
                             "measured_ms": ms[0], "predicted_ms": best.predicted_ms, "params": best.params,
                             "gflops": best.gflops},
             "fastest_front_model_as_accurate": fastest_as_good.arch_id,
-            "yolov7_tiny": {"map": base, "epochs": epochs, "measured_ms": ms[1]},
+            "yolov7_tiny": {"map": base, "epochs": base_done, "measured_ms": ms[1]},
         })
     else:
         comparison["note"] = "no front model within yolov7-tiny's latency"
