@@ -15,8 +15,9 @@ stand-alone training from its own last.pt):
    weights, against yolov7-tiny trained from scratch for the same total epochs (supernet + finetune), both
    measured interleaved with ORT
 
-The full run (default space at 320, 30 supernet epochs, 40 trials) takes many hours on a 2-core CPU; on a
-GPU about an hour. A plumbing run on the tiny space (minutes on a CPU):
+The full run (default space at 320, 30 supernet epochs on 2,000 images, 40 trials) needs about 12 hours of
+supernet training alone on a 2-core CPU (1.4 img/s measured; docs/benchmarks.md "Search" has a cut-down run).
+A plumbing run on the tiny space (minutes on a CPU):
 
     python benchmarks/search_synthetic.py --space tiny --imgsz 64 --train-images 64 --val-images 32 \\
         --supernet-epochs 2 --trials 6 --fidelity-archs 6 --standalone-epochs 1 --finetune-epochs 1 \\

@@ -1,0 +1,29 @@
+"""measure_latency_ms: each ORT session timed alone (no round-robin contention), passes in rotating order."""
+from __future__ import annotations
+
+import latency_tables.measurement as measurement
+from compress.export import export_detector
+from compress.report import measure_latency_ms
+from search_spaces import load_model
+
+
+def test_each_model_is_timed_alone_in_rotating_passes(tmp_path, monkeypatch):
+    files = []
+    for i, name in enumerate(("yolov7-tiny", "yolov7-tiny")):
+        files.append(export_detector(load_model(name, form="deploy", nc=2 + i), tmp_path / f"m{i}.onnx", 64).path)
+    calls: list[int] = []
+    real = measurement.measure_interleaved
+
+    def spy(runners, **kw):
+        calls.append(len(runners))
+        order.append(id(runners[0]))
+        return real(runners, **kw)
+
+    order: list[int] = []
+    monkeypatch.setattr(measurement, "measure_interleaved", spy)
+    ms = measure_latency_ms(files, 64, threads=1, repeats=3, warmup=1, warmup_s=0.0, min_runs=3, max_runs=5,
+                            max_time_s=0.5)
+    assert len(ms) == 2 and all(m > 0 for m in ms)
+    assert calls == [1] * 6  # one session per call: never two sessions round-robin
+    first, second = order[0], order[1]
+    assert order == [first, second, second, first, first, second]  # each pass starts with the next model
