@@ -1,9 +1,9 @@
 """measure_latency_ms: each ORT session timed alone (no round-robin contention), passes in rotating order."""
 from __future__ import annotations
 
-import latency_tables.measurement as measurement
 from compress.export import export_detector
 from compress.report import measure_latency_ms
+from latency_tables import measurement
 from search_spaces import load_model
 
 
