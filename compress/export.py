@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from latency_tables.onnx_utils import DEFAULT_OPSET, check_onnx, export_onnx, input_specs
+from latency_tables.onnx_utils import DEFAULT_OPSET, check_onnx, export_onnx, input_specs, resolve_shapes
 from search_spaces.errors import DetforgeError
 from search_spaces.io import atomic_write_bytes
 from search_spaces.model import Detector
@@ -70,10 +70,13 @@ def ort_session(path_or_bytes: str | Path | bytes, threads: int = 2):
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
-def _torch_and_onnx(module: nn.Module, onnx_path: str | Path, shape: tuple[int, ...],
-                    seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first output of `module` (eval) and of the ONNX file on one seeded random batch of `shape`."""
-    x = torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+def _random_images(det: Detector, imgsz: int, batch: int, seed: int) -> Tensor:
+    """The seeded random batch in [0, 1) that every export check feeds to both sides."""
+    return torch.rand(batch, det.arch.in_channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
+
+
+def _torch_and_onnx(module: nn.Module, onnx_path: str | Path, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The first output of `module` (eval) and of the ONNX file on the batch `x`."""
     with torch.no_grad():
         out = module.eval()(x)
     ref = (out[0] if isinstance(out, (tuple, list)) else out).float().numpy()
@@ -83,7 +86,7 @@ def _torch_and_onnx(module: nn.Module, onnx_path: str | Path, shape: tuple[int, 
 
 def verify_onnx(det: Detector, onnx_path: str | Path, imgsz: int, batch: int = 2, seed: int = 0) -> tuple[float, float]:
     """Max abs difference between ONNX Runtime and PyTorch decoded outputs on a random batch, and the output scale."""
-    ref, out = _torch_and_onnx(det, onnx_path, (batch, det.arch.in_channels, imgsz, imgsz), seed)
+    ref, out = _torch_and_onnx(det, onnx_path, _random_images(det, imgsz, batch, seed))
     return float(np.abs(out - ref).max()), float(np.abs(ref).max())
 
 
@@ -146,7 +149,7 @@ def verify_nms_inputs(det: Detector, onnx_path: str | Path, imgsz: int, batch: i
     cut.graph.node.remove(node)  # the plugin is the graph's last node: its inputs become the outputs
     del cut.graph.output[:]
     cut.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in node.input)
-    x = torch.rand(batch, det.arch.in_channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
+    x = _random_images(det, imgsz, batch, seed)
     with torch.no_grad():
         ref = [t.float().numpy() for t in boxes_and_scores(det.eval(), x)]
     sess = ort_session(cut.SerializeToString())
@@ -168,7 +171,7 @@ def verify_detections(wrapped: DetectionsOutput, onnx_path: str | Path, imgsz: i
     output scale. Below 1 only where scores nearly tie (an untrained model): fused and reference outputs
     differ by ~1e-5 and NMS may then keep a different one of two equal boxes.
     """
-    ref, out = _torch_and_onnx(wrapped, onnx_path, (batch, wrapped.det.arch.in_channels, imgsz, imgsz), seed)
+    ref, out = _torch_and_onnx(wrapped, onnx_path, _random_images(wrapped.det, imgsz, batch, seed))
     ref, out = _sorted_rows(ref), _sorted_rows(out)
     if len(ref) == 0 and len(out) == 0:
         return 0.0, 0.0, 1.0
@@ -190,13 +193,10 @@ def build_trt_engine(onnx_path: str | Path, engine_path: str | Path, *, precisio
 
     if max_batch < 1:
         raise DetforgeError(f"must be >= 1, got {max_batch}", field="max_batch")
-    shapes = {}
-    for name, dims, _ in input_specs(onnx_path):
-        if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
-            raise DetforgeError(f"input {name!r} has dynamic dims {dims}: export at a fixed image size",
-                                path=onnx_path, field="input")
-        shapes[name] = (max_batch, *dims[1:])
     try:
+        specs = input_specs(onnx_path)
+        per_sample = resolve_shapes([dims for _, dims, _ in specs], None, max_batch)  # fixed H, W required
+        shapes = {name: (max_batch, *s) for (name, _, _), s in zip(specs, per_sample)}
         engine = build_engine(onnx_path, shapes=shapes, precision=precision, workspace_gb=workspace_gb,
                               min_batch=1)
     except DetforgeError as e:
@@ -226,7 +226,7 @@ def verify_engine(det: Detector, engine_path: str | Path, imgsz: int, nms: NmsSp
     Decoded exports compare the whole `[B, N, 5 + nc]` output. EfficientNMS exports compare the detections
     of the images whose count agrees (agreement: the share of such images; near-ties may flip in fp16).
     """
-    x = torch.rand(batch, det.arch.in_channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
+    x = _random_images(det, imgsz, batch, seed)
     outs = run_engine(engine_path, {"images": x.numpy()})
     model = copy.deepcopy(det).eval().float()
     with torch.no_grad():
