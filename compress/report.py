@@ -148,25 +148,18 @@ def ort_runner(model: Detector | str | Path, imgsz: int | None = None, threads: 
 
 def measure_latency_ms(models: list[Detector | str | Path], imgsz: int | None = None, threads: int = 2,
                        **overrides: Any) -> list[float]:
-    """Median latencies (ms) of several models, ORT CPU, batch 1: each timed alone, in alternating passes."""
-    # Timing ORT CPU sessions round-robin measures their contention, not the models: after each run a
-    # session's intra-op threads spin-wait and take the cores from the next session (on 2 cores every model
-    # timed about 2x slower than alone). So each pass times one session at a time (its warm-up outlasts the
-    # previous session's spinning), and the passes rotate the order so that drifting load hits all alike.
-    # `repeats` (default 3) is the number of passes; the result is the median of the passes' medians.
-    from latency_tables.measurement import measure_interleaved
+    """Median latencies (ms) of several models, ORT CPU, batch 1: each timed alone, in rotating passes."""
+    # ORT sessions are never timed round-robin (OrtBackend.interleaves is False): each pass times one session
+    # at a time. `repeats` (default 3) is the number of passes; a latency is the median of the passes' medians.
+    from latency_tables.backends.ort import OrtBackend
 
-    passes = int(overrides.pop("repeats", 3))
+    overrides.setdefault("repeats", 3)
     runners = [ort_runner(m, imgsz, threads) for m in models]
-    medians: list[list[float]] = [[] for _ in runners]
     try:
-        for p in range(passes):
-            for i in (*range(p % len(runners), len(runners)), *range(p % len(runners))):
-                medians[i].append(measure_interleaved([runners[i]], repeats=1, **overrides)[0].median_ms)
+        return [m.median_ms for m in OrtBackend("cpu", threads=threads).measure_prepared(runners, **overrides)]
     finally:
         for r in runners:
             r.close()
-    return [float(np.median(m)) for m in medians]
 
 
 __all__ = ["OutputError", "StepReport", "detector_size", "measure_latency_ms", "ort_runner"]

@@ -1,4 +1,4 @@
-"""The latency measurement protocol: warm-up, adaptive timed runs, outlier rejection, round-robin interleaving."""
+"""The latency measurement protocol: warm-up, adaptive timed runs, outlier rejection, round-robin or one-at-a-time order."""
 # Everything here needs only the standard library and numpy, so a probe bundle can ship this file to a
 # device that has nothing but onnxruntime and numpy installed.
 from __future__ import annotations
@@ -288,6 +288,12 @@ class _Repeat:
     other_load: float | None
 
 
+def rotated(start: int, n: int) -> tuple[int, ...]:
+    """Indices 0..n-1 starting at `start % n`: successive rounds give each candidate every position."""
+    start %= n
+    return (*range(start, n), *range(start))
+
+
 def _run_repeat(runners: Sequence[TimedRunner], cfg: MeasurementConfig) -> _Repeat:
     """Warm up, then time the candidates round-robin until all medians are stable or a limit is hit."""
     m = len(runners)
@@ -306,8 +312,7 @@ def _run_repeat(runners: Sequence[TimedRunner], cfg: MeasurementConfig) -> _Repe
     while rounds < cfg.max_runs:
         # Rotate the starting candidate so each one follows every other equally often: a candidate that
         # leaves caches cold (or hot) for the next one then biases all of them alike.
-        start = rounds % m
-        for i in (*range(start, m), *range(start)):
+        for i in rotated(rounds, m):
             samples[i].append(runners[i].time_once_ms())
         rounds += 1
         if time.perf_counter() - t0 >= cfg.max_time_s and rounds >= min(3, cfg.min_runs):
@@ -364,27 +369,9 @@ def _summarise(reps: Sequence[_Repeat], i: int, cfg: MeasurementConfig, meta: Ma
     )
 
 
-def measure_interleaved(
-    fns: Sequence[Callable[[], object] | TimedRunner] | Mapping[str, Callable[[], object] | TimedRunner],
-    config: MeasurementConfig | None = None,
-    *,
-    monitor: LoadMonitor | None = None,
-    meta: Mapping[str, Any] | None = None,
-    **overrides: Any,
-) -> list[Measurement] | dict[str, Measurement]:
-    """Measure candidates round-robin so drifting load affects all alike; results keep `fns`' order/keys."""
-    # `fns` are zero-argument callables (timed with perf_counter_ns) or runners with `time_once_ms()` and a
-    # `meta` dict (backend, threads, precision, batch, input_shape) such as `Backend.prepare()` returns.
-    # Settings come from `config` with `overrides` (any MeasurementConfig field) applied; `meta` fills the
-    # Measurement fields of plain callables.
-    cfg = (config or MeasurementConfig()).with_overrides(**overrides)
-    keys = list(fns.keys()) if isinstance(fns, Mapping) else None
-    items = list(fns.values()) if isinstance(fns, Mapping) else list(fns)
-    if not items:
-        raise DetforgeError("nothing to measure: no candidates given")
-    runners = [as_timed(f) for f in items]
-    mon = monitor if monitor is not None else (LoadMonitor() if cfg.check_load else _NoLoadMonitor())
-
+def _collect(runners: Sequence[TimedRunner], cfg: MeasurementConfig, mon: LoadMonitor | _NoLoadMonitor
+             ) -> tuple[list[_Repeat], int]:
+    """`cfg.repeats` repeats of `runners` round-robin, retried under other load; returns (kept, discarded)."""
     accepted: list[_Repeat] = []
     rejected: list[_Repeat] = []
     # A garbage collection inside a timed run is a spike that belongs to Python, not to the model.
@@ -423,11 +410,69 @@ def measure_interleaved(
             RuntimeWarning,
             stacklevel=user_stacklevel(),
         )
+    return accepted, len(rejected)
 
-    results = []
-    for i, r in enumerate(runners):
-        m = {**(meta or {}), **r.meta}
-        results.append(_summarise(accepted, i, cfg, m, len(rejected)))
+
+def _candidates(fns: Sequence[Callable[[], object] | TimedRunner] | Mapping[str, Callable[[], object] | TimedRunner]
+                ) -> tuple[list[str] | None, list[TimedRunner]]:
+    """(keys or None, timed runners) of a list or mapping of candidates; an empty one is an error."""
+    keys = list(fns.keys()) if isinstance(fns, Mapping) else None
+    items = list(fns.values()) if isinstance(fns, Mapping) else list(fns)
+    if not items:
+        raise DetforgeError("nothing to measure: no candidates given")
+    return keys, [as_timed(f) for f in items]
+
+
+def _monitor(cfg: MeasurementConfig, monitor: LoadMonitor | None) -> LoadMonitor | _NoLoadMonitor:
+    """The given load monitor, a new one, or none where the config does not check load."""
+    return monitor if monitor is not None else (LoadMonitor() if cfg.check_load else _NoLoadMonitor())
+
+
+def measure_interleaved(
+    fns: Sequence[Callable[[], object] | TimedRunner] | Mapping[str, Callable[[], object] | TimedRunner],
+    config: MeasurementConfig | None = None,
+    *,
+    monitor: LoadMonitor | None = None,
+    meta: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> list[Measurement] | dict[str, Measurement]:
+    """Measure candidates round-robin so drifting load affects all alike; results keep `fns`' order/keys."""
+    # `fns` are zero-argument callables (timed with perf_counter_ns) or runners with `time_once_ms()` and a
+    # `meta` dict (backend, threads, precision, batch, input_shape) such as `Backend.prepare()` returns.
+    # Settings come from `config` with `overrides` (any MeasurementConfig field) applied; `meta` fills the
+    # Measurement fields of plain callables.
+    cfg = (config or MeasurementConfig()).with_overrides(**overrides)
+    keys, runners = _candidates(fns)
+    accepted, discarded = _collect(runners, cfg, _monitor(cfg, monitor))
+    results = [_summarise(accepted, i, cfg, {**(meta or {}), **r.meta}, discarded) for i, r in enumerate(runners)]
+    return dict(zip(keys, results)) if keys is not None else results
+
+
+def measure_each_alone(
+    fns: Sequence[Callable[[], object] | TimedRunner] | Mapping[str, Callable[[], object] | TimedRunner],
+    config: MeasurementConfig | None = None,
+    *,
+    monitor: LoadMonitor | None = None,
+    meta: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> list[Measurement] | dict[str, Measurement]:
+    """Measure candidates one at a time, in `repeats` passes of rotating order; same results as measure_interleaved."""
+    # For engines whose idle workers spin (ONNX Runtime's intra-op pool): timed round-robin, each session's
+    # spinning threads take the cores from the next one, and every candidate measures slower than alone
+    # (about 2x on 2 cores). Each repeat of a candidate warms it up alone (outlasting the previous one's
+    # spinning), and each pass starts one candidate later, so drifting load still touches all alike.
+    cfg = (config or MeasurementConfig()).with_overrides(**overrides)
+    keys, runners = _candidates(fns)
+    mon = _monitor(cfg, monitor)
+    single = cfg.with_overrides(repeats=1)
+    kept: list[list[_Repeat]] = [[] for _ in runners]
+    discarded = [0] * len(runners)
+    for p in range(cfg.repeats):
+        for i in rotated(p, len(runners)):
+            reps, n_bad = _collect([runners[i]], single, mon)
+            kept[i] += reps
+            discarded[i] += n_bad
+    results = [_summarise(kept[i], 0, cfg, {**(meta or {}), **r.meta}, discarded[i]) for i, r in enumerate(runners)]
     return dict(zip(keys, results)) if keys is not None else results
 
 

@@ -27,8 +27,6 @@ from .measurement import (
     LoadMonitor,
     Measurement,
     MeasurementConfig,
-    measure_callable,
-    measure_interleaved,
     user_stacklevel,
 )
 from .predictor import OverheadModel, fit_overhead
@@ -223,20 +221,9 @@ def realtime_priority(enabled: bool = True, priority: int = REALTIME_PRIORITY) -
                 os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
-def interleaves(backend: Backend) -> bool:
-    """Whether models are timed round-robin on `backend` (not on ORT: a session owns a spinning pool)."""
-    # ORT's intra-op workers spin for a while after every run; timed round-robin, the sessions' pools fight
-    # over the cores, and on 2 vCPUs every model measured ~1.8x slower than alone (docs/latency.md). One
-    # session at a time it is. Torch shares one pool between modules and GPU backends time on the device:
-    # those interleave.
-    from .backends import OrtBackend
-
-    return not isinstance(backend, OrtBackend)
-
-
 def measure_group(pairs: Mapping[str, tuple[Any, Sequence | None]], backend: Backend, *, batch: int = 1,
                   realtime: bool = False) -> dict[str, Measurement]:
-    """Measure (model, input shapes) pairs like Backend.measure_many, interleaved where the backend allows it.
+    """Measure (model, input shapes) pairs like Backend.measure_many (round-robin where the backend interleaves).
 
     Only the timed runs (not the export and session set-up) run at real-time priority with `realtime`.
     """
@@ -245,18 +232,12 @@ def measure_group(pairs: Mapping[str, tuple[Any, Sequence | None]], backend: Bac
             warnings.filterwarnings("ignore", category=Warning, module=r"torch\..*")  # tracer notes per block
             return backend.prepare(model, None if shapes is None else [tuple(s) for s in shapes], batch)
 
-    if not interleaves(backend):
-        out = {}
-        for k, (model, shapes) in pairs.items():
-            with prepare(model, shapes) as runner, realtime_priority(realtime):
-                out[k] = measure_callable(runner, backend.config)
-        return out
     runners = {}
     try:
         for k, (model, shapes) in pairs.items():
             runners[k] = prepare(model, shapes)
         with realtime_priority(realtime):
-            res = measure_interleaved(runners, backend.config)
+            res = backend.measure_prepared(runners)
     finally:
         for r in runners.values():
             r.close()

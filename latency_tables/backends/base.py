@@ -12,7 +12,13 @@ import numpy as np
 from search_spaces.errors import DetforgeError
 
 from ..fingerprint import DeviceFingerprint
-from ..measurement import Measurement, MeasurementConfig, measure_callable, measure_interleaved
+from ..measurement import (
+    Measurement,
+    MeasurementConfig,
+    measure_callable,
+    measure_each_alone,
+    measure_interleaved,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -108,6 +114,9 @@ class Backend(ABC):
     name: str
     threads: int | None
     precision: str
+    # Whether several prepared models may be timed round-robin. False where an idle session keeps the cores
+    # busy (ONNX Runtime's spinning intra-op pool): those are timed one at a time (`measure_each_alone`).
+    interleaves: bool = True
 
     def __init__(self, config: MeasurementConfig | None = None):
         self.config = config or MeasurementConfig()
@@ -130,18 +139,23 @@ class Backend(ABC):
         with self.prepare(model, input_shape, batch) as runner:
             return measure_callable(runner, self.config, **overrides)
 
+    def measure_prepared(self, runners: Sequence[Runner] | Mapping[str, Runner], **overrides: Any
+                         ) -> list[Measurement] | dict[str, Measurement]:
+        """Time prepared runners so drifting load hits all alike: round-robin, or one at a time in rotating passes."""
+        measure = measure_interleaved if self.interleaves else measure_each_alone
+        return measure(runners, self.config, **overrides)
+
     def measure_many(self, items: Sequence[tuple[ModelSource, InputShape | None]]
                      | Mapping[str, tuple[ModelSource, InputShape | None]], batch: int = 1,
                      **overrides: Any) -> list[Measurement] | dict[str, Measurement]:
-        """Measure several (model, input_shape) pairs interleaved round-robin, so they see the same load."""
+        """Measure several (model, input_shape) pairs under the same load (see `measure_prepared`)."""
         keyed = isinstance(items, Mapping)
         pairs = list(items.values()) if keyed else list(items)
         runners: list[Runner] = []
         try:
             for model, shape in pairs:
                 runners.append(self.prepare(model, shape, batch))
-            arg = dict(zip(items.keys(), runners)) if keyed else runners
-            return measure_interleaved(arg, self.config, **overrides)
+            return self.measure_prepared(dict(zip(items.keys(), runners)) if keyed else runners, **overrides)
         finally:
             for r in runners:
                 r.close()

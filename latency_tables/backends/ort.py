@@ -121,6 +121,9 @@ class OrtBackend(Backend):
 
     # precision: 'fp32'; 'fp16' (a converted graph on cpu/cuda, trt_fp16_enable on trt); 'int8' needs an
     # ONNX that is already quantized (QDQ, from compress.quantize). 'trt' falls back to CUDA per node.
+    # A session's intra-op workers spin after every run: timed round-robin, the sessions fight over the cores
+    # (on 2 vCPUs every model measured ~1.8x slower than alone, docs/latency.md), so one session at a time.
+    interleaves = False
 
     def __init__(self, providers: str = "cpu", threads: int | None = 2, precision: str = "fp32", *,
                  device_id: int = 0, trt_cache_dir: str | Path | None = None, opset: int = DEFAULT_OPSET,

@@ -177,12 +177,25 @@ def test_ort_fp16_and_int8(net, onnx_bytes, tmp_path):
     assert m8.precision == "int8" and m8.median_ms > 0
 
 
-def test_measure_many_interleaves_models(net):
-    b = OrtBackend("cpu")
-    out = b.measure_many({"small": (net, SHAPE), "large": (net, (3, 64, 64))}, **FAST)
+def test_measure_many_times_ort_sessions_alone_and_torch_round_robin(net, monkeypatch):
+    from latency_tables import measurement
+
+    groups: list[int] = []
+    real = measurement._run_repeat
+
+    def spy(runners, cfg):
+        groups.append(len(runners))
+        return real(runners, cfg)
+
+    monkeypatch.setattr(measurement, "_run_repeat", spy)
+    out = OrtBackend("cpu").measure_many({"small": (net, SHAPE), "large": (net, (3, 64, 64))}, **FAST)
     assert list(out) == ["small", "large"]
     assert out["large"].input_shape == [3, 64, 64] and out["small"].median_ms > 0
-    assert out["small"].runs + out["small"].rejected_outliers == out["large"].runs + out["large"].rejected_outliers
+    assert groups == [1, 1]  # an idle ORT session's spinning pool would slow the next one down
+    groups.clear()
+    both = TorchBackend("cpu").measure_many([(net, SHAPE), (net, (3, 64, 64))], **FAST)
+    assert groups == [2]  # one pool for all modules: round-robin, so drifting load hits both alike
+    assert both[0].runs + both[0].rejected_outliers == both[1].runs + both[1].rejected_outliers
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA EP is installed")

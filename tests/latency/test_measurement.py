@@ -13,6 +13,7 @@ from latency_tables.measurement import (
     Measurement,
     MeasurementConfig,
     measure_callable,
+    measure_each_alone,
     measure_interleaved,
     median_ci,
 )
@@ -122,6 +123,27 @@ def test_interleaving_is_round_robin_and_rotates():
     assert [out[k].median_ms for k in "abc"] == [1.0, 2.0, 3.0]
     assert all(r.calls == 6 for r in runners.values())
     assert log[:9] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each starts a round in turn
+
+
+def test_each_alone_times_one_candidate_at_a_time_in_rotating_passes():
+    log: list[str] = []
+    # b's pass medians are 2, 20, 2: the median of the passes' medians ignores the one bad pass
+    runners = {"a": Scripted(lambda i: 1.0, log=log, name="a"),
+               "b": Scripted(lambda i: 20.0 if 4 <= i < 8 else 2.0, log=log, name="b")}
+    out = measure_each_alone(runners, min_runs=4, max_runs=4, repeats=3, **QUIET)
+    assert isinstance(out, dict) and list(out) == ["a", "b"]
+    # never round-robin: each repeat is one candidate's block of runs, and each pass starts one later
+    assert log == ["a"] * 4 + ["b"] * 8 + ["a"] * 8 + ["b"] * 4
+    assert out["a"].median_ms == 1.0 and out["b"].median_ms == 2.0
+    assert out["b"].repeat_medians_ms == [2.0, 20.0, 2.0] and out["b"].repeats == 3 and out["b"].runs == 12
+
+
+def test_each_alone_retries_a_loaded_repeat_of_that_candidate_only():
+    runners = [Scripted(lambda i: 1.0), Scripted(lambda i: 2.0)]
+    out = measure_each_alone(runners, monitor=FakeMonitor([0.9, 0.0]), min_runs=3, max_runs=3, max_other_load=0.5,
+                             retry_wait_s=0.0, warmup=0, warmup_s=0.0)
+    assert [m.discarded_repeats for m in out] == [1, 0]
+    assert [r.calls for r in runners] == [6, 3]
 
 
 def test_interleaving_cancels_drifting_load():
