@@ -5,8 +5,8 @@
 
 MODEL is a trained model directory (arch.yaml + weights.pt), e.g. the one `benchmarks/train_synthetic.py`
 writes. Every section is saved to OUT/compress.json as soon as it finishes and skipped on a rerun (delete its
-key or pass --redo SECTION), so a killed run resumes. Latencies: ONNX Runtime CPU, 2 threads, batch 1, models
-of one comparison measured interleaved (same load for all) by `compress.report.measure_latency_ms`.
+key or pass --redo SECTION), so a killed run resumes. Latencies: ONNX Runtime CPU, 2 threads, batch 1, the
+models of one comparison each timed alone in rotating passes by `compress.report.measure_latency_ms`.
 
 Sections:
   fusion    yolov7 (random weights) training form -> fused deploy form: max abs diff, ORT speedup
@@ -15,7 +15,7 @@ Sections:
   qat       quantization-aware finetuning (--qat-epochs) exported as QDQ: mAP and latency vs FP32 and PTQ
   prune     50% of MACs removed with torch-pruning and with NNI, each finetuned --finetune-epochs:
             mAP and latency vs the unpruned model
-  latency   every exported file of the run measured together, interleaved, --measurements times (the
+  latency   every exported file of the run measured in one call, --measurements times (the
             sections' own latencies compare a few files each; this puts them on one footing)
   distill   the torch-pruning student finetuned the same epochs and seed with the trained model as teacher
             (output + feature terms): its mAP vs the plain finetune's
@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--calib", type=int, default=128, help="INT8 calibration images (train split)")
-    ap.add_argument("--measurements", type=int, default=3, help="interleaved measurements in `latency`")
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved latency repeats per comparison")
+    ap.add_argument("--measurements", type=int, default=3, help="measurements of all files in `latency`")
+    ap.add_argument("--repeats", type=int, default=7, help="latency passes per comparison")
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--redo", default="", help="comma-separated sections to measure again")
     ap.add_argument("--out", default="runs/bench/compress")

@@ -8,9 +8,18 @@ import onnx
 import pytest
 import torch
 from torch import nn
+from torch.ao.quantization import FakeQuantize
 
 from compress.export import ort_session
-from compress.qat import FakeQuantConv2d, calibrate, export_qat, prepare_qat, set_observers
+from compress.qat import (
+    FakeQuantAct,
+    FakeQuantConv2d,
+    calibrate,
+    export_qat,
+    merge_duplicate_qdq,
+    prepare_qat,
+    set_observers,
+)
 from compress.quantize import qdq_counts
 from nas.cli import main
 from search_spaces import ConfigError, save_model
@@ -84,3 +93,61 @@ def test_cli_qat_finetunes_and_exports(det, tmp_path, capsys):
     assert y.shape[-1] == 5 + 3 and np.isfinite(y).all()
     assert main(["quantize", str(out), "--data", str(data), "--qat-epochs", "1", "--out",
                  str(tmp_path / "x.onnx")]) == 2
+
+
+def test_each_tensor_is_quantized_once_where_it_is_made(det):
+    qat = prepare_qat(det)
+    convs = [m for m in qat.modules() if isinstance(m, FakeQuantConv2d)]
+    acts = [m for m in qat.modules() if isinstance(m, FakeQuantAct)]
+    assert acts and not any(type(m) in (nn.SiLU, nn.LeakyReLU, nn.ReLU) for m in qat.modules()
+                            if not isinstance(m, FakeQuantAct) and m not in {a.act for a in acts})
+    layers = qat.layers
+    assert isinstance(layers[1].conv.input_fq, FakeQuantize)  # reads the reorg's output: nobody quantized it
+    assert isinstance(layers[2].cv1.conv.input_fq, nn.Identity)  # reads conv 1's quantized activation
+    assert isinstance(layers[3].cv3.conv.input_fq, FakeQuantize)  # reads the ELAN's concat
+    assert isinstance(layers[4].rbr_reparam.input_fq, nn.Identity)  # reads the ELAN's last activation
+    assert layers[3].cv1.conv.input_fq is layers[3].cv2.conv.input_fq  # both read DownC's concat: one fake-quant
+    own = {id(m.input_fq) for m in convs if isinstance(m.input_fq, FakeQuantize)}
+    assert len(own) < sum(isinstance(m.input_fq, FakeQuantize) for m in convs)
+
+
+def test_qdq_export_fuses_like_ptq_in_onnx_runtime(tmp_path):
+    import onnxruntime as ort
+
+    from search_spaces import load_model
+
+    qat = _calibrated(load_model("yolov7-tiny", form="deploy", nc=2).eval())
+    path = export_qat(qat, tmp_path / "qat.onnx", 64)
+    graph = onnx.load(str(path))
+    q_inputs = [n.input[0] for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(q_inputs) == len(set(q_inputs))  # one Q per tensor: duplicates were merged
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    # every activation runs as an integer kernel; with a fake-quant per conv input, 46 of 55 stayed float
+    assert ops.count("QLinearLeakyRelu") == sum(isinstance(m, FakeQuantAct) for m in qat.modules())
+    assert "LeakyRelu" not in ops and ops.count("QLinearConcat") > 0
+
+
+def test_merge_duplicate_qdq_keeps_the_outputs():
+    from onnx import TensorProto, helper
+
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.05])
+    zp = helper.make_tensor("z", TensorProto.UINT8, [], [128])
+    other = helper.make_tensor("s2", TensorProto.FLOAT, [], [0.1])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q1"]),
+             helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q2"]),
+             helper.make_node("QuantizeLinear", ["x", "s2", "z"], ["q3"]),  # another scale: kept
+             helper.make_node("DequantizeLinear", ["q1", "s", "z"], ["d1"]),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["d2"]),
+             helper.make_node("DequantizeLinear", ["q3", "s2", "z"], ["d3"]),
+             helper.make_node("Sum", ["d1", "d2", "d3"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [scale, zp, other])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([-1.0, 0.0, 0.33, 2.0], np.float32)
+    before = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
+    assert merge_duplicate_qdq(model) == 2
+    assert [n.op_type for n in model.graph.node].count("QuantizeLinear") == 2
+    np.testing.assert_array_equal(ort_session(model.SerializeToString()).run(None, {"x": x})[0], before)
