@@ -11,7 +11,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -369,6 +369,11 @@ def _summarise(reps: Sequence[_Repeat], i: int, cfg: MeasurementConfig, meta: Ma
     )
 
 
+if TYPE_CHECKING:  # annotations only: the probe bundle runs this file on Python 3.8
+    Candidates = Sequence[Callable[[], object] | TimedRunner] | Mapping[str, Callable[[], object] | TimedRunner]
+    Results = list[Measurement] | dict[str, Measurement]
+
+
 def _collect(runners: Sequence[TimedRunner], cfg: MeasurementConfig, mon: LoadMonitor | _NoLoadMonitor
              ) -> tuple[list[_Repeat], int]:
     """`cfg.repeats` repeats of `runners` round-robin, retried under other load; returns (kept, discarded)."""
@@ -413,8 +418,7 @@ def _collect(runners: Sequence[TimedRunner], cfg: MeasurementConfig, mon: LoadMo
     return accepted, len(rejected)
 
 
-def _candidates(fns: Sequence[Callable[[], object] | TimedRunner] | Mapping[str, Callable[[], object] | TimedRunner]
-                ) -> tuple[list[str] | None, list[TimedRunner]]:
+def _candidates(fns: Candidates) -> tuple[list[str] | None, list[TimedRunner]]:
     """(keys or None, timed runners) of a list or mapping of candidates; an empty one is an error."""
     keys = list(fns.keys()) if isinstance(fns, Mapping) else None
     items = list(fns.values()) if isinstance(fns, Mapping) else list(fns)
@@ -428,51 +432,47 @@ def _monitor(cfg: MeasurementConfig, monitor: LoadMonitor | None) -> LoadMonitor
     return monitor if monitor is not None else (LoadMonitor() if cfg.check_load else _NoLoadMonitor())
 
 
-def measure_interleaved(
-    fns: Sequence[Callable[[], object] | TimedRunner] | Mapping[str, Callable[[], object] | TimedRunner],
-    config: MeasurementConfig | None = None,
-    *,
-    monitor: LoadMonitor | None = None,
-    meta: Mapping[str, Any] | None = None,
-    **overrides: Any,
-) -> list[Measurement] | dict[str, Measurement]:
+def measure_interleaved(fns: Candidates, config: MeasurementConfig | None = None, *,
+                        monitor: LoadMonitor | None = None, meta: Mapping[str, Any] | None = None,
+                        **overrides: Any) -> Results:
     """Measure candidates round-robin so drifting load affects all alike; results keep `fns`' order/keys."""
     # `fns` are zero-argument callables (timed with perf_counter_ns) or runners with `time_once_ms()` and a
     # `meta` dict (backend, threads, precision, batch, input_shape) such as `Backend.prepare()` returns.
     # Settings come from `config` with `overrides` (any MeasurementConfig field) applied; `meta` fills the
     # Measurement fields of plain callables.
-    cfg = (config or MeasurementConfig()).with_overrides(**overrides)
-    keys, runners = _candidates(fns)
-    accepted, discarded = _collect(runners, cfg, _monitor(cfg, monitor))
-    results = [_summarise(accepted, i, cfg, {**(meta or {}), **r.meta}, discarded) for i, r in enumerate(runners)]
-    return dict(zip(keys, results)) if keys is not None else results
+    return _measure(fns, (config or MeasurementConfig()).with_overrides(**overrides), monitor, meta, alone=False)
 
 
-def measure_each_alone(
-    fns: Sequence[Callable[[], object] | TimedRunner] | Mapping[str, Callable[[], object] | TimedRunner],
-    config: MeasurementConfig | None = None,
-    *,
-    monitor: LoadMonitor | None = None,
-    meta: Mapping[str, Any] | None = None,
-    **overrides: Any,
-) -> list[Measurement] | dict[str, Measurement]:
-    """Measure candidates one at a time, in `repeats` passes of rotating order; same results as measure_interleaved."""
+def measure_each_alone(fns: Candidates, config: MeasurementConfig | None = None, *,
+                       monitor: LoadMonitor | None = None, meta: Mapping[str, Any] | None = None,
+                       **overrides: Any) -> Results:
+    """Measure candidates one at a time, in `repeats` passes of rotating order (else as measure_interleaved)."""
     # For engines whose idle workers spin (ONNX Runtime's intra-op pool): timed round-robin, each session's
     # spinning threads take the cores from the next one, and every candidate measures slower than alone
     # (about 2x on 2 cores). Each repeat of a candidate warms it up alone (outlasting the previous one's
     # spinning), and each pass starts one candidate later, so drifting load still touches all alike.
-    cfg = (config or MeasurementConfig()).with_overrides(**overrides)
+    return _measure(fns, (config or MeasurementConfig()).with_overrides(**overrides), monitor, meta, alone=True)
+
+
+def _measure(fns: Candidates, cfg: MeasurementConfig, monitor: LoadMonitor | None, meta: Mapping[str, Any] | None,
+             alone: bool) -> Results:
+    """The repeats of all candidates together (round-robin) or of each one alone, summarised per candidate."""
     keys, runners = _candidates(fns)
     mon = _monitor(cfg, monitor)
-    single = cfg.with_overrides(repeats=1)
-    kept: list[list[_Repeat]] = [[] for _ in runners]
-    discarded = [0] * len(runners)
-    for p in range(cfg.repeats):
-        for i in rotated(p, len(runners)):
-            reps, n_bad = _collect([runners[i]], single, mon)
-            kept[i] += reps
-            discarded[i] += n_bad
-    results = [_summarise(kept[i], 0, cfg, {**(meta or {}), **r.meta}, discarded[i]) for i, r in enumerate(runners)]
+    if alone:
+        single = cfg.with_overrides(repeats=1)
+        kept: list[list[_Repeat]] = [[] for _ in runners]
+        discarded = [0] * len(runners)
+        for p in range(cfg.repeats):
+            for i in rotated(p, len(runners)):
+                reps, n_bad = _collect([runners[i]], single, mon)
+                kept[i] += reps
+                discarded[i] += n_bad
+        results = [_summarise(kept[i], 0, cfg, {**(meta or {}), **r.meta}, discarded[i])
+                   for i, r in enumerate(runners)]
+    else:
+        accepted, n_bad = _collect(runners, cfg, mon)
+        results = [_summarise(accepted, i, cfg, {**(meta or {}), **r.meta}, n_bad) for i, r in enumerate(runners)]
     return dict(zip(keys, results)) if keys is not None else results
 
 
