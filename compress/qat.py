@@ -3,13 +3,13 @@
 For when post-training quantization (`compress.quantize`) loses too much. The model is fused first
 (BatchNorm folded, RepConv merged), then every `nn.Conv2d` becomes a `FakeQuantConv2d` (per-channel symmetric
 int8 weights, uint8 outputs: ONNX Runtime CPU's U8S8 kernels) and every activation a `FakeQuantAct` (uint8
-output). The convs of the detection head keep float outputs, since their maps feed the box decode (as
-`quantize_onnx` keeps the decode tail float). Like ONNX Runtime's own quantizer, each activation tensor is
-quantized once, where it is made: a conv reads its input through a fake-quant only where no quantized
-producer made it (the image, a concat, a pool), and convs that read the same such tensor share that
-fake-quant. So the export's QDQ form is a PTQ file's, and ONNX Runtime fuses it the same way (QLinearConv,
-QLinearLeakyRelu, QLinearConcat); with a fake-quant per consumer instead, activations and concats stayed
-float between duplicated Q/DQ pairs and the file ran slower than the PTQ one.
+output); the box decode after the head's convs stays float, as `quantize_onnx` keeps it. Like ONNX Runtime's
+own quantizer, each tensor is quantized once, where it is made: a conv reads its input through a fake-quant
+only where no quantized producer made it (the image, a concat), convs that read the same such tensor share
+it, and pools and upsamples keep their input's scale. So the export's QDQ form is a PTQ file's, and ONNX
+Runtime fuses it the same way (QLinearConv, QLinearLeakyRelu, QLinearConcat, uint8 max-pool); with a
+fake-quant per conv input instead, activations, concats and pools stayed float between duplicated Q/DQ pairs
+and the file ran slower than the PTQ one.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from torch.ao.quantization import (
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
 )
+from torch.overrides import TorchFunctionMode
 
 from search_spaces.errors import ConfigError
 from search_spaces.io import atomic_torch_save
@@ -83,44 +84,90 @@ class FakeQuantAct(nn.Module):
         return self.output_fq(self.act(x))
 
 
+class SharedQParams(nn.Module):
+    """Fake quantization with another fake-quant's scale and zero point; it never observes.
+
+    For a tensor that a max-pool or a nearest upsample made from a quantized one: with the producer's
+    scale, the Q/DQ pair around the pool is an identity that ONNX Runtime drops (the pool runs in uint8).
+    """
+
+    def __init__(self, source: FakeQuantize):
+        super().__init__()
+        self.source = source
+
+    def forward(self, x: Tensor) -> Tensor:
+        fq = self.source
+        if not fq.fake_quant_enabled[0]:
+            return x
+        return torch.fake_quantize_per_tensor_affine(x, fq.scale, fq.zero_point, fq.quant_min, fq.quant_max)
+
+
 ACTIVATIONS = (nn.SiLU, nn.LeakyReLU, nn.ReLU)
+# functions whose output holds values of their input only, so it can keep the input's quantization
+_RANGE_KEEPING = {"max_pool2d", "_max_pool2d", "max_pool2d_with_indices", "interpolate", "upsample_nearest2d"}
 
 
-def _head_convs(det: Detector) -> set[int]:
-    """ids of the convs inside the head: their outputs (the raw maps the decode reads) stay float."""
-    return {id(m) for m in det.head.modules() if isinstance(m, nn.Conv2d)}
+class _RangeKeepingOps(TorchFunctionMode):
+    """Records, for one forward, which tensor each range-keeping op (pool, nearest upsample) was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source: dict[int, Tensor] = {}
+        self.alive: list[Tensor] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        nearest = name != "interpolate" or kwargs.get("mode", args[3] if len(args) > 3 else "nearest") == "nearest"
+        if name in _RANGE_KEEPING and nearest and args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+            self.alive += [out, args[0]]
+            self.source[id(out)] = args[0]
+        return out
 
 
 @torch.no_grad()
-def place_input_quantizers(model: Detector, imgsz: int | None = None) -> int:
-    """Quantize each conv input once: none where a quantized producer made it, one shared per other tensor."""
-    # One forward with the fake-quants passing through records which tensor each conv reads and which
-    # tensors a producer's fake-quant put out; tensors are kept alive meanwhile, so their ids stay unique.
-    size = imgsz or model.arch.imgsz
+def place_input_quantizers(model: Detector) -> int:
+    """Give each conv input one quantization: its producer's, or one fake-quant shared by all its readers."""
+    # One forward with the fake-quants passing through records which tensor each conv reads, which tensors
+    # a producer's fake-quant put out, and which came from a pool or upsample of which; tensors are kept
+    # alive meanwhile, so their ids stay unique. The dataflow does not depend on the image size: the
+    # smallest that every level divides will do.
+    size = 2 * max(model.strides)
     producers = [m.output_fq for m in model.modules()
                  if isinstance(m, (FakeQuantConv2d, FakeQuantAct)) and isinstance(m.output_fq, FakeQuantize)]
     readers: dict[int, list[FakeQuantConv2d]] = {}
-    quantized: set[int] = set()
+    made_by: dict[int, FakeQuantize] = {}
     alive: list[Tensor] = []
 
-    def produced(_m: nn.Module, _args: Any, out: Tensor) -> None:
+    def produced(m: nn.Module, _args: Any, out: Tensor) -> None:
         alive.append(out)
-        quantized.add(id(out))
+        made_by[id(out)] = m  # type: ignore[assignment]
 
     def read(m: nn.Module, args: tuple[Tensor, ...]) -> None:
         alive.append(args[0])
         readers.setdefault(id(args[0]), []).append(m)  # type: ignore[arg-type]
 
+    returned_by: dict[int, nn.Module] = {}  # the innermost module that returned each tensor
+
+    def returned(m: nn.Module, _args: Any, out: Any) -> None:
+        if isinstance(out, Tensor) and id(out) not in returned_by:
+            alive.append(out)
+            returned_by[id(out)] = m
+
     hooks = [fq.register_forward_hook(produced) for fq in producers]
     hooks += [m.register_forward_pre_hook(read) for m in model.modules() if isinstance(m, FakeQuantConv2d)]
+    hooks += [m.register_forward_hook(returned) for m in model.modules() if not isinstance(m, FakeQuantize)]
     fqs = [m for m in model.modules() if isinstance(m, FakeQuantize)]
     flags = [(bool(m.observer_enabled.item()), bool(m.fake_quant_enabled.item())) for m in fqs]
     was_training = model.training
     for m in fqs:  # pass-through (no ranges are known yet, and none are learned from this zero image)
         m.disable_observer()
         m.disable_fake_quant()
+    ops = _RangeKeepingOps()
     try:
-        model.eval()(torch.zeros(1, model.arch.in_channels, size, size, device=next(model.parameters()).device))
+        with ops:
+            model.eval()(torch.zeros(1, model.arch.in_channels, size, size, device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
@@ -128,23 +175,50 @@ def place_input_quantizers(model: Detector, imgsz: int | None = None) -> int:
             m.enable_observer(observe)
             m.enable_fake_quant(quantize)
         model.train(was_training)
-    shared = 0
+    def origin(tensor_id: int) -> FakeQuantize | None:
+        """The fake-quant whose range the tensor keeps (through pools and upsamples), if any."""
+        while tensor_id not in made_by and tensor_id in ops.source:
+            tensor_id = id(ops.source[tensor_id])
+        return made_by.get(tensor_id)
+
+    # A module that returns a pooled or upsampled quantized tensor (an Upsample layer, a MaxPool transition)
+    # quantizes its output with the producer's scale, so that concats of it run in uint8 too.
+    for tensor_id in ops.source:
+        module, fq = returned_by.get(tensor_id), origin(tensor_id)
+        if module is not None and fq is not None and not hasattr(module, "output_quant"):
+            module.output_quant = SharedQParams(fq)
+            module.register_forward_hook(_quantize_output)
+            made_by[tensor_id] = fq
+    own = 0
     for tensor_id, convs in readers.items():
-        first = convs[0].input_fq
+        fq = origin(tensor_id)
+        if tensor_id in made_by:
+            quantizer: nn.Module = nn.Identity()
+        elif fq is not None:
+            quantizer = SharedQParams(fq)
+        else:
+            quantizer, own = convs[0].input_fq, own + 1
         for conv in convs:
-            conv.input_fq = nn.Identity() if tensor_id in quantized else first
-        shared += 0 if tensor_id in quantized else len(convs) - 1
-    return shared
+            conv.input_fq = quantizer
+    return own
+
+
+def _quantize_output(module: nn.Module, _args: Any, out: Tensor) -> Tensor:
+    """Forward hook: the module's output through its `output_quant` (set by place_input_quantizers)."""
+    return module.output_quant(out)
 
 
 def prepare_qat(det: Detector, exclude: Iterable[str] = ()) -> Detector:
-    """A fused copy of `det` with fake-quantized convs and activations (modules named in `exclude` stay float)."""
+    """A fused copy of `det` with fake-quantized convs and activations; those named in `exclude` stay float.
+
+    An excluded conv keeps float weights and output; its readers still get quantized inputs, as ONNX
+    Runtime's `nodes_to_exclude` keeps a node float but not the tensors around it.
+    """
     model = copy.deepcopy(det).eval()
     if model.form == "training":
         model = model.deploy()
     model.fuse()
     skip = set(exclude)
-    head_out = _head_convs(model)
     replaced = 0
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -152,7 +226,7 @@ def prepare_qat(det: Detector, exclude: Iterable[str] = ()) -> Detector:
             if full in skip:
                 continue
             if type(child) is nn.Conv2d:
-                setattr(parent, child_name, FakeQuantConv2d(child, quantize_output=id(child) not in head_out))
+                setattr(parent, child_name, FakeQuantConv2d(child))
                 replaced += 1
             elif type(child) in ACTIVATIONS:
                 setattr(parent, child_name, FakeQuantAct(child))
@@ -188,7 +262,7 @@ class QatReport:
 
     epochs: int
     convs: int
-    float_outputs: int  # convs whose outputs stay float (head outputs)
+    float_outputs: int  # convs left float (named in `exclude`)
     observer_freeze_epoch: int
     rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -247,7 +321,7 @@ def qat_finetune(det: Detector, cfg: TrainConfig, *, lr_scale: float = 0.1, free
     set_observers(qat, False)
     convs = [m for m in qat.modules() if isinstance(m, FakeQuantConv2d)]
     return qat, QatReport(epochs=result.epochs_done, convs=len(convs),
-                          float_outputs=sum(isinstance(m.output_fq, nn.Identity) for m in convs),
+                          float_outputs=sum(type(m) is nn.Conv2d for m in qat.modules()),
                           observer_freeze_epoch=freeze_epoch, rows=result.rows)
 
 
@@ -255,6 +329,9 @@ def merge_duplicate_qdq(model: onnx.ModelProto) -> int:
     """Merge Quantize/DequantizeLinear nodes reading the same tensor with equal scale and zero point (in place)."""
     # A fake-quant shared by several convs is traced once per call: identical Q/DQ pairs on one tensor, which
     # keep ONNX Runtime from fusing the producer (one Q consumer per quantized tensor is its fusion pattern).
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+           for a in n.attribute):
+        return 0  # names used inside If/Loop bodies are not renamed here; leave such graphs alone
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:  # nodes are in topological order
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -271,7 +348,7 @@ def merge_duplicate_qdq(model: onnx.ModelProto) -> int:
         params = [values.get(name) for name in node.input[1:]]
         if (node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.output[0] not in graph_outputs
                 and all(p is not None for p in params)):
-            key = (node.op_type, node.input[0], *((p.dtype.str, p.shape, p.tobytes()) for p in params),
+            key = (node.domain, node.op_type, node.input[0], *((p.dtype.str, p.shape, p.tobytes()) for p in params),
                    *(a.SerializeToString() for a in node.attribute))
             if key in seen:
                 rename[node.output[0]] = seen[key]
@@ -281,6 +358,9 @@ def merge_duplicate_qdq(model: onnx.ModelProto) -> int:
     merged = len(model.graph.node) - len(kept)
     del model.graph.node[:]
     model.graph.node.extend(kept)
+    stale = [v for v in model.graph.value_info if v.name in rename]
+    for v in stale:
+        model.graph.value_info.remove(v)
     return merged
 
 

@@ -2,12 +2,12 @@
 from .backends import BACKEND_NAMES, Backend, OrtBackend, Runner, TensorRTBackend, TorchBackend, get_backend
 from .fingerprint import DeviceFingerprint, check_fingerprint
 from .measurement import (
-                          LoadMonitor,
-                          Measurement,
-                          MeasurementConfig,
-                          measure_callable,
-                          measure_each_alone,
-                          measure_interleaved,
+    LoadMonitor,
+    Measurement,
+    MeasurementConfig,
+    measure_callable,
+    measure_each_alone,
+    measure_interleaved,
 )
 from .predictor import OverheadModel, fit_overhead
 from .probe import bundle_manifest, import_results, pack

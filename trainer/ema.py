@@ -32,7 +32,14 @@ class ModelEMA:
         self.updates += 1
         d = self.d()
         msd = unwrap(model).state_dict()
-        for k, v in self.ema.state_dict().items():
+        # keep_vars keeps tensor identity: a module shared by several parents (QAT's shared fake-quants)
+        # appears under each name, and must take one step, not one per name
+        seen: set[int] = set()
+        for k, v in self.ema.state_dict(keep_vars=True).items():
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            v = v.data
             if v.dtype.is_floating_point:
                 v.mul_(d).add_(msd[k].detach().to(v.dtype), alpha=1 - d)
             else:

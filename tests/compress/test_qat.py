@@ -14,6 +14,7 @@ from compress.export import ort_session
 from compress.qat import (
     FakeQuantAct,
     FakeQuantConv2d,
+    SharedQParams,
     calibrate,
     export_qat,
     merge_duplicate_qdq,
@@ -41,14 +42,15 @@ def _calibrated(det, imgsz: int = 64):
     return qat.eval()
 
 
-def test_every_conv_is_fake_quantized_and_head_maps_stay_float(det):
+def test_every_conv_is_fake_quantized(det):
     qat = prepare_qat(det)
     convs = [m for m in qat.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(isinstance(m, FakeQuantConv2d) for m in convs)
-    head = [m for m in qat.head.modules() if isinstance(m, FakeQuantConv2d)]
-    assert head and all(isinstance(m.output_fq, nn.Identity) for m in head)
-    assert all(not isinstance(m.output_fq, nn.Identity) for m in convs if m not in head)
+    # head maps too, as PTQ's QLinearConv: the decode after them stays float
+    assert all(isinstance(m.output_fq, FakeQuantize) for m in convs)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qat.modules())  # folded before quantizing
+    kept = prepare_qat(det, exclude=["layers.1.conv"])
+    assert type(kept.layers[1].conv) is nn.Conv2d  # excluded: stays float
     with pytest.raises(ConfigError, match="no convolution"):
         prepare_qat(det, exclude=[n for n, m in det.named_modules() if isinstance(m, nn.Conv2d)] +
                     [n for n, m in prepare_qat(det).named_modules() if isinstance(m, nn.Conv2d)])
@@ -107,6 +109,11 @@ def test_each_tensor_is_quantized_once_where_it_is_made(det):
     assert isinstance(layers[3].cv3.conv.input_fq, FakeQuantize)  # reads the ELAN's concat
     assert isinstance(layers[4].rbr_reparam.input_fq, nn.Identity)  # reads the ELAN's last activation
     assert layers[3].cv1.conv.input_fq is layers[3].cv2.conv.input_fq  # both read DownC's concat: one fake-quant
+    # a pooled quantized tensor keeps its producer's scale (MP's pool branch reads the RepConv's activation)
+    assert isinstance(layers[5].cv1.conv.input_fq, SharedQParams)
+    assert layers[5].cv1.conv.input_fq.source is layers[4].act.output_fq
+    up = next(m for m in layers if type(m).__name__ == "Upsample")
+    assert isinstance(up.output_quant, SharedQParams)  # an upsampled quantized tensor, read by an add
     own = {id(m.input_fq) for m in convs if isinstance(m.input_fq, FakeQuantize)}
     assert len(own) < sum(isinstance(m.input_fq, FakeQuantize) for m in convs)
 
@@ -125,9 +132,14 @@ def test_qdq_export_fuses_like_ptq_in_onnx_runtime(tmp_path):
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
-    # every activation runs as an integer kernel; with a fake-quant per conv input, 46 of 55 stayed float
+    # every conv, activation, concat and pool runs as an integer kernel; with a fake-quant per conv input,
+    # 46 of 55 activations and 19 of 31 concats stayed float
     assert ops.count("QLinearLeakyRelu") == sum(isinstance(m, FakeQuantAct) for m in qat.modules())
-    assert "LeakyRelu" not in ops and ops.count("QLinearConcat") > 0
+    assert ops.count("QLinearConv") == sum(isinstance(m, FakeQuantConv2d) for m in qat.modules())
+    assert not {"LeakyRelu", "Conv", "MaxPool"} & set(ops) and ops.count("QuantizeLinear") == 1  # the image
+    float_concats = [n for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node
+                     if n.op_type == "Concat" and n.name.startswith("/det/layers")]
+    assert ops.count("QLinearConcat") > 0 and not float_concats
 
 
 def test_merge_duplicate_qdq_keeps_the_outputs():
