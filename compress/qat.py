@@ -99,7 +99,8 @@ class SharedQParams(nn.Module):
         fq = self.source
         if not fq.fake_quant_enabled[0]:
             return x
-        return torch.fake_quantize_per_tensor_affine(x, fq.scale, fq.zero_point, fq.quant_min, fq.quant_max)
+        obs = fq.activation_post_process
+        return torch.fake_quantize_per_tensor_affine(x, fq.scale, fq.zero_point, obs.quant_min, obs.quant_max)
 
 
 ACTIVATIONS = (nn.SiLU, nn.LeakyReLU, nn.ReLU)
@@ -131,9 +132,11 @@ def place_input_quantizers(model: Detector) -> int:
     """Give each conv input one quantization: its producer's, or one fake-quant shared by all its readers."""
     # One forward with the fake-quants passing through records which tensor each conv reads, which tensors
     # a producer's fake-quant put out, and which came from a pool or upsample of which; tensors are kept
-    # alive meanwhile, so their ids stay unique. The dataflow does not depend on the image size: the
-    # smallest that every level divides will do.
-    size = 2 * max(model.strides)
+    # alive meanwhile, so their ids stay unique. The dataflow does not depend on the image size; a small one
+    # that every level divides (with room for layers below the head's last stride) keeps the pass cheap.
+    if getattr(model, "_qat_placed", False):
+        raise ConfigError("the model's quantizers are already placed (prepare_qat was applied)", field="model")
+    size = max(4 * max(model.strides), 128)
     producers = [m.output_fq for m in model.modules()
                  if isinstance(m, (FakeQuantConv2d, FakeQuantAct)) and isinstance(m.output_fq, FakeQuantize)]
     readers: dict[int, list[FakeQuantConv2d]] = {}
@@ -148,12 +151,15 @@ def place_input_quantizers(model: Detector) -> int:
         alive.append(args[0])
         readers.setdefault(id(args[0]), []).append(m)  # type: ignore[arg-type]
 
-    returned_by: dict[int, nn.Module] = {}  # the innermost module that returned each tensor
+    returned_by: dict[int, nn.Module] = {}  # the innermost module that made and returned each tensor
+    returns: dict[nn.Module, list[int]] = {}  # every tensor each module returned (a module may run twice)
 
-    def returned(m: nn.Module, _args: Any, out: Any) -> None:
-        if isinstance(out, Tensor) and id(out) not in returned_by:
-            alive.append(out)
-            returned_by[id(out)] = m
+    def returned(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if not isinstance(out, Tensor) or any(out is a for a in args):
+            return  # a pass-through (Identity) made nothing: the tensor belongs to whoever made it
+        alive.append(out)
+        returned_by.setdefault(id(out), m)
+        returns.setdefault(m, []).append(id(out))
 
     hooks = [fq.register_forward_hook(produced) for fq in producers]
     hooks += [m.register_forward_pre_hook(read) for m in model.modules() if isinstance(m, FakeQuantConv2d)]
@@ -185,10 +191,12 @@ def place_input_quantizers(model: Detector) -> int:
     # quantizes its output with the producer's scale, so that concats of it run in uint8 too.
     for tensor_id in ops.source:
         module, fq = returned_by.get(tensor_id), origin(tensor_id)
-        if module is not None and fq is not None and not hasattr(module, "output_quant"):
+        # one scale per module: only where every call of it returned a pooled tensor of the same producer
+        if (module is not None and fq is not None and not hasattr(module, "output_quant")
+                and all(origin(t) is fq for t in returns[module])):
             module.output_quant = SharedQParams(fq)
             module.register_forward_hook(_quantize_output)
-            made_by[tensor_id] = fq
+            made_by.update(dict.fromkeys(returns[module], fq))
     own = 0
     for tensor_id, convs in readers.items():
         fq = origin(tensor_id)
@@ -200,6 +208,7 @@ def place_input_quantizers(model: Detector) -> int:
             quantizer, own = convs[0].input_fq, own + 1
         for conv in convs:
             conv.input_fq = quantizer
+    model._qat_placed = True
     return own
 
 
@@ -214,6 +223,8 @@ def prepare_qat(det: Detector, exclude: Iterable[str] = ()) -> Detector:
     An excluded conv keeps float weights and output; its readers still get quantized inputs, as ONNX
     Runtime's `nodes_to_exclude` keeps a node float but not the tensors around it.
     """
+    if any(isinstance(m, FakeQuantize) for m in det.modules()):
+        raise ConfigError("the model is already fake-quantized (prepare_qat was applied)", field="model")
     model = copy.deepcopy(det).eval()
     if model.form == "training":
         model = model.deploy()

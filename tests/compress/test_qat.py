@@ -15,6 +15,7 @@ from compress.qat import (
     FakeQuantAct,
     FakeQuantConv2d,
     SharedQParams,
+    _quantize_output,
     calibrate,
     export_qat,
     merge_duplicate_qdq,
@@ -112,10 +113,30 @@ def test_each_tensor_is_quantized_once_where_it_is_made(det):
     # a pooled quantized tensor keeps its producer's scale (MP's pool branch reads the RepConv's activation)
     assert isinstance(layers[5].cv1.conv.input_fq, SharedQParams)
     assert layers[5].cv1.conv.input_fq.source is layers[4].act.output_fq
-    up = next(m for m in layers if type(m).__name__ == "Upsample")
-    assert isinstance(up.output_quant, SharedQParams)  # an upsampled quantized tensor, read by an add
+    i = next(i for i, m in enumerate(layers) if type(m).__name__ == "Upsample")
+    up = layers[i]  # an upsampled quantized tensor, read by an add: it keeps the conv before it's scale
+    assert isinstance(up.output_quant, SharedQParams) and up.output_quant.source is layers[i - 1].act.output_fq
+    assert _quantize_output in up._forward_hooks.values()
     own = {id(m.input_fq) for m in convs if isinstance(m.input_fq, FakeQuantize)}
-    assert len(own) < sum(isinstance(m.input_fq, FakeQuantize) for m in convs)
+    assert len(own) < sum(isinstance(m.input_fq, FakeQuantize) for m in convs)  # readers of one tensor share
+    with pytest.raises(ConfigError, match="already"):
+        prepare_qat(qat)
+
+
+def test_shared_quantizers_survive_ema_copy_and_resume(det):
+    from trainer.ema import ModelEMA
+
+    qat = _calibrated(det)
+    copy = ModelEMA(qat).ema
+    i = next(i for i, m in enumerate(copy.layers) if type(m).__name__ == "Upsample")
+    assert copy.layers[i].output_quant.source is copy.layers[i - 1].act.output_fq  # sharing kept in the copy
+    assert _quantize_output in copy.layers[i]._forward_hooks.values()
+    resumed = prepare_qat(det)  # what a resumed QAT run builds before loading last.pt
+    resumed.load_state_dict(qat.state_dict())  # strict: the same keys
+    set_observers(resumed, False)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.eval()(x)[0], qat(x)[0])
 
 
 def test_qdq_export_fuses_like_ptq_in_onnx_runtime(tmp_path):
