@@ -3,13 +3,14 @@
 The front holds the feasible (within the latency budget), evaluated COMPLETE trials that no other
 such trial dominates on the study's objectives plus predicted latency (so a scratch-mode study, which
 optimises mAP alone, still gets an accuracy/latency front). `export_front` turns each into a model
-directory (`arch.yaml` + `weights.pt` from the supernet, BatchNorm recalibrated), a fused ONNX file and
+directory (`arch.yaml` + `weights.pt`: from the supernet with BatchNorm recalibrated, or in scratch mode the
+model the trial trained), a fused ONNX file and
 a latency measured on a backend of this machine, all listed in `front.json`.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search_spaces import Detector
 from search_spaces.architecture import Architecture
 from search_spaces.errors import ConfigError
 from search_spaces.io import atomic_path, atomic_write_json
@@ -182,35 +184,27 @@ def _plot_html(study: optuna.Study, path: Path) -> bool:
     return True
 
 
-def export_front(study: optuna.Study, supernet: Supernet | str | Path, out_dir: str | Path, *,
+def export_front(study: optuna.Study, supernet: Supernet | str | Path | None, out_dir: str | Path, *,
                  front: Sequence[FrontEntry] | None = None, data: str | None = None, backend: Any = "ort-cpu",
-                 threads: int | None = 2, measure_config: Any = None, bn_batches: int = 8, batch: int = 16,
-                 device: str = "auto", onnx: bool = True) -> list[FrontEntry]:
+                 threads: int | None = 2, measure_config: Any = None, bn_batches: int | None = None,
+                 batch: int | None = None, device: str = "auto", onnx: bool = True) -> list[FrontEntry]:
     """Write `out_dir/<arch_id>/` (arch.yaml, weights.pt, model.onnx) for each front entry, measure each ONNX
-    on `backend` (a name, a Backend, or None to skip), and `out_dir/front.json` + `front.png`."""
-    from compress.export import export_detector
-    from search_spaces import save_model
-    from trainer.trainer import resolve_data_config
+    on `backend` (a name, a Backend, or None to skip), and `out_dir/front.json` + `front.png`.
 
+    Supernet studies extract each architecture from `supernet` with BatchNorm recalibrated as the search did
+    (its batches, seed and batch size, unless given); scratch studies copy the model each trial trained.
+    """
     st = settings(study)
     entries = [dataclasses.replace(e) for e in (pareto_front(study) if front is None else front)]
-    net = load_supernet(supernet) if isinstance(supernet, (str, Path)) else supernet
-    data = data or st.get("data")
-    imgsz = int(st.get("imgsz") or max(net.space.decisions["imgsz"].choices))
-    data_cfg = resolve_data_config(data, imgsz)
-    if data_cfg.nc != net.nc:
-        raise ConfigError(f"the supernet has nc={net.nc}, the dataset {data_cfg.nc}", field="nc")
-    dev = resolve_device(device)
-    net.to(dev)
-    # the shared BatchNorm statistics fit no subnet: re-estimate them per architecture, as the search did
-    batches = calibration_batches(data_cfg, imgsz, batch, bn_batches, device=dev) if entries else []
+    models = (_scratch_models(st, entries) if st.get("mode") == "scratch"
+              else _supernet_models(st, entries, supernet, data, bn_batches, batch, device))
+    from compress.export import export_detector
+    from search_spaces import save_model
+
     be = _backend(backend, threads, measure_config)
     out = Path(out_dir)
-    for e in entries:
+    for e, det in zip(entries, models):
         arch = e.architecture()
-        net.set_active(arch)
-        net.recalibrate_bn(batches)
-        det = net.extract().eval().cpu()
         d = out / e.arch_id
         save_model(det, d)
         e.path = str(d)
@@ -220,10 +214,52 @@ def export_front(study: optuna.Study, supernet: Supernet | str | Path, out_dir: 
                 e.measured_ms = float(be.measure(d / "model.onnx", (arch.in_channels, arch.imgsz, arch.imgsz)).median_ms)
     atomic_write_json(out / "front.json", {
         "study": study.study_name, "budget_ms": st.get("budget_ms"), "objectives": front_objectives(study),
-        "imgsz": imgsz, "backend": None if be is None else be.name, "threads": None if be is None else be.threads,
+        "imgsz": st.get("imgsz"), "backend": None if be is None else be.name, "threads": None if be is None else be.threads,
         "entries": [e.to_dict() for e in entries]})
     plot_front(study, out / "front.png", entries, html=out / "front.html")
     return entries
+
+
+def _scratch_models(st: dict[str, Any], entries: Sequence[FrontEntry]) -> Iterator[Detector]:
+    """The models a scratch study's trials trained (OUT/trials/NNNNN/model), one per entry, loaded lazily."""
+    from search_spaces import load_model
+
+    if not st.get("out"):
+        raise ConfigError("this scratch study records no output directory (made before session 4): "
+                          "its trained models cannot be found", field="out")
+    paths = [Path(st["out"]) / "trials" / f"{e.number:05d}" / "model" for e in entries]
+    for e, path in zip(entries, paths):  # all checked before anything is written
+        if not (path / "weights.pt").is_file():
+            raise ConfigError(f"trial {e.number} trained no model at {path}", path=path, field="out")
+    return (load_model(path).eval() for path in paths)
+
+
+def _supernet_models(st: dict[str, Any], entries: Sequence[FrontEntry], supernet: Supernet | str | Path | None,
+                     data: str | None, bn_batches: int | None, batch: int | None, device: str) -> Iterator[Detector]:
+    """Each entry's subnet from the supernet after BatchNorm recalibration (checks now, extraction lazily)."""
+    from trainer.trainer import resolve_data_config
+
+    supernet = supernet or st.get("supernet")
+    if not supernet:
+        raise ConfigError("the study records no supernet: pass --supernet", field="supernet")
+    net = load_supernet(supernet) if isinstance(supernet, (str, Path)) else supernet
+    imgsz = int(st.get("imgsz") or max(net.space.decisions["imgsz"].choices))
+    data_cfg = resolve_data_config(data or st.get("data"), imgsz)
+    if data_cfg.nc != net.nc:
+        raise ConfigError(f"the supernet has nc={net.nc}, the dataset {data_cfg.nc}", field="nc")
+    dev = resolve_device(device)
+    net.to(dev)
+    # the shared BatchNorm statistics fit no subnet: re-estimate them per architecture, on the search's batches
+    batches = calibration_batches(data_cfg, imgsz, batch or int(st.get("batch") or 16),
+                                  bn_batches or int(st.get("bn_batches") or 8), seed=int(st.get("seed") or 0),
+                                  device=dev) if entries else []
+
+    def extract(e: FrontEntry) -> Detector:
+        net.set_active(e.architecture())
+        net.recalibrate_bn(batches)
+        return net.extract().eval().cpu()
+
+    return (extract(e) for e in entries)
 
 
 def _backend(backend: Any, threads: int | None, measure_config: Any) -> Any:

@@ -98,6 +98,11 @@ class SearchConfig:
         for key in ("trials", "bn_batches", "scratch_epochs", "batch", "heartbeat_s", "grace_s", "max_failures"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", field=key)
+        if self.grace_s < 2 * self.heartbeat_s:  # else a live worker between two beats would count as dead
+            raise ConfigError(f"must be at least twice the heartbeat ({self.heartbeat_s} s), got {self.grace_s}",
+                              field="grace_s")
+        if self.population is not None and self.population < 2:
+            raise ConfigError(f"must be >= 2 (NSGA-II breeds pairs), got {self.population}", field="population")
         if self.val_batches is not None and self.val_batches < 1:
             raise ConfigError(f"must be >= 1, got {self.val_batches}", field="val_batches")
         if self.budget_ms is not None and not self.budget_ms > 0:
@@ -149,11 +154,24 @@ def _sqlite_path(url: str) -> Path | None:
     return None
 
 
-def _retry_callback(max_retry: int) -> Any:
+WORKER_ATTRS = ("fail_reason", "worker", "heartbeat")  # a run's own records, which a retry must not inherit
+
+
+def _retry_callback(max_retry: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Optuna's retry of a dead worker's trial (same parameters), without the dead worker's records."""
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return cls(max_retry=max_retry)
+        retry = cls(max_retry=max_retry)
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        # the copied `worker` would name the dead process: until the new run stamps its own, any worker on
+        # that host would judge the retry dead too and fail it again
+        clean = copy.deepcopy(trial)
+        clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in WORKER_ATTRS}
+        retry(study, clean)
+
+    return callback
 
 
 class FlockLock:
@@ -311,13 +329,36 @@ def _proc_start(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]
 
 
+def _machine() -> dict[str, Any]:
+    """What makes another process's pid visible here: the host, its boot, and this process's pid namespace."""
+    # containers can share a host name (--network host) but never a pid namespace with their neighbours
+    try:
+        boot: str | None = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = None
+    try:
+        pidns: int | None = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pidns = None
+    return {"host": HOST, "boot": boot, "pidns": pidns}
+
+
+MACHINE = _machine()
+
+
 def worker_id() -> dict[str, Any]:
-    """This process as a trial records it: host, pid and process start time (pids get reused)."""
-    return {"host": HOST, "pid": os.getpid(), "start": _proc_start(os.getpid())}
+    """This process as a trial records it: host, boot, pid namespace, pid and start time (pids get reused)."""
+    return {**MACHINE, "pid": os.getpid(), "start": _proc_start(os.getpid())}
+
+
+def _local(w: Any) -> bool:
+    """Whether worker record `w` names a process whose pid this process can look up."""
+    return isinstance(w, dict) and all(w.get(k) == v for k, v in MACHINE.items())
 
 
 def _worker_dead(w: Any) -> bool:
-    if not isinstance(w, dict) or w.get("host") != HOST or w.get("pid") == os.getpid():
+    """Whether `w` is a process of this machine that is gone (elsewhere only heartbeats can tell)."""
+    if not _local(w) or w.get("pid") == os.getpid():
         return False
     start = _proc_start(int(w["pid"]))
     return start is None or (w.get("start") is not None and start != w["start"])
@@ -338,8 +379,7 @@ def recover_dead_trials(study: optuna.Study, grace_s: float, max_retry: int) -> 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w = t.user_attrs.get("worker")
         dead = _worker_dead(w)
-        if not dead and not heartbeat and not (isinstance(w, dict) and w.get("pid") == os.getpid()
-                                               and w.get("host") == HOST):
+        if not dead and not heartbeat and not (_local(w) and w.get("pid") == os.getpid()):
             last = max(float(t.user_attrs.get("heartbeat") or 0.0),
                        t.datetime_start.timestamp() if t.datetime_start else now)
             dead = now - last > grace_s
@@ -352,10 +392,7 @@ def recover_dead_trials(study: optuna.Study, grace_s: float, max_retry: int) -> 
                 continue
         except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError):
             continue  # another worker failed it first
-        frozen = copy.deepcopy(storage.get_trial(t._trial_id))
-        frozen.user_attrs = {k: v for k, v in frozen.user_attrs.items()
-                             if k not in ("fail_reason", "worker", "heartbeat")}
-        _retry_callback(max_retry)(study, frozen)
+        _retry_callback(max_retry)(study, storage.get_trial(t._trial_id))
         failed.append(t.number)
     return failed
 
@@ -438,6 +475,8 @@ class Searcher:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     failures_in_a_row: int = 0
     last_failure: str = ""
+    current_id: int | None = None  # the trial this worker runs (or ran last)
+    current_number: int | None = None
     _bn: list[torch.Tensor] | None = None
     _val: Any = None
     _stats: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -468,6 +507,12 @@ class Searcher:
             self._stats[arch_id] = (s.params, s.gflops)
         return self._stats[arch_id]
 
+    def lost_trial(self, study: optuna.Study) -> bool:
+        """Whether another worker failed the trial this one was running (it judged this worker dead)."""
+        if self.current_id is None:
+            return False
+        return study._storage.get_trial(self.current_id).state == TrialState.FAIL
+
     # ---- one trial --------------------------------------------------------------------------------------------
     def claim(self, trial: Trial) -> None:
         """Raise SurplusTrial if N trials are complete or ahead of this one (retries queued go first)."""
@@ -486,6 +531,7 @@ class Searcher:
 
     def __call__(self, trial: Trial) -> tuple[float, ...] | float:
         """The objective: sample, predict latency, evaluate; errors become FAIL with `fail_reason`."""
+        self.current_id, self.current_number = trial._trial_id, trial.number
         try:
             self.claim(trial)
         except SurplusTrial as e:
@@ -620,7 +666,8 @@ def _nc_fallback(predictor: PredictMs, space: SearchSpace, table_nc: int, path: 
 def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) -> dict[str, Any]:
     return {"space": space.name, "space_path": space.source, "supernet": _abs(cfg.supernet), "table": _abs(cfg.table),
             "data": _abs(cfg.data), "budget_ms": cfg.budget_ms, "objectives": list(cfg.objectives or ()), "mode": cfg.mode,
-            "imgsz": imgsz, "nc": nc, "trials": cfg.trials}
+            "imgsz": imgsz, "nc": nc, "trials": cfg.trials, "out": _abs(cfg.out), "seed": cfg.seed, "batch": cfg.batch,
+            "bn_batches": cfg.bn_batches}
 
 
 def _check_settings(study: optuna.Study, mine: dict[str, Any]) -> None:
@@ -722,7 +769,16 @@ def run_search(cfg: SearchConfig, *, predictor: PredictMs | None = None, superne
         if free <= 0 and n.waiting == 0:  # other workers hold the remaining trials: wait for them (or their death)
             time.sleep(cfg.poll_s)
             continue
-        study.optimize(searcher, n_trials=max(free, 1), catch=catch, callbacks=callbacks, gc_after_trial=False)
+        try:
+            study.optimize(searcher, n_trials=max(free, 1), catch=catch, callbacks=callbacks, gc_after_trial=False)
+        except ValueError as e:
+            # Optuna cannot tell a trial that is already finished: another worker judged this one dead (a
+            # missed heartbeat) and failed it, and a retry is queued. Not an error of this worker: go on.
+            if not (str(e).startswith("Cannot tell a") and searcher.lost_trial(study)):
+                raise
+            if cfg.progress:
+                print(f"trial {searcher.current_number} was failed by another worker meanwhile; continuing",
+                      file=sys.stderr, flush=True)
     return study
 
 

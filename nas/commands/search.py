@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="ort-cpu", help="latency backend of the export, or none")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a short measurement protocol (plumbing checks)")
-    p.add_argument("--bn-batches", type=int, default=8)
+    p.add_argument("--bn-batches", type=int, default=None, help="default: the search's")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_pareto)
@@ -130,22 +130,18 @@ def run_search(args: argparse.Namespace) -> None:
 def run_pareto(args: argparse.Namespace) -> None:
     from nas.pareto import FRONT_COLUMNS, export_front, front_table, pareto_front, plot_front, settings
     from nas.search import load_study
-    from search_spaces.errors import ConfigError
 
     study = load_study(args.storage, args.study)
     front = pareto_front(study)
     out: dict = {"study": study.study_name, "budget_ms": settings(study).get("budget_ms")}
     if args.export:
-        supernet = args.supernet or settings(study).get("supernet")
-        if not supernet:
-            raise ConfigError("the study records no supernet: pass --supernet", field="supernet")
         config = None
         if args.quick:
             from latency_tables.measurement import MeasurementConfig
 
             config = MeasurementConfig(warmup=3, warmup_s=0.0, min_runs=10, max_runs=50, max_time_s=2.0,
                                        target_rel_ci=0.05)
-        front = export_front(study, supernet, args.export, front=front, data=args.data,
+        front = export_front(study, args.supernet, args.export, front=front, data=args.data,
                              backend=None if args.backend == "none" else args.backend, threads=args.threads,
                              measure_config=config, bn_batches=args.bn_batches, device=args.device)
         out["export"] = args.export

@@ -111,6 +111,49 @@ def test_a_worker_gives_up_after_failures_in_a_row(shared, tmp_path):
         run_search(_cfg(shared, tmp_path, trials=3, max_failures=2, sampler="random"), predictor=broken)
 
 
+def test_a_trial_failed_by_another_worker_meanwhile_is_not_an_error(shared, tmp_path):
+    from latency_tables import LatencyTable
+
+    table = LatencyTable.load(shared.table, check_device=False)
+    calls = {"n": 0}
+
+    def judged_dead(arch) -> float:
+        calls["n"] += 1
+        if calls["n"] == 3:  # trial 0, while it runs: another worker misses its heartbeat and fails it
+            study = load_study(str(tmp_path / "study.journal"), "s")
+            (running,) = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            study._storage.set_trial_user_attr(running._trial_id, "fail_reason", "worker w died while running it")
+            study._storage.set_trial_state_values(running._trial_id, state=TrialState.FAIL)
+        return table.predict(arch)
+
+    study = run_search(_cfg(shared, tmp_path, trials=2, sampler="random"), predictor=judged_dead)
+    _check_exactly(study, 2)
+    assert study.trials[0].state == TrialState.FAIL
+
+
+def test_a_retry_does_not_inherit_the_dead_workers_records(tmp_path):
+    from nas.search import _retry_callback, worker_id
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_s=1, grace_s=2,
+                                                     max_retry=2))
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    for k, v in {"worker": worker_id(), "heartbeat": 1.0, "fail_reason": "died", "arch_id": "a1"}.items():
+        trial.set_user_attr(k, v)
+    study.tell(trial, state=TrialState.FAIL)
+    _retry_callback(2)(study, study.trials[0])
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.params == study.trials[0].params and retry.user_attrs["arch_id"] == "a1"
+    assert not {"worker", "heartbeat", "fail_reason"} & set(retry.user_attrs)
+
+
+def test_worker_records_name_the_pid_namespace():
+    from nas.search import _local, worker_id
+
+    me = worker_id()
+    assert _local(me) and me["boot"] and me["pidns"]
+    assert not _local({**me, "pidns": me["pidns"] + 1})  # same host name, another container: pids not visible
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_two_worker_processes_share_one_study(shared, tmp_path, kind):
     storage = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else str(tmp_path / "study.journal")
@@ -179,6 +222,17 @@ def test_scratch_mode_trains_reports_and_prunes(shared, tmp_path):
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 2 and all(sorted(t.intermediate_values) == [0, 1] for t in complete)
     assert all(t.values[0] == t.user_attrs["map"] for t in complete)
+    # the front exports the models the trials trained (no supernet in this mode)
+    from nas.pareto import export_front
+    from search_spaces import load_model
+
+    entries = export_front(study, None, tmp_path / "front", backend=None)
+    assert entries
+    for e in entries:
+        trained = load_model(tmp_path / "trials" / f"{e.number:05d}" / "model").state_dict()
+        exported = load_model(e.path).state_dict()
+        assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
+        assert (Path(e.path) / "model.onnx").is_file()
 
     class Trial:  # should_prune says yes: the Trainer callback stops training with TrialPruned
         def __init__(self):
@@ -218,6 +272,8 @@ def test_malformed_flags_exit_2(shared, tmp_path, capsys, argv, message):
     (["--mode", "scratch", "--objectives", "map,latency", "--space", "tiny"], "objectives"),
     (["--budget-ms", "-1"], "budget_ms"),
     (["--imgsz", "128"], "imgsz"),  # the table was measured at 64
+    (["--heartbeat", "20", "--grace", "30"], "grace_s"),  # a live worker between two beats would look dead
+    (["--population", "1"], "population"),
 ])
 def test_bad_values_are_one_line_errors_with_exit_2(shared, tmp_path, capsys, argv, field):
     base = ["search", "--supernet", str(shared.supernet), "--table", str(shared.table), "--data", str(shared.data),
