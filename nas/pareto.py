@@ -196,7 +196,7 @@ def export_front(study: optuna.Study, supernet: Supernet | str | Path | None, ou
     """
     st = settings(study)
     entries = [dataclasses.replace(e) for e in (pareto_front(study) if front is None else front)]
-    models = (_scratch_models(st, entries) if st.get("mode") == "scratch"
+    models = (_scratch_models(study, entries) if st.get("mode") == "scratch"
               else _supernet_models(st, entries, supernet, data, bn_batches, batch, device))
     from compress.export import export_detector
     from search_spaces import save_model
@@ -220,17 +220,18 @@ def export_front(study: optuna.Study, supernet: Supernet | str | Path | None, ou
     return entries
 
 
-def _scratch_models(st: dict[str, Any], entries: Sequence[FrontEntry]) -> Iterator[Detector]:
-    """The models a scratch study's trials trained (OUT/trials/NNNNN/model), one per entry, loaded lazily."""
+def _scratch_models(study: optuna.Study, entries: Sequence[FrontEntry]) -> Iterator[Detector]:
+    """The models a scratch study's trials trained (their `run_dir`/model), one per entry, loaded lazily."""
     from search_spaces import load_model
 
-    if not st.get("out"):
-        raise ConfigError("this scratch study records no output directory (made before session 4): "
-                          "its trained models cannot be found", field="out")
-    paths = [Path(st["out"]) / "trials" / f"{e.number:05d}" / "model" for e in entries]
-    for e, path in zip(entries, paths):  # all checked before anything is written
-        if not (path / "weights.pt").is_file():
-            raise ConfigError(f"trial {e.number} trained no model at {path}", path=path, field="out")
+    paths = []
+    for e in entries:  # all checked before anything is written
+        run_dir = study.trials[e.number].user_attrs.get("run_dir")
+        path = Path(run_dir) / "model" if run_dir else None
+        if path is None or not (path / "weights.pt").is_file():
+            raise ConfigError(f"trial {e.number} left no trained model ({path or 'no run_dir recorded'}); "
+                              "export it from the machine that ran it", field="run_dir")
+        paths.append(path)
     return (load_model(path).eval() for path in paths)
 
 

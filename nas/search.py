@@ -617,6 +617,7 @@ class Searcher:
                            out=str(Path(cfg.out) / "trials" / f"{trial.number:05d}"), epochs=cfg.scratch_epochs,
                            imgsz=self.imgsz, batch=cfg.batch, device=cfg.device, workers=cfg.workers, seed=cfg.seed,
                            progress=False, max_val_batches=cfg.val_batches)
+        trial.set_user_attr("run_dir", str(Path(tcfg.out).resolve()))  # where `detforge pareto` finds the model
         result = Trainer(tcfg, model=Detector(arch), callbacks=[_PruneReport(trial)]).train()
         if result.last is None:
             raise DetforgeError("training produced no validation result", field="scratch_epochs")
@@ -666,7 +667,7 @@ def _nc_fallback(predictor: PredictMs, space: SearchSpace, table_nc: int, path: 
 def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) -> dict[str, Any]:
     return {"space": space.name, "space_path": space.source, "supernet": _abs(cfg.supernet), "table": _abs(cfg.table),
             "data": _abs(cfg.data), "budget_ms": cfg.budget_ms, "objectives": list(cfg.objectives or ()), "mode": cfg.mode,
-            "imgsz": imgsz, "nc": nc, "trials": cfg.trials, "out": _abs(cfg.out), "seed": cfg.seed, "batch": cfg.batch,
+            "imgsz": imgsz, "nc": nc, "trials": cfg.trials, "seed": cfg.seed, "batch": cfg.batch,
             "bn_batches": cfg.bn_batches}
 
 
