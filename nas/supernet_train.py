@@ -91,6 +91,8 @@ class SupernetTrainer(Trainer):
     """Trains a `Supernet` with the sandwich rule (largest + `n_random` random + smallest per batch) and
     in-place distillation; checkpoints `last.pt` (resume) and `supernet.pt` (EMA weights + space)."""
 
+    find_unused_parameters = True  # inactive choices get no gradient in a step
+
     def __init__(self, cfg: TrainConfig, model: Supernet | None = None, callbacks: Sequence[Callback] = (),
                  hyp: Hyp | None = None, *, space: SearchSpace | str | None = None, n_random: int = 2,
                  kd_weight: float = 1.0, kd_temperature: float = 1.0):
@@ -121,10 +123,6 @@ class SupernetTrainer(Trainer):
             hyp = load_hyp(supernet_hyp_name(self.space) if cfg.hyp == "auto" else cfg.hyp)
         super().__init__(cfg, model=model, callbacks=[InplaceDistill(), *callbacks], hyp=hyp)
         self.current_loss = self._losses.setdefault(self._loss_key(model.active_arch), self.loss_fn)
-        if self.world > 1:  # inactive choices get no gradient in a step
-            self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
 
     # ---- subnets and their losses ----------------------------------------------------------------------
     @staticmethod

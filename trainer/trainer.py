@@ -100,6 +100,9 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Trains a Detector on a YOLO-format dataset; subclass `train_step` or add Callbacks to extend it."""
 
+    # DDP: True where a step may leave parameters without gradient (a supernet's inactive choices)
+    find_unused_parameters: bool = False
+
     def __init__(self, cfg: TrainConfig, model: Detector | None = None, callbacks: Sequence[Callback] = (),
                  hyp: Hyp | None = None):
         self.cfg = cfg
@@ -147,7 +150,8 @@ class Trainer:
         self.ddp_model: nn.Module = self.model
         if self.world > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.find_unused_parameters)
         self.start_epoch, self.best_map, self.rows = 0, -1.0, []
         self.epochs = cfg.epochs  # the schedule's length; `fit_epochs_to_time` may shorten it after epoch 1
         if cfg.resume:
