@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import fcntl
+import hashlib
 import os
 import socket
 import sys
@@ -636,6 +637,17 @@ def _table_predictor(path: str, imgsz: int | None) -> tuple[PredictMs, int]:
     return (lambda arch: table.predict(arch, table.imgsz)), table.imgsz
 
 
+def _digest(path: str | None) -> str | None:
+    """A short content hash of a local file (the same table or supernet may sit at other paths elsewhere)."""
+    if not path or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def _abs(path: str | None) -> str | None:
     """An existing local path made absolute (the pareto command may run elsewhere); anything else as given."""
     return str(Path(path).resolve()) if path and Path(path).exists() else path
@@ -668,7 +680,7 @@ def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) 
     return {"space": space.name, "space_path": space.source, "supernet": _abs(cfg.supernet), "table": _abs(cfg.table),
             "data": _abs(cfg.data), "budget_ms": cfg.budget_ms, "objectives": list(cfg.objectives or ()), "mode": cfg.mode,
             "imgsz": imgsz, "nc": nc, "trials": cfg.trials, "seed": cfg.seed, "batch": cfg.batch,
-            "bn_batches": cfg.bn_batches}
+            "bn_batches": cfg.bn_batches, "table_sha": _digest(cfg.table), "supernet_sha": _digest(cfg.supernet)}
 
 
 def _check_settings(study: optuna.Study, mine: dict[str, Any]) -> None:
@@ -681,6 +693,10 @@ def _check_settings(study: optuna.Study, mine: dict[str, Any]) -> None:
         if theirs.get(key) != mine.get(key):
             raise ConfigError(f"study {study.study_name!r} was created with {key}={theirs.get(key)!r}, this search "
                               f"has {mine.get(key)!r}: use another --study", field=key)
+    for key, what in (("table_sha", "table"), ("supernet_sha", "supernet")):  # same content, any path
+        if theirs.get(key) and mine.get(key) and theirs[key] != mine[key]:
+            raise ConfigError(f"study {study.study_name!r} was searched with another {what} file ({theirs.get(what)}): "
+                              "every worker must use the same one", field=what)
 
 
 def prepare(cfg: SearchConfig, *, predictor: PredictMs | None = None, supernet: Supernet | None = None
@@ -713,8 +729,12 @@ def prepare(cfg: SearchConfig, *, predictor: PredictMs | None = None, supernet: 
     space = pinned_space(space.with_nc(nc), imgsz)
     if from_table and base_nc != nc:
         predictor = _nc_fallback(predictor, space, base_nc, str(cfg.table))
-    for probe in (space.smallest(), space.largest()):  # a table for another space fails here, not per trial
-        predictor(probe)
+    fastest = predictor(space.smallest())  # a table for another space fails here, not per trial
+    predictor(space.largest())
+    if cfg.budget_ms is not None and fastest > cfg.budget_ms:
+        warnings.warn(f"budget_ms={cfg.budget_ms:g} is below the space's smallest architecture ({fastest:.2f} ms "
+                      "predicted): most or all trials will be over budget and the front may be empty",
+                      RuntimeWarning, stacklevel=2)
     device = resolve_device(cfg.device)
     if supernet is not None:
         supernet.to(device)

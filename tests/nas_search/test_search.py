@@ -301,6 +301,21 @@ def test_joining_a_study_with_other_settings_is_refused(shared, tmp_path):
     run_search(_cfg(shared, tmp_path, trials=1))
     with pytest.raises(ConfigError, match="budget_ms"):
         run_search(_cfg(shared, tmp_path, trials=2, budget_ms=9.0))
+    other = tmp_path / "other_table.json"  # another device's table: same path rules, different content
+    doc = json.loads(Path(shared.table).read_text())
+    doc["entries"] = {k: {**v, "median_ms": v["median_ms"] * 2} if isinstance(v, dict) and "median_ms" in v else v
+                      for k, v in doc["entries"].items()}
+    other.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="another table"):
+        run_search(_cfg(shared, tmp_path, trials=2, table=str(other)))
+    copy = tmp_path / "same_table.json"  # the same table at another path joins
+    shutil.copy(shared.table, copy)
+    assert len(run_search(_cfg(shared, tmp_path, trials=2, table=str(copy))).trials) >= 2
+
+
+def test_a_budget_below_the_smallest_architecture_warns(shared, tmp_path):
+    with pytest.warns(RuntimeWarning, match="below the space's smallest"):
+        run_search(_cfg(shared, tmp_path, trials=1, budget_ms=1e-6, sampler="random"))
 
 
 @pytest.fixture
