@@ -750,14 +750,19 @@ def create_study(cfg: SearchConfig, searcher: Searcher) -> optuna.Study:
     # Optuna >= 5 reads constraints the trial set (Trial.set_constraint); older ones call constraints_func
     constraints = constraint_of if cfg.budget_ms is not None and not NATIVE_CONSTRAINTS else None
     population = cfg.population or min(max(cfg.trials // 4, 4), 50)
-    # workers of one study must not draw the same sequence: mix this process into the seed
-    seed = (cfg.seed * 1_000_003 + os.getpid()) % 2**31
-    sampler = make_sampler(cfg.sampler or "nsga2", seed, constraints, population)
     pruner = make_pruner(cfg.pruner, cfg.scratch_epochs) if cfg.mode == "scratch" else None
     directions = [OBJECTIVES[o] for o in cfg.objectives or ()]
     with _storage_lock(url):
-        study = optuna.create_study(storage=storage, study_name=cfg.study, directions=directions, sampler=sampler,
-                                    pruner=pruner, load_if_exists=True)
+        # exactly one worker creates the study (the storage refuses a second one): it samples with --seed as
+        # given, so a one-worker search is reproducible; every other worker (or a resumed run) mixes its pid
+        # in, so that no two draw the same sequence
+        try:
+            optuna.create_study(storage=storage, study_name=cfg.study, directions=directions)
+            seed = cfg.seed
+        except optuna.exceptions.DuplicatedStudyError:
+            seed = (cfg.seed * 1_000_003 + os.getpid()) % 2**31
+        sampler = make_sampler(cfg.sampler or "nsga2", seed, constraints, population)
+        study = optuna.load_study(study_name=cfg.study, storage=storage, sampler=sampler, pruner=pruner)
         if [d.name.lower() for d in study.directions] != directions:
             raise ConfigError(f"study {cfg.study!r} optimises {[d.name.lower() for d in study.directions]}, this "
                               f"search {directions}: use another --study", field="study")

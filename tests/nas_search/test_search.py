@@ -313,6 +313,17 @@ def test_joining_a_study_with_other_settings_is_refused(shared, tmp_path):
     assert len(run_search(_cfg(shared, tmp_path, trials=2, table=str(copy))).trials) >= 2
 
 
+def test_one_worker_search_is_reproducible_from_its_seed(shared, tmp_path):
+    params = []
+    for i, seed in enumerate(("7", "7", "8")):  # separate processes: a pid-mixed seed would differ
+        storage = str(tmp_path / f"r{i}.journal")
+        proc = spawn(search_args(shared, storage, "r", 3, "--seed", seed, "--out", str(tmp_path / f"r{i}")),
+                     tmp_path / f"r{i}.log")
+        assert proc.wait(timeout=240) == 0, (tmp_path / f"r{i}.log").read_text()[-3000:]
+        params.append([t.params for t in load_study(storage, "r").trials])
+    assert params[0] == params[1] and params[0] != params[2]
+
+
 def test_a_budget_below_the_smallest_architecture_warns(shared, tmp_path):
     with pytest.warns(RuntimeWarning, match="below the space's smallest"):
         run_search(_cfg(shared, tmp_path, trials=1, budget_ms=1e-6, sampler="random"))
