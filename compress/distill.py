@@ -49,10 +49,16 @@ def cell_scores(raw: Tensor, nc: int) -> tuple[Tensor, Tensor]:
     return obj_cell, cls_cell
 
 
-def soft_bce(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """BCE between sigmoid(student / T) and the soft targets sigmoid(teacher / T), times T^2."""
+def soft_bce(student: Tensor, teacher: Tensor, temperature: float, weight: Tensor | None = None) -> Tensor:
+    """BCE between sigmoid(student / T) and the soft targets sigmoid(teacher / T), times T^2.
+
+    `weight` (broadcast over the last dimension) gives a weighted mean over cells.
+    """
     t = torch.sigmoid(teacher / temperature)
-    return F.binary_cross_entropy_with_logits(student / temperature, t) * temperature ** 2
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(student / temperature, t) * temperature ** 2
+    bce = F.binary_cross_entropy_with_logits(student / temperature, t, reduction="none").mean(-1)
+    return (bce * weight).sum() / weight.sum().clamp_min(1e-6) * temperature ** 2
 
 
 def cwd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -60,8 +66,9 @@ def cwd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     b, c, h, w = teacher.shape
     s = student.reshape(b * c, h * w) / temperature
     t = teacher.reshape(b * c, h * w) / temperature
+    # "batchmean" over the b*c rows already is the paper's 1/(N*C)
     return F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True) \
-        * temperature ** 2 / c
+        * temperature ** 2
 
 
 class _Taps:
@@ -87,6 +94,8 @@ class Distiller(Callback):
 
     def __init__(self, teacher: Detector, student: Detector, cfg: DistillConfig | None = None):
         self.cfg = cfg or DistillConfig()
+        if not self.cfg.teacher_scale > 0:
+            raise ConfigError(f"must be > 0, got {self.cfg.teacher_scale}", field="teacher_scale")
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -107,6 +116,12 @@ class Distiller(Callback):
         return [self.adapters] if self.cfg.w_feat > 0 else []
 
     def on_train_start(self, trainer: Any) -> None:
+        size = trainer.cfg.imgsz * self.cfg.teacher_scale
+        stride = max(self.teacher.strides)
+        if size != int(size) or int(size) % stride:
+            raise ConfigError(f"the teacher would see {size:g} px (imgsz {trainer.cfg.imgsz} x teacher_scale "
+                              f"{self.cfg.teacher_scale:g}), not a multiple of its largest stride {stride}",
+                              field="teacher_scale")
         self.teacher.to(trainer.device)
         if self.cfg.teacher_half and trainer.device.type == "cuda":
             self.teacher.half()
@@ -128,6 +143,10 @@ class Distiller(Callback):
         c, dev = self.cfg, imgs.device
         zero = torch.zeros((), device=dev)
         obj_l, cls_l, box_l, feat_l = zero, zero, zero, zero
+        if all(preds[i].shape[2:4] != t_raw[j].shape[2:4] for i, j in self.pairs):
+            raise ConfigError(f"no student level meets a teacher level at {tuple(imgs.shape[2:])} px "
+                              f"(teacher_scale {c.teacher_scale:g}): every distillation term would be zero",
+                              field="teacher_scale")
         for k, (i, j) in enumerate(self.pairs):
             s, t = preds[i], t_raw[j]
             if s.shape[2:4] != t.shape[2:4]:
@@ -136,7 +155,9 @@ class Distiller(Callback):
             t_obj, t_cls = cell_scores(t, self.teacher.nc)
             obj_l = obj_l + soft_bce(s_obj, t_obj, c.temperature)
             if self.same_classes and student.nc > 1:
-                cls_l = cls_l + soft_bce(s_cls, t_cls, c.temperature)
+                # class logits are trained at objects only: elsewhere the teacher's are arbitrary, so the
+                # cells count by the teacher's objectness
+                cls_l = cls_l + soft_bce(s_cls, t_cls, c.temperature, weight=torch.sigmoid(t_obj))
             if c.w_box > 0:
                 box_l = box_l + self._box_term(student, s, i, t, j)
             if c.w_feat > 0:

@@ -152,6 +152,11 @@ class PipelineConfig:
         if not 0 < self.prune.macs <= 1:
             raise ConfigError(f"the kept MACs fraction must be in (0, 1], got {self.prune.macs}", path=path,
                               field="prune.macs")
+        d = self.distill
+        if d.enabled and d.teacher_model is None and not Path(d.teacher).exists():
+            raise ConfigError(f"{d.teacher!r} names no trained weights (a random teacher teaches nothing): give a "
+                              "model directory, or an official checkpoint with distill.teacher_model", path=path,
+                              field="distill.teacher")
         choices = {"search.sampler": (self.search.sampler, ("nsga2", "tpe", "random", "gp")),
                    "quantize.method": (self.quantize.method, ("minmax", "entropy", "percentile")),
                    "prune.backend": (self.prune.backend, ("torch-pruning", "nni")),

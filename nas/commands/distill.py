@@ -27,12 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--w-obj", type=float, default=1.0)
     p.add_argument("--w-cls", type=float, default=1.0)
     p.add_argument("--w-box", type=float, default=0.05)
+    p.add_argument("--random-teacher", action="store_true",
+                   help="allow a zoo name as --teacher: random weights (plumbing checks only, it teaches nothing)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
 
-def load_teacher(ref: str, official_model: str | None, nc: int | None = None):
+def load_teacher(ref: str, official_model: str | None, nc: int | None = None, random_ok: bool = False):
     """A teacher from our own model directory or from an official checkpoint via the converter."""
     if official_model:
         det = load_model(official_model, form="training")
@@ -40,6 +42,10 @@ def load_teacher(ref: str, official_model: str | None, nc: int | None = None):
         return det.deploy()
     if Path(ref).suffix == ".pt" and not (Path(ref).parent / "arch.yaml").is_file():
         raise ConfigError("an official checkpoint needs --teacher-model NAME", path=ref)
+    if not Path(ref).exists() and not random_ok:  # a zoo name or an architecture: no trained weights
+        raise ConfigError(f"{ref!r} names no trained weights, so the teacher would be random: pass a model "
+                          "directory, an official checkpoint with --teacher-model, or --random-teacher for a "
+                          "plumbing check", field="teacher")
     return load_model(ref)
 
 
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(model=args.student, data=args.data, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
                       batch=args.batch, device=args.device, resume=args.resume)
-    teacher = load_teacher(args.teacher, args.teacher_model)
+    teacher = load_teacher(args.teacher, args.teacher_model, random_ok=args.random_teacher)
     student = load_model(args.student, nc=resolve_data_config(args.data, args.imgsz).nc)
     kd = Distiller(teacher, student, DistillConfig(w_obj=args.w_obj, w_cls=args.w_cls, w_box=args.w_box,
                                                    w_feat=args.w_feat, teacher_scale=args.teacher_scale))

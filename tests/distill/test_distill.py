@@ -20,6 +20,23 @@ def test_cwd_and_soft_bce_are_minimal_at_identity():
     assert same < soft_bce(-logits, logits, 2.0)
 
 
+def test_cwd_is_the_papers_mean_over_channels():
+    g = torch.Generator().manual_seed(0)
+    s, t, temp = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g), 4.0
+    ps = torch.softmax(s.flatten(2) / temp, -1)
+    pt = torch.softmax(t.flatten(2) / temp, -1)
+    kl = (pt * (pt.log() - ps.log())).sum(-1)  # [N, C]: KL(teacher || student) per channel
+    torch.testing.assert_close(cwd_loss(s, t, temp), kl.mean() * temp ** 2)  # sum / (N * C) x T^2
+
+
+def test_soft_bce_weight_masks_cells():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    w = torch.zeros(2, 5)
+    w[0, 1] = 1.0
+    torch.testing.assert_close(soft_bce(s, t, 2.0, weight=w), soft_bce(s[0, 1], t[0, 1], 2.0))
+
+
 def test_e6_teacher_one_step_on_cpu(tmp_path):
     student = load_model("yolov7-tiny", form="deploy", nc=80).train()
     teacher = load_model("yolov7-e6", form="deploy")  # random weights: enough to run the step
@@ -48,3 +65,35 @@ def test_distillation_plugs_into_trainer(tmp_path):
     row = result.rows[-1]
     assert {"kd_obj", "kd_cls", "kd_box", "kd_feat"} <= set(row)
     assert all(torch.isfinite(torch.tensor(row[k])) for k in ("kd_obj", "kd_feat"))
+
+
+def test_a_teacher_without_trained_weights_is_refused(tmp_path, capsys):
+    import pytest
+
+    from nas.cli import main
+    from nas.pipeline_config import PipelineConfig
+    from search_spaces import ConfigError
+
+    assert main(["distill", "--teacher", "yolov7-e6", "--out", str(tmp_path / "kd")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "teacher" in err and "random" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "kd").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="distill.teacher"):
+        PipelineConfig.from_dict({"distill": {"enabled": True, "teacher": "yolov7-e6"}})
+
+
+def test_impossible_teacher_sizes_are_config_errors():
+    import types
+
+    import pytest
+
+    from search_spaces import ConfigError
+
+    student = load_model("yolov7-tiny", form="deploy", nc=80)
+    teacher = load_model("yolov7-e6", form="deploy")  # largest stride 64
+    with pytest.raises(ConfigError, match="teacher_scale"):
+        Distiller(teacher, student, DistillConfig(teacher_scale=0.0))
+    kd = Distiller(teacher, student, DistillConfig(teacher_scale=1.0))
+    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(imgsz=96), device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="not a multiple of its largest stride 64"):
+        kd.on_train_start(trainer)  # 96 px: the teacher's P6 concat would fail in the first step

@@ -68,3 +68,16 @@ def test_fused_model_saves_and_reloads(tmp_path):
     x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
         assert torch.equal(again(x)[0], det(x)[0])
+
+
+def test_export_verification_fails_on_a_model_that_does_not_match(tmp_path):
+    from compress.export import verify_onnx
+    from search_spaces.errors import DetforgeError
+
+    det = load_model("yolov7-tiny", form="deploy", nc=3).eval()
+    report = export_detector(det, tmp_path / "m.onnx", 64)
+    assert report.max_abs_diff < 1e-3  # the export's own check passed
+    other = copy.deepcopy(det)
+    randomize(other, seed=5)  # other BN statistics: the file no longer matches this model
+    with pytest.raises(DetforgeError, match="does not match PyTorch"):
+        verify_onnx(other, tmp_path / "m.onnx", 64)
