@@ -547,7 +547,7 @@ def prune_detector(
     from search_spaces.stats import count_macs
 
     src = det
-    det = copy.deepcopy(det)
+    det = copy.deepcopy(det).requires_grad_(True)  # the graph traces gradients: a frozen (EMA) copy looks unprunable
     stats_size = imgsz or det.arch.imgsz
     work_size = 2 * max(det.strides)  # MACs ratios do not depend on the input size; small is fast
     macs0 = count_macs(det, work_size, det.arch.in_channels)
@@ -600,7 +600,9 @@ def prune_detector(
             predict_ms(arch) if predict_ms is not None else None, len(plan),
             sum((space.clusters[i].size - k) * len(space.clusters[i].groups) for i, k in plan.items())))
         if finetune is not None and finetune_epochs > 0:
-            det = finetune(det, finetune_epochs) or det
+            # a Trainer's result is often its EMA copy, whose parameters are frozen: the dependency graph
+            # traces gradients, and a frozen model would look unprunable to the next step
+            det = (finetune(det, finetune_epochs) or det).requires_grad_(True)
     if latency_ms is not None or finetune is not None:
         macs1 = count_macs(det, work_size, det.arch.in_channels)
     report.params_after = count_params(det)
@@ -662,6 +664,29 @@ def _check_args(macs_ratio, latency_ms, predict_ms, steps, importance, loss_fn, 
         raise ConfigError(f"must be >= 1, got {round_to}", field="round_to")
     if not 0 < max_ratio < 1:
         raise ConfigError(f"must be in (0, 1), got {max_ratio}", field="max_ratio")
+
+
+def batch_loss(data: str | None, imgsz: int, batch: int = 16, seed: int = 0) -> Callable[[Detector], Tensor]:
+    """A `loss_fn` for Taylor importance: YOLOv7's detection loss on one fixed, unaugmented training batch."""
+    from trainer.datasets import YoloDataset, build_dataloader
+    from trainer.hyp import load_hyp
+    from trainer.loss import HeadInfo, YoloLoss
+    from trainer.trainer import default_hyp_name, resolve_data_config
+
+    data_cfg = resolve_data_config(data, imgsz)
+    ds = YoloDataset.from_config(data_cfg, "train", imgsz=imgsz, augment=False, seed=seed)
+    imgs, targets, *_ = next(iter(build_dataloader(ds, batch, 0, shuffle=True, seed=seed)))
+    x = imgs.float() / 255.0
+
+    def loss_fn(det: Detector) -> Tensor:
+        loss = YoloLoss(HeadInfo.from_detector(det),
+                        load_hyp(default_hyp_name(det)).scaled(det.head.nl, det.nc, imgsz))
+        dev = next(det.parameters()).device
+        preds = [p.float() for p in det(x.to(dev))]
+        total, _ = YoloLoss.combine(loss.components(preds, targets.to(dev), x.shape), x.shape[0])
+        return total
+
+    return loss_fn
 
 
 def _taylor_grads(det: Detector, loss_fn: Callable[[Detector], Tensor]) -> None:
@@ -810,6 +835,7 @@ __all__ = [
     "ConvMacs",
     "PruneStepInfo",
     "WidthSpace",
+    "batch_loss",
     "describe_changes",
     "meta_detector",
     "prunable_summary",

@@ -116,7 +116,9 @@ class Trainer:
         self.model = model if model is not None else load_model(cfg.model, nc=self.data_cfg.nc)
         if self.model.nc != self.data_cfg.nc:
             raise ConfigError(f"model has nc={self.model.nc}, dataset has nc={self.data_cfg.nc}", field="nc")
-        self.model.to(self.device)
+        # every parameter trains: a model handed over from an earlier run may be its EMA copy, whose
+        # parameters are frozen (and pruning re-creates only the ones it cuts), so it would train in part
+        self.model.requires_grad_(True).to(self.device)
         if cfg.sync_bn and self.world > 1:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         base_hyp = hyp or load_hyp(default_hyp_name(self.model) if cfg.hyp == "auto" else cfg.hyp)

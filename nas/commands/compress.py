@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=1, help="prune -> finetune rounds (default 1)")
     p.add_argument("--imgsz", type=int, default=None, help="finetune / report input size (default: the model's)")
     p.add_argument("--backend", choices=["torch-pruning", "nni"], default="torch-pruning")
-    p.add_argument("--importance", choices=["l2", "bn"], default="l2", help="torch-pruning channel importance")
+    p.add_argument("--importance", choices=["l2", "bn", "taylor"], default="l2",
+                   help="channel importance (taylor: first-order, from the detection loss of a --data batch)")
     p.add_argument("--nni-pruner", choices=["l1", "l2", "fpgm"], default="l2")
     p.add_argument("--round-to", type=int, default=8, help="keep channel counts multiples of this (default 8)")
     p.add_argument("--max-ratio", type=float, default=0.9, help="most any layer may lose (default 0.9)")
@@ -78,8 +79,14 @@ def run_prune(args: argparse.Namespace) -> None:
 
         def predict(arch: Any) -> float:  # widths the table lacks are measured once and kept in it
             return table.predict(arch, measure_missing=True)
-    if (args.finetune_epochs or args.sensitivity) and not args.data:
-        raise DataError("finetuning and the sensitivity scan need real data: give --data", field="data")
+    if (args.finetune_epochs or args.sensitivity or args.importance == "taylor") and not args.data:
+        raise DataError("finetuning, Taylor importance and the sensitivity scan need real data: give --data",
+                        field="data")
+    loss_fn = None
+    if args.importance == "taylor":
+        from compress.prune import batch_loss
+
+        loss_fn = batch_loss(args.data, imgsz, batch=min(args.batch, 16))
     sample = None
     if args.sensitivity:
         from compress.quantize import calibration_images
@@ -89,7 +96,8 @@ def run_prune(args: argparse.Namespace) -> None:
     pruned, report = prune_detector(
         det, args.macs, latency_ms=args.latency_ms, predict_ms=predict, steps=args.steps,
         finetune=_finetuner(args, imgsz) if args.finetune_epochs else None, finetune_epochs=args.finetune_epochs,
-        importance=args.importance, backend=args.backend, nni_pruner=args.nni_pruner, round_to=args.round_to,
+        importance=args.importance, loss_fn=loss_fn, backend=args.backend, nni_pruner=args.nni_pruner,
+        round_to=args.round_to,
         max_ratio=args.max_ratio, stage_sensitivity=args.sensitivity, sample=sample, imgsz=imgsz)
     out = save_model(pruned, args.out)
     result = {"out": str(out), **report.to_dict()}

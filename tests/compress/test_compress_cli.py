@@ -42,3 +42,20 @@ def test_quantize_cli_from_a_model_dir(tmp_path, capsys):
     assert (tmp_path / "m.fp32.onnx").is_file() and (tmp_path / "m.int8.json").is_file()
     assert main(["quantize", str(tmp_path / "m.fp32.onnx"), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "calibration images" in capsys.readouterr().err
+
+
+def test_prune_cli_taylor_rounds_with_finetuning(tmp_path, capsys):
+    from trainer.synthetic import generate
+
+    data = generate(tmp_path / "d", train=8, val=4, imgsz=64, classes=2, seed=0)
+    save_model(build(AUX), tmp_path / "m")
+    out = tmp_path / "pruned"
+    # round 2 prunes round 1's finetuned model (its EMA copy, parameters frozen): Taylor needs their gradients
+    assert main(["prune", str(tmp_path / "m"), "--macs", "0.7", "--importance", "taylor", "--steps", "2",
+                 "--finetune-epochs", "1", "--data", str(data), "--batch", "4", "--round-to", "4",
+                 "--device", "cpu", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # after the finetunes' epoch lines
+    assert result["details"]["macs_ratio"] <= 0.7 and len(result["details"]["steps"]) == 2
+    assert main(["prune", str(tmp_path / "m"), "--macs", "0.5", "--importance", "taylor",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--data" in capsys.readouterr().err
