@@ -25,9 +25,10 @@ from trainer.ema import unwrap
 class DistillConfig:
     """Weights and options of the distillation terms (each weight 0 disables its term)."""
 
+    # output weights are relative to the detection loss's own gains (1: as strong as the ground-truth term)
     w_obj: float = 1.0
     w_cls: float = 1.0
-    w_box: float = 0.05
+    w_box: float = 1.0
     w_feat: float = 1.0
     temperature: float = 2.0  # output logits
     feat_temperature: float = 4.0  # CWD spatial softmax
@@ -59,6 +60,21 @@ def soft_bce(student: Tensor, teacher: Tensor, temperature: float, weight: Tenso
         return F.binary_cross_entropy_with_logits(student / temperature, t) * temperature ** 2
     bce = F.binary_cross_entropy_with_logits(student / temperature, t, reduction="none").mean(-1)
     return (bce * weight).sum() / weight.sum().clamp_min(1e-6) * temperature ** 2
+
+
+def cell_kd(student: Tensor, teacher: Tensor, nc_student: int, nc_teacher: int, temperature: float,
+            classes: bool = True) -> tuple[Tensor, Tensor]:
+    """Output distillation at one level: (objectness term, class term) between raw maps with equal grids.
+
+    Both are soft BCEs towards the teacher's per-cell scores; class logits are trained at objects only, so
+    elsewhere the teacher's are arbitrary and the class term counts each cell by the teacher's objectness.
+    """
+    s_obj, s_cls = cell_scores(student, nc_student)
+    t_obj, t_cls = cell_scores(teacher, nc_teacher)
+    obj = soft_bce(s_obj, t_obj, temperature)
+    if not classes:
+        return obj, obj.new_zeros(())
+    return obj, soft_bce(s_cls, t_cls, temperature, weight=torch.sigmoid(t_obj))
 
 
 def cwd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -151,13 +167,9 @@ class Distiller(Callback):
             s, t = preds[i], t_raw[j]
             if s.shape[2:4] != t.shape[2:4]:
                 continue  # grids differ at this batch's size
-            s_obj, s_cls = cell_scores(s, student.nc)
-            t_obj, t_cls = cell_scores(t, self.teacher.nc)
-            obj_l = obj_l + soft_bce(s_obj, t_obj, c.temperature)
-            if self.same_classes and student.nc > 1:
-                # class logits are trained at objects only: elsewhere the teacher's are arbitrary, so the
-                # cells count by the teacher's objectness
-                cls_l = cls_l + soft_bce(s_cls, t_cls, c.temperature, weight=torch.sigmoid(t_obj))
+            obj, cls = cell_kd(s, t, student.nc, self.teacher.nc, c.temperature,
+                               classes=self.same_classes and student.nc > 1)
+            obj_l, cls_l = obj_l + obj, cls_l + cls
             if c.w_box > 0:
                 box_l = box_l + self._box_term(student, s, i, t, j)
             if c.w_feat > 0:
@@ -167,8 +179,12 @@ class Distiller(Callback):
                     sf = F.interpolate(sf, size=tf.shape[2:], mode="bilinear", align_corners=False)
                 feat_l = feat_l + cwd_loss(sf, tf, c.feat_temperature)
         n = len(self.pairs)
-        return {"kd_obj": c.w_obj * obj_l / n, "kd_cls": c.w_cls * cls_l / n, "kd_box": c.w_box * box_l / n,
-                "kd_feat": c.w_feat * feat_l / n}
+        # output terms weighted like the detection terms they shadow (the run's scaled hyp gains), so a weight
+        # of 1 pulls as hard as the ground truth; without a trainer (direct calls) the gains are 1
+        g = getattr(getattr(trainer, "loss_fn", None), "hyp", None)
+        gain_obj, gain_cls, gain_box = (g.obj, g.cls, g.box) if g is not None else (1.0, 1.0, 1.0)
+        return {"kd_obj": c.w_obj * gain_obj * obj_l / n, "kd_cls": c.w_cls * gain_cls * cls_l / n,
+                "kd_box": c.w_box * gain_box * box_l / n, "kd_feat": c.w_feat * feat_l / n}
 
     def _box_term(self, student: Detector, s: Tensor, i: int, t: Tensor, j: int) -> Tensor:
         """CIoU between the student's and the teacher's decoded boxes where the teacher is confident."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from compress.distill import cell_scores, soft_bce
+from compress.distill import cell_kd
 from search_spaces.architecture import Architecture
 from search_spaces.errors import ConfigError
 from search_spaces.io import atomic_torch_save
@@ -74,12 +74,8 @@ class InplaceDistill(Callback):
             t = by_grid.get(tuple(s.shape[2:4]))
             if t is None:
                 continue  # a P6 level with a P5-topped teacher (cannot happen with the largest as teacher)
-            s_obj, s_cls = cell_scores(s, nc)
-            t_obj, t_cls = cell_scores(t, nc)
-            obj_l = obj_l + soft_bce(s_obj, t_obj, trainer.kd_temperature)
-            if nc > 1:
-                cls_l = cls_l + soft_bce(s_cls, t_cls, trainer.kd_temperature)
-            n += 1
+            obj, cls = cell_kd(s, t, nc, nc, trainer.kd_temperature, classes=nc > 1)
+            obj_l, cls_l, n = obj_l + obj, cls_l + cls, n + 1
         if n == 0:
             return {}
         # weighted like the detection terms they shadow, so KD and ground truth pull with comparable force
