@@ -84,9 +84,11 @@ def _torch_and_onnx(module: nn.Module, onnx_path: str | Path, x: Tensor) -> tupl
     return ref, sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
 
-# ONNX Runtime against PyTorch, both FP32: measured differences are ~1e-6 on scores and ~5e-7 of the box scale
+# ONNX Runtime against PyTorch, both FP32: measured differences are up to ~3e-6 on scores and up to ~1.5e-5
+# of the box scale (a supernet-extracted subnet of `make demo`: 0.0088 px on boxes up to 568 px); a wrong
+# decode, fusion or weight differs by orders of magnitude more
 SCORE_ATOL = 1e-4
-BOX_RTOL = 1e-5
+BOX_RTOL = 1e-4
 
 
 def check_decoded_close(ref: np.ndarray, out: np.ndarray, path: str | Path) -> None:
