@@ -181,6 +181,7 @@ def place_input_quantizers(model: Detector) -> int:
             m.enable_observer(observe)
             m.enable_fake_quant(quantize)
         model.train(was_training)
+
     def origin(tensor_id: int) -> FakeQuantize | None:
         """The fake-quant whose range the tensor keeps (through pools and upsamples), if any."""
         while tensor_id not in made_by and tensor_id in ops.source:

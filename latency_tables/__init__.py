@@ -12,16 +12,16 @@ from .measurement import (
 from .predictor import OverheadModel, fit_overhead
 from .probe import bundle_manifest, import_results, pack
 from .table import (
-                          BUILD_PROTOCOL,
-                          LatencyTable,
-                          Prediction,
-                          decoded_model,
-                          measure_architectures,
-                          realtime_priority,
-                          sample_architectures,
-                          shipped_tables,
-                          table_name,
-                          whole_model,
+    BUILD_PROTOCOL,
+    LatencyTable,
+    Prediction,
+    decoded_model,
+    measure_architectures,
+    realtime_priority,
+    sample_architectures,
+    shipped_tables,
+    table_name,
+    whole_model,
 )
 from .validate import ValidationReport, validate
 

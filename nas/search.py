@@ -540,8 +540,6 @@ class Searcher:
             trial.set_user_attr("fail_reason", f"surplus: {e}")
             raise
         trial.set_user_attr("worker", worker_id())
-        if trial.user_attrs.get("fail_reason"):  # inherited by a retry
-            trial.set_user_attr("fail_reason", None)
         beat = (contextlib.nullcontext() if heartbeat_enabled(trial.study._storage)
                 else _attr_heartbeat(trial, self.cfg.heartbeat_s))
         try:
