@@ -19,6 +19,10 @@ FULL = [
     ["train_synthetic.py", "--model", "yolov7-tiny", "--imgsz", "320", "--minutes", "30"],
     ["compress_synthetic.py", "--model", "runs/bench/train_synthetic/model", "--finetune-epochs", "1"],
     ["prune_round_to.py", "--model", "runs/bench/train_synthetic/model"],
+    ["train_synthetic.py", "--imgsz", "128", "--data-imgsz", "128", "--train", "1000", "--val", "200", "--classes", "4",
+     "--epochs", "80", "--minutes", "60", "--nbs", "16", "--data-dir", "runs/data/synth128",
+     "--out", "runs/bench/teacher128"],
+    ["distill_synthetic.py", "--teacher", "runs/bench/teacher128/model", "--data", "runs/data/synth128/data.yaml"],
     ["search_synthetic.py"],
 ]
 QUICK = [
@@ -28,6 +32,8 @@ QUICK = [
     ["compress_synthetic.py", "--model", "runs/bench/quick-train/model", "--data", "runs/bench/quick-data/data.yaml",
      "--imgsz", "128", "--finetune-epochs", "1", "--calib", "16", "--repeats", "2", "--measurements", "1",
      "--qat-epochs", "1", "--out", "runs/bench/quick-compress"],
+    ["distill_synthetic.py", "--teacher", "runs/bench/quick-train/model", "--data", "runs/bench/quick-data/data.yaml",
+     "--epochs", "1", "--test-images", "16", "--out", "runs/bench/quick-distill"],
     ["search_synthetic.py", "--space", "tiny", "--imgsz", "64", "--train-images", "32", "--val-images", "16",
      "--latency-protocol", "quick", "--supernet-epochs", "1", "--trials", "4", "--fidelity-archs", "2",
      "--standalone-epochs", "1", "--finetune-epochs", "1", "--out", "runs/bench/quick-search"],

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, complete_box_iou_loss
+from torchvision.ops import complete_box_iou_loss
 
 from search_spaces.errors import ConfigError
 from search_spaces.model import Detector
 from trainer.callbacks import Callback
 from trainer.ema import unwrap
+from trainer.loss import iou_boxes
 
 
 @dataclass
@@ -181,7 +182,7 @@ class Distiller(Callback):
         n = len(self.pairs)
         # output terms weighted like the detection terms they shadow (the run's scaled hyp gains), so a weight
         # of 1 pulls as hard as the ground truth; without a trainer (direct calls) the gains are 1
-        g = getattr(getattr(trainer, "loss_fn", None), "hyp", None)
+        g = getattr(getattr(trainer, "current_loss", None), "hyp", None)
         gain_obj, gain_cls, gain_box = (g.obj, g.cls, g.box) if g is not None else (1.0, 1.0, 1.0)
         return {"kd_obj": c.w_obj * gain_obj * obj_l / n, "kd_cls": c.w_cls * gain_cls * cls_l / n,
                 "kd_box": c.w_box * gain_box * box_l / n, "kd_feat": c.w_feat * feat_l / n}
@@ -201,5 +202,4 @@ class Distiller(Callback):
         sd = student.head.decode_level(s, i)  # differentiable decode of the student's raw logits
         s_best = sd[..., 4].detach().argmax(1, keepdim=True)
         sbox = sd[..., :4].gather(1, s_best[..., None].expand(-1, -1, -1, -1, 4)).squeeze(1)
-        return complete_box_iou_loss(box_convert(sbox[mask], "cxcywh", "xyxy"),
-                                     box_convert(tbox[mask], "cxcywh", "xyxy"), reduction="mean")
+        return complete_box_iou_loss(*iou_boxes(sbox[mask], tbox[mask]), reduction="mean")

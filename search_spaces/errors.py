@@ -31,3 +31,7 @@ class DataError(DetforgeError):
 
 class CheckpointError(DetforgeError):
     """A weights file that is missing, truncated, unsafe or from another model."""
+
+
+class DivergedError(DetforgeError):
+    """Training whose gradients stayed non-finite (NaN/inf) for many optimizer steps in a row."""

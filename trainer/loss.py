@@ -40,6 +40,21 @@ AUX_OTA_TOPK = 20  # ComputeLossAuxOTA uses the top-20 IoUs for both fine and co
 BOX_LOSSES = {"ciou": complete_box_iou_loss, "diou": distance_box_iou_loss, "giou": generalized_box_iou_loss}
 
 
+def iou_boxes(pred: Tensor, target: Tensor, min_wh: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """cxcywh box pairs -> xyxy pairs for the IoU losses: centred on the target, sides at least `min_wh`.
+
+    IoU, GIoU, DIoU and CIoU are translation invariant, so centring changes nothing but rounding. It keeps a
+    side that underflowed to 0 (a saturated wh logit) at `min_wh` after the conversion; at coordinates in
+    the hundreds it would round back to 0, and CIoU's w/h would make the loss NaN (YOLOv7 adds eps to h).
+    """
+    centre = target[..., :2].detach()
+
+    def xyxy(b: Tensor) -> Tensor:
+        return box_convert(torch.cat((b[..., :2] - centre, b[..., 2:4].clamp_min(min_wh)), -1), "cxcywh", "xyxy")
+
+    return xyxy(pred), xyxy(target)
+
+
 def objectness_balance(nl: int) -> tuple[float, ...]:
     """Per-level objectness loss weights of the official losses (autobalance off)."""
     if nl == 3:
@@ -207,7 +222,7 @@ class YoloLoss:
             pbox = decode_grid(ps[:, :4], pos.gi, pos.gj, pos.anchors, h.anchor_free)
             grid = torch.tensor([[p.shape[3], p.shape[2]] for p in preds], dtype=torch.float32, device=device)[level]
             tbox = targets[pos.t, 2:6] * grid.repeat(1, 2)  # grid units of the positive's level, like pbox
-            loss = self.box_loss(box_convert(pbox, "cxcywh", "xyxy"), box_convert(tbox, "cxcywh", "xyxy"))
+            loss = self.box_loss(*iou_boxes(pbox, tbox))
             n_level = torch.tensor(counts, dtype=torch.float32, device=device).clamp(min=1)
             box = box.index_add(0, level, loss) / n_level
             # Objectness target = the detached (C)IoU of the matched prediction (gr = 1); duplicates:

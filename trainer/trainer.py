@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from search_spaces import Detector, load_model, save_model
-from search_spaces.errors import CheckpointError, ConfigError
+from search_spaces.errors import CheckpointError, ConfigError, DivergedError
 from search_spaces.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_weights
 
 from . import distributed as ddp
@@ -102,6 +102,8 @@ class Trainer:
 
     # DDP: True where a step may leave parameters without gradient (a supernet's inactive choices)
     find_unused_parameters: bool = False
+    # optimizer steps in a row with non-finite gradients (each skipped) before the run stops as diverged
+    max_nonfinite_steps: int = 10
 
     def __init__(self, cfg: TrainConfig, model: Detector | None = None, callbacks: Sequence[Callback] = (),
                  hyp: Hyp | None = None):
@@ -125,6 +127,10 @@ class Trainer:
         self.hyp = base_hyp
         self.loss_fn = YoloLoss(HeadInfo.from_detector(self.model), base_hyp.scaled(self.model.head.nl,
                                                                                       self.model.nc, cfg.imgsz))
+        self.current_loss = self.loss_fn  # the loss of the forward pass in progress (subclasses switch it)
+        self.last_terms: dict[str, Tensor] = {}
+        self.skipped_steps = 0  # this epoch's optimizer steps skipped for non-finite gradients
+        self.nonfinite_run = 0  # consecutive ones, across epochs
         self.per_rank_batch = max(cfg.batch // self.world, 1)
         self.train_set = YoloDataset.from_config(self.data_cfg, "train", imgsz=cfg.imgsz, hyp=base_hyp,
                                                  strict=cfg.strict_data, cache=cfg.cache, seed=cfg.seed)
@@ -228,7 +234,8 @@ class Trainer:
                             enabled=self.amp_dtype is not None):
             preds = model(imgs)
         preds = [p.float() for p in preds]
-        parts = (loss_fn or self.loss_fn).components(preds, targets, imgs.shape)
+        self.current_loss = loss_fn or self.loss_fn  # callbacks weigh their terms with this pass's gains
+        parts = self.current_loss.components(preds, targets, imgs.shape)
         for cb in self.callbacks:
             parts.update(cb.extra_loss(self, model, imgs, targets, preds))
         loss, _ = YoloLoss.combine(parts, imgs.shape[0])
@@ -242,12 +249,28 @@ class Trainer:
         return items
 
     def optimizer_step(self) -> None:
-        """Unscale, clip, step, zero, and update the EMA."""
+        """Unscale, clip, step, zero, and update the EMA; a step with non-finite gradients is skipped."""
         ddp.average_gradients(self.extra_modules)  # callback modules live outside the DDP wrapper
         self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = nn.utils.get_total_norm([p.grad for p in params])
         if self.cfg.grad_clip > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            nn.utils.clip_grad_norm_(params, max_norm=self.cfg.grad_clip)
+            nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
+        # one NaN step would poison every weight and the EMA for good; fp16's GradScaler skips such steps
+        # itself (they are routine while it calibrates its scale), so this guards fp32 and bf16 only.
+        # Gradients are all-reduced, so every DDP rank sees the same norm and takes the same decision.
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= self.max_nonfinite_steps:
+                terms = ", ".join(f"{k}={float(v):.4g}" for k, v in self.last_terms.items())
+                raise DivergedError(f"training diverged: {self.nonfinite_run} optimizer steps in a row had "
+                                    f"non-finite gradients (last batch's loss terms: {terms}); lower the learning "
+                                    "rate or the extra loss weights, or resume from an earlier checkpoint",
+                                    path=self.out)
+            return
+        self.nonfinite_run = 0
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -298,6 +321,7 @@ class Trainer:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
+            self.skipped_steps = 0
             t0, n_img = time.time(), 0
             bar = tqdm(enumerate(self.train_loader), total=nb, desc=f"epoch {epoch + 1}/{self.epochs}",
                        disable=not (cfg.progress and self.main), leave=False)
@@ -306,6 +330,7 @@ class Trainer:
                 accumulate = self._warmup(ni, nw, epoch + i / nb)
                 imgs = imgs.to(self.device, non_blocking=True).float() / 255.0
                 items = self.train_step(imgs, targets.to(self.device))
+                self.last_terms = items
                 if (i + 1) % accumulate == 0 or i == nb - 1:
                     self.optimizer_step()
                 for k, v in items.items():
@@ -318,6 +343,8 @@ class Trainer:
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[1]["lr"],
                                    **{k: v / nb for k, v in sums.items()},
                                    "train_img_s": n_img / max(train_s, 1e-9), "train_s": train_s}
+            if self.skipped_steps:
+                row["skipped_steps"] = self.skipped_steps  # optimizer steps dropped for non-finite gradients
             out_of_time = bool(cfg.max_time_s) and time.time() - t_start > cfg.max_time_s
             final = epoch + 1 == self.epochs or bool(ddp.broadcast_object(out_of_time))  # ranks' clocks differ
             if (epoch + 1) % cfg.val_interval == 0 or final:

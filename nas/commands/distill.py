@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--nbs", type=int, default=64, help="nominal batch: gradients accumulate to it (YOLOv7: 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--w-feat", type=float, default=1.0, help="channel-wise feature distillation weight")
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> None:
     from trainer.trainer import Trainer, resolve_data_config
 
     cfg = TrainConfig(model=args.student, data=args.data, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
-                      batch=args.batch, device=args.device, resume=args.resume)
+                      batch=args.batch, nbs=args.nbs, seed=args.seed, workers=args.workers, device=args.device,
+                      resume=args.resume)
     teacher = load_teacher(args.teacher, args.teacher_model, random_ok=args.random_teacher)
     student = load_model(args.student, nc=resolve_data_config(args.data, args.imgsz).nc)
     kd = Distiller(teacher, student, DistillConfig(w_obj=args.w_obj, w_cls=args.w_cls, w_box=args.w_box,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 
@@ -52,6 +53,40 @@ def test_e6_teacher_one_step_on_cpu(tmp_path):
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_output_terms_take_the_gains_of_the_pass_in_progress():
+    # the supernet switches losses per subnet (P3-P6 heads scale the gains differently): KD follows the switch
+    torch.manual_seed(0)
+    student = load_model("yolov7-tiny", form="deploy", nc=3).train()
+    teacher = load_model("yolov7-tiny", form="deploy", nc=3).eval()
+    kd = Distiller(teacher, student, DistillConfig(box_conf=0.0))
+    imgs = torch.rand(2, 3, 64, 64)
+    preds = student(imgs)
+    plain = kd.extra_loss(None, student, imgs, torch.zeros(0, 6), preds)
+    gains = types.SimpleNamespace(obj=2.0, cls=3.0, box=5.0)
+    trainer = types.SimpleNamespace(current_loss=types.SimpleNamespace(hyp=gains))
+    scaled = kd.extra_loss(trainer, student, imgs, torch.zeros(0, 6), preds)
+    for term, gain in (("kd_obj", 2.0), ("kd_cls", 3.0), ("kd_box", 5.0), ("kd_feat", 1.0)):
+        assert plain[term] > 0
+        torch.testing.assert_close(scaled[term], gain * plain[term])
+
+
+def test_box_term_stays_finite_for_collapsed_student_boxes():
+    # a student wh logit below about -50 decodes to a 0 x 0 box: CIoU's w/h was 0/0 (a real run went NaN)
+    torch.manual_seed(0)
+    student = load_model("yolov7-tiny", form="deploy", nc=3).train()
+    teacher = load_model("yolov7-tiny", form="deploy", nc=3).eval()
+    kd = Distiller(teacher, student, DistillConfig(box_conf=0.0, w_feat=0.0))
+    imgs = torch.rand(2, 3, 64, 64)
+    preds = [p.detach().clone() for p in student(imgs)]
+    for p in preds:
+        p[..., 2:4] = -120.0
+        p.requires_grad_(True)
+    box = kd.extra_loss(None, student, imgs, torch.zeros(0, 6), preds)["kd_box"]
+    assert torch.isfinite(box) and box > 0
+    box.backward()
+    assert all(torch.isfinite(p.grad).all() for p in preds)
+
+
 def test_distillation_plugs_into_trainer(tmp_path):
     from trainer.synthetic import generate
 
@@ -83,8 +118,6 @@ def test_a_teacher_without_trained_weights_is_refused(tmp_path, capsys):
 
 
 def test_impossible_teacher_sizes_are_config_errors():
-    import types
-
     import pytest
 
     from search_spaces import ConfigError

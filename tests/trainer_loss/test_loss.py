@@ -326,3 +326,15 @@ def test_cuda_matches_cpu(kind):
     total.backward()
     assert total.device.type == "cuda" and torch.allclose(items.cpu(), cpu_items, rtol=1e-4, atol=1e-6)
     assert all(torch.isfinite(x.grad).all() for x in gpu)
+
+
+def test_collapsed_boxes_keep_the_loss_finite():
+    # a wh logit below about -50 underflows (2 sigmoid)^2 to 0: CIoU's w/h would be 0/0 without the floor
+    p = preds(grad=True)
+    with torch.no_grad():
+        for lvl in p:
+            lvl[..., 2:4] = -120.0
+    total, items = YoloLoss(head(), load_hyp("p5").scaled(3, 3, IMG))(p, TARGETS, (2, 3, IMG, IMG))
+    assert torch.isfinite(total) and items[0] > 0
+    total.backward()
+    assert all(torch.isfinite(lvl.grad).all() for lvl in p)
