@@ -26,10 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="auto")
-    p.add_argument("--w-feat", type=float, default=1.0, help="channel-wise feature distillation weight")
-    p.add_argument("--w-obj", type=float, default=1.0, help="x the detection loss's objectness gain")
-    p.add_argument("--w-cls", type=float, default=1.0, help="x the detection loss's class gain")
-    p.add_argument("--w-box", type=float, default=1.0, help="x the detection loss's box gain")
+    p.add_argument("--w-feat", type=float, default=None,
+                   help="channel-wise feature distillation weight (default 0: off, see docs/training.md)")
+    p.add_argument("--w-obj", type=float, default=None, help="x the detection loss's objectness gain (default 1)")
+    p.add_argument("--w-cls", type=float, default=None, help="x the detection loss's class gain (default 1)")
+    p.add_argument("--w-box", type=float, default=None, help="x the detection loss's box gain (default 1)")
     p.add_argument("--random-teacher", action="store_true",
                    help="allow a zoo name as --teacher: random weights (plumbing checks only, it teaches nothing)")
     p.add_argument("--resume", action="store_true")
@@ -62,8 +63,8 @@ def run(args: argparse.Namespace) -> None:
                       resume=args.resume)
     teacher = load_teacher(args.teacher, args.teacher_model, random_ok=args.random_teacher)
     student = load_model(args.student, nc=resolve_data_config(args.data, args.imgsz).nc)
-    kd = Distiller(teacher, student, DistillConfig(w_obj=args.w_obj, w_cls=args.w_cls, w_box=args.w_box,
-                                                   w_feat=args.w_feat, teacher_scale=args.teacher_scale))
+    weights = {k: getattr(args, k) for k in ("w_obj", "w_cls", "w_box", "w_feat") if getattr(args, k) is not None}
+    kd = Distiller(teacher, student, DistillConfig(teacher_scale=args.teacher_scale, **weights))
     result = Trainer(cfg, model=student, callbacks=[kd]).train()
     last = result.last.to_dict() if result.last else {}
     emit({"out": str(result.out), "epochs": result.epochs_done, "map": last.get("map"), "map50": last.get("map50"),

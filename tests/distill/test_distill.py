@@ -41,7 +41,7 @@ def test_soft_bce_weight_masks_cells():
 def test_e6_teacher_one_step_on_cpu(tmp_path):
     student = load_model("yolov7-tiny", form="deploy", nc=80).train()
     teacher = load_model("yolov7-e6", form="deploy")  # random weights: enough to run the step
-    kd = Distiller(teacher, student, DistillConfig(teacher_scale=2.0))
+    kd = Distiller(teacher, student, DistillConfig(teacher_scale=2.0, w_feat=1.0))
     assert kd.pairs == [(0, 1), (1, 2), (2, 3)]  # student P3-P5 meet teacher P4-P6 at twice the input size
     imgs = torch.rand(1, 3, 64, 64)
     preds = student(imgs)
@@ -58,7 +58,7 @@ def test_output_terms_take_the_gains_of_the_pass_in_progress():
     torch.manual_seed(0)
     student = load_model("yolov7-tiny", form="deploy", nc=3).train()
     teacher = load_model("yolov7-tiny", form="deploy", nc=3).eval()
-    kd = Distiller(teacher, student, DistillConfig(box_conf=0.0))
+    kd = Distiller(teacher, student, DistillConfig(box_conf=0.0, w_feat=1.0))
     imgs = torch.rand(2, 3, 64, 64)
     preds = student(imgs)
     plain = kd.extra_loss(None, student, imgs, torch.zeros(0, 6), preds)
@@ -87,6 +87,17 @@ def test_box_term_stays_finite_for_collapsed_student_boxes():
     assert all(torch.isfinite(p.grad).all() for p in preds)
 
 
+def test_feature_term_is_opt_in():
+    student = load_model("yolov7-tiny", form="deploy", nc=3).train()
+    teacher = load_model("yolov7-tiny", form="deploy", nc=3).eval()
+    kd = Distiller(teacher, student)  # output terms only: no adapters to train
+    assert kd.modules() == []
+    imgs = torch.rand(1, 3, 64, 64)
+    terms = kd.extra_loss(None, student, imgs, torch.zeros(0, 6), student(imgs))
+    assert terms["kd_feat"] == 0 and terms["kd_obj"] > 0
+    assert Distiller(teacher, student, DistillConfig(w_feat=0.5)).modules() != []
+
+
 def test_distillation_plugs_into_trainer(tmp_path):
     from trainer.synthetic import generate
 
@@ -95,7 +106,7 @@ def test_distillation_plugs_into_trainer(tmp_path):
     teacher = copy.deepcopy(student)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, imgsz=64, batch=4, workers=0,
                       progress=False, device="cpu")
-    kd = Distiller(teacher, student, DistillConfig())
+    kd = Distiller(teacher, student, DistillConfig(w_feat=1.0))
     result = Trainer(cfg, model=student, callbacks=[kd]).train()
     row = result.rows[-1]
     assert {"kd_obj", "kd_cls", "kd_box", "kd_feat"} <= set(row)
