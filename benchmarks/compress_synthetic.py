@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--round-to", type=int, default=16,
                     help="pruned channel counts are multiples of this (16: AVX-512 NCHWc blocks in ORT's MLAS)")
     ap.add_argument("--finetune-epochs", type=int, default=2, help="finetune budget after pruning (and distill)")
+    ap.add_argument("--nbs", type=int, default=64, help="nominal batch of the finetunes (16: 4x the optimizer steps)")
+    ap.add_argument("--w-feat", type=float, default=DistillConfig.w_feat,
+                    help="`distill`: feature (CWD) weight; the session-2/4 rows in docs/benchmarks.md used 1")
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--calib", type=int, default=128, help="INT8 calibration images (train split)")
@@ -118,7 +121,7 @@ class Bench:
     def finetune(self, det: Detector, name: str, callbacks: list[Any] = ()) -> Detector:
         a = self.args
         cfg = TrainConfig(model=a.model, data=a.data, out=str(self.out / name), epochs=a.finetune_epochs,
-                          imgsz=a.imgsz, batch=a.batch, device="cpu", progress=False, seed=0)
+                          imgsz=a.imgsz, batch=a.batch, nbs=a.nbs, device="cpu", progress=False, seed=0)
         trainer = Trainer(cfg, model=det, callbacks=callbacks)
         trainer.train()
         return trainer.eval_model
@@ -210,7 +213,7 @@ def prune(b: Bench) -> dict[str, Any]:
 def distill(b: Bench) -> dict[str, Any]:
     teacher = load_model(b.args.model)
     student = load_model(b.out / "pruned-torch-pruning")
-    kd = Distiller(teacher, student, DistillConfig())
+    kd = Distiller(teacher, student, DistillConfig(w_feat=b.args.w_feat))
     tuned = b.finetune(student, "finetune-distill", callbacks=[kd])
     m = b.map_torch(tuned)
     plain = b.results["prune"]["torch-pruning"]

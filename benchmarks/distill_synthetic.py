@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -82,11 +83,14 @@ def scaled_arch(ref: str, width: float, nc: int) -> Architecture:
 
 
 def test_data(args: argparse.Namespace, nc: int) -> str:
-    """The held-out test set's data.yaml: `--test-data`, or a synthetic set drawn with seed 1."""
+    """The held-out test set's data.yaml: `--test-data`, or the training set's synthetic recipe with seed 1."""
     if args.test_data:
         return args.test_data
-    out = Path(args.out) / f"test-seed1-{args.imgsz}px-{nc}c"
-    return str(generate(out, train=1, val=args.test_images, imgsz=args.imgsz, classes=nc, seed=1))
+    # drawn at the size the training images were drawn at (their scenes scale with it), else at --imgsz
+    manifest = Path(args.data).parent / ".synth.json"
+    size = json.loads(manifest.read_text()).get("imgsz", args.imgsz) if manifest.is_file() else args.imgsz
+    out = Path(args.out) / f"test-seed1-{size}px-{nc}c"
+    return str(generate(out, train=1, val=args.test_images, imgsz=size, classes=nc, seed=1))
 
 
 def score(det: Detector, data: str, imgsz: int) -> dict[str, float]:
@@ -107,7 +111,7 @@ def train_student(args: argparse.Namespace, init: Detector, name: str, kd: Disti
     callbacks = [Distiller(teacher, student, kd)] if kd is not None else []
     t0 = time.time()
     res = Trainer(cfg, model=student, callbacks=callbacks).train()
-    rows = [{k: r[k] for k in ("epoch", "box", "obj", "cls", "map", "map50") if k in r} for r in res.rows]
+    rows = [{k: v for k, v in r.items() if k not in ("lr", "train_s", "val_img_s")} for r in res.rows]
     return load_model(out / "model"), {"wall_s": round(time.time() - t0, 1), "epochs": res.epochs_done,
                                        "curve": rows}
 
@@ -121,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     nc = resolve_data_config(args.data, args.imgsz).nc
     test = test_data(args, nc)
     teacher = load_model(args.teacher)
-    if "teacher" not in results:
-        results["teacher"] = {"model": args.teacher, "params": detector_size(teacher, args.imgsz)[0],
+    if results.get("teacher", {}).get("model") != args.teacher or results["teacher"].get("test_data") != test:
+        results["teacher"] = {"model": args.teacher, "test_data": test, "params": detector_size(teacher, args.imgsz)[0],
                               "val": score(teacher, args.data, args.imgsz), "test": score(teacher, test, args.imgsz)}
     arch = scaled_arch(args.student, args.student_width, nc)
     arch.to_yaml(out / "student.yaml")
@@ -131,21 +135,30 @@ def main(argv: list[str] | None = None) -> int:
     kd = DistillConfig(w_feat=args.w_feat, w_obj=args.w_obj, w_cls=args.w_cls, w_box=args.w_box)
     results["student"] = {"arch": arch.name, "params": detector_size(init, args.imgsz)[0]}
     redo = set(filter(None, args.redo.split(",")))
+    # what makes the plain and distilled runs comparable: both must have been trained with these
+    run_key = {k: getattr(args, k) for k in ("student", "student_width", "data", "imgsz", "epochs", "batch", "nbs",
+                                             "seed")}
     for name in filter(None, args.runs.split(",")):
         if name not in RUNS:
             raise SystemExit(f"--runs: unknown run {name!r} (choose from {', '.join(RUNS)})")
         if name in results and name not in redo:
+            if results[name].get("run") not in (None, run_key):
+                raise SystemExit(f"OUT/distill.json holds a {name!r} run with other settings "
+                                 f"({results[name]['run']}); pass --redo {name} or another --out")
             continue
+        if name in results:  # --redo: a finished run's last.pt would resume as done; a killed one resumes
+            shutil.rmtree(Path(args.out) / name, ignore_errors=True)
         print(f"[{name}] ...", file=sys.stderr, flush=True)
         det, rec = train_student(args, init, name, kd if name == "distill" else None, teacher)
-        rec.update(val=score(det, args.data, args.imgsz), test=score(det, test, args.imgsz))
+        rec.update(run=run_key, val=score(det, args.data, args.imgsz), test=score(det, test, args.imgsz))
         if name == "distill":
             rec["config"] = kd.to_dict()
         results[name] = rec
         results["settings"] = {k: v for k, v in vars(args).items() if k not in ("runs", "redo")}
         results["machine"] = {"cpu": platform.processor() or platform.machine(),
                               "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-        if "plain" in results and "distill" in results:
+        if "plain" in results and "distill" in results and \
+                results["plain"].get("run") in (None, results["distill"].get("run")):
             results["gain_points"] = {s: 100 * (results["distill"][s]["map"] - results["plain"][s]["map"])
                                       for s in ("val", "test")}
         atomic_write_json(path, results)

@@ -46,11 +46,14 @@ def iou_boxes(pred: Tensor, target: Tensor, min_wh: float = 1e-4) -> tuple[Tenso
     IoU, GIoU, DIoU and CIoU are translation invariant, so centring changes nothing but rounding. It keeps a
     side that underflowed to 0 (a saturated wh logit) at `min_wh` after the conversion; at coordinates in
     the hundreds it would round back to 0, and CIoU's w/h would make the loss NaN (YOLOv7 adds eps to h).
+    The floor passes gradients straight through, so a tiny anchor-free box (wh = exp(t)) still learns.
     """
     centre = target[..., :2].detach()
 
     def xyxy(b: Tensor) -> Tensor:
-        return box_convert(torch.cat((b[..., :2] - centre, b[..., 2:4].clamp_min(min_wh)), -1), "cxcywh", "xyxy")
+        wh = b[..., 2:4]
+        wh = wh + (wh.clamp_min(min_wh) - wh).detach()
+        return box_convert(torch.cat((b[..., :2] - centre, wh), -1), "cxcywh", "xyxy")
 
     return xyxy(pred), xyxy(target)
 

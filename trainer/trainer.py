@@ -207,9 +207,13 @@ class Trainer:
         if not path.is_file():
             return
         ck = load_weights(path)
+        extra = ck.get("extra") or {}
+        if set(extra) != set(self.extra_modules.state_dict()):
+            raise CheckpointError("cannot resume: the callbacks' trainable modules differ from the interrupted run's "
+                                  "(e.g. distillation adapters: pass the same --w-feat as that run)", path=path)
         try:
             unwrap(self.model).load_state_dict(ck["model"])
-            self.extra_modules.load_state_dict(ck.get("extra") or {})
+            self.extra_modules.load_state_dict(extra)
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scaler.load_state_dict(ck["scaler"])
             if self.ema is not None and ck.get("ema") is not None:
@@ -252,30 +256,43 @@ class Trainer:
         """Unscale, clip, step, zero, and update the EMA; a step with non-finite gradients is skipped."""
         ddp.average_gradients(self.extra_modules)  # callback modules live outside the DDP wrapper
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = nn.utils.get_total_norm([p.grad for p in params])
-        if self.cfg.grad_clip > 0:
-            nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
-        # one NaN step would poison every weight and the EMA for good; fp16's GradScaler skips such steps
-        # itself (they are routine while it calibrates its scale), so this guards fp32 and bf16 only.
-        # Gradients are all-reduced, so every DDP rank sees the same norm and takes the same decision.
-        if not self.scaler.is_enabled() and not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self.nonfinite_run += 1
-            if self.nonfinite_run >= self.max_nonfinite_steps:
-                terms = ", ".join(f"{k}={float(v):.4g}" for k, v in self.last_terms.items())
-                raise DivergedError(f"training diverged: {self.nonfinite_run} optimizer steps in a row had "
-                                    f"non-finite gradients (last batch's loss terms: {terms}); lower the learning "
-                                    "rate or the extra loss weights, or resume from an earlier checkpoint",
-                                    path=self.out)
-            return
-        self.nonfinite_run = 0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        fp16 = self.scaler.is_enabled()
+        norm = None
+        if self.cfg.grad_clip > 0 or not fp16:
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norm = nn.utils.get_total_norm([p.grad for p in params])
+            if self.cfg.grad_clip > 0:
+                nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
+        # One NaN step would poison every weight and the EMA for good. fp16's GradScaler skips such steps
+        # itself (a few are routine while it calibrates its scale: hence the longer run allowed); in fp32 and
+        # bf16 the step is skipped here. Gradients are all-reduced, so every DDP rank sees the same norm and
+        # takes the same decision; the check costs one device sync per optimizer step, as the scaler's does.
+        if fp16:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            finite = self.scaler.get_scale() >= scale  # the scaler backs off only after a non-finite step
+        else:
+            finite = bool(torch.isfinite(norm))
+            if finite:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
+        if finite:
+            self.nonfinite_run = 0
+            if self.ema is not None:
+                self.ema.update(self.model)
+            return
+        self.skipped_steps += 1
+        self.nonfinite_run += 1
+        bad_stats = [n for n, b in unwrap(self.model).named_buffers() if b.is_floating_point() and
+                     not bool(torch.isfinite(b).all())]
+        limit = self.max_nonfinite_steps * (4 if fp16 else 1)
+        if bad_stats or self.nonfinite_run >= limit:
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in self.last_terms.items())
+            why = (f"the forward pass left non-finite running statistics in {bad_stats[0]}" if bad_stats else
+                   f"{self.nonfinite_run} optimizer steps in a row had non-finite gradients")
+            raise DivergedError(f"training diverged: {why} (last batch's loss terms: {terms}); lower the learning "
+                                "rate or the extra loss weights, or resume from an earlier checkpoint", path=self.out)
 
     def _warmup(self, ni: int, nw: int, epoch_progress: float) -> int:
         """Set lr/momentum for global iteration ni (YOLOv7 warmup) and return the accumulation steps."""
@@ -322,7 +339,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             self.skipped_steps = 0
-            t0, n_img = time.time(), 0
+            t0, n_img, n_ok = time.time(), 0, 0
             bar = tqdm(enumerate(self.train_loader), total=nb, desc=f"epoch {epoch + 1}/{self.epochs}",
                        disable=not (cfg.progress and self.main), leave=False)
             for i, (imgs, targets, _paths, _shapes) in bar:
@@ -333,15 +350,18 @@ class Trainer:
                 self.last_terms = items
                 if (i + 1) % accumulate == 0 or i == nb - 1:
                     self.optimizer_step()
-                for k, v in items.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                values = {k: float(v) for k, v in items.items()}
+                if all(math.isfinite(v) for v in values.values()):  # a skipped NaN batch would blank the mean
+                    for k, v in values.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_ok += 1
                 n_img += imgs.shape[0] * self.world
-                bar.set_postfix({k: f"{v / (i + 1):.4f}" for k, v in sums.items()} |
+                bar.set_postfix({k: f"{v / max(n_ok, 1):.4f}" for k, v in sums.items()} |
                                 {"img/s": f"{n_img / max(time.time() - t0, 1e-9):.1f}"})
             train_s = time.time() - t0
             ddp.broadcast_buffers(unwrap(self.model))
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[1]["lr"],
-                                   **{k: v / nb for k, v in sums.items()},
+                                   **{k: v / max(n_ok, 1) for k, v in sums.items()},
                                    "train_img_s": n_img / max(train_s, 1e-9), "train_s": train_s}
             if self.skipped_steps:
                 row["skipped_steps"] = self.skipped_steps  # optimizer steps dropped for non-finite gradients

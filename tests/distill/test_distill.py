@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import types
 
+import pytest
 import torch
 
 from compress.distill import DistillConfig, Distiller, cwd_loss, soft_bce
@@ -114,8 +115,6 @@ def test_distillation_plugs_into_trainer(tmp_path):
 
 
 def test_a_teacher_without_trained_weights_is_refused(tmp_path, capsys):
-    import pytest
-
     from nas.cli import main
     from nas.pipeline_config import PipelineConfig
     from search_spaces import ConfigError
@@ -129,8 +128,6 @@ def test_a_teacher_without_trained_weights_is_refused(tmp_path, capsys):
 
 
 def test_impossible_teacher_sizes_are_config_errors():
-    import pytest
-
     from search_spaces import ConfigError
 
     student = load_model("yolov7-tiny", form="deploy", nc=80)
@@ -141,3 +138,23 @@ def test_impossible_teacher_sizes_are_config_errors():
     trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(imgsz=96), device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="not a multiple of its largest stride 64"):
         kd.on_train_start(trainer)  # 96 px: the teacher's P6 concat would fail in the first step
+
+
+def test_resume_with_other_adapters_is_one_clear_error(tmp_path):
+    from search_spaces import CheckpointError
+    from trainer.synthetic import generate
+
+    data = generate(tmp_path / "d", train=4, val=2, imgsz=64, classes=2, seed=0)
+    student = load_model("yolov7-tiny", form="deploy", nc=2)
+    teacher = copy.deepcopy(student)
+
+    def trainer(w_feat: float, resume: bool) -> Trainer:
+        cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=2, imgsz=64, batch=2, workers=0,
+                          progress=False, device="cpu", resume=resume)
+        return Trainer(cfg, model=copy.deepcopy(student),
+                       callbacks=[Distiller(teacher, student, DistillConfig(w_feat=w_feat))])
+
+    trainer(1.0, resume=False).save_checkpoint(0)  # as if killed after epoch 1 of a run with CWD adapters
+    with pytest.raises(CheckpointError, match="--w-feat"):
+        trainer(0.0, resume=True)
+    assert trainer(1.0, resume=True).start_epoch == 1

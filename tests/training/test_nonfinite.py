@@ -32,7 +32,9 @@ def _trainer(small_data, tmp_path, callback, epochs=1) -> Trainer:
 def test_a_nan_batch_is_skipped_and_counted(small_data, tmp_path):
     t = _trainer(small_data, tmp_path, NanLoss({1, 2}))
     result = t.train()
-    assert result.rows[-1]["skipped_steps"] == 2  # 16 images / batch 4: 4 steps, 2 of them NaN
+    row = result.rows[-1]
+    assert row["skipped_steps"] == 2  # 16 images / batch 4: 4 steps, 2 of them NaN
+    assert row["nan"] == 0.0 and math.isfinite(row["box"])  # epoch means over the finite batches
     assert all(torch.isfinite(v).all() for v in t.model.state_dict().values() if v.is_floating_point())
     assert all(torch.isfinite(v).all() for v in t.ema.ema.state_dict().values() if v.is_floating_point())
     assert t.nonfinite_run == 0  # the finite steps after them reset the run
@@ -47,3 +49,27 @@ def test_a_run_that_stays_nan_stops_with_one_line(small_data, tmp_path):
     assert (tmp_path / "last.pt").is_file()
     ck = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     assert ck["epoch"] == 0
+
+
+def test_nan_activations_stop_the_run_at_once(small_data, tmp_path):
+    # NaN inside the forward pass reaches BatchNorm's running statistics before any step can be skipped
+    t = _trainer(small_data, tmp_path, NanLoss(set()), epochs=2)
+    calls = []
+
+    def poison(_module, inputs):
+        calls.append(1)
+        return (inputs[0] * math.nan,) if len(calls) == 3 else None
+
+    t.model.layers[0].register_forward_pre_hook(poison)
+    with pytest.raises(DivergedError, match="non-finite running statistics"):
+        t.train()
+    assert t.skipped_steps == 1
+
+
+def test_fp16_scaler_skips_are_counted_and_bounded(small_data, tmp_path):
+    t = _trainer(small_data, tmp_path, NanLoss(set(range(1000))), epochs=5)
+    t.scaler = torch.amp.GradScaler("cpu")  # fp16's path: the scaler skips the step and backs off its scale
+    t.max_nonfinite_steps = 2
+    with pytest.raises(DivergedError, match="8 optimizer steps in a row"):
+        t.train()
+    assert t.scaler.get_scale() < 2.0 ** 16
