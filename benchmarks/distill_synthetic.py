@@ -39,7 +39,7 @@ from search_spaces.model import Detector
 from trainer.config import TrainConfig
 from trainer.datasets import YoloDataset, build_dataloader
 from trainer.evaluate import evaluate
-from trainer.synthetic import generate
+from trainer.synthetic import generate, generation_params
 from trainer.trainer import Trainer, resolve_data_config
 
 RUNS = ("plain", "distill")
@@ -87,8 +87,7 @@ def test_data(args: argparse.Namespace, nc: int) -> str:
     if args.test_data:
         return args.test_data
     # drawn at the size the training images were drawn at (their scenes scale with it), else at --imgsz
-    manifest = Path(args.data).parent / ".synth.json"
-    size = json.loads(manifest.read_text()).get("imgsz", args.imgsz) if manifest.is_file() else args.imgsz
+    size = (generation_params(Path(args.data).parent) or {}).get("imgsz", args.imgsz)
     out = Path(args.out) / f"test-seed1-{size}px-{nc}c"
     return str(generate(out, train=1, val=args.test_images, imgsz=size, classes=nc, seed=1))
 

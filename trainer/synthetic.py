@@ -348,22 +348,28 @@ def _write_chunk(job: tuple[str, str, list[int], int, int, int]) -> int:
 _OURS = re.compile(r"^\d{6}\.(jpg|txt)$")
 
 
+def generation_params(root: str | Path) -> dict | None:
+    """The parameters (imgsz, classes, seed, counts) a synthetic set under `root` was drawn with, if it is one."""
+    manifest = Path(root) / _MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        params = yaml.safe_load(manifest.read_text())
+    except yaml.YAMLError:
+        return None
+    return params if isinstance(params, dict) else None
+
+
 def _prepare(out: Path, params: dict) -> None:
     """Check `out` is ours, and drop every file a previous run made with other content parameters."""
-    manifest = out / _MANIFEST
-    if out.exists() and any(out.iterdir()) and not manifest.is_file():
+    if out.exists() and any(out.iterdir()) and not (out / _MANIFEST).is_file():
         raise DataError("directory is not empty and is not a detforge synthetic dataset; choose another --out",
                         path=out)
-    old = None
-    if manifest.is_file():
-        try:
-            old = yaml.safe_load(manifest.read_text())
-        except yaml.YAMLError:
-            old = None
+    old = generation_params(out)
     content = {k: params[k] for k in ("version", "imgsz", "classes", "seed")}
     if old != params:
         (out / "data.yaml").unlink(missing_ok=True)  # incomplete until the new run finishes
-    if not isinstance(old, dict) or {k: old.get(k) for k in content} != content:
+    if old is None or {k: old.get(k) for k in content} != content:
         for split in SPLITS:
             for sub in ("images", "labels"):
                 d = out / sub / split
@@ -371,7 +377,7 @@ def _prepare(out: Path, params: dict) -> None:
                     for f in d.iterdir():
                         if _OURS.match(f.name):
                             f.unlink()
-    atomic_write_json(manifest, params)
+    atomic_write_json(out / _MANIFEST, params)
 
 
 def _remove_extra(out: Path, split: str, count: int) -> None:

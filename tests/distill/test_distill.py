@@ -9,6 +9,7 @@ import torch
 
 from compress.distill import DistillConfig, Distiller, cwd_loss, soft_bce
 from search_spaces import load_model
+from search_spaces.model import Detector
 from trainer.config import TrainConfig
 from trainer.trainer import Trainer
 
@@ -54,11 +55,16 @@ def test_e6_teacher_one_step_on_cpu(tmp_path):
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def tiny_pair(nc: int = 3) -> tuple[Detector, Detector]:
+    """A yolov7-tiny student in train mode and an independently initialised yolov7-tiny teacher in eval mode."""
+    return (load_model("yolov7-tiny", form="deploy", nc=nc).train(),
+            load_model("yolov7-tiny", form="deploy", nc=nc).eval())
+
+
 def test_output_terms_take_the_gains_of_the_pass_in_progress():
     # the supernet switches losses per subnet (P3-P6 heads scale the gains differently): KD follows the switch
     torch.manual_seed(0)
-    student = load_model("yolov7-tiny", form="deploy", nc=3).train()
-    teacher = load_model("yolov7-tiny", form="deploy", nc=3).eval()
+    student, teacher = tiny_pair()
     kd = Distiller(teacher, student, DistillConfig(box_conf=0.0, w_feat=1.0))
     imgs = torch.rand(2, 3, 64, 64)
     preds = student(imgs)
@@ -74,8 +80,7 @@ def test_output_terms_take_the_gains_of_the_pass_in_progress():
 def test_box_term_stays_finite_for_collapsed_student_boxes():
     # a student wh logit below about -50 decodes to a 0 x 0 box: CIoU's w/h was 0/0 (a real run went NaN)
     torch.manual_seed(0)
-    student = load_model("yolov7-tiny", form="deploy", nc=3).train()
-    teacher = load_model("yolov7-tiny", form="deploy", nc=3).eval()
+    student, teacher = tiny_pair()
     kd = Distiller(teacher, student, DistillConfig(box_conf=0.0, w_feat=0.0))
     imgs = torch.rand(2, 3, 64, 64)
     preds = [p.detach().clone() for p in student(imgs)]
@@ -89,8 +94,7 @@ def test_box_term_stays_finite_for_collapsed_student_boxes():
 
 
 def test_feature_term_is_opt_in():
-    student = load_model("yolov7-tiny", form="deploy", nc=3).train()
-    teacher = load_model("yolov7-tiny", form="deploy", nc=3).eval()
+    student, teacher = tiny_pair()
     kd = Distiller(teacher, student)  # output terms only: no adapters to train
     assert kd.modules() == []
     imgs = torch.rand(1, 3, 64, 64)
