@@ -196,6 +196,23 @@ class FlockLock:
             self._fd = None
 
 
+class HeartbeatRDBStorage(optuna.storages.RDBStorage):
+    """An RDBStorage whose heartbeat check leaves a `fail_reason` on each stale trial before Optuna fails it.
+
+    Optuna fails a trial whose heartbeat went stale without a word in it; a worker killed before it stamped
+    its own records on the trial is found only this way, and its trial would read as a FAIL without a cause.
+    """
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        for trial_id in stale:
+            # a finished trial (failed by another worker meanwhile) refuses the write: it has its reason already
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                self.set_trial_user_attr(trial_id, "fail_reason", f"its worker died: no heartbeat for over {grace} s")
+        return stale
+
+
 def open_storage(url: str, *, heartbeat_s: int = 20, grace_s: int = 60, max_retry: int = 2) -> optuna.storages.BaseStorage:
     """An RDBStorage (SQLite timeout, heartbeat + retry of dead workers' trials) or a JournalStorage file."""
     if is_journal(url):
@@ -226,7 +243,7 @@ def open_storage(url: str, *, heartbeat_s: int = 20, grace_s: int = 60, max_retr
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+                return HeartbeatRDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
                                                   grace_period=grace_s, **kw)
         except ImportError as e:
             raise ConfigError(f"cannot open {_redact(url)}: {e} (install its driver: pip install 'psycopg[binary]' "
@@ -388,7 +405,9 @@ def recover_dead_trials(study: optuna.Study, grace_s: float, max_retry: int) -> 
             continue
         storage = study._storage  # Optuna's own fail_stale_trials works on the storage the same way
         try:
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {w} died while running the trial")
+            reason = (f"worker {w} died while running the trial" if w else
+                      f"its worker died before it recorded itself (no heartbeat for over {grace_s:g} s)")
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
             if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
                 continue
         except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, ValueError):

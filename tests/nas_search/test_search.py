@@ -146,6 +146,22 @@ def test_a_retry_does_not_inherit_the_dead_workers_records(tmp_path):
     assert not {"worker", "heartbeat", "fail_reason"} & set(retry.user_attrs)
 
 
+def test_a_worker_killed_before_it_stamped_the_trial_is_found_by_its_heartbeat(tmp_path):
+    from nas.search import recover_dead_trials
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_s=1, grace_s=2,
+                                                     max_retry=2))
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # no `worker` record: only a heartbeat
+    study._storage.record_heartbeat(trial._trial_id)
+    assert recover_dead_trials(study, grace_s=2, max_retry=2) == []  # a fresh heartbeat: alive
+    time.sleep(3.5)  # SQLite's clock has whole seconds
+    recover_dead_trials(study, grace_s=2, max_retry=2)
+    dead = study.trials[0]
+    assert dead.state == TrialState.FAIL and "died" in dead.user_attrs["fail_reason"]
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.params == dead.params and "fail_reason" not in retry.user_attrs
+
+
 def test_worker_records_name_the_pid_namespace():
     from nas.search import _local, worker_id
 
