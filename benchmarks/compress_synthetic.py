@@ -50,7 +50,7 @@ from search_spaces.io import atomic_write_json
 from search_spaces.model import Detector
 from tests.helpers import randomize
 from trainer.config import TrainConfig
-from trainer.datasets import YoloDataset, build_dataloader
+from trainer.datasets import val_loader
 from trainer.evaluate import evaluate
 from trainer.trainer import Trainer, resolve_data_config
 
@@ -90,8 +90,7 @@ class Bench:
         self.path = self.out / "compress.json"
         self.results: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.data_cfg = resolve_data_config(args.data, args.imgsz)
-        val = YoloDataset.from_config(self.data_cfg, "val", imgsz=args.imgsz)
-        self.val_loader = build_dataloader(val, 16, 2, shuffle=False)
+        self.val_loader = val_loader(self.data_cfg, args.imgsz, workers=2)
 
     def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
         redo = set(filter(None, self.args.redo.split(",")))

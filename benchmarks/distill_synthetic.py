@@ -37,7 +37,7 @@ from search_spaces.io import atomic_write_json
 from search_spaces.loading import resolve_arch
 from search_spaces.model import Detector
 from trainer.config import TrainConfig
-from trainer.datasets import YoloDataset, build_dataloader
+from trainer.datasets import val_loader
 from trainer.evaluate import evaluate
 from trainer.synthetic import generate, generation_params
 from trainer.trainer import Trainer, resolve_data_config
@@ -95,8 +95,7 @@ def test_data(args: argparse.Namespace, nc: int) -> str:
 def score(det: Detector, data: str, imgsz: int) -> dict[str, float]:
     """mAP50-95 and mAP50 of `det` on the val split of `data`."""
     cfg = resolve_data_config(data, imgsz)
-    loader = build_dataloader(YoloDataset.from_config(cfg, "val", imgsz=imgsz), 16, 2, shuffle=False)
-    r = evaluate(det.eval(), loader, det.nc, cfg.names, device="cpu")
+    r = evaluate(det.eval(), val_loader(cfg, imgsz, workers=2), det.nc, cfg.names, device="cpu")
     return {"map": r.metrics.map, "map50": r.metrics.map50}
 
 

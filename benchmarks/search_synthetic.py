@@ -67,8 +67,8 @@ def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Na
     time-capped run still ends at a low learning rate.
     """
     cfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=args.imgsz,
-                      batch=args.batch, device=args.device, workers=args.workers, seed=args.seed, progress=False,
-                      resume=(out / "last.pt").is_file(), max_time_s=max_s, fit_epochs_to_time=max_s is not None)
+                      batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers, seed=args.seed,
+                      progress=False, resume=(out / "last.pt").is_file(), max_time_s=max_s, fit_epochs_to_time=max_s is not None)
     result = Trainer(cfg, model=model).train()
     if result.last is not None:
         return float(result.last.metrics.map), result.epochs_done
@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--max-train-s", type=float, default=None,
                     help="wall-clock cap of each stand-alone (rank fidelity) training, its schedule fitted to it")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--nbs", type=int, default=64, help="nominal batch of every training (16: 4x the optimizer steps)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -172,8 +173,8 @@ def main() -> None:
     t0 = time.time()
     sup_out = out / "supernet"
     cfg = TrainConfig(model=f"supernet:{space.name}", data=data, out=str(sup_out), epochs=args.supernet_epochs,
-                      imgsz=args.imgsz, batch=args.batch, device=args.device, workers=args.workers, seed=args.seed,
-                      progress=False, resume=(sup_out / "last.pt").is_file())
+                      imgsz=args.imgsz, batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers,
+                      seed=args.seed, progress=False, resume=(sup_out / "last.pt").is_file())
     sup = SupernetTrainer(cfg, space=space).train()
     report["supernet"] = {"epochs": sup.epochs_done, "largest_map": sup.best_map}
     _stage(report, "supernet", t0)

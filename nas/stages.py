@@ -132,6 +132,7 @@ def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: s
     from compress.onnx_eval import evaluate_onnx
     from compress.report import measure_latency_ms
     from trainer.config import TrainConfig
+    from trainer.datasets import val_loader
     from trainer.trainer import Trainer
 
     c = p.cfg
@@ -169,7 +170,7 @@ def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: s
     onnx_fp32 = root / "model.onnx"
     export_detector(fused, onnx_fp32, c.imgsz)
     files = [str(onnx_fp32)]
-    loader, names = _val_loader(d, c.imgsz)
+    loader, names = val_loader(d["yaml"], c.imgsz, batch=8), d["names"]
     verify = {"fp32": {"map": evaluate_onnx(onnx_fp32, loader, d["nc"], names).metrics.map}}
     lat_models: list[Any] = [onnx_fp32]
     if c.quantize.enabled:
@@ -237,13 +238,6 @@ def _size(det: Any, imgsz: int) -> dict[str, Any]:
 
     params, gflops = detector_size(det, imgsz)
     return {"params": params, "gflops": gflops}
-
-
-def _val_loader(d: dict[str, Any], imgsz: int):
-    from trainer.datasets import YoloDataset, build_dataloader
-
-    ds = YoloDataset.from_config(d["yaml"], "val", imgsz=imgsz)
-    return build_dataloader(ds, 8, workers=0, shuffle=False), ds.names
 
 
 def _train_images(d: dict[str, Any]) -> Path:

@@ -65,6 +65,7 @@ __all__ = [
     "load_data_config",
     "parse_yolo_labels",
     "to_rgb",
+    "val_loader",
     "verify_image",
 ]
 
@@ -832,3 +833,10 @@ def build_dataloader(
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=False,  # workers must be re-forked each epoch to see the new epoch
     )
+
+
+def val_loader(cfg: DataConfig | str | Path, imgsz: int, batch: int = 16, workers: int = 0,
+               strict: bool = True) -> EpochDataLoader:
+    """An evaluation loader over the val split of a data.yaml (no augmentation, fixed order)."""
+    return build_dataloader(YoloDataset.from_config(cfg, "val", imgsz=imgsz, strict=strict), batch, workers,
+                            shuffle=False)

@@ -80,18 +80,11 @@ def run_train(args: argparse.Namespace) -> None:
               "map": last.get("map"), "map50": last.get("map50")}, args.json)
 
 
-def _val_loader(data: str | None, imgsz: int, batch: int, strict: bool):
-    from trainer.datasets import YoloDataset, build_dataloader
-    from trainer.trainer import resolve_data_config
-
-    cfg = resolve_data_config(data, imgsz)
-    ds = YoloDataset.from_config(cfg, "val", imgsz=imgsz, strict=strict)
-    return cfg, build_dataloader(ds, batch, workers=0, shuffle=False)
-
-
 def run_val(args: argparse.Namespace) -> None:
+    from trainer.datasets import val_loader
     from trainer.distributed import resolve_device
     from trainer.evaluate import evaluate
+    from trainer.trainer import resolve_data_config
 
     if Path(args.weights).suffix == ".onnx":  # an exported file (FP32 or INT8 QDQ), run by ONNX Runtime
         from compress.onnx_eval import OnnxDetector
@@ -104,7 +97,8 @@ def run_val(args: argparse.Namespace) -> None:
         model = load_model(args.weights)
         device = resolve_device(args.device)
         model = model.to(device)
-    cfg, loader = _val_loader(args.data, args.imgsz, args.batch, args.strict)
+    cfg = resolve_data_config(args.data, args.imgsz)
+    loader = val_loader(cfg, args.imgsz, args.batch, strict=args.strict)
     if model.nc is not None and model.nc != cfg.nc:
         raise ConfigError(f"the model has {model.nc} classes, the dataset {cfg.nc}", path=args.weights, field="nc")
     res = evaluate(model, loader, cfg.nc, cfg.names, args.conf, args.iou, device)
