@@ -1,6 +1,7 @@
 """Supernet training: the sandwich rule with in-place distillation, as a `Trainer` subclass.
 
-Each batch trains the largest subnet, `n_random` random subnets and the smallest one; gradients of all
+Each batch trains the largest subnet, `n_random` random subnets and the smallest one (its head type drawn
+per batch, since head types have no size order); gradients of all
 of them accumulate and the Trainer takes one optimizer step (BigNAS/OFA). The smaller subnets also learn
 from the largest one's detached outputs (per-cell objectness and class scores, levels matched by grid
 size), which is what makes inherited weights rank architectures well. Only the largest subnet updates
@@ -135,15 +136,21 @@ class SupernetTrainer(Trainer):
         return self._losses[key]
 
     def sandwich(self) -> list[tuple[str, Mapping[str, Any]]]:
-        """This step's subnets: the largest (the teacher, first), `n_random` random ones, the smallest."""
+        """This step's subnets: the largest (the teacher, first), `n_random` random ones, the smallest
+        (every decision at its cheapest, with a head type drawn uniformly)."""
         # drawn from torch's RNG, which the Trainer reseeds every epoch: a resumed epoch repeats its subnets
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
         if self.world > 1:  # every rank must run the same subnets, whatever else consumed its RNG
             seed = seed.to(self.device)
             torch.distributed.broadcast(seed, 0)
         rng = np.random.default_rng(int(seed.item()))
-        return [("largest", self._largest), *[("random", self.space.random_decisions(rng))
-                                              for _ in range(self.n_random)], ("smallest", self._smallest)]
+        randoms = [("random", self.space.random_decisions(rng)) for _ in range(self.n_random)]
+        # head types have no size order, and each (type, layout) has its own head: a smallest subnet with a
+        # fixed type trains that type's small-layout head every step and the others only when a random
+        # subnet draws them, which biased inherited-weight mAP by head type (docs/benchmarks.md, "Search")
+        types = self.space.decisions["head.type"].choices
+        smallest = {**self._smallest, "head.type": types[int(rng.integers(len(types)))]}
+        return [("largest", self._largest), *randoms, ("smallest", smallest)]
 
     def train_step(self, imgs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Forward + backward of every sandwich subnet on one batch (gradients accumulate)."""

@@ -27,11 +27,25 @@ def test_sandwich_step_trains_every_head_configuration(shared, tmp_path):
     space = tr.space
     roles = tr.sandwich()
     assert [r for r, _ in roles] == ["largest", "random", "random", "smallest"]
-    assert roles[0][1] == space.largest_decisions() and roles[-1][1] == space.smallest_decisions()
-    # the two ends differ in head type and layout: decoupled P3-P6 vs detect P3-P4
+    assert roles[0][1] == space.largest_decisions()
+    smallest = space.smallest_decisions()
+    assert {k: v for k, v in roles[-1][1].items() if k != "head.type"} == \
+        {k: v for k, v in smallest.items() if k != "head.type"}
+    # the smallest subnet's head type is drawn per step: over 30 steps it takes every type of the space
+    types = {tr.sandwich()[-1][1]["head.type"] for _ in range(30)}
+    assert types == set(space.decisions["head.type"].choices)
+    imgs, targets, *_ = next(iter(tr.train_loader))
+
+    def smallest_type(seed: int) -> str:
+        torch.manual_seed(seed)
+        return tr.sandwich()[-1][1]["head.type"]
+
+    seed = next(s for s in range(100) if smallest_type(s) == "detect")  # a step whose ends differ in head
+    torch.manual_seed(seed)
+    roles = tr.sandwich()
     big, small = space.build_arch(roles[0][1]), space.build_arch(roles[-1][1])
     assert (big.head.type, len(big.head_strides())) != (small.head.type, len(small.head_strides()))
-    imgs, targets, *_ = next(iter(tr.train_loader))
+    torch.manual_seed(seed)  # train_step draws this same sandwich
     tr.model.train()
     items = tr.train_step(imgs.float() / 255.0, targets)
     assert {"box", "obj", "cls", "sub_loss", "kd"} <= set(items) and float(items["kd"]) > 0
