@@ -68,7 +68,8 @@ def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Na
     """
     cfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=args.imgsz,
                       batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers, seed=args.seed,
-                      progress=False, resume=(out / "last.pt").is_file(), max_time_s=max_s, fit_epochs_to_time=max_s is not None)
+                      progress=False, resume=(out / "last.pt").is_file(), max_time_s=max_s,
+                      fit_epochs_to_time=max_s is not None)
     result = Trainer(cfg, model=model).train()
     if result.last is not None:
         return float(result.last.metrics.map), result.epochs_done

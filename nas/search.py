@@ -205,12 +205,17 @@ class HeartbeatRDBStorage(optuna.storages.RDBStorage):
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = super()._get_stale_trial_ids(study_id)
-        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        reason = _silent_worker_reason(self.grace_period or 2 * (self.heartbeat_interval or 0))
         for trial_id in stale:
             # a finished trial (failed by another worker meanwhile) refuses the write: it has its reason already
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                self.set_trial_user_attr(trial_id, "fail_reason", f"its worker died: no heartbeat for over {grace} s")
+                self.set_trial_user_attr(trial_id, "fail_reason", reason)
         return stale
+
+
+def _silent_worker_reason(grace_s: float) -> str:
+    """The `fail_reason` of a trial whose worker stopped beating without leaving a record of itself."""
+    return f"its worker died: no heartbeat for over {grace_s:g} s"
 
 
 def open_storage(url: str, *, heartbeat_s: int = 20, grace_s: int = 60, max_retry: int = 2) -> optuna.storages.BaseStorage:
@@ -244,7 +249,7 @@ def open_storage(url: str, *, heartbeat_s: int = 20, grace_s: int = 60, max_retr
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return HeartbeatRDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
-                                                  grace_period=grace_s, **kw)
+                                           grace_period=grace_s, **kw)
         except ImportError as e:
             raise ConfigError(f"cannot open {_redact(url)}: {e} (install its driver: pip install 'psycopg[binary]' "
                               "for postgresql://, psycopg2-binary for postgresql+psycopg2://, PyMySQL for "
@@ -405,8 +410,7 @@ def recover_dead_trials(study: optuna.Study, grace_s: float, max_retry: int) -> 
             continue
         storage = study._storage  # Optuna's own fail_stale_trials works on the storage the same way
         try:
-            reason = (f"worker {w} died while running the trial" if w else
-                      f"its worker died before it recorded itself (no heartbeat for over {grace_s:g} s)")
+            reason = f"worker {w} died while running the trial" if w else _silent_worker_reason(grace_s)
             storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
             if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
                 continue

@@ -170,8 +170,8 @@ def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: s
     onnx_fp32 = root / "model.onnx"
     export_detector(fused, onnx_fp32, c.imgsz)
     files = [str(onnx_fp32)]
-    loader, names = val_loader(d["yaml"], c.imgsz, batch=8), d["names"]
-    verify = {"fp32": {"map": evaluate_onnx(onnx_fp32, loader, d["nc"], names).metrics.map}}
+    loader = val_loader(d["yaml"], c.imgsz, batch=8)
+    verify = {"fp32": {"map": evaluate_onnx(onnx_fp32, loader, d["nc"], d["names"]).metrics.map}}
     lat_models: list[Any] = [onnx_fp32]
     if c.quantize.enabled:
         from compress.quantize import calibration_images, quantize_onnx
@@ -180,7 +180,7 @@ def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: s
         calib = calibration_images(Path(d["yaml"]).parent / "images" / "train", c.imgsz, c.quantize.calib) \
             if not c.data else calibration_images(_train_images(d), c.imgsz, c.quantize.calib)
         quantize_onnx(onnx_fp32, onnx_int8, calib, method=c.quantize.method)
-        verify["int8"] = {"map": evaluate_onnx(onnx_int8, loader, d["nc"], names).metrics.map}
+        verify["int8"] = {"map": evaluate_onnx(onnx_int8, loader, d["nc"], d["names"]).metrics.map}
         lat_models.append(onnx_int8)
         files.append(str(onnx_int8))
     lat = measure_latency_ms(lat_models, c.imgsz, threads=c.latency.threads)
