@@ -13,7 +13,8 @@ stand-alone training from its own last.pt):
    --standalone-epochs
 6. the best front model within yolov7-tiny's latency, finetuned for --finetune-epochs from its inherited
    weights, against yolov7-tiny trained from scratch for the same total epochs (supernet + finetune), both
-   measured interleaved with ORT
+   measured interleaved with ORT; and the same front model trained from scratch for those epochs too
+   (--no-scratch: not), so both sides of that comparison have exactly yolov7-tiny's training
 
 The full run (default space at 320, 30 supernet epochs on 2,000 images, 40 trials) needs about 12 hours of
 supernet training alone on a 2-core CPU (1.4 img/s measured; docs/benchmarks.md "Search" has a cut-down run).
@@ -106,6 +107,8 @@ def main() -> None:
     ap.add_argument("--standalone-epochs", type=int, default=10)
     ap.add_argument("--finetune-epochs", type=int, default=10)
     ap.add_argument("--baseline-epochs", type=int, default=None, help="default: supernet + finetune epochs")
+    ap.add_argument("--no-scratch", action="store_true",
+                    help="skip training the compared front model from scratch for the baseline's epochs")
     ap.add_argument("--max-train-s", type=float, default=None,
                     help="wall-clock cap of each stand-alone (rank fidelity) training, its schedule fitted to it")
     ap.add_argument("--batch", type=int, default=16)
@@ -236,6 +239,13 @@ def main() -> None:
         epochs = args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
         torch.manual_seed(args.seed)
         base, base_done = _train(load_model("yolov7-tiny", nc=nc), data, out / "yolov7-tiny", epochs, args)
+        if not args.no_scratch:
+            # the same architecture with yolov7-tiny's training exactly: random init, same epochs and seed
+            torch.manual_seed(args.seed)
+            arch = Architecture.from_dict(yaml.safe_load(best.arch))
+            scratch, scratch_done = _train(Detector(arch), data, out / "scratch" / best.arch_id, epochs, args)
+            comparison["front_model_from_scratch"] = {"arch_id": best.arch_id, "map": scratch,
+                                                      "epochs": scratch_done}
         tuned = load_model(out / "finetune" / best.arch_id / "model")
         kw = QUICK if args.latency_protocol == "quick" else {}
         ms = measure_latency_ms([tuned, load_model(out / "yolov7-tiny" / "model")], args.imgsz, threads=args.threads,
