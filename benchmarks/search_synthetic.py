@@ -242,8 +242,8 @@ def main() -> None:
         if not args.no_scratch:
             # the same architecture with yolov7-tiny's training exactly: random init, same epochs and seed
             torch.manual_seed(args.seed)
-            arch = Architecture.from_dict(yaml.safe_load(best.arch))
-            scratch, scratch_done = _train(Detector(arch), data, out / "scratch" / best.arch_id, epochs, args)
+            scratch, scratch_done = _train(Detector(best.architecture()), data, out / "scratch" / best.arch_id,
+                                           epochs, args)
             comparison["front_model_from_scratch"] = {"arch_id": best.arch_id, "map": scratch,
                                                       "epochs": scratch_done}
         tuned = load_model(out / "finetune" / best.arch_id / "model")
