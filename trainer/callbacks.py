@@ -25,7 +25,8 @@ class Callback:
         return {}
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
-        """Called on every rank after an epoch, with the logged row (losses, mAP, speeds)."""
+        """Called on every rank after an epoch, with the logged row (losses, mAP, speeds); setting
+        `trainer.stop_requested = True` (on rank 0) ends training after this epoch, its checkpoint written."""
 
     def on_train_end(self, trainer: Trainer) -> None:
         """Called after the last epoch."""

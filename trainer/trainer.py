@@ -162,6 +162,7 @@ class Trainer:
                 find_unused_parameters=self.find_unused_parameters)
         self.start_epoch, self.best_map, self.rows = 0, -1.0, []
         self.epochs = cfg.epochs  # the schedule's length; `fit_epochs_to_time` may shorten it after epoch 1
+        self.stop_requested = False  # a callback sets it in on_epoch_end to end training after that epoch
         if cfg.resume:
             self.load_checkpoint(self.out / CHECKPOINT)
 
@@ -382,7 +383,7 @@ class Trainer:
             self._log(row)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, row)
-            if final:
+            if final or bool(ddp.broadcast_object(self.stop_requested)):  # rank 0's callbacks decide
                 break
         for cb in self.callbacks:
             cb.on_train_end(self)
