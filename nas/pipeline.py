@@ -89,8 +89,11 @@ class Pipeline:
         table = self.stage("latency", {"latency": vars(c.latency), "space": c.space, "imgsz": c.imgsz,
                                        "nc": data["nc"]}, lambda: stages.latency_table(self, data))
         budget = stages.check_budget(self, table)
+        region = budget if c.supernet.scope == "budget" else None  # the architectures the supernet trains
         sup = self.stage("supernet", {"supernet": vars(c.supernet), "data": self.digest("data"), "space": c.space,
-                                      "imgsz": c.imgsz, "seed": c.seed}, lambda: stages.supernet(self, data))
+                                      "imgsz": c.imgsz, "seed": c.seed, "budget": region,
+                                      "latency": self.digest("latency") if region else None},
+                         lambda: stages.supernet(self, data, table, region))
         search = self.stage("search", {"search": vars(c.search), "budget": budget, "supernet": self.digest("supernet"),
                                        "latency": self.digest("latency")},
                             lambda: stages.search(self, data, sup, table, budget))

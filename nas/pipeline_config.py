@@ -41,6 +41,7 @@ class SupernetCfg:
     epochs: int = 10
     batch: int = 16
     n_random: int = 2
+    scope: str = "budget"  # budget: train only the architectures within search.budget_ms (if set); space: all
 
 
 @dataclass
@@ -158,6 +159,7 @@ class PipelineConfig:
                               "model directory, or an official checkpoint with distill.teacher_model", path=path,
                               field="distill.teacher")
         choices = {"search.sampler": (self.search.sampler, ("nsga2", "tpe", "random", "gp")),
+                   "supernet.scope": (self.supernet.scope, ("budget", "space")),
                    "quantize.method": (self.quantize.method, ("minmax", "entropy", "percentile")),
                    "prune.backend": (self.prune.backend, ("torch-pruning", "nni")),
                    "latency.backend": (self.latency.backend, ("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu",

@@ -38,10 +38,11 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from search_spaces import Detector
 from search_spaces.architecture import Architecture
 from search_spaces.errors import ConfigError, DetforgeError
-from search_spaces.space import Decision, SearchSpace, load_space
+from search_spaces.space import SearchSpace, load_space
 from trainer.callbacks import Callback
 from trainer.distributed import resolve_device
 
+from .budget import PredictMs, pinned_space, space_predictor, table_predictor
 from .supernet import Supernet, load_supernet
 
 OBJECTIVES = {"map": "maximize", "latency": "minimize", "params": "minimize", "gflops": "minimize"}
@@ -53,7 +54,6 @@ HOST = socket.gethostname()
 STUDY_ATTR = "detforge.search"  # the study's settings, checked by every worker that joins it
 NATIVE_CONSTRAINTS = hasattr(Trial, "set_constraint")
 
-PredictMs = Callable[[Architecture], float]
 
 
 @dataclass
@@ -325,14 +325,6 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 def constraint_of(trial: FrozenTrial) -> Sequence[float]:
     """The constraint values a trial recorded (<= 0: feasible): [predicted_ms - budget]."""
     return trial.user_attrs.get("constraint") or [0.0]
-
-
-def pinned_space(space: SearchSpace, imgsz: int) -> SearchSpace:
-    """`space` with the input size fixed: one latency table predicts one input size."""
-    dec = space.decisions["imgsz"]
-    if dec.choices == (imgsz,):
-        return space
-    return dataclasses.replace(space, decisions={**space.decisions, "imgsz": Decision("imgsz", (imgsz,), dec.field)})
 
 
 # ---- workers and dead trials ---------------------------------------------------------------------------------
@@ -647,17 +639,6 @@ class Searcher:
 
 
 # ---- the search -------------------------------------------------------------------------------------------
-def _table_predictor(path: str, imgsz: int | None) -> tuple[PredictMs, int]:
-    from latency_tables import LatencyTable
-
-    # the table describes the target device, not this machine: no fingerprint warning
-    table = LatencyTable.load(path, check_device=False)
-    if imgsz is not None and imgsz != table.imgsz:
-        raise ConfigError(f"the latency table was measured at imgsz {table.imgsz}, the search asks for {imgsz}",
-                          path=path, field="imgsz")
-    return (lambda arch: table.predict(arch, table.imgsz)), table.imgsz
-
-
 def _digest(path: str | None) -> str | None:
     """A short content hash of a local file (the same table or supernet may sit at other paths elsewhere)."""
     if not path or not Path(path).is_file():
@@ -672,29 +653,6 @@ def _digest(path: str | None) -> str | None:
 def _abs(path: str | None) -> str | None:
     """An existing local path made absolute (the pareto command may run elsewhere); anything else as given."""
     return str(Path(path).resolve()) if path and Path(path).exists() else path
-
-
-def _nc_fallback(predictor: PredictMs, space: SearchSpace, table_nc: int, path: str) -> PredictMs:
-    """Predict heads at the space's own nc when the table was built for it, not for the dataset's classes.
-
-    `detforge latency build` measures a space at its YAML's nc; only the last 1x1 convs of the head depend
-    on nc, so the prediction stays close. Exact heads need a table built for `space.with_nc(dataset nc)`.
-    """
-    try:
-        predictor(space.smallest())
-        return predictor
-    except ConfigError as e:
-        first = e
-    def at_table_nc(arch: Architecture) -> float:
-        return predictor(arch.with_nc(table_nc))
-
-    try:
-        at_table_nc(space.smallest())
-    except ConfigError:
-        raise first from None
-    warnings.warn(f"latency table {path} has heads for nc={table_nc}, not the dataset's nc={space.nc}: "
-                  f"predicting heads at nc={table_nc}", UserWarning, stacklevel=3)
-    return at_table_nc
 
 
 def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) -> dict[str, Any]:
@@ -738,7 +696,7 @@ def prepare(cfg: SearchConfig, *, predictor: PredictMs | None = None, supernet: 
     if predictor is None:
         if not cfg.table:
             raise ConfigError("a latency table is needed (detforge latency build)", field="table")
-        predictor, imgsz = _table_predictor(cfg.table, cfg.imgsz)
+        predictor, imgsz = table_predictor(cfg.table, cfg.imgsz)
     imgsz = imgsz or max(space.decisions["imgsz"].choices)
     data = resolve_data_config(cfg.data, imgsz)
     nc = data.nc
@@ -746,12 +704,14 @@ def prepare(cfg: SearchConfig, *, predictor: PredictMs | None = None, supernet: 
         raise ConfigError(f"the dataset has {nc} classes, the search asks for {cfg.nc}", field="nc")
     if supernet is not None and cfg.mode == "supernet" and supernet.nc != nc:
         raise ConfigError(f"the supernet has nc={supernet.nc}, the dataset {nc}", path=cfg.supernet, field="nc")
-    base_nc = space.nc
-    space = pinned_space(space.with_nc(nc), imgsz)
-    if from_table and base_nc != nc:
-        predictor = _nc_fallback(predictor, space, base_nc, str(cfg.table))
+    predictor, space = space_predictor(predictor, space, nc, imgsz, cfg.table if from_table else None)
     fastest = predictor(space.smallest())  # a table for another space fails here, not per trial
     predictor(space.largest())
+    trained = supernet.trained_region if supernet is not None and cfg.mode == "supernet" else None
+    if trained and (cfg.budget_ms is None or cfg.budget_ms > trained["budget_ms"]):
+        warnings.warn(f"the supernet was trained on the architectures within {trained['budget_ms']:g} ms only; "
+                      f"with a budget of {cfg.budget_ms} ms the search scores others with untrained weights",
+                      RuntimeWarning, stacklevel=2)
     if cfg.budget_ms is not None and fastest > cfg.budget_ms:
         warnings.warn(f"budget_ms={cfg.budget_ms:g} is below the space's smallest architecture ({fastest:.2f} ms "
                       "predicted): most or all trials will be over budget and the front may be empty",

@@ -61,10 +61,12 @@ def check_budget(p: Pipeline, t: dict[str, Any]) -> float | None:
     return b
 
 
-def supernet(p: Pipeline, d: dict[str, Any]) -> dict[str, Any]:
-    """Train the weight-sharing supernet with the sandwich rule (resumes from its last.pt)."""
+def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | None) -> dict[str, Any]:
+    """Train the weight-sharing supernet with the sandwich rule (resumes from its last.pt), on the
+    architectures within `budget` as the table predicts them when one is given."""
     from trainer.config import TrainConfig
 
+    from .budget import FeasibleRegion
     from .supernet import Supernet
     from .supernet_train import SupernetTrainer
 
@@ -73,7 +75,9 @@ def supernet(p: Pipeline, d: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=c.supernet.epochs, imgsz=c.imgsz, batch=c.supernet.batch,
                       device=c.device, workers=c.workers, seed=c.seed, resume=(out / "last.pt").is_file())
     net = Supernet(c.space, nc=d["nc"])
-    trainer = SupernetTrainer(cfg, model=net, n_random=c.supernet.n_random)
+    region = None if budget is None else \
+        FeasibleRegion.from_table(t["path"], net.space, budget, nc=d["nc"], imgsz=c.imgsz)
+    trainer = SupernetTrainer(cfg, model=net, n_random=c.supernet.n_random, region=region)
     result = trainer.train()
     weights = out / "supernet.pt"
     return {"weights": str(weights), "best_map": result.best_map, "files": [str(weights)]}

@@ -463,6 +463,8 @@ class Supernet(nn.Module):
                     head = DynYoloHead(c_in, self.nc, self.space.anchors[layout], strides, htype == "idetect")
                 self.heads[_head_key(htype, layout)] = head
         self.set_active(self.space.largest_decisions())
+        # {budget_ms, largest, largest_ms} when trained on the architectures within a budget only (load_supernet)
+        self.trained_region: dict[str, Any] | None = None
 
     def _collect(self) -> tuple[dict, dict]:
         """Largest arguments and possible producers of every (layer name, variant) the space can contain."""
@@ -672,6 +674,7 @@ def load_supernet(path: str | Path, space: SearchSpace | str | Path | None = Non
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"weights do not match space '{net.space.name}' ({str(e)[:200]})", path=path,
                               field="state_dict") from None
+    net.trained_region = doc.get("region")
     return net
 
 

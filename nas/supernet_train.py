@@ -1,17 +1,20 @@
 """Supernet training: the sandwich rule with in-place distillation, as a `Trainer` subclass.
 
 Each batch trains the largest subnet, `n_random` random subnets and the smallest one (its head type drawn
-per batch, since head types have no size order); gradients of all
-of them accumulate and the Trainer takes one optimizer step (BigNAS/OFA). The smaller subnets also learn
-from the largest one's detached outputs (per-cell objectness and class scores, levels matched by grid
-size), which is what makes inherited weights rank architectures well. Only the largest subnet updates
-the shared BatchNorm statistics, so they are the largest path's: validation evaluates that path, and
-the search recalibrates them for every other subnet anyway. See docs/nas.md.
+per batch, since head types have no size order); gradients of all of them accumulate and the Trainer takes
+one optimizer step (BigNAS/OFA). Given a `FeasibleRegion` (a latency table and a budget), every subnet is
+drawn from the architectures within the budget and the largest is the region's (nas.budget): the search
+can pick nothing else, so nothing else is trained. The smaller subnets also learn from the largest one's
+detached outputs (per-cell objectness and class scores, levels matched by grid size), which is what makes
+inherited weights rank architectures well. Only the largest subnet updates the shared BatchNorm
+statistics, so they are the largest path's: validation evaluates that path, and the search recalibrates
+them for every other subnet anyway. See docs/nas.md.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +23,7 @@ from torch import Tensor, nn
 
 from compress.distill import cell_kd
 from search_spaces.architecture import Architecture
-from search_spaces.errors import ConfigError
+from search_spaces.errors import CheckpointError, ConfigError
 from search_spaces.io import atomic_torch_save
 from search_spaces.space import SearchSpace
 from trainer.callbacks import Callback
@@ -30,6 +33,7 @@ from trainer.hyp import Hyp, load_hyp
 from trainer.loss import HeadInfo, YoloLoss
 from trainer.trainer import CHECKPOINT, Trainer, resolve_data_config, seed_everything
 
+from .budget import FeasibleRegion
 from .supernet import Supernet, supernet_document
 
 SUPERNET_FILE = "supernet.pt"
@@ -92,7 +96,7 @@ class SupernetTrainer(Trainer):
 
     def __init__(self, cfg: TrainConfig, model: Supernet | None = None, callbacks: Sequence[Callback] = (),
                  hyp: Hyp | None = None, *, space: SearchSpace | str | None = None, n_random: int = 2,
-                 kd_weight: float = 1.0, kd_temperature: float = 1.0):
+                 kd_weight: float = 1.0, kd_temperature: float = 1.0, region: FeasibleRegion | None = None):
         if model is None:
             if space is None:
                 raise ConfigError("give a Supernet or a search space", field="space")
@@ -113,15 +117,42 @@ class SupernetTrainer(Trainer):
         self.role = "largest"
         self.teacher_raw: list[Tensor] | None = None
         self._losses: dict[tuple, YoloLoss] = {}
-        self._largest = self.space.largest_decisions()
-        self._smallest = self.space.smallest_decisions()
-        model.set_active(self._largest)  # the Trainer builds its default loss from the active head
+        self.region = region
+        # decisions are built into architectures by the region's space (pinned to the table's imgsz) if any
+        self.arch_space = self.space if region is None else region.space
+        self._largest, self._smallest, self._small_types = self._ends(region, cfg)
+        model.set_active(self.arch(self._largest))  # the Trainer builds its default loss from the active head
         if hyp is None:
             hyp = load_hyp(supernet_hyp_name(self.space) if cfg.hyp == "auto" else cfg.hyp)
         super().__init__(cfg, model=model, callbacks=[InplaceDistill(), *callbacks], hyp=hyp)
         self.current_loss = self._losses.setdefault(self._loss_key(model.active_arch), self.loss_fn)
 
     # ---- subnets and their losses ----------------------------------------------------------------------
+    def arch(self, decisions: Mapping[str, Any]) -> Architecture:
+        """The architecture of sandwich decisions, at the supernet's nc."""
+        return self.arch_space.build_arch(decisions, nc=self.supernet.nc)
+
+    def _ends(self, region: FeasibleRegion | None, cfg: TrainConfig
+              ) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:
+        """The sandwich's largest and smallest decisions and the head types the smallest may take."""
+        types = tuple(self.space.decisions["head.type"].choices)
+        if region is None:
+            return self.space.largest_decisions(), self.space.smallest_decisions(), types
+        if region.space.name != self.space.name:
+            raise ConfigError(f"the feasible region is of space '{region.space.name}', the supernet of "
+                              f"'{self.space.name}'", field="space")
+        if region.space.decisions["imgsz"].choices != (cfg.imgsz,):
+            raise ConfigError(f"the latency table predicts imgsz {region.space.decisions['imgsz'].choices[0]}, "
+                              f"the supernet trains at {cfg.imgsz}", field="imgsz")
+        if region.space.nc != self.supernet.nc:
+            raise ConfigError(f"the feasible region has nc={region.space.nc}, the supernet {self.supernet.nc}",
+                              field="nc")
+        smallest = region.space.smallest_decisions()
+        fits = tuple(t for t in types if region.contains({**smallest, "head.type": t}))
+        if not fits:
+            region.check_fits(smallest, "the space's smallest architecture")
+        return region.largest(seed=cfg.seed), smallest, fits
+
     @staticmethod
     def _loss_key(arch: Architecture) -> tuple:
         return arch.head.type, tuple(arch.head_strides())
@@ -144,11 +175,12 @@ class SupernetTrainer(Trainer):
             seed = seed.to(self.device)
             torch.distributed.broadcast(seed, 0)
         rng = np.random.default_rng(int(seed.item()))
-        randoms = [("random", self.space.random_decisions(rng)) for _ in range(self.n_random)]
+        draw = self.space.random_decisions if self.region is None else self.region.sample
+        randoms = [("random", draw(rng)) for _ in range(self.n_random)]
         # head types have no size order, and each (type, layout) has its own head: a smallest subnet with a
         # fixed type trains that type's small-layout head every step and the others only when a random
         # subnet draws them, which biased inherited-weight mAP by head type (docs/benchmarks.md, "Search")
-        types = self.space.decisions["head.type"].choices
+        types = self._small_types
         smallest = {**self._smallest, "head.type": types[int(rng.integers(len(types)))]}
         return [("largest", self._largest), *randoms, ("smallest", smallest)]
 
@@ -158,7 +190,7 @@ class SupernetTrainer(Trainer):
         students: list[dict[str, Tensor]] = []
         try:
             for role, decisions in self.sandwich():
-                arch = self.supernet.set_active(decisions)
+                arch = self.supernet.set_active(self.arch(decisions))
                 self.role, self.current_loss = role, self.loss_for(arch)
                 # only the largest path feeds the shared running statistics (see the module docstring)
                 with contextlib.nullcontext() if role == "largest" else frozen_bn_stats(self.supernet):
@@ -181,18 +213,40 @@ class SupernetTrainer(Trainer):
     def validate(self, max_batches: int | None = None) -> EvalResult:
         """mAP of the largest subnet (EMA weights if enabled) on the validation set."""
         for net in (self.supernet, self.eval_model):
-            net.set_active(self._largest)  # the EMA copy keeps its own active path
+            net.set_active(self.arch(self._largest))  # the EMA copy keeps its own active path
         return super().validate(max_batches)
 
     def model_identity(self) -> dict[str, Any]:
         """The space and settings instead of an arch: a supernet is all architectures at once."""
         return {"supernet": {"space": self.space.name, "space_path": self.space.source, "nc": int(self.supernet.nc),
-                             "n_random": self.n_random, "kd_weight": self.kd_weight}}
+                             "n_random": self.n_random, "kd_weight": self.kd_weight, "region": self.region_record()}}
+
+    def region_record(self) -> dict[str, Any] | None:
+        """What the supernet was trained on: the budget and the sandwich's largest architecture (None: all)."""
+        if self.region is None:
+            return None
+        return {"budget_ms": self.region.budget_ms, "largest": self.arch_space.arch_id(self._largest),
+                "largest_ms": self.region.latency_ms(self._largest)}
+
+    def check_resume(self, checkpoint: Mapping[str, Any], path: Path) -> None:
+        """Refuse to resume a supernet trained for another budget (or for the whole space)."""
+        theirs = (checkpoint.get("supernet") or {}).get("region")
+        mine = self.region_record()
+
+        def key(r: Mapping[str, Any] | None) -> tuple | None:
+            return (r["budget_ms"], r["largest"]) if r else None
+
+        def say(r: Mapping[str, Any] | None) -> str:
+            return f"a budget of {r['budget_ms']:g} ms" if r else "the whole space"
+
+        if key(theirs) != key(mine):
+            raise CheckpointError(f"cannot resume: the interrupted run trained {say(theirs)}, this one "
+                                  f"{say(mine)} (pass the same --table and --budget-ms)", path=path, field="budget_ms")
 
     def save_checkpoint(self, epoch: int) -> None:
         """Atomically write last.pt and supernet.pt (EMA weights, space, nc); a supernet is no Detector dir."""
         if not self.main:
             return
         atomic_torch_save(self.checkpoint_state(epoch), self.out / CHECKPOINT)
-        atomic_torch_save(supernet_document(self.supernet, self.eval_model.state_dict(), epochs=epoch + 1),
-                          self.out / SUPERNET_FILE)
+        atomic_torch_save(supernet_document(self.supernet, self.eval_model.state_dict(), epochs=epoch + 1,
+                                            region=self.region_record()), self.out / SUPERNET_FILE)

@@ -6,7 +6,7 @@ import io
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,11 +203,16 @@ class Trainer:
         atomic_torch_save(self.checkpoint_state(epoch), self.out / CHECKPOINT)
         save_model(self.eval_model, self.out / "model")
 
+    def check_resume(self, checkpoint: Mapping[str, Any], path: Path) -> None:
+        """Raise a CheckpointError when `checkpoint` belongs to another run (subclasses; the weights' shapes
+        are checked anyway)."""
+
     def load_checkpoint(self, path: Path) -> None:
         """Resume from `path` if it exists (the interrupted epoch restarts from its beginning)."""
         if not path.is_file():
             return
         ck = load_weights(path)
+        self.check_resume(ck, path)
         extra = ck.get("extra") or {}
         if set(extra) != set(self.extra_modules.state_dict()):
             raise CheckpointError("cannot resume: the callbacks' trainable modules differ from the interrupted run's "

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--n-random", type=int, default=2, help="random subnets per batch besides largest and smallest")
     t.add_argument("--kd-weight", type=float, default=1.0, help="in-place distillation weight (0: off)")
+    t.add_argument("--table", default=None, help="latency table of the target device: with --budget-ms, train only "
+                                                 "the architectures predicted within the budget")
+    t.add_argument("--budget-ms", type=float, default=None, help="the search's latency budget (needs --table)")
     t.add_argument("--hyp", default="auto", help="p5 | p6 | tiny | a hyp YAML (auto: from the space)")
     t.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     t.add_argument("--workers", type=int, default=2)
@@ -80,18 +83,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_supernet_train(args: argparse.Namespace) -> None:
+    from nas.budget import FeasibleRegion
     from nas.supernet_train import SUPERNET_FILE, SupernetTrainer
+    from search_spaces.errors import ConfigError
     from search_spaces.space import load_space
     from trainer import distributed
     from trainer.config import TrainConfig
+    from trainer.trainer import resolve_data_config
 
     space = load_space(args.space)
+    if (args.table is None) != (args.budget_ms is None):
+        raise ConfigError("--table and --budget-ms go together", field="budget_ms" if args.table else "table")
+    region = None
     imgsz = args.imgsz or max(space.decisions["imgsz"].choices)
+    if args.table:
+        from latency_tables import LatencyTable
+
+        imgsz = args.imgsz or LatencyTable.load(args.table, check_device=False).imgsz
+        nc = resolve_data_config(args.data, imgsz).nc
+        region = FeasibleRegion.from_table(args.table, space, args.budget_ms, nc=nc, imgsz=imgsz)
     cfg = TrainConfig(model=f"supernet:{space.name}", data=args.data, out=args.out, epochs=args.epochs, imgsz=imgsz,
                       batch=args.batch, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,
                       workers=args.workers, seed=args.seed, ema=not args.no_ema, max_time_s=args.max_time)
     try:
-        result = SupernetTrainer(cfg, space=space, n_random=args.n_random, kd_weight=args.kd_weight).train()
+        result = SupernetTrainer(cfg, space=space, n_random=args.n_random, kd_weight=args.kd_weight,
+                                 region=region).train()
     finally:
         distributed.cleanup()
     if distributed.is_main():

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -11,15 +13,16 @@ from nas.cli import main
 from nas.supernet import Supernet, load_supernet
 from nas.supernet_train import SupernetTrainer, frozen_bn_stats
 from search_spaces import ConfigError, Detector
+from search_spaces.errors import CheckpointError
 from search_spaces.space import load_space
 from trainer.config import TrainConfig
 
 from . import IMGSZ, NC
 
 
-def _cfg(shared, out, **kw) -> TrainConfig:
-    return TrainConfig(data=str(shared.data), out=str(out), epochs=2, imgsz=IMGSZ, batch=8, workers=0, progress=False,
-                       **kw)
+def _cfg(shared, out, epochs: int = 2, **kw) -> TrainConfig:
+    return TrainConfig(data=str(shared.data), out=str(out), epochs=epochs, imgsz=IMGSZ, batch=8, workers=0,
+                       progress=False, **kw)
 
 
 def test_sandwich_step_trains_every_head_configuration(shared, tmp_path):
@@ -135,3 +138,98 @@ def test_ddp_two_cpu_processes_train_one_supernet(shared, tmp_path):
     # every step leaves inactive choices without gradient: DDP must allow that, and the ranks stay equal
     assert summary["world_size"] == 2 and summary["ddp_weights_identical"]
     assert load_supernet(out / "supernet.pt").space.name == "tiny"
+
+
+# ---- a supernet for one budget (nas.budget.FeasibleRegion) ------------------------------------------------------
+def _region(shared, budget_ms: float | None = None):
+    from nas.budget import FeasibleRegion
+
+    space = load_space("tiny")
+    if budget_ms is None:  # between the space's ends: some draws fit, some do not
+        probe = FeasibleRegion.from_table(shared.table, space, 1e9, nc=NC)
+        ms = sorted(probe.latency_ms(probe.space.random_decisions(random.Random(i))) for i in range(40))
+        budget_ms = ms[len(ms) // 2]
+    return FeasibleRegion.from_table(shared.table, space, budget_ms, nc=NC)
+
+
+def test_feasible_region_draws_only_architectures_within_the_budget(shared):
+    import numpy as np
+
+    region = _region(shared)
+    space = region.space
+    assert space.decisions["imgsz"].choices == (IMGSZ,) and space.nc == NC  # pinned to the table, at the data's nc
+    rng = np.random.default_rng(0)
+    drawn = [region.sample(rng) for _ in range(30)]
+    ms = [region.latency_ms(d) for d in drawn]
+    assert max(ms) <= region.budget_ms and len({space.arch_id(d) for d in drawn}) > 10
+    assert not region.contains(space.largest_decisions())  # so the largest is the region's own
+    top = region.largest(seed=0)
+    assert region.contains(top) and region.latency_ms(top) >= sorted(ms)[len(ms) // 2]
+    assert region.largest(seed=0) == top  # a function of the seed
+    wide = _region(shared, budget_ms=1e9)
+    assert wide.largest() == wide.space.largest_decisions()  # a budget above everything: the space's largest
+    with pytest.raises(ConfigError, match="budget"):
+        _region(shared, budget_ms=1e-6).sample(rng)
+
+
+def test_sandwich_for_a_budget_trains_only_what_the_search_can_pick(shared, tmp_path):
+    region = _region(shared)
+    tr = SupernetTrainer(_cfg(shared, tmp_path / "a", epochs=1), space=load_space("tiny"), region=region)
+    assert tr.sandwich()[0][1] == region.largest(seed=0)
+    for _ in range(10):
+        roles = tr.sandwich()
+        assert all(region.contains(d) for _, d in roles), [r for r, d in roles if not region.contains(d)]
+    tr.train()
+    ck = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    rec = ck["supernet"]["region"]
+    assert rec["budget_ms"] == region.budget_ms and rec["largest"] == region.space.arch_id(region.largest(seed=0))
+    assert torch.load(tmp_path / "a" / "supernet.pt", weights_only=True)["region"] == rec
+    assert tr.eval_model.active_arch.name == region.space.build_arch(region.largest(seed=0)).name  # validated
+    # a search with a higher budget than the supernet's is told that it scores untrained weights
+    from nas.search import SearchConfig, prepare
+
+    def search(budget: float) -> SearchConfig:
+        return SearchConfig(supernet=str(tmp_path / "a" / "supernet.pt"), table=str(shared.table),
+                            data=str(shared.data), budget_ms=budget, batch=8)
+
+    with pytest.warns(RuntimeWarning, match="trained on the architectures within"):
+        prepare(search(region.budget_ms * 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        prepare(search(region.budget_ms))
+    # resuming with another budget, or for the whole space, is refused; the same budget resumes
+    for other in (_region(shared, budget_ms=region.budget_ms * 2), None):
+        with pytest.raises(CheckpointError, match="budget"):
+            SupernetTrainer(_cfg(shared, tmp_path / "a", epochs=2, resume=True), space=load_space("tiny"),
+                            region=other)
+    again = SupernetTrainer(_cfg(shared, tmp_path / "a", epochs=2, resume=True), space=load_space("tiny"),
+                            region=_region(shared, budget_ms=region.budget_ms))
+    assert again.start_epoch == 1
+
+
+def test_a_budget_pins_the_input_size_to_the_tables(shared, tmp_path):
+    import dataclasses
+
+    from nas.budget import FeasibleRegion
+    from search_spaces.space import Decision
+
+    space = load_space("tiny")  # a space whose input sizes do not include the table's (as the default at 128)
+    space = dataclasses.replace(space, decisions={**space.decisions, "imgsz": Decision("imgsz", (96, 160), "imgsz")})
+    region = FeasibleRegion.from_table(shared.table, space, 1e9, nc=NC)
+    tr = SupernetTrainer(_cfg(shared, tmp_path, epochs=1), model=Supernet(space, nc=NC), region=region)
+    roles = tr.sandwich()
+    assert {d["imgsz"] for _, d in roles} == {IMGSZ} and tr.arch(roles[-1][1]).imgsz == IMGSZ
+    with pytest.raises(ConfigError, match="imgsz"):
+        SupernetTrainer(TrainConfig(data=str(shared.data), out=str(tmp_path), imgsz=96, batch=8, workers=0),
+                        model=Supernet(space, nc=NC), region=region)
+
+
+def test_cli_budget_needs_a_table_and_a_possible_budget(shared, tmp_path, capsys):
+    base = ["supernet", "train", "--space", "tiny", "--data", str(shared.data), "--epochs", "1", "--batch", "8",
+            "--out", str(tmp_path / "run"), "--workers", "0"]
+    assert main([*base, "--budget-ms", "3"]) == 2
+    assert "table" in capsys.readouterr().err
+    assert main([*base, "--table", str(shared.table), "--budget-ms", "0.000001"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "budget_ms" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "run" / "last.pt").exists()
