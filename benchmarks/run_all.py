@@ -24,6 +24,8 @@ FULL = [
      "--out", "runs/bench/teacher128"],
     ["distill_synthetic.py", "--teacher", "runs/bench/teacher128/model", "--data", "runs/data/synth128/data.yaml"],
     ["search_synthetic.py"],
+    ["supernet_diagnose.py", "runs/bench/search_synthetic", "--data", "runs/bench/search_synthetic/data/data.yaml",
+     "--imgsz", "320"],
 ]
 QUICK = [
     ["zoo_stats.py"],
@@ -37,6 +39,8 @@ QUICK = [
     ["search_synthetic.py", "--space", "tiny", "--imgsz", "64", "--train-images", "32", "--val-images", "16",
      "--latency-protocol", "quick", "--supernet-epochs", "1", "--trials", "4", "--fidelity-archs", "2",
      "--standalone-epochs", "1", "--finetune-epochs", "1", "--out", "runs/bench/quick-search"],
+    ["supernet_diagnose.py", "runs/bench/quick-search", "--data", "runs/bench/quick-search/data/data.yaml",
+     "--imgsz", "64", "--batch", "8", "--steps", "2"],
 ]
 
 

@@ -5,7 +5,8 @@ stand-alone training from its own last.pt):
 
 1. data: the synthetic set (or --data); latency table: --table, else built for the space with ORT on this CPU,
    starting from this machine's shipped table for the space when there is one (--no-shipped-table: not)
-2. supernet training (sandwich rule + in-place distillation) for --supernet-epochs
+2. supernet training (sandwich rule + in-place distillation) for --supernet-epochs, on the architectures within
+   the budget (--supernet-scope budget, the default) or on the whole space (--supernet-scope space)
 3. search: --trials trials of NSGA-II under a budget (default: yolov7-tiny's latency); wall time, trials/min
 4. the Pareto front, exported (model dirs + ONNX, measured latency)
 5. rank fidelity: Kendall tau between inherited-weight mAP and stand-alone mAP over --fidelity-archs
@@ -41,6 +42,7 @@ import yaml
 from latency_tables import LatencyTable, get_backend
 from latency_tables.measurement import MeasurementConfig
 from latency_tables.table import TABLES_DIR, table_name
+from nas.budget import FeasibleRegion
 from nas.pareto import export_front, feasible, scored_trials
 from nas.search import SearchConfig, run_search
 from nas.supernet_train import SUPERNET_FILE, SupernetTrainer
@@ -98,6 +100,8 @@ def main() -> None:
     ap.add_argument("--latency-protocol", default="standard", choices=["standard", "quick"])
     ap.add_argument("--threads", type=int, default=2, help="ORT threads for the table and the measurements")
     ap.add_argument("--supernet-epochs", type=int, default=30)
+    ap.add_argument("--supernet-scope", default="budget", choices=["budget", "space"],
+                    help="budget: the sandwich draws only architectures within the search's budget; space: all")
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--sampler", default="nsga2")
     ap.add_argument("--budget-ms", type=float, default=None, help="default: yolov7-tiny's latency")
@@ -179,8 +183,13 @@ def main() -> None:
     cfg = TrainConfig(model=f"supernet:{space.name}", data=data, out=str(sup_out), epochs=args.supernet_epochs,
                       imgsz=args.imgsz, batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers,
                       seed=args.seed, progress=False, resume=(sup_out / "last.pt").is_file())
-    sup = SupernetTrainer(cfg, space=space).train()
-    report["supernet"] = {"epochs": sup.epochs_done, "largest_map": sup.best_map}
+    region = FeasibleRegion.from_table(table_path, space, budget, nc=nc, imgsz=args.imgsz) \
+        if args.supernet_scope == "budget" else None
+    trainer = SupernetTrainer(cfg, space=space, region=region)
+    sup = trainer.train()
+    report["supernet"] = {"epochs": sup.epochs_done, "largest_map": sup.best_map, "scope": args.supernet_scope,
+                          "region": trainer.region_record(),
+                          "img_s": [round(r["train_img_s"], 2) for r in sup.rows if "train_img_s" in r]}
     _stage(report, "supernet", t0)
 
     # 3. search -----------------------------------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""Where a trained supernet's inherited weights lose accuracy, and what a sandwich step costs.
+
+Reads a `benchmarks/search_synthetic.py` run directory (supernet.pt, table.json, budget.json) and prints:
+
+1. the sandwich step's wall time on this machine, for the whole space and for the budget's region
+   (median of --steps steps at batch --batch, after one warm-up step);
+2. inherited-weight mAP of the supernet's largest architecture with its stored BatchNorm statistics and
+   recalibrated on 4 and 16 batches, then of the same architecture with one elastic dimension at its
+   smallest (depth, widths, all sizes), then of random feasible architectures with and without the
+   largest's block variants.
+
+    python benchmarks/supernet_diagnose.py runs/bench/search128c --data runs/data/synth128/data.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nas.budget import FeasibleRegion
+from nas.search import SearchConfig, calibration_batches, prepare
+from nas.supernet import load_supernet
+from nas.supernet_train import SupernetTrainer
+from search_spaces.io import atomic_write_json
+from trainer.config import TrainConfig
+from trainer.evaluate import evaluate
+
+
+def step_seconds(space: Any, data: str, imgsz: int, batch: int, steps: int, region: FeasibleRegion | None,
+                 out: Path) -> float:
+    """Median wall time of one sandwich step (largest + 2 random + smallest, backward included)."""
+    cfg = TrainConfig(data=data, out=str(out), epochs=1, imgsz=imgsz, batch=batch, workers=0, progress=False)
+    tr = SupernetTrainer(cfg, space=space, region=region)
+    tr.model.train()
+    it = iter(tr.train_loader)
+    times = []
+    for i in range(steps + 1):
+        imgs, targets, *_ = next(it)
+        t0 = time.perf_counter()
+        tr.train_step(imgs.float() / 255.0, targets)
+        tr.optimizer.zero_grad(set_to_none=True)
+        if i:  # the first step builds losses and caches
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a search_synthetic.py output directory")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--imgsz", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    budget = float(json.loads((run / "budget.json").read_text())["budget_ms"])
+    sup = load_supernet(run / "supernet" / "supernet.pt")
+    s = prepare(SearchConfig(supernet=str(run / "supernet" / "supernet.pt"), table=str(run / "table.json"),
+                             data=args.data, budget_ms=budget, bn_batches=4, batch=args.batch, imgsz=args.imgsz),
+                supernet=sup)
+    region = FeasibleRegion(s.space, s.predict_ms, budget)
+    report: dict[str, Any] = {"budget_ms": budget, "threads": args.threads, "batch": args.batch}
+
+    space = sup.space.with_nc(s.nc)
+    report["step_s"] = {
+        "whole_space": step_seconds(space, args.data, args.imgsz, args.batch, args.steps, None, run / "diag_a"),
+        "budget_region": step_seconds(space, args.data, args.imgsz, args.batch, args.steps,
+                                      FeasibleRegion(s.space, s.predict_ms, budget), run / "diag_b")}
+    print(f"sandwich step: whole space {report['step_s']['whole_space']:.2f} s, budget region "
+          f"{report['step_s']['budget_region']:.2f} s", flush=True)
+
+    rows = []
+
+    def ev(dec: dict[str, Any], bn: int | None, what: str) -> None:
+        arch = s.space.build_arch(dec)
+        sup.set_active(arch)
+        if bn is not None:
+            sup.recalibrate_bn(calibration_batches(s.data, args.imgsz, args.batch, bn, seed=0))
+        m = evaluate(sup, s.val_loader(), s.nc, s.names, device=s.device).metrics
+        rows.append({"what": what, "arch": arch.name, "head": arch.head.type, "bn_batches": bn,
+                     "predicted_ms": region.latency_ms(dec), "map": m.map, "map50": m.map50})
+        print(f"{what:44s} {arch.name[-10:]} {arch.head.type:9s} {region.latency_ms(dec):5.2f} ms  "
+              f"mAP {m.map * 100:.3f}%  mAP50 {m.map50 * 100:.3f}%", flush=True)
+
+    big, small = region.largest(seed=0), s.space.smallest_decisions()
+    variants = [k for k in big if k.endswith((".block", ".down")) or k.startswith("head.")]
+    ev(big, None, "largest, stored BN statistics")
+    ev(big, 4, "largest, recalibrated on 4 batches")
+    ev(big, 16, "largest, recalibrated on 16 batches")
+    ev({**big, **{k: small[k] for k in big if k.endswith(".depth")}}, 4, "largest at depth 1")
+    ev({**big, **{k: small[k] for k in big if k.endswith((".out", ".width"))}}, 4, "largest at its narrowest")
+    ev({**small, **{k: big[k] for k in variants}}, 4, "largest's block variants, every size smallest")
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        d = region.sample(rng)
+        ev(d, 4, f"random feasible {i}")
+        ev({**d, **{k: big[k] for k in variants}}, 4, f"random feasible {i}, largest's block variants")
+    report["evaluations"] = rows
+    atomic_write_json(run / "diagnose.json", report)
+
+
+if __name__ == "__main__":
+    main()
