@@ -55,7 +55,6 @@ STUDY_ATTR = "detforge.search"  # the study's settings, checked by every worker 
 NATIVE_CONSTRAINTS = hasattr(Trial, "set_constraint")
 
 
-
 @dataclass
 class SearchConfig:
     """One search (every worker of a study runs the same one). See docs/nas.md for each field."""

@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_supernet_train(args: argparse.Namespace) -> None:
-    from nas.budget import FeasibleRegion
+    from nas.budget import FeasibleRegion, space_predictor, table_predictor
     from nas.supernet_train import SUPERNET_FILE, SupernetTrainer
     from search_spaces.errors import ConfigError
     from search_spaces.space import load_space
@@ -96,12 +96,10 @@ def run_supernet_train(args: argparse.Namespace) -> None:
         raise ConfigError("--table and --budget-ms go together", field="budget_ms" if args.table else "table")
     region = None
     imgsz = args.imgsz or max(space.decisions["imgsz"].choices)
-    if args.table:
-        from latency_tables import LatencyTable
-
-        imgsz = args.imgsz or LatencyTable.load(args.table, check_device=False).imgsz
-        nc = resolve_data_config(args.data, imgsz).nc
-        region = FeasibleRegion.from_table(args.table, space, args.budget_ms, nc=nc, imgsz=imgsz)
+    if args.table:  # the table's input size, then the dataset's classes (the synthetic set needs the size)
+        predict, imgsz = table_predictor(args.table, args.imgsz)
+        predict, pinned = space_predictor(predict, space, resolve_data_config(args.data, imgsz).nc, imgsz, args.table)
+        region = FeasibleRegion(pinned, predict, args.budget_ms)
     cfg = TrainConfig(model=f"supernet:{space.name}", data=args.data, out=args.out, epochs=args.epochs, imgsz=imgsz,
                       batch=args.batch, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,
                       workers=args.workers, seed=args.seed, ema=not args.no_ema, max_time_s=args.max_time)

@@ -152,10 +152,12 @@ def test_resume_keeps_finished_entries(micro, tmp_path):
     assert all(done.entries[k] == kept.entries[k] for k in kept.entries)
 
 
-def test_resume_refuses_other_settings(micro, backend, built):
+def test_resume_refuses_other_settings(micro, backend, built, tmp_path):
+    # a file of its own: `built.path` follows the module table's last save, which may be a deleted tmp_path
+    path = LatencyTable.from_dict(built.to_dict()).save(tmp_path / "t.json")
     other = get_backend("ort-cpu", threads=1, config=backend.config)
     with pytest.raises(ConfigError, match="threads"):
-        LatencyTable.build(micro, other, MICRO_IMGSZ, built.path, progress=False, fit_models=0)
+        LatencyTable.build(micro, other, MICRO_IMGSZ, path, progress=False, fit_models=0)
 
 
 def test_concurrent_saves_merge_entries(built, tmp_path):
