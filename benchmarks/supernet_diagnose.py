@@ -72,8 +72,8 @@ def main() -> None:
     space = sup.space.with_nc(s.nc)
     report["step_s"] = {
         "whole_space": step_seconds(space, args.data, args.imgsz, args.batch, args.steps, None, run / "diag_a"),
-        "budget_region": step_seconds(space, args.data, args.imgsz, args.batch, args.steps,
-                                      FeasibleRegion(s.space, s.predict_ms, budget), run / "diag_b")}
+        "budget_region": step_seconds(space, args.data, args.imgsz, args.batch, args.steps, region,
+                                      run / "diag_b")}
     print(f"sandwich step: whole space {report['step_s']['whole_space']:.2f} s, budget region "
           f"{report['step_s']['budget_region']:.2f} s", flush=True)
 

@@ -1,9 +1,9 @@
 """The latency budget: a latency table's predictions for a space's architectures, and the feasible region.
 
-The search only keeps architectures predicted within its budget, so the supernet need only be good on
-those: `FeasibleRegion` is that set of architectures (drawn by rejection from the space's uniform draw),
-used by `detforge search` to score candidates and by `detforge supernet train --table T --budget-ms X` to
-train only what the search can choose. See docs/nas.md, "A supernet for one budget".
+`detforge search` predicts each candidate's latency with `table_predictor` + `space_predictor`, and keeps
+only those within its budget, so the supernet need only be good on those: `FeasibleRegion` is that set of
+architectures (drawn by rejection from the space's uniform draw), which `detforge supernet train --table T
+--budget-ms X` trains. See docs/nas.md, "A supernet for one budget".
 """
 from __future__ import annotations
 
