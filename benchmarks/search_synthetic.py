@@ -11,7 +11,8 @@ stand-alone training from its own last.pt):
 4. the Pareto front, exported (model dirs + ONNX, measured latency)
 5. rank fidelity: Kendall tau between inherited-weight mAP and stand-alone mAP over --fidelity-archs
    architectures of the study (the front first, then other feasible ones), each trained from scratch for
-   --standalone-epochs
+   --standalone-epochs (default: yolov7-tiny's epochs of stage 6, so the comparison's front model trained
+   from scratch is one of these runs), optionally capped at --max-train-s each
 6. the best front model within yolov7-tiny's latency, finetuned for --finetune-epochs from its inherited
    weights, against yolov7-tiny trained from scratch for the same total epochs (supernet + finetune), both
    measured interleaved with ORT; and the same front model trained from scratch for those epochs too
@@ -80,6 +81,13 @@ def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Na
     return m, result.epochs_done
 
 
+def _scratch_dir(out: Path, arch_id: str, epochs: int, max_s: float | None) -> Path:
+    """Where an architecture's from-scratch training of this budget lives: one run per (arch, epochs, cap),
+    shared by the rank fidelity and the comparison stages (same seed and settings, same run)."""
+    cap = f"-{max_s:g}s" if max_s else ""
+    return out / "scratch" / f"{arch_id}-{epochs}e{cap}"
+
+
 def _stage(report: dict[str, Any], name: str, t0: float) -> None:
     report.setdefault("wall_s", {})[name] = round(time.time() - t0, 1)
     print(f"[{name}] {report['wall_s'][name]:.1f} s", flush=True)
@@ -108,7 +116,8 @@ def main() -> None:
     ap.add_argument("--bn-batches", type=int, default=8)
     ap.add_argument("--val-batches", type=int, default=None)
     ap.add_argument("--fidelity-archs", type=int, default=6)
-    ap.add_argument("--standalone-epochs", type=int, default=10)
+    ap.add_argument("--standalone-epochs", type=int, default=None,
+                    help="epochs of each rank-fidelity training (default: yolov7-tiny's, supernet + finetune)")
     ap.add_argument("--finetune-epochs", type=int, default=10)
     ap.add_argument("--baseline-epochs", type=int, default=None, help="default: supernet + finetune epochs")
     ap.add_argument("--no-scratch", action="store_true",
@@ -220,12 +229,13 @@ def main() -> None:
         if feasible(t) and t.user_attrs["arch_id"] not in chosen:
             chosen[t.user_attrs["arch_id"]] = t
     rows = []
+    standalone_epochs = args.standalone_epochs or args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
     for aid, item in list(chosen.items())[: args.fidelity_archs]:
         attrs = item.user_attrs if hasattr(item, "user_attrs") else {"map": item.map, "arch": item.arch}
         arch = Architecture.from_dict(yaml.safe_load(attrs["arch"]))
         torch.manual_seed(args.seed)
-        m, done = _train(Detector(arch), data, out / "standalone" / aid, args.standalone_epochs, args,
-                         max_s=args.max_train_s)
+        m, done = _train(Detector(arch), data, _scratch_dir(out, aid, standalone_epochs, args.max_train_s),
+                         standalone_epochs, args, max_s=args.max_train_s)
         rows.append({"arch_id": aid, "inherited_map": float(attrs["map"]), "standalone_map": m, "epochs": done})
         print(f"stand-alone {aid}: inherited {attrs['map']:.4f}  stand-alone {m:.4f}", flush=True)
     from scipy.stats import kendalltau
@@ -233,7 +243,8 @@ def main() -> None:
     tau = kendalltau([r["inherited_map"] for r in rows], [r["standalone_map"] for r in rows]).statistic \
         if len(rows) >= 2 else float("nan")
     report["rank_fidelity"] = {"kendall_tau": None if tau is None or math.isnan(tau) else float(tau),
-                               "archs": rows, "standalone_epochs": args.standalone_epochs}
+                               "archs": rows, "standalone_epochs": standalone_epochs,
+                               "max_train_s": args.max_train_s}
     _stage(report, "rank_fidelity", t0)
 
     # 6. best front model within yolov7-tiny's latency vs yolov7-tiny, same epoch budget ----------------------
@@ -251,8 +262,8 @@ def main() -> None:
         if not args.no_scratch:
             # the same architecture with yolov7-tiny's training exactly: random init, same epochs and seed
             torch.manual_seed(args.seed)
-            scratch, scratch_done = _train(Detector(best.architecture()), data, out / "scratch" / best.arch_id,
-                                           epochs, args)
+            scratch, scratch_done = _train(Detector(best.architecture()), data,
+                                           _scratch_dir(out, best.arch_id, epochs, None), epochs, args)
             comparison["front_model_from_scratch"] = {"arch_id": best.arch_id, "map": scratch,
                                                       "epochs": scratch_done}
         tuned = load_model(out / "finetune" / best.arch_id / "model")

@@ -89,6 +89,9 @@ class SearchConfig:
     max_failures: int = 10  # trials failing in a row before this worker gives up
     poll_s: float = 2.0  # wait between checks while other workers finish the last trials
     progress: bool = False  # one line per trial on stderr
+    # architectures the new study evaluates first: 'supernet' (the largest subnet the supernet was trained
+    # for within its budget) or a zoo point of the space ('yolov7-tiny'); None: 'supernet' when recorded
+    enqueue: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         """Validate choices and ranges once (ConfigError naming the field)."""
@@ -123,6 +126,10 @@ class SearchConfig:
             raise ConfigError("scratch mode prunes with per-epoch mAP, which Optuna supports for single-objective "
                               "studies only: use objectives (map,) with the latency budget", field="objectives")
         self.objectives = objectives
+        if self.enqueue is not None:
+            self.enqueue = tuple(self.enqueue)
+            if self.mode == "scratch" and SUPERNET_POINT in self.enqueue:
+                raise ConfigError(f"'{SUPERNET_POINT}' needs a supernet (supernet mode)", field="enqueue")
         if self.sampler == "auto":
             self.sampler = "tpe" if self.mode == "scratch" else "nsga2"
 
@@ -131,6 +138,9 @@ class SearchConfig:
         d = dataclasses.asdict(self)
         d["objectives"] = list(self.objectives or ())
         return d
+
+
+SUPERNET_POINT = "supernet"  # SearchConfig.enqueue: the supernet's trained largest architecture
 
 
 class SurplusTrial(Exception):
@@ -528,6 +538,28 @@ class Searcher:
             return False
         return study._storage.get_trial(self.current_id).state == TrialState.FAIL
 
+    def seed_points(self) -> list[tuple[str, dict[str, Any]]]:
+        """The (name, open decisions) the study enqueues when it is created (`SearchConfig.enqueue`)."""
+        trained = (self.supernet.trained_region or {}) if self.supernet is not None else {}
+        names = self.cfg.enqueue
+        if names is None:  # auto: the supernet's trained largest, the one subnet it trained every step
+            names = (SUPERNET_POINT,) if trained.get("largest_decisions") else ()
+        points = []
+        for name in dict.fromkeys(names):
+            if name == SUPERNET_POINT:
+                if not trained.get("largest_decisions"):
+                    raise ConfigError("the supernet records no trained largest architecture (train it with "
+                                      "--table and --budget-ms)", path=self.cfg.supernet, field="enqueue")
+                decisions = self.space.complete({k: v for k, v in trained["largest_decisions"].items()
+                                                 if k in self.space.decisions and not self.space.decisions[k].fixed})
+            else:
+                try:
+                    decisions = self.space.zoo_point(name)
+                except ConfigError as e:
+                    raise ConfigError(f"cannot enqueue {name!r}: {e.line()}", field="enqueue") from None
+            points.append((name, {k: v for k, v in decisions.items() if not self.space.decisions[k].fixed}))
+        return points
+
     # ---- one trial --------------------------------------------------------------------------------------------
     def claim(self, trial: Trial) -> None:
         """Raise SurplusTrial if N trials are complete or ahead of this one (retries queued go first)."""
@@ -736,17 +768,21 @@ def create_study(cfg: SearchConfig, searcher: Searcher) -> optuna.Study:
         # exactly one worker creates the study (the storage refuses a second one): it samples with --seed as
         # given, so a one-worker search is reproducible; every other worker (or a resumed run) mixes its pid
         # in, so that no two draw the same sequence
+        points = searcher.seed_points()  # a bad name fails before the study exists
         try:
             optuna.create_study(storage=storage, study_name=cfg.study, directions=directions)
-            seed = cfg.seed
+            seed, created = cfg.seed, True
         except optuna.exceptions.DuplicatedStudyError:
-            seed = (cfg.seed * 1_000_003 + os.getpid()) % 2**31
+            seed, created = (cfg.seed * 1_000_003 + os.getpid()) % 2**31, False
         sampler = make_sampler(cfg.sampler or "nsga2", seed, constraints, population)
         study = optuna.load_study(study_name=cfg.study, storage=storage, sampler=sampler, pruner=pruner)
         if [d.name.lower() for d in study.directions] != directions:
             raise ConfigError(f"study {cfg.study!r} optimises {[d.name.lower() for d in study.directions]}, this "
                               f"search {directions}: use another --study", field="study")
         _check_settings(study, _study_settings(cfg, searcher.space, searcher.imgsz, searcher.nc))
+        if created:  # only the creator enqueues, under the lock: a joining or resumed worker adds none
+            for name, params in points:
+                study.enqueue_trial(params, user_attrs={"enqueued": name}, skip_if_exists=True)
     return study
 
 
@@ -808,6 +844,6 @@ def summary(study: optuna.Study) -> dict[str, Any]:
     return {"study": study.study_name, **counts, "settings": study.user_attrs.get(STUDY_ATTR, {})}
 
 
-__all__ = ["OBJECTIVES", "SAMPLERS", "SearchConfig", "Searcher", "SurplusTrial", "calibration_batches", "constraint_of", "create_study",
+__all__ = ["OBJECTIVES", "SAMPLERS", "SUPERNET_POINT", "SearchConfig", "Searcher", "SurplusTrial", "calibration_batches", "constraint_of", "create_study",
            "default_storage", "heartbeat_enabled", "load_study", "make_pruner", "make_sampler", "open_storage", "pinned_space",
            "prepare", "recover_dead_trials", "run_search", "summary", "trial_rows"]

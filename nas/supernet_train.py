@@ -222,11 +222,12 @@ class SupernetTrainer(Trainer):
                              "n_random": self.n_random, "kd_weight": self.kd_weight, "region": self.region_record()}}
 
     def region_record(self) -> dict[str, Any] | None:
-        """What the supernet was trained on: the budget and the sandwich's largest architecture (None: all)."""
+        """What the supernet was trained on: the budget and the sandwich's largest architecture (its id,
+        predicted latency and decisions, which the search enqueues as its first trial); None: the whole space."""
         if self.region is None:
             return None
         return {"budget_ms": self.region.budget_ms, "largest": self.arch_space.arch_id(self._largest),
-                "largest_ms": self.region.latency_ms(self._largest)}
+                "largest_ms": self.region.latency_ms(self._largest), "largest_decisions": dict(self._largest)}
 
     def check_resume(self, checkpoint: Mapping[str, Any], path: Path) -> None:
         """Refuse to resume a supernet trained for another budget (or for the whole space)."""

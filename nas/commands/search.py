@@ -56,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     p.add_argument("--population", type=int, default=None, help="NSGA-II population size")
     p.add_argument("--eval-infeasible", action="store_true", help="also evaluate over-budget candidates")
+    p.add_argument("--enqueue", action="append", default=None, metavar="NAME",
+                   help="evaluate this architecture first (repeatable): 'supernet' (its trained largest; the "
+                        "default when recorded) or a zoo point of the space, e.g. yolov7-tiny")
+    p.add_argument("--no-enqueue", action="store_true", help="enqueue nothing (the sampler picks every trial)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--device", default="auto")
@@ -130,7 +134,7 @@ def run_search(args: argparse.Namespace) -> None:
                        objectives=_objectives(args.objectives), imgsz=args.imgsz, batch=args.batch,
                        device=args.device, workers=args.workers, pruner=args.pruner, population=args.population,
                        skip_infeasible=not args.eval_infeasible, heartbeat_s=args.heartbeat, grace_s=args.grace,
-                       progress=not args.quiet)
+                       progress=not args.quiet, enqueue=() if args.no_enqueue else args.enqueue)
     study = search(cfg)
     front = pareto_front(study)
     info = summary(study)

@@ -290,6 +290,8 @@ def test_malformed_flags_exit_2(shared, tmp_path, capsys, argv, message):
     (["--imgsz", "128"], "imgsz"),  # the table was measured at 64
     (["--heartbeat", "20", "--grace", "30"], "grace_s"),  # a live worker between two beats would look dead
     (["--population", "1"], "population"),
+    (["--enqueue", "yolov9"], "enqueue"),  # no such zoo point
+    (["--enqueue", "supernet"], "enqueue"),  # the shared supernet was trained on the whole space
 ])
 def test_bad_values_are_one_line_errors_with_exit_2(shared, tmp_path, capsys, argv, field):
     base = ["search", "--supernet", str(shared.supernet), "--table", str(shared.table), "--data", str(shared.data),

@@ -1,6 +1,7 @@
 """Supernet training: the sandwich step, in-place distillation, BN statistics, checkpoints, resume, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -197,6 +198,18 @@ def test_sandwich_for_a_budget_trains_only_what_the_search_can_pick(shared, tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         prepare(search(region.budget_ms))
+    # the study's first trial is the trained largest (enqueued by its creator only, not again on resume)
+    from nas.search import run_search
+
+    cfg = dataclasses.replace(search(region.budget_ms), trials=2, out=str(tmp_path / "s"), sampler="random",
+                              bn_batches=1, val_batches=1)
+    trials = run_search(cfg).trials
+    assert trials[0].user_attrs["enqueued"] == "supernet" and trials[0].user_attrs["arch_id"] == rec["largest"]
+    assert "enqueued" not in trials[1].user_attrs
+    trials = run_search(dataclasses.replace(cfg, trials=3)).trials
+    assert len(trials) == 3 and "enqueued" not in trials[2].user_attrs
+    none = run_search(dataclasses.replace(cfg, out=str(tmp_path / "n"), enqueue=())).trials
+    assert all("enqueued" not in t.user_attrs for t in none)
     # resuming with another budget, or for the whole space, is refused; the same budget resumes
     for other in (_region(shared, budget_ms=region.budget_ms * 2), None):
         with pytest.raises(CheckpointError, match="budget"):
@@ -208,8 +221,6 @@ def test_sandwich_for_a_budget_trains_only_what_the_search_can_pick(shared, tmp_
 
 
 def test_a_budget_pins_the_input_size_to_the_tables(shared, tmp_path):
-    import dataclasses
-
     from nas.budget import FeasibleRegion
     from search_spaces.space import Decision
 
