@@ -24,6 +24,7 @@ FULL = [
      "--out", "runs/bench/teacher128"],
     ["distill_synthetic.py", "--teacher", "runs/bench/teacher128/model", "--data", "runs/data/synth128/data.yaml"],
     ["search_synthetic.py"],
+    ["seed_repeats.py", "runs/bench/search_synthetic", "--seeds", "1", "2"],
     ["supernet_diagnose.py", "runs/bench/search_synthetic", "--data", "runs/bench/search_synthetic/data/data.yaml",
      "--imgsz", "320"],
 ]
@@ -39,6 +40,7 @@ QUICK = [
     ["search_synthetic.py", "--space", "tiny", "--imgsz", "64", "--train-images", "32", "--val-images", "16",
      "--latency-protocol", "quick", "--supernet-epochs", "1", "--trials", "4", "--fidelity-archs", "2",
      "--standalone-epochs", "1", "--finetune-epochs", "1", "--out", "runs/bench/quick-search"],
+    ["seed_repeats.py", "runs/bench/quick-search", "--seeds", "1"],
     ["supernet_diagnose.py", "runs/bench/quick-search", "--data", "runs/bench/quick-search/data/data.yaml",
      "--imgsz", "64", "--batch", "8", "--steps", "2"],
 ]

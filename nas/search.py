@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,7 @@ class SearchConfig:
                               "studies only: use objectives (map,) with the latency budget", field="objectives")
         self.objectives = objectives
         if self.enqueue is not None:
-            self.enqueue = tuple(self.enqueue)
+            self.enqueue = (self.enqueue,) if isinstance(self.enqueue, str) else tuple(self.enqueue)
             if self.mode == "scratch" and SUPERNET_POINT in self.enqueue:
                 raise ConfigError(f"'{SUPERNET_POINT}' needs a supernet (supernet mode)", field="enqueue")
         if self.sampler == "auto":
@@ -539,26 +539,48 @@ class Searcher:
         return study._storage.get_trial(self.current_id).state == TrialState.FAIL
 
     def seed_points(self) -> list[tuple[str, dict[str, Any]]]:
-        """The (name, open decisions) the study enqueues when it is created (`SearchConfig.enqueue`)."""
+        """The (name, open decisions) the study enqueues when it is created (`SearchConfig.enqueue`).
+
+        Named points must exist (ConfigError naming `enqueue`); a point over the budget, one beyond
+        `--trials`, or a default one that no longer fits the space is left out with a warning.
+        """
+        explicit = self.cfg.enqueue is not None
         trained = (self.supernet.trained_region or {}) if self.supernet is not None else {}
-        names = self.cfg.enqueue
-        if names is None:  # auto: the supernet's trained largest, the one subnet it trained every step
-            names = (SUPERNET_POINT,) if trained.get("largest_decisions") else ()
+        names = self.cfg.enqueue if explicit else (SUPERNET_POINT,) if trained.get("largest_decisions") else ()
         points = []
         for name in dict.fromkeys(names):
-            if name == SUPERNET_POINT:
-                if not trained.get("largest_decisions"):
-                    raise ConfigError("the supernet records no trained largest architecture (train it with "
-                                      "--table and --budget-ms)", path=self.cfg.supernet, field="enqueue")
-                decisions = self.space.complete({k: v for k, v in trained["largest_decisions"].items()
-                                                 if k in self.space.decisions and not self.space.decisions[k].fixed})
-            else:
-                try:
-                    decisions = self.space.zoo_point(name)
-                except ConfigError as e:
+            try:
+                decisions = self._seed_decisions(name, trained)
+            except ConfigError as e:
+                if explicit:
                     raise ConfigError(f"cannot enqueue {name!r}: {e.line()}", field="enqueue") from None
+                warnings.warn(f"not enqueueing the supernet's trained largest: {e.line()}", RuntimeWarning,
+                              stacklevel=2)
+                continue
+            if self.cfg.budget_ms is not None and self.cfg.skip_infeasible:
+                ms = float(self.predict_ms(self.space.build_arch(decisions, nc=self.nc)))
+                if ms > self.cfg.budget_ms:  # it would spend a trial without an evaluation
+                    warnings.warn(f"not enqueueing {name!r}: predicted {ms:.2f} ms, over the budget of "
+                                  f"{self.cfg.budget_ms:g} ms", RuntimeWarning, stacklevel=2)
+                    continue
             points.append((name, {k: v for k, v in decisions.items() if not self.space.decisions[k].fixed}))
-        return points
+        if len(points) > self.cfg.trials:
+            warnings.warn(f"{len(points)} architectures to enqueue, {self.cfg.trials} trials: enqueueing the first "
+                          f"{self.cfg.trials}", RuntimeWarning, stacklevel=2)
+        return points[: self.cfg.trials]
+
+    def _seed_decisions(self, name: str, trained: Mapping[str, Any]) -> dict[str, Any]:
+        """The decisions of one enqueue name in the search's space (ConfigError if it has none there)."""
+        if name != SUPERNET_POINT:
+            return self.space.zoo_point(name, imgsz=self.imgsz)
+        recorded = trained.get("largest_decisions")
+        if not recorded:
+            why = ("it was trained on the whole space (train it with --table and --budget-ms)"
+                   if not trained else "its supernet.pt predates the record (retrain or resume it)")
+            raise ConfigError(f"the supernet records no trained largest architecture: {why}", path=self.cfg.supernet,
+                              field="largest_decisions")
+        open_ = {k: v for k, v in recorded.items() if k in self.space.decisions and not self.space.decisions[k].fixed}
+        return self.space.complete(open_)
 
     # ---- one trial --------------------------------------------------------------------------------------------
     def claim(self, trial: Trial) -> None:
@@ -783,6 +805,9 @@ def create_study(cfg: SearchConfig, searcher: Searcher) -> optuna.Study:
         if created:  # only the creator enqueues, under the lock: a joining or resumed worker adds none
             for name, params in points:
                 study.enqueue_trial(params, user_attrs={"enqueued": name}, skip_if_exists=True)
+        elif cfg.enqueue:
+            warnings.warn(f"study {cfg.study!r} exists: --enqueue applies to a new study only", RuntimeWarning,
+                          stacklevel=2)
     return study
 
 

@@ -235,18 +235,21 @@ class SearchSpace:
         """A short stable id of the architecture of `decisions` (equal architectures, equal ids)."""
         return _structure_id(self.build_arch(decisions, name=self.name))
 
-    def zoo_point(self, name: str, *, nearest: bool = False) -> dict[str, Any]:
+    def zoo_point(self, name: str, *, nearest: bool = False, imgsz: int | None = None) -> dict[str, Any]:
         """The decisions of a zoo model ('yolov7-tiny', 'yolov7') in this template.
 
         With `nearest=False` every value must be a choice of the space (ConfigError naming the first one
         that is not); with `nearest=True` each value snaps to the closest choice (numbers by ratio,
         categories fall back to the first choice). yolov7 is never exact: its 4-conv stem has no
-        counterpart in the template (the nearest point uses the 2-conv stem).
+        counterpart in the template (the nearest point uses the 2-conv stem). `imgsz` replaces the zoo
+        model's input size (the same network at another resolution, as a search pinned to a table's).
         """
         if name not in _ZOO_POINTS:
             raise ConfigError(f"no template point for '{name}' (known: {', '.join(_ZOO_POINTS)})",
                               field="name")
         target = _ZOO_POINTS[name](self)
+        if imgsz is not None:
+            target["imgsz"] = imgsz
         out: dict[str, Any] = {}
         for key, dec in self.decisions.items():
             want = target.get(key, dec.choices[0])

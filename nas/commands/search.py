@@ -56,10 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     p.add_argument("--population", type=int, default=None, help="NSGA-II population size")
     p.add_argument("--eval-infeasible", action="store_true", help="also evaluate over-budget candidates")
-    p.add_argument("--enqueue", action="append", default=None, metavar="NAME",
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--enqueue", action="append", default=None, metavar="NAME",
                    help="evaluate this architecture first (repeatable): 'supernet' (its trained largest; the "
                         "default when recorded) or a zoo point of the space, e.g. yolov7-tiny")
-    p.add_argument("--no-enqueue", action="store_true", help="enqueue nothing (the sampler picks every trial)")
+    q.add_argument("--no-enqueue", action="store_true", help="enqueue nothing (the sampler picks every trial)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--device", default="auto")

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -20,7 +21,7 @@ import torch
 from optuna.trial import TrialState
 
 from nas.cli import main
-from nas.search import SearchConfig, _PruneReport, load_study, open_storage, run_search
+from nas.search import SearchConfig, Searcher, _PruneReport, load_study, open_storage, run_search
 from search_spaces.errors import ConfigError, DetforgeError
 
 from . import IMGSZ, ROOT, env, search_args, spawn
@@ -394,3 +395,39 @@ def test_module_entry_point_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "nas.cli", "search", "--help"], check=False, cwd=ROOT, env=env(),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--budget-ms" in out.stdout and "--storage" in out.stdout
+
+
+def _seeding_searcher(budget_ms: float | None, ms: float, **cfg) -> Searcher:
+    """A Searcher of the default space pinned to 320 px whose predictor says `ms` for everything (no data)."""
+    from nas.budget import pinned_space
+    from search_spaces.space import load_space
+
+    space = pinned_space(load_space("default").with_nc(3), 320)
+    scfg = SearchConfig(space="default", supernet="supernet.pt", budget_ms=budget_ms, **cfg)
+    return Searcher(cfg=scfg, space=space, imgsz=320, nc=3, names=["a", "b", "c"], data=None,
+                    predict_ms=lambda arch: ms)
+
+
+def test_a_zoo_point_is_enqueued_at_the_searchs_input_size():
+    from search_spaces.space import load_space
+
+    [(name, params)] = _seeding_searcher(5.0, 4.0, enqueue="yolov7-tiny").seed_points()
+    point = {k: v for k, v in load_space("default").zoo_point("yolov7-tiny").items() if k != "imgsz"}
+    assert name == "yolov7-tiny" and "imgsz" not in params and params == {k: point[k] for k in params}
+    with pytest.warns(RuntimeWarning, match="over the budget"):  # it would spend a trial unevaluated
+        assert _seeding_searcher(3.0, 4.0, enqueue=("yolov7-tiny",)).seed_points() == []
+    with pytest.raises(ConfigError) as e:
+        _seeding_searcher(None, 1.0, enqueue=("yolov7-tiny", "yolov9")).seed_points()
+    assert e.value.field == "enqueue" and "yolov9" in e.value.message
+    # a supernet trained for a budget records its largest; with it, two points and one trial: the first
+    two = _seeding_searcher(None, 1.0, enqueue=("supernet", "yolov7-tiny"), trials=1)
+    two.supernet = SimpleNamespace(trained_region={"largest_decisions": two.space.smallest_decisions()})
+    with pytest.warns(RuntimeWarning, match="1 trials"):
+        [(name, params)] = two.seed_points()
+    assert name == "supernet" and params == {k: v for k, v in two.space.smallest_decisions().items() if k in params}
+
+
+def test_enqueue_flags_exclude_each_other(shared, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--supernet", str(shared.supernet), "--enqueue", "yolov7-tiny", "--no-enqueue"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err

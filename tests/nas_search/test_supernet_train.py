@@ -206,10 +206,11 @@ def test_sandwich_for_a_budget_trains_only_what_the_search_can_pick(shared, tmp_
     trials = run_search(cfg).trials
     assert trials[0].user_attrs["enqueued"] == "supernet" and trials[0].user_attrs["arch_id"] == rec["largest"]
     assert "enqueued" not in trials[1].user_attrs
-    trials = run_search(dataclasses.replace(cfg, trials=3)).trials
-    assert len(trials) == 3 and "enqueued" not in trials[2].user_attrs
     none = run_search(dataclasses.replace(cfg, out=str(tmp_path / "n"), enqueue=())).trials
     assert all("enqueued" not in t.user_attrs for t in none)
+    # joining (or resuming) a study enqueues nothing, even where its creator enqueued nothing
+    trials = run_search(dataclasses.replace(cfg, out=str(tmp_path / "n"), trials=3)).trials
+    assert len(trials) == 3 and all("enqueued" not in t.user_attrs for t in trials)
     # resuming with another budget, or for the whole space, is refused; the same budget resumes
     for other in (_region(shared, budget_ms=region.budget_ms * 2), None):
         with pytest.raises(CheckpointError, match="budget"):

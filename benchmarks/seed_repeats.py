@@ -1,0 +1,92 @@
+"""Train a search run's front models and yolov7-tiny again with other seeds: how much of a mAP gap is noise.
+
+`search_synthetic.py` trains every compared model once, with seed 0. At 1-3% mAP50-95 a model's last
+validations move by tenths of a point from epoch to epoch, so one seed cannot tell a 0.05-point gap from noise.
+This script repeats the from-scratch trainings of the search run RUN (same data, epochs, batch, nominal batch
+and input size as the run's own, read from RUN/bench.json) with the given seeds and writes RUN/seeds.json: per
+model and seed the final mAP and the mean of the last 3 validations, seed 0 taken from the run itself.
+
+    python benchmarks/seed_repeats.py runs/bench/search128d --archs d0e1d91499 --seeds 1 2
+
+Without --archs it repeats the front models the run's comparison trained (the fastest and the best).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from search_synthetic import _last_maps_mean, _scratch_dir, _train  # the script's directory is on sys.path
+
+from search_spaces import Detector, load_model
+from search_spaces.architecture import Architecture
+from search_spaces.io import atomic_write_json
+from trainer.datasets import load_data_config
+
+
+def _row(run: Path, m: float, done: int, seed: int) -> dict[str, Any]:
+    return {"seed": seed, "map": m, "map_last3": _last_maps_mean(run), "epochs": done, "run": str(run)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="a search_synthetic.py output directory (with bench.json)")
+    ap.add_argument("--archs", nargs="+", default=None,
+                    help="arch ids of the run's front (RUN/pareto/<id>); default: the models its comparison trained")
+    ap.add_argument("--seeds", nargs="+", type=int, required=True, help="seeds besides the run's own")
+    ap.add_argument("--no-baseline", action="store_true", help="do not repeat yolov7-tiny")
+    cli = ap.parse_args()
+    report_path = cli.run / "bench.json"
+    if not report_path.is_file():
+        ap.error(f"{report_path}: no such file (run search_synthetic.py first)")
+    bench = json.loads(report_path.read_text())
+    args = argparse.Namespace(**bench["args"])
+    data = args.data or str(cli.run / "data" / "data.yaml")
+    nc = load_data_config(data).nc
+    epochs = args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
+
+    def build(name: str) -> Detector:
+        if name == "yolov7-tiny":
+            return load_model("yolov7-tiny", nc=nc)
+        arch_file = cli.run / "pareto" / name / "arch.yaml"
+        if not arch_file.is_file():
+            ap.error(f"{arch_file}: no such file (--archs takes arch ids of the run's front)")
+        return Detector(Architecture.from_dict(yaml.safe_load(arch_file.read_text())))
+
+    compared = bench.get("vs_yolov7_tiny", {})
+    archs = cli.archs or list(dict.fromkeys(compared[k]["arch_id"] for k in ("fastest_front_model", "front_model")
+                                            if k in compared))
+    if not archs:
+        ap.error(f"{report_path} compares no front model: pass --archs")
+    names = [*archs, *(() if cli.no_baseline else ("yolov7-tiny",))]
+    out: dict[str, Any] = {"epochs": epochs, "models": {}}
+    for name in names:
+        first = cli.run / "yolov7-tiny" if name == "yolov7-tiny" else _scratch_dir(cli.run, name, epochs, None)
+        rows = []
+        if (first / "results.csv").is_file():  # the run's own seed
+            torch.manual_seed(args.seed)
+            m, done = _train(build(name), data, first, epochs, args)
+            rows.append(_row(first, m, done, args.seed))
+        for seed in cli.seeds:
+            run = cli.run / "seeds" / f"{name}-s{seed}"
+            args.seed = seed
+            torch.manual_seed(seed)
+            m, done = _train(build(name), data, run, epochs, args)
+            rows.append(_row(run, m, done, seed))
+            print(f"{name} seed {seed}: mAP {m:.4f}  last-3 mean {rows[-1]['map_last3']:.4f}", flush=True)
+        args.seed = bench["args"]["seed"]
+        finals, last3 = [r["map"] for r in rows], [r["map_last3"] for r in rows]
+        out["models"][name] = {"seeds": rows, "mean_map": statistics.fmean(finals),
+                               "mean_map_last3": statistics.fmean(last3),
+                               "stdev_map": statistics.stdev(finals) if len(finals) > 1 else None}
+        atomic_write_json(cli.run / "seeds.json", out)
+    print(json.dumps({k: {m: v[m] for m in ("mean_map", "mean_map_last3", "stdev_map")}
+                      for k, v in out["models"].items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
