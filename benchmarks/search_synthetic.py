@@ -57,6 +57,7 @@ from trainer.config import TrainConfig
 from trainer.synthetic import generate
 from trainer.trainer import Trainer
 
+COMPARE_PASSES = 7  # rotating latency passes of the stage-6 comparison
 QUICK = {"warmup": 3, "warmup_s": 0.05, "min_runs": 10, "max_runs": 100, "max_time_s": 1.0, "target_rel_ci": 0.05}
 
 
@@ -294,7 +295,8 @@ def main() -> None:
                 entry["from_scratch"] = {"map": scratch, "map_last3": _last_maps_mean(run), "epochs": scratch_done}
             comparison[key] = entry
         aids = list(dict.fromkeys(e.arch_id for e in picks.values()))
-        kw = QUICK if args.latency_protocol == "quick" else {}
+        # 7 rotating passes, not 3: on a shared VM one slow pass in three moved a model's median by 2x
+        kw = {**(QUICK if args.latency_protocol == "quick" else {}), "repeats": COMPARE_PASSES}
         ms = measure_latency_ms([load_model(out / "finetune" / a / "model") for a in aids]
                                 + [load_model(out / "yolov7-tiny" / "model")], args.imgsz, threads=args.threads, **kw)
         for key in picks:

@@ -8,7 +8,13 @@ model and seed the final mAP and the mean of the last 3 validations, seed 0 take
 
     python benchmarks/seed_repeats.py runs/bench/search128d --archs d0e1d91499 --seeds 1 2
 
-Without --archs it repeats the front models the run's comparison trained (the fastest and the best).
+Without --archs it repeats the front models the run's comparison trained (the fastest and the best);
+with --fidelity, every architecture of the run's rank-fidelity set. With two or more seeds of each of them,
+seeds.json also gives the noise ceiling of rank fidelity: Kendall tau between the stand-alone mAPs of two
+seeds (a proxy cannot be expected to rank one seed's results better than another seed of the same training
+does), and tau between inherited-weight mAP and the seed-mean mAP.
+
+    python benchmarks/seed_repeats.py runs/bench/search128d --fidelity --seeds 1
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import Any
 
 import torch
 import yaml
-from search_synthetic import _last_maps_mean, _scratch_dir, _train  # the script's directory is on sys.path
+from search_synthetic import _last_maps_mean, _scratch_dir, _tau, _train  # the script's directory is on sys.path
 
 from search_spaces import Detector, load_model
 from search_spaces.architecture import Architecture
@@ -32,11 +38,27 @@ def _row(run: Path, m: float, done: int, seed: int) -> dict[str, Any]:
     return {"seed": seed, "map": m, "map_last3": _last_maps_mean(run), "epochs": done, "run": str(run)}
 
 
+def noise_ceiling(models: dict[str, Any], fidelity: dict[str, Any]) -> dict[str, Any]:
+    """Kendall tau between seeds of the rank-fidelity architectures, and of inherited mAP with the seed mean."""
+    archs = [a for a in fidelity if a in models and len(models[a]["seeds"]) >= 2]
+    if len(archs) < 2:
+        return {}
+    res: dict[str, Any] = {"archs": archs}
+    for key in ("map", "map_last3"):
+        first = [models[a]["seeds"][0][key] for a in archs]
+        second = [models[a]["seeds"][1][key] for a in archs]
+        mean = [models[a]["mean_" + key] for a in archs]
+        res[f"tau_seed_vs_seed_{key}"] = _tau(first, second)
+        res[f"tau_inherited_vs_seed_mean_{key}"] = _tau([fidelity[a]["inherited_map"] for a in archs], mean)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a search_synthetic.py output directory (with bench.json)")
     ap.add_argument("--archs", nargs="+", default=None,
                     help="arch ids of the run's front (RUN/pareto/<id>); default: the models its comparison trained")
+    ap.add_argument("--fidelity", action="store_true", help="the run's rank-fidelity architectures (all of them)")
     ap.add_argument("--seeds", nargs="+", type=int, required=True, help="seeds besides the run's own")
     ap.add_argument("--no-baseline", action="store_true", help="do not repeat yolov7-tiny")
     cli = ap.parse_args()
@@ -49,17 +71,42 @@ def main() -> None:
     nc = load_data_config(data).nc
     epochs = args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
 
+    studied: dict[str, str] | None = None
+
+    def arch_yaml(name: str) -> str:
+        """The architecture's YAML: its front export, else the trial of the run's study that evaluated it."""
+        nonlocal studied
+        arch_file = cli.run / "pareto" / name / "arch.yaml"
+        if arch_file.is_file():
+            return arch_file.read_text()
+        if studied is None:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            study = optuna.load_study(study_name="bench", storage=f"sqlite:///{cli.run / 'study.db'}")
+            studied = {t.user_attrs["arch_id"]: t.user_attrs["arch"] for t in study.trials if "arch" in t.user_attrs}
+        if name not in studied:
+            ap.error(f"{name}: neither in {cli.run / 'pareto'} nor in the run's study")
+        return studied[name]
+
     def build(name: str) -> Detector:
         if name == "yolov7-tiny":
             return load_model("yolov7-tiny", nc=nc)
-        arch_file = cli.run / "pareto" / name / "arch.yaml"
-        if not arch_file.is_file():
-            ap.error(f"{arch_file}: no such file (--archs takes arch ids of the run's front)")
-        return Detector(Architecture.from_dict(yaml.safe_load(arch_file.read_text())))
+        return Detector(Architecture.from_dict(yaml.safe_load(arch_yaml(name))))
 
     compared = bench.get("vs_yolov7_tiny", {})
-    archs = cli.archs or list(dict.fromkeys(compared[k]["arch_id"] for k in ("fastest_front_model", "front_model")
-                                            if k in compared))
+    fidelity = {r["arch_id"]: r for r in bench.get("rank_fidelity", {}).get("archs", [])}
+    if cli.fidelity and cli.archs:
+        ap.error("--fidelity and --archs exclude each other")
+    if cli.fidelity:
+        archs = list(fidelity)
+        rf = bench["rank_fidelity"]
+        if rf.get("standalone_epochs") != epochs or rf.get("max_train_s"):
+            ap.error(f"the run's rank-fidelity trainings ({rf.get('standalone_epochs')} epochs, cap "
+                     f"{rf.get('max_train_s')}) differ from its comparison's ({epochs} epochs): no seeds to share")
+    else:
+        archs = cli.archs or list(dict.fromkeys(compared[k]["arch_id"] for k in ("fastest_front_model",
+                                                                                  "front_model") if k in compared))
     if not archs:
         ap.error(f"{report_path} compares no front model: pass --archs")
     names = [*archs, *(() if cli.no_baseline else ("yolov7-tiny",))]
@@ -84,6 +131,9 @@ def main() -> None:
                                "mean_map_last3": statistics.fmean(last3),
                                "stdev_map": statistics.stdev(finals) if len(finals) > 1 else None}
         atomic_write_json(cli.run / "seeds.json", out)
+    out["rank_fidelity"] = noise_ceiling(out["models"], fidelity)
+    atomic_write_json(cli.run / "seeds.json", out)
+    print(json.dumps(out["rank_fidelity"], indent=2))
     print(json.dumps({k: {m: v[m] for m in ("mean_map", "mean_map_last3", "stdev_map")}
                       for k, v in out["models"].items()}, indent=2))
 

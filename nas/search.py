@@ -92,6 +92,9 @@ class SearchConfig:
     # architectures the new study evaluates first: 'supernet' (the largest subnet the supernet was trained
     # for within its budget) or a zoo point of the space ('yolov7-tiny'); None: 'supernet' when recorded
     enqueue: tuple[str, ...] | None = None
+    # an architecture a COMPLETE trial of the study already evaluated is not evaluated again: its values are
+    # copied (an evaluation is deterministic: the same weights, calibration batches and validation set)
+    reuse_evaluations: bool = True
 
     def __post_init__(self) -> None:
         """Validate choices and ranges once (ConfigError naming the field)."""
@@ -643,7 +646,13 @@ class Searcher:
             with warnings.catch_warnings():  # a retried trial inherits the (equal) value: Optuna warns and keeps it
                 warnings.simplefilter("ignore")
                 trial.set_constraint("latency_ms", predicted - cfg.budget_ms)
-        if feasible or not cfg.skip_infeasible:
+        prior = self.evaluated_before(trial, arch_id) if cfg.reuse_evaluations else None
+        if prior is not None:
+            m, m50, evaluated = float(prior.user_attrs["map"]), float(prior.user_attrs["map50"]), True
+            trial.set_user_attr("duplicate_of", prior.number)
+            if "run_dir" in prior.user_attrs:  # where `detforge pareto` finds a scratch trial's model
+                trial.set_user_attr("run_dir", prior.user_attrs["run_dir"])
+        elif feasible or not cfg.skip_infeasible:
             m, m50 = self.score(trial, arch)
             evaluated = True
         else:  # dominated by every feasible trial under the constraint: not worth an evaluation
@@ -654,11 +663,23 @@ class Searcher:
         trial.set_user_attr("eval_s", round(time.perf_counter() - t0, 3))
         if cfg.progress:
             state = f"map {m:.4f}  map50 {m50:.4f}" if evaluated else "over budget, not evaluated"
+            if prior is not None:
+                state += f" (trial {prior.number}'s, the same architecture)"
             print(f"trial {trial.number}: {arch_id}  {predicted:.2f} ms  {params / 1e6:.2f}M  {gflops:.2f} GFLOPs  "
                   f"{state}  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
         values = {"map": m, "latency": predicted, "params": float(params), "gflops": gflops}
         out = tuple(values[o] for o in cfg.objectives or ())
         return out[0] if len(out) == 1 else out
+
+    @staticmethod
+    def evaluated_before(trial: Trial, arch_id: str) -> FrozenTrial | None:
+        """The first COMPLETE trial of the study that evaluated `arch_id` (samplers do draw an architecture
+        twice: NSGA-II's crossover of two parents that agree, TPE's exploitation)."""
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            a = t.user_attrs
+            if a.get("arch_id") == arch_id and a.get("evaluated") and "duplicate_of" not in a:
+                return t
+        return None
 
     def score(self, trial: Trial, arch: Architecture) -> tuple[float, float]:
         """(mAP50-95, mAP50) of `arch`: inherited weights after BN recalibration, or a short training."""
@@ -866,6 +887,8 @@ def summary(study: optuna.Study) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+        if "duplicate_of" in t.user_attrs:
+            counts["reused"] = counts.get("reused", 0) + 1
     return {"study": study.study_name, **counts, "settings": study.user_attrs.get(STUDY_ATTR, {})}
 
 

@@ -61,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="evaluate this architecture first (repeatable): 'supernet' (its trained largest; the "
                         "default when recorded) or a zoo point of the space, e.g. yolov7-tiny")
     q.add_argument("--no-enqueue", action="store_true", help="enqueue nothing (the sampler picks every trial)")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate an architecture the study already evaluated again (default: copy its values)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--device", default="auto")
@@ -135,7 +137,8 @@ def run_search(args: argparse.Namespace) -> None:
                        objectives=_objectives(args.objectives), imgsz=args.imgsz, batch=args.batch,
                        device=args.device, workers=args.workers, pruner=args.pruner, population=args.population,
                        skip_infeasible=not args.eval_infeasible, heartbeat_s=args.heartbeat, grace_s=args.grace,
-                       progress=not args.quiet, enqueue=() if args.no_enqueue else args.enqueue)
+                       progress=not args.quiet, enqueue=() if args.no_enqueue else args.enqueue,
+                       reuse_evaluations=not args.reevaluate)
     study = search(cfg)
     front = pareto_front(study)
     info = summary(study)

@@ -431,3 +431,23 @@ def test_enqueue_flags_exclude_each_other(shared, capsys):
     with pytest.raises(SystemExit) as e:
         main(["search", "--supernet", str(shared.supernet), "--enqueue", "yolov7-tiny", "--no-enqueue"])
     assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_an_architecture_drawn_twice_is_evaluated_once(shared, tmp_path):
+    first = run_search(_cfg(shared, tmp_path, trials=1, budget_ms=None, sampler="random"))
+    t0 = first.trials[0]
+    assert t0.user_attrs["evaluated"]
+    # the same architecture twice more, as a sampler may draw it: once reused, once evaluated again
+    first.enqueue_trial(t0.params)
+    study = run_search(_cfg(shared, tmp_path, trials=2, budget_ms=None, sampler="random"))
+    first.enqueue_trial(t0.params)
+    study = run_search(_cfg(shared, tmp_path, trials=3, budget_ms=None, sampler="random", reuse_evaluations=False))
+    _check_exactly(study, 3)
+    reused, again = study.trials[1], study.trials[2]
+    assert reused.user_attrs["arch_id"] == again.user_attrs["arch_id"] == t0.user_attrs["arch_id"]
+    assert reused.user_attrs["duplicate_of"] == 0 and "duplicate_of" not in again.user_attrs
+    # the premise of reuse: evaluating the same architecture again gives the same values
+    assert reused.values == again.values == t0.values
+    from nas.search import summary
+
+    assert summary(study)["reused"] == 1
