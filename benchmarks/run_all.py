@@ -25,8 +25,9 @@ FULL = [
     ["distill_synthetic.py", "--teacher", "runs/bench/teacher128/model", "--data", "runs/data/synth128/data.yaml"],
     ["search_synthetic.py"],
     ["seed_repeats.py", "runs/bench/search_synthetic", "--seeds", "1", "2"],
+    ["seed_repeats.py", "runs/bench/search_synthetic", "--fidelity", "--seeds", "1"],
     ["supernet_diagnose.py", "runs/bench/search_synthetic", "--data", "runs/bench/search_synthetic/data/data.yaml",
-     "--imgsz", "320"],
+     "--imgsz", "320", "--head-steps", "60"],
 ]
 QUICK = [
     ["zoo_stats.py"],
@@ -42,7 +43,7 @@ QUICK = [
      "--standalone-epochs", "1", "--finetune-epochs", "1", "--out", "runs/bench/quick-search"],
     ["seed_repeats.py", "runs/bench/quick-search", "--seeds", "1"],
     ["supernet_diagnose.py", "runs/bench/quick-search", "--data", "runs/bench/quick-search/data/data.yaml",
-     "--imgsz", "64", "--batch", "8", "--steps", "2"],
+     "--imgsz", "64", "--batch", "8", "--steps", "2", "--head-steps", "2"],
 ]
 
 

@@ -9,10 +9,10 @@ model and seed the final mAP and the mean of the last 3 validations, seed 0 take
     python benchmarks/seed_repeats.py runs/bench/search128d --archs d0e1d91499 --seeds 1 2
 
 Without --archs it repeats the front models the run's comparison trained (the fastest and the best);
-with --fidelity, every architecture of the run's rank-fidelity set. With two or more seeds of each of them,
-seeds.json also gives the noise ceiling of rank fidelity: Kendall tau between the stand-alone mAPs of two
-seeds (a proxy cannot be expected to rank one seed's results better than another seed of the same training
-does), and tau between inherited-weight mAP and the seed-mean mAP.
+with --fidelity, every architecture of the run's rank-fidelity set, into RUN/seeds_fidelity.json. With two
+or more seeds of each of them, the report also gives the noise ceiling of rank fidelity: Kendall tau
+between the stand-alone mAPs of two seeds (a proxy cannot be expected to rank one seed's results better
+than another seed of the same training does), and tau between inherited-weight mAP and the seed-mean mAP.
 
     python benchmarks/seed_repeats.py runs/bench/search128d --fidelity --seeds 1
 """
@@ -26,7 +26,12 @@ from typing import Any
 
 import torch
 import yaml
-from search_synthetic import _last_maps_mean, _scratch_dir, _tau, _train  # the script's directory is on sys.path
+from search_synthetic import (  # the script's directory is on sys.path
+    _last_maps_mean,
+    _scratch_dir,
+    _tau,
+    _train,
+)
 
 from search_spaces import Detector, load_model
 from search_spaces.architecture import Architecture
@@ -50,7 +55,20 @@ def noise_ceiling(models: dict[str, Any], fidelity: dict[str, Any]) -> dict[str,
         mean = [models[a]["mean_" + key] for a in archs]
         res[f"tau_seed_vs_seed_{key}"] = _tau(first, second)
         res[f"tau_inherited_vs_seed_mean_{key}"] = _tau([fidelity[a]["inherited_map"] for a in archs], mean)
+    # and within one training: how well the first seed's mAP some epochs before the end ranks its final mAP
+    curves = [_maps(Path(models[a]["seeds"][0]["run"])) for a in archs]
+    n = min(len(c) for c in curves)
+    res["tau_epoch_vs_final"] = {str(e): _tau([c[e - 1] for c in curves], [c[n - 1] for c in curves])
+                                 for e in sorted({n // 2, (3 * n) // 4, n - 4, n - 2}) if 1 <= e < n}
     return res
+
+
+def _maps(run: Path) -> list[float]:
+    """A run's validation mAPs, epoch by epoch (results.csv)."""
+    import csv
+
+    with open(run / "results.csv") as f:
+        return [float(r["map"]) for r in csv.DictReader(f) if r.get("map")]
 
 
 def main() -> None:
@@ -130,9 +148,8 @@ def main() -> None:
         out["models"][name] = {"seeds": rows, "mean_map": statistics.fmean(finals),
                                "mean_map_last3": statistics.fmean(last3),
                                "stdev_map": statistics.stdev(finals) if len(finals) > 1 else None}
-        atomic_write_json(cli.run / "seeds.json", out)
-    out["rank_fidelity"] = noise_ceiling(out["models"], fidelity)
-    atomic_write_json(cli.run / "seeds.json", out)
+        out["rank_fidelity"] = noise_ceiling(out["models"], fidelity)  # so far: a killed run keeps it
+        atomic_write_json(cli.run / ("seeds_fidelity.json" if cli.fidelity else "seeds.json"), out)
     print(json.dumps(out["rank_fidelity"], indent=2))
     print(json.dumps({k: {m: v[m] for m in ("mean_map", "mean_map_last3", "stdev_map")}
                       for k, v in out["models"].items()}, indent=2))

@@ -7,7 +7,16 @@ Reads a `benchmarks/search_synthetic.py` run directory (supernet.pt, table.json,
 2. inherited-weight mAP of the supernet's largest architecture with its stored BatchNorm statistics and
    recalibrated on 4 and 16 batches, then of the same architecture with one elastic dimension at its
    smallest (depth, widths, all sizes), then of random feasible architectures with and without the
-   largest's block variants.
+   largest's block variants; then of the largest with one group of elastic sizes at its smallest (the
+   neck's outputs, which feed the detection head; the neck's hidden widths; the backbone's outputs; the
+   backbone's hidden widths), which tells where width sharing loses accuracy.
+
+With --head-steps N, the largest with the smallest neck outputs, with the smallest backbone outputs, and two
+random feasible architectures are also extracted and their detection heads alone trained for N steps (SGD,
+BatchNorm frozen at the recalibrated statistics): if a subnet's loss were in the head reading fewer input
+channels, a few head steps would recover it.
+
+--no-step-timing skips part 1 (it is the only part that needs an otherwise idle machine).
 
     python benchmarks/supernet_diagnose.py runs/bench/search128c --data runs/data/synth128/data.yaml
 """
@@ -50,6 +59,40 @@ def step_seconds(space: Any, data: str, imgsz: int, batch: int, steps: int, regi
     return statistics.median(times)
 
 
+def train_head(det: Any, data: Any, imgsz: int, batch: int, steps: int) -> None:
+    """Train only `det`'s detection head for `steps` steps (SGD; BatchNorm frozen at its statistics)."""
+    from trainer.datasets import YoloDataset, build_dataloader
+    from trainer.hyp import load_hyp
+    from trainer.loss import HeadInfo, YoloLoss
+
+    torch.manual_seed(0)
+    for p in det.parameters():
+        p.requires_grad_(False)
+    params = list(det.head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    loss_fn = YoloLoss(HeadInfo.from_detector(det), load_hyp("tiny").scaled(len(det.arch.head_strides()),
+                                                                             det.arch.nc, imgsz))
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    loader = build_dataloader(YoloDataset.from_config(data, "train", imgsz=imgsz, seed=0), batch, 0, seed=0)
+    det.train()
+    for m in det.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    it = iter(loader)
+    for _ in range(steps):
+        try:
+            imgs, targets, *_ = next(it)
+        except StopIteration:
+            it = iter(loader)
+            imgs, targets, *_ = next(it)
+        loss, _ = loss_fn(det(imgs.float() / 255.0), targets, imgs.shape)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    det.eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a search_synthetic.py output directory")
@@ -58,6 +101,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--head-steps", type=int, default=0, help="also train extracted subnets' heads alone")
+    ap.add_argument("--no-step-timing", action="store_true", help="skip the sandwich step timing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -70,12 +115,13 @@ def main() -> None:
     report: dict[str, Any] = {"budget_ms": budget, "threads": args.threads, "batch": args.batch}
 
     space = sup.space.with_nc(s.nc)
-    report["step_s"] = {
-        "whole_space": step_seconds(space, args.data, args.imgsz, args.batch, args.steps, None, run / "diag_a"),
-        "budget_region": step_seconds(space, args.data, args.imgsz, args.batch, args.steps, region,
-                                      run / "diag_b")}
-    print(f"sandwich step: whole space {report['step_s']['whole_space']:.2f} s, budget region "
-          f"{report['step_s']['budget_region']:.2f} s", flush=True)
+    if not args.no_step_timing:
+        report["step_s"] = {
+            "whole_space": step_seconds(space, args.data, args.imgsz, args.batch, args.steps, None, run / "diag_a"),
+            "budget_region": step_seconds(space, args.data, args.imgsz, args.batch, args.steps, region,
+                                          run / "diag_b")}
+        print(f"sandwich step: whole space {report['step_s']['whole_space']:.2f} s, budget region "
+              f"{report['step_s']['budget_region']:.2f} s", flush=True)
 
     rows = []
 
@@ -103,7 +149,34 @@ def main() -> None:
         d = region.sample(rng)
         ev(d, 4, f"random feasible {i}")
         ev({**d, **{k: big[k] for k in variants}}, 4, f"random feasible {i}, largest's block variants")
+    groups = {"neck outputs (the head's inputs)": lambda k: k.startswith("neck.") and k.endswith(".out"),
+              "neck hidden widths": lambda k: k.startswith("neck.") and k.endswith((".width", ".mid")),
+              "backbone outputs": lambda k: k.startswith(("stem.", "backbone.")) and k.endswith(".out"),
+              "backbone hidden widths": lambda k: k.startswith(("stem.", "backbone.")) and k.endswith(".width")}
+    for name, member in groups.items():
+        ev({**big, **{k: small[k] for k in big if member(k)}}, 4, f"largest, smallest {name}")
     report["evaluations"] = rows
+    if args.head_steps:
+        report["head_only"] = []
+        def shrunk(group: str) -> dict[str, Any]:
+            return {**big, **{k: small[k] for k in big if groups[group](k)}}
+
+        picks = {"largest": big, "largest, smallest neck outputs": shrunk("neck outputs (the head's inputs)"),
+                 "largest, smallest backbone outputs": shrunk("backbone outputs")}
+        rng = np.random.default_rng(5)
+        picks.update({f"random feasible {i}": region.sample(rng) for i in range(2)})
+        for what, dec in picks.items():
+            arch = s.space.build_arch(dec)
+            sup.set_active(arch)
+            sup.recalibrate_bn(calibration_batches(s.data, args.imgsz, args.batch, 4, seed=0))
+            det = sup.extract().eval()
+            before = evaluate(det, s.val_loader(), s.nc, s.names, device=s.device).metrics.map
+            train_head(det, s.data, args.imgsz, args.batch, args.head_steps)
+            after = evaluate(det, s.val_loader(), s.nc, s.names, device=s.device).metrics.map
+            report["head_only"].append({"what": what, "arch": arch.name, "predicted_ms": region.latency_ms(dec),
+                                        "map": before, "map_after_head_steps": after, "steps": args.head_steps})
+            print(f"{what:44s} {region.latency_ms(dec):5.2f} ms  mAP {before * 100:.3f}%, after {args.head_steps} "
+                  f"head-only steps {after * 100:.3f}%", flush=True)
     atomic_write_json(run / "diagnose.json", report)
 
 
