@@ -90,15 +90,20 @@ def _scratch_dir(out: Path, arch_id: str, epochs: int, max_s: float | None) -> P
     return out / "scratch" / f"{arch_id}-{epochs}e{cap}"
 
 
-def _last_maps_mean(run: Path, k: int = 3) -> float:
-    """The mean mAP of a run's last `k` validations (results.csv): a short run's last epoch alone is noisy."""
+def _maps(run: Path) -> list[float]:
+    """A run's validation mAPs, epoch by epoch (results.csv; none without it)."""
     import csv
 
     if not (run / "results.csv").is_file():
-        return float("nan")
+        return []
     with open(run / "results.csv", newline="") as f:
-        maps = [float(r["map"]) for r in csv.DictReader(f) if r.get("map") not in (None, "")]
-    return sum(maps[-k:]) / len(maps[-k:]) if maps else float("nan")
+        return [float(r["map"]) for r in csv.DictReader(f) if r.get("map") not in (None, "")]
+
+
+def _last_maps_mean(run: Path, k: int = 3) -> float:
+    """The mean mAP of a run's last `k` validations (results.csv): a short run's last epoch alone is noisy."""
+    maps = _maps(run)[-k:]
+    return sum(maps) / len(maps) if maps else float("nan")
 
 
 def _tau(xs: list[float], ys: list[float]) -> float | None:

@@ -28,6 +28,7 @@ import torch
 import yaml
 from search_synthetic import (  # the script's directory is on sys.path
     _last_maps_mean,
+    _maps,
     _scratch_dir,
     _tau,
     _train,
@@ -63,20 +64,13 @@ def noise_ceiling(models: dict[str, Any], fidelity: dict[str, Any]) -> dict[str,
     return res
 
 
-def _maps(run: Path) -> list[float]:
-    """A run's validation mAPs, epoch by epoch (results.csv)."""
-    import csv
-
-    with open(run / "results.csv") as f:
-        return [float(r["map"]) for r in csv.DictReader(f) if r.get("map")]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a search_synthetic.py output directory (with bench.json)")
-    ap.add_argument("--archs", nargs="+", default=None,
-                    help="arch ids of the run's front (RUN/pareto/<id>); default: the models its comparison trained")
-    ap.add_argument("--fidelity", action="store_true", help="the run's rank-fidelity architectures (all of them)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--archs", nargs="+", default=None,
+                       help="arch ids of the run's front or study; default: the models its comparison trained")
+    which.add_argument("--fidelity", action="store_true", help="the run's rank-fidelity architectures (all of them)")
     ap.add_argument("--seeds", nargs="+", type=int, required=True, help="seeds besides the run's own")
     ap.add_argument("--no-baseline", action="store_true", help="do not repeat yolov7-tiny")
     cli = ap.parse_args()
@@ -114,8 +108,6 @@ def main() -> None:
 
     compared = bench.get("vs_yolov7_tiny", {})
     fidelity = {r["arch_id"]: r for r in bench.get("rank_fidelity", {}).get("archs", [])}
-    if cli.fidelity and cli.archs:
-        ap.error("--fidelity and --archs exclude each other")
     if cli.fidelity:
         archs = list(fidelity)
         rf = bench["rank_fidelity"]

@@ -23,6 +23,7 @@ channels, a few head steps would recover it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -125,11 +126,15 @@ def main() -> None:
 
     rows = []
 
+    @functools.cache
+    def calibration(n: int) -> list[torch.Tensor]:
+        return calibration_batches(s.data, args.imgsz, args.batch, n, seed=0)
+
     def ev(dec: dict[str, Any], bn: int | None, what: str) -> None:
         arch = s.space.build_arch(dec)
         sup.set_active(arch)
         if bn is not None:
-            sup.recalibrate_bn(calibration_batches(s.data, args.imgsz, args.batch, bn, seed=0))
+            sup.recalibrate_bn(calibration(bn))
         m = evaluate(sup, s.val_loader(), s.nc, s.names, device=s.device).metrics
         rows.append({"what": what, "arch": arch.name, "head": arch.head.type, "bn_batches": bn,
                      "predicted_ms": region.latency_ms(dec), "map": m.map, "map50": m.map50})
@@ -153,14 +158,17 @@ def main() -> None:
               "neck hidden widths": lambda k: k.startswith("neck.") and k.endswith((".width", ".mid")),
               "backbone outputs": lambda k: k.startswith(("stem.", "backbone.")) and k.endswith(".out"),
               "backbone hidden widths": lambda k: k.startswith(("stem.", "backbone.")) and k.endswith(".width")}
-    for name, member in groups.items():
-        ev({**big, **{k: small[k] for k in big if member(k)}}, 4, f"largest, smallest {name}")
+
+
+    def shrunk(group: str) -> dict[str, Any]:
+        """The largest with the sizes of one group at their smallest."""
+        return {**big, **{k: small[k] for k in big if groups[group](k)}}
+
+    for name in groups:
+        ev(shrunk(name), 4, f"largest, smallest {name}")
     report["evaluations"] = rows
     if args.head_steps:
         report["head_only"] = []
-        def shrunk(group: str) -> dict[str, Any]:
-            return {**big, **{k: small[k] for k in big if groups[group](k)}}
-
         picks = {"largest": big, "largest, smallest neck outputs": shrunk("neck outputs (the head's inputs)"),
                  "largest, smallest backbone outputs": shrunk("backbone outputs")}
         rng = np.random.default_rng(5)
@@ -168,7 +176,7 @@ def main() -> None:
         for what, dec in picks.items():
             arch = s.space.build_arch(dec)
             sup.set_active(arch)
-            sup.recalibrate_bn(calibration_batches(s.data, args.imgsz, args.batch, 4, seed=0))
+            sup.recalibrate_bn(calibration(4))
             det = sup.extract().eval()
             before = evaluate(det, s.val_loader(), s.nc, s.names, device=s.device).metrics.map
             train_head(det, s.data, args.imgsz, args.batch, args.head_steps)
