@@ -106,6 +106,19 @@ def _last_maps_mean(run: Path, k: int = 3) -> float:
     return sum(maps) / len(maps) if maps else float("nan")
 
 
+def _run_arch_yaml(run: Path, arch_id: str) -> str | None:
+    """An architecture of a run by id, as YAML: its front export, else the trial of the run's study that
+    evaluated it (None: neither has it)."""
+    exported = run / "pareto" / arch_id / "arch.yaml"
+    if exported.is_file():
+        return exported.read_text()
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="bench", storage=f"sqlite:///{run / 'study.db'}")
+    return next((t.user_attrs["arch"] for t in study.trials if t.user_attrs.get("arch_id") == arch_id), None)
+
+
 def _tau(xs: list[float], ys: list[float]) -> float | None:
     """Kendall's tau (None when undefined: fewer than 2 points or a constant column)."""
     from scipy.stats import kendalltau

@@ -29,6 +29,7 @@ import yaml
 from search_synthetic import (  # the script's directory is on sys.path
     _last_maps_mean,
     _maps,
+    _run_arch_yaml,
     _scratch_dir,
     _tau,
     _train,
@@ -83,28 +84,13 @@ def main() -> None:
     nc = load_data_config(data).nc
     epochs = args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
 
-    studied: dict[str, str] | None = None
-
-    def arch_yaml(name: str) -> str:
-        """The architecture's YAML: its front export, else the trial of the run's study that evaluated it."""
-        nonlocal studied
-        arch_file = cli.run / "pareto" / name / "arch.yaml"
-        if arch_file.is_file():
-            return arch_file.read_text()
-        if studied is None:
-            import optuna
-
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            study = optuna.load_study(study_name="bench", storage=f"sqlite:///{cli.run / 'study.db'}")
-            studied = {t.user_attrs["arch_id"]: t.user_attrs["arch"] for t in study.trials if "arch" in t.user_attrs}
-        if name not in studied:
-            ap.error(f"{name}: neither in {cli.run / 'pareto'} nor in the run's study")
-        return studied[name]
-
     def build(name: str) -> Detector:
         if name == "yolov7-tiny":
             return load_model("yolov7-tiny", nc=nc)
-        return Detector(Architecture.from_dict(yaml.safe_load(arch_yaml(name))))
+        text = _run_arch_yaml(cli.run, name)
+        if text is None:
+            ap.error(f"{name}: neither in {cli.run / 'pareto'} nor in the run's study")
+        return Detector(Architecture.from_dict(yaml.safe_load(text)))
 
     compared = bench.get("vs_yolov7_tiny", {})
     fidelity = {r["arch_id"]: r for r in bench.get("rank_fidelity", {}).get("archs", [])}

@@ -3,9 +3,9 @@
 The front holds the feasible (within the latency budget), evaluated COMPLETE trials that no other
 such trial dominates on the study's objectives plus predicted latency (so a scratch-mode study, which
 optimises mAP alone, still gets an accuracy/latency front). `export_front` turns each into a model
-directory (`arch.yaml` + `weights.pt`: from the supernet with BatchNorm recalibrated, or in scratch mode the
-model the trial trained), a fused ONNX file and
-a latency measured on a backend of this machine, all listed in `front.json`.
+directory (`arch.yaml` + `weights.pt`: from the supernet with BatchNorm recalibrated, or the model the trial
+trained in scratch mode and with finetuned candidates), a fused ONNX file and a latency measured on a backend
+of this machine, all listed in `front.json`.
 """
 from __future__ import annotations
 
@@ -192,11 +192,12 @@ def export_front(study: optuna.Study, supernet: Supernet | str | Path | None, ou
     on `backend` (a name, a Backend, or None to skip), and `out_dir/front.json` + `front.png`.
 
     Supernet studies extract each architecture from `supernet` with BatchNorm recalibrated as the search did
-    (its batches, seed and batch size, unless given); scratch studies copy the model each trial trained.
+    (its batches, seed and batch size, unless given); scratch studies, and supernet studies that finetune
+    every candidate, copy the model each trial trained.
     """
     st = settings(study)
     entries = [dataclasses.replace(e) for e in (pareto_front(study) if front is None else front)]
-    models = (_scratch_models(study, entries) if st.get("mode") == "scratch"
+    models = (_trained_models(study, entries) if trains_candidates(st)
               else _supernet_models(st, entries, supernet, data, bn_batches, batch, device))
     from compress.export import export_detector
     from search_spaces import save_model
@@ -220,8 +221,13 @@ def export_front(study: optuna.Study, supernet: Supernet | str | Path | None, ou
     return entries
 
 
-def _scratch_models(study: optuna.Study, entries: Sequence[FrontEntry]) -> Iterator[Detector]:
-    """The models a scratch study's trials trained (their `run_dir`/model), one per entry, loaded lazily."""
+def trains_candidates(st: dict[str, Any]) -> bool:
+    """Whether a study's trials train their candidates (scratch mode, or finetuned inherited weights)."""
+    return st.get("mode") == "scratch" or bool(st.get("finetune_epochs"))
+
+
+def _trained_models(study: optuna.Study, entries: Sequence[FrontEntry]) -> Iterator[Detector]:
+    """The models a study's trials trained (their `run_dir`/model), one per entry, loaded lazily."""
     from search_spaces import load_model
 
     paths = []

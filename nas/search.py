@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
@@ -44,6 +44,9 @@ from trainer.distributed import resolve_device
 
 from .budget import PredictMs, pinned_space, space_predictor, table_predictor
 from .supernet import Supernet, load_supernet
+
+if TYPE_CHECKING:
+    from trainer.evaluate import EvalResult
 
 OBJECTIVES = {"map": "maximize", "latency": "minimize", "params": "minimize", "gflops": "minimize"}
 SAMPLERS = ("auto", "nsga2", "tpe", "random", "gp")
@@ -74,6 +77,10 @@ class SearchConfig:
     bn_batches: int = 8  # training batches that re-estimate a subnet's BatchNorm statistics
     val_batches: int | None = None  # validation batches per trial (None: the whole val split)
     scratch_epochs: int = 3
+    # supernet mode: train each inherited subnet this many epochs before validating it (0: inherited weights
+    # after BN recalibration only); slower per trial, a proxy that does not hinge on width sharing alone
+    finetune_epochs: int = 0
+    nbs: int = 64  # nominal batch of the trials' trainings (scratch epochs, finetune epochs)
     objectives: tuple[str, ...] | None = None  # default (map, latency); scratch mode: (map,)
     imgsz: int | None = None  # default: the table's input size, else the space's largest
     nc: int | None = None  # default: the dataset's
@@ -101,9 +108,15 @@ class SearchConfig:
         for key, allowed in (("sampler", SAMPLERS), ("mode", MODES), ("pruner", PRUNERS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}", field=key)
-        for key in ("trials", "bn_batches", "scratch_epochs", "batch", "heartbeat_s", "grace_s", "max_failures"):
+        for key in ("trials", "bn_batches", "scratch_epochs", "batch", "nbs", "heartbeat_s", "grace_s",
+                    "max_failures"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", field=key)
+        if self.finetune_epochs < 0:
+            raise ConfigError(f"must be >= 0, got {self.finetune_epochs}", field="finetune_epochs")
+        if self.finetune_epochs and self.mode != "supernet":
+            raise ConfigError("finetunes inherited weights: supernet mode only (scratch mode trains "
+                              "--scratch-epochs)", field="finetune_epochs")
         if self.grace_s < 2 * self.heartbeat_s:  # else a live worker between two beats would count as dead
             raise ConfigError(f"must be at least twice the heartbeat ({self.heartbeat_s} s), got {self.grace_s}",
                               field="grace_s")
@@ -682,34 +695,56 @@ class Searcher:
         return None
 
     def score(self, trial: Trial, arch: Architecture) -> tuple[float, float]:
-        """(mAP50-95, mAP50) of `arch`: inherited weights after BN recalibration, or a short training."""
+        """(mAP50-95, mAP50) of `arch`: inherited weights after BN recalibration (then finetuned if asked),
+        or a short training from scratch."""
         from trainer.evaluate import evaluate
 
-        if self.cfg.mode == "scratch":
-            return self.train_scratch(trial, arch)
+        cfg = self.cfg
+        if cfg.mode == "scratch":
+            # reports each epoch's mAP to the pruner (single-objective studies, the scratch mode's)
+            return self.train_trial(trial, Detector(arch), cfg.scratch_epochs, [_PruneReport(trial)])
         assert self.supernet is not None
         net = self.supernet
         net.set_active(arch)
         net.recalibrate_bn(self.bn_batches())
-        res = evaluate(net, self.val_loader(), self.nc, self.names, device=self.device,
-                       max_batches=self.cfg.val_batches)
+        if cfg.finetune_epochs:
+            return self.train_trial(trial, net.extract(), cfg.finetune_epochs)
+        res = evaluate(net, self.val_loader(), self.nc, self.names, device=self.device, max_batches=cfg.val_batches)
         return float(res.metrics.map), float(res.metrics.map50)
 
-    def train_scratch(self, trial: Trial, arch: Architecture) -> tuple[float, float]:
-        """Train `arch` from scratch for `scratch_epochs`, reporting each epoch's mAP to the pruner."""
-        from trainer.config import TrainConfig
-        from trainer.trainer import Trainer
-
+    def train_trial(self, trial: Trial, model: Detector, epochs: int,
+                    callbacks: Sequence[Callback] = ()) -> tuple[float, float]:
+        """Train `model` for `epochs` in the trial's run directory: (mAP50-95, mAP50) of its last validation."""
         cfg = self.cfg
-        tcfg = TrainConfig(model=arch.name, data=str(self.data.yaml_path) if self.data.yaml_path else cfg.data,
-                           out=str(Path(cfg.out) / "trials" / f"{trial.number:05d}"), epochs=cfg.scratch_epochs,
-                           imgsz=self.imgsz, batch=cfg.batch, device=cfg.device, workers=cfg.workers, seed=cfg.seed,
-                           progress=False, max_val_batches=cfg.val_batches)
-        trial.set_user_attr("run_dir", str(Path(tcfg.out).resolve()))  # where `detforge pareto` finds the model
-        result = Trainer(tcfg, model=Detector(arch), callbacks=[_PruneReport(trial)]).train()
-        if result.last is None:
-            raise DetforgeError("training produced no validation result", field="scratch_epochs")
-        return float(result.last.metrics.map), float(result.last.metrics.map50)
+        out = Path(cfg.out) / "trials" / f"{trial.number:05d}"
+        trial.set_user_attr("run_dir", str(out.resolve()))  # where `detforge pareto` finds the model
+        result = train_candidate(model, self.data_arg(), out, epochs, imgsz=self.imgsz, batch=cfg.batch, nbs=cfg.nbs,
+                                 device=cfg.device, workers=cfg.workers, seed=cfg.seed, val_batches=cfg.val_batches,
+                                 callbacks=callbacks)
+        return float(result.metrics.map), float(result.metrics.map50)
+
+    def data_arg(self) -> str | None:
+        """The dataset as a TrainConfig names it (the resolved data.yaml; None: the built-in synthetic set)."""
+        return str(self.data.yaml_path) if self.data.yaml_path else self.cfg.data
+
+
+def train_candidate(model: Detector, data: str | None, out: str | Path, epochs: int, *, imgsz: int, batch: int = 16,
+                    nbs: int = 64, device: str = "auto", workers: int = 0, seed: int = 0,
+                    val_batches: int | None = None, callbacks: Sequence[Callback] = ()) -> EvalResult:
+    """Train a candidate (from its current weights) for `epochs` into `out`; its last validation result.
+
+    Used by scratch-mode trials, finetuned supernet trials and the benchmarks that check them.
+    """
+    from trainer.config import TrainConfig
+    from trainer.trainer import Trainer
+
+    tcfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=imgsz, batch=batch,
+                       nbs=nbs, device=device, workers=workers, seed=seed, progress=False,
+                       max_val_batches=val_batches)
+    result = Trainer(tcfg, model=model, callbacks=list(callbacks)).train()
+    if result.last is None:
+        raise DetforgeError("training produced no validation result", field="epochs")
+    return result.last
 
 
 # ---- the search -------------------------------------------------------------------------------------------
@@ -733,7 +768,8 @@ def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) 
     return {"space": space.name, "space_path": space.source, "supernet": _abs(cfg.supernet), "table": _abs(cfg.table),
             "data": _abs(cfg.data), "budget_ms": cfg.budget_ms, "objectives": list(cfg.objectives or ()), "mode": cfg.mode,
             "imgsz": imgsz, "nc": nc, "trials": cfg.trials, "seed": cfg.seed, "batch": cfg.batch,
-            "bn_batches": cfg.bn_batches, "table_sha": _digest(cfg.table), "supernet_sha": _digest(cfg.supernet)}
+            "bn_batches": cfg.bn_batches,
+            "finetune_epochs": cfg.finetune_epochs, "table_sha": _digest(cfg.table), "supernet_sha": _digest(cfg.supernet)}
 
 
 def _check_settings(study: optuna.Study, mine: dict[str, Any]) -> None:
@@ -742,8 +778,8 @@ def _check_settings(study: optuna.Study, mine: dict[str, Any]) -> None:
     if not theirs:
         study.set_user_attr(STUDY_ATTR, mine)
         return
-    for key in ("space", "objectives", "mode", "budget_ms", "imgsz", "nc"):
-        if theirs.get(key) != mine.get(key):
+    for key in ("space", "objectives", "mode", "budget_ms", "imgsz", "nc", "finetune_epochs"):
+        if theirs.get(key, 0 if key == "finetune_epochs" else None) != mine.get(key):
             raise ConfigError(f"study {study.study_name!r} was created with {key}={theirs.get(key)!r}, this search "
                               f"has {mine.get(key)!r}: use another --study", field=key)
     for key, what in (("table_sha", "table"), ("supernet_sha", "supernet")):  # same content, any path

@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bn-batches", type=int, default=8)
     p.add_argument("--val-batches", type=int, default=None, help="validation batches per trial (default: all)")
     p.add_argument("--scratch-epochs", type=int, default=3)
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="supernet mode: train each inherited subnet this many epochs before validating (default 0)")
+    p.add_argument("--nbs", type=int, default=64, help="nominal batch of the trials' trainings (scratch, finetune)")
     p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     p.add_argument("--population", type=int, default=None, help="NSGA-II population size")
     p.add_argument("--eval-infeasible", action="store_true", help="also evaluate over-budget candidates")
@@ -134,6 +137,7 @@ def run_search(args: argparse.Namespace) -> None:
                        budget_ms=args.budget_ms, trials=args.trials, storage=args.storage, study=args.study,
                        out=args.out, sampler=args.sampler, seed=args.seed, mode=args.mode, bn_batches=args.bn_batches,
                        val_batches=args.val_batches, scratch_epochs=args.scratch_epochs,
+                       finetune_epochs=args.finetune_epochs, nbs=args.nbs,
                        objectives=_objectives(args.objectives), imgsz=args.imgsz, batch=args.batch,
                        device=args.device, workers=args.workers, pruner=args.pruner, population=args.population,
                        skip_infeasible=not args.eval_infeasible, heartbeat_s=args.heartbeat, grace_s=args.grace,

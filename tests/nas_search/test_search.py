@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
+import yaml
 from optuna.trial import TrialState
 
 from nas.cli import main
@@ -451,3 +452,44 @@ def test_an_architecture_drawn_twice_is_evaluated_once(shared, tmp_path):
     from nas.search import summary
 
     assert summary(study)["reused"] == 1
+
+
+def test_finetune_mode_trains_each_candidate_from_its_inherited_weights(shared, tmp_path):
+    from nas.pareto import export_front
+    from nas.supernet import load_supernet
+    from search_spaces import Detector, load_model
+    from search_spaces.architecture import Architecture
+    from trainer.config import TrainConfig
+
+    study = run_search(_cfg(shared, tmp_path, trials=2, budget_ms=None, sampler="random", finetune_epochs=1, nbs=8))
+    _check_exactly(study, 2)
+    assert study.user_attrs["detforge.search"]["finetune_epochs"] == 1
+    net = load_supernet(shared.supernet)
+    for t in study.trials:
+        run = Path(t.user_attrs["run_dir"])
+        assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())).epochs == 1
+        assert t.values[0] == t.user_attrs["map"]
+        assert t.values[0] == pytest.approx(json.loads((run / "summary.json").read_text())["last"]["map"], abs=1e-6)
+        trained = load_model(run / "model").state_dict()
+        arch = Architecture.from_dict(yaml.safe_load(t.user_attrs["arch"]))
+        inherited = net.extract(arch).state_dict()
+        torch.manual_seed(0)
+        fresh = Detector(arch).state_dict()
+        convs = [k for k in trained if k.endswith("conv.weight")]
+        assert convs
+
+        def dist(other: dict) -> float:
+            return sum(float((trained[k] - other[k]).norm()) for k in convs)
+
+        # one short epoch moves the weights a little: training started from the supernet's, not afresh
+        assert 0 < dist(inherited) < 0.5 * dist(fresh)
+    # the front is the finetuned models, not re-extracted ones
+    for e in export_front(study, shared.supernet, tmp_path / "front", backend=None, onnx=False):
+        trained = load_model(tmp_path / "trials" / f"{e.number:05d}" / "model").state_dict()
+        exported = load_model(e.path).state_dict()
+        assert all(torch.equal(trained[k], exported[k]) for k in trained)
+    # joining with another evaluation is refused; scratch mode has no inherited weights to finetune
+    with pytest.raises(ConfigError, match="finetune_epochs"):
+        run_search(_cfg(shared, tmp_path, trials=3, budget_ms=None, sampler="random"))
+    with pytest.raises(ConfigError, match="finetune_epochs"):
+        _cfg(shared, tmp_path, mode="scratch", space="tiny", supernet=None, finetune_epochs=1, objectives=("map",))

@@ -1,0 +1,126 @@
+"""Rank fidelity of finetuned inherited weights (`detforge search --finetune-epochs E`) on a search run.
+
+`search_synthetic.py` measures how well inherited-weight mAP ranks the run's rank-fidelity architectures
+against their stand-alone training. This script scores the same architectures the way a search with
+`--finetune-epochs E` does (the supernet's subnet, BatchNorm recalibrated on the search's batches, extracted
+and trained E epochs by `nas.search.train_candidate`), and, as the control that says whether the inherited
+weights matter, the same E epochs from a fresh initialisation. It writes RUN/finetune_fidelity.json: per
+architecture both proxies' mAP and wall time, and Kendall tau of each proxy (and of plain inherited mAP)
+against the stand-alone mAP of seed 0 (final, last-3 mean) and, where `seed_repeats.py --fidelity` ran,
+against the mean over seeds. Each training resumes: a finished one is read back from its results.csv.
+
+    python benchmarks/finetune_fidelity.py runs/bench/search128d --epochs 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from search_synthetic import _maps, _run_arch_yaml, _tau  # the script's directory is on sys.path
+
+from nas.search import calibration_batches, train_candidate
+from nas.supernet import load_supernet
+from nas.supernet_train import SUPERNET_FILE
+from search_spaces import Detector
+from search_spaces.architecture import Architecture
+from search_spaces.io import atomic_write_json
+from trainer.datasets import load_data_config
+from trainer.distributed import resolve_device
+
+PROXIES = ("finetuned", "scratch")
+
+
+def _trained(run: Path, epochs: int, model: Any, args: argparse.Namespace, nbs: int) -> dict[str, Any]:
+    """Train `model()` for `epochs` into `run` unless a finished run is there; its final mAP and wall time."""
+    maps = _maps(run)
+    if len(maps) >= epochs and (run / "proxy.json").is_file():
+        return json.loads((run / "proxy.json").read_text())
+    shutil.rmtree(run, ignore_errors=True)  # an interrupted one starts over: it is a few epochs
+    t0 = time.perf_counter()
+    res = train_candidate(model(), args.data, run, epochs, imgsz=args.imgsz, batch=args.batch, nbs=nbs,
+                          device=args.device, workers=args.workers, seed=args.seed, val_batches=args.val_batches)
+    row = {"map": float(res.metrics.map), "map50": float(res.metrics.map50), "wall_s": round(time.perf_counter() - t0, 1)}
+    atomic_write_json(run / "proxy.json", row)
+    return row
+
+
+def _taus(proxy: list[float], targets: dict[str, list[float]]) -> dict[str, float | None]:
+    return {f"tau_vs_{k}": _tau(proxy, v) for k, v in targets.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="a search_synthetic.py output directory (bench.json, supernet/)")
+    ap.add_argument("--epochs", type=int, default=2, help="finetune epochs (and the control's)")
+    ap.add_argument("--nbs", type=int, default=None, help="nominal batch (default: the run's)")
+    ap.add_argument("--no-control", action="store_true", help="skip the from-scratch control")
+    cli = ap.parse_args()
+    bench = json.loads((cli.run / "bench.json").read_text())
+    args = argparse.Namespace(**bench["args"])
+    args.data = args.data or str(cli.run / "data" / "data.yaml")
+    nbs = cli.nbs or args.nbs
+    fidelity = bench["rank_fidelity"]["archs"]
+    if len(fidelity) < 2:
+        ap.error(f"{cli.run / 'bench.json'} has fewer than 2 rank-fidelity architectures")
+    device = resolve_device(args.device)
+    net = load_supernet(cli.run / "supernet" / SUPERNET_FILE).to(device)
+    batches = calibration_batches(load_data_config(args.data), args.imgsz, args.batch, args.bn_batches,
+                                  seed=args.seed, workers=args.workers, device=device)
+    seeds_file = cli.run / "seeds_fidelity.json"
+    seeded = json.loads(seeds_file.read_text())["models"] if seeds_file.is_file() else {}
+    out_dir = cli.run / "finetune_fidelity"
+    report: dict[str, Any] = {"epochs": cli.epochs, "nbs": nbs, "imgsz": args.imgsz, "batch": args.batch,
+                              "bn_batches": args.bn_batches, "threads": torch.get_num_threads(), "archs": []}
+    for r in fidelity:
+        aid = r["arch_id"]
+        text = _run_arch_yaml(cli.run, aid)
+        if text is None:
+            ap.error(f"{aid}: neither in {cli.run / 'pareto'} nor in the run's study")
+        arch = Architecture.from_dict(yaml.safe_load(text))
+
+        def inherited(arch: Architecture = arch) -> Detector:
+            net.set_active(arch)
+            net.recalibrate_bn(batches)
+            return net.extract().cpu()
+
+        def fresh(arch: Architecture = arch) -> Detector:
+            torch.manual_seed(args.seed)
+            return Detector(arch)
+
+        row = {"arch_id": aid, "inherited_map": r["inherited_map"], "standalone_map": r["standalone_map"],
+               "standalone_map_last3": r["standalone_map_last3"]}
+        seeds = seeded.get(aid, {}).get("seeds", [])
+        if seeds:
+            row["standalone_seed_mean"] = statistics.fmean(s["map"] for s in seeds)
+            row["standalone_seeds"] = len(seeds)
+        row["finetuned"] = _trained(out_dir / f"{aid}-ft{cli.epochs}", cli.epochs, inherited, args, nbs)
+        if not cli.no_control:
+            row["scratch"] = _trained(out_dir / f"{aid}-scratch{cli.epochs}", cli.epochs, fresh, args, nbs)
+        report["archs"].append(row)
+        print(f"{aid}: inherited {row['inherited_map']:.4f}  finetuned {row['finetuned']['map']:.4f}"
+              + (f"  scratch {row['scratch']['map']:.4f}" if "scratch" in row else "")
+              + f"  stand-alone {row['standalone_map']:.4f}", flush=True)
+        atomic_write_json(cli.run / "finetune_fidelity.json", report)  # so far: a killed run keeps it
+    rows = report["archs"]
+    targets = {"standalone": [x["standalone_map"] for x in rows],
+               "standalone_last3": [x["standalone_map_last3"] for x in rows]}
+    if all("standalone_seed_mean" in x for x in rows):
+        targets["seed_mean"] = [x["standalone_seed_mean"] for x in rows]
+    report["kendall_tau"] = {"inherited": _taus([x["inherited_map"] for x in rows], targets)}
+    for proxy in PROXIES:
+        if all(proxy in x for x in rows):
+            report["kendall_tau"][proxy] = _taus([x[proxy]["map"] for x in rows], targets)
+    report["seeds_per_arch"] = sorted({x.get("standalone_seeds", 1) for x in rows})
+    atomic_write_json(cli.run / "finetune_fidelity.json", report)
+    print(json.dumps(report["kendall_tau"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
