@@ -477,12 +477,10 @@ def test_finetune_mode_trains_each_candidate_from_its_inherited_weights(shared, 
         fresh = Detector(arch).state_dict()
         convs = [k for k in trained if k.endswith("conv.weight")]
         assert convs
-
-        def dist(other: dict) -> float:
-            return sum(float((trained[k] - other[k]).norm()) for k in convs)
-
+        d_inherited, d_fresh = (sum(float((trained[k] - other[k]).norm()) for k in convs)
+                                for other in (inherited, fresh))
         # one short epoch moves the weights a little: training started from the supernet's, not afresh
-        assert 0 < dist(inherited) < 0.5 * dist(fresh)
+        assert 0 < d_inherited < 0.5 * d_fresh
     # the front is the finetuned models, not re-extracted ones
     for e in export_front(study, shared.supernet, tmp_path / "front", backend=None, onnx=False):
         trained = load_model(tmp_path / "trials" / f"{e.number:05d}" / "model").state_dict()
