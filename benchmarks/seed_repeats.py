@@ -8,6 +8,11 @@ model and seed the final mAP and the mean of the last 3 validations, seed 0 take
 
     python benchmarks/seed_repeats.py runs/bench/search128d --archs d0e1d91499 --seeds 1 2
 
+Each model is also set against yolov7-tiny over the seeds both have (`vs_yolov7_tiny`: mean ratio, seed-by-seed
+wins, Welch's t-test). `--report NAME` writes RUN/NAME instead, so another set of models keeps its own file:
+
+    python benchmarks/seed_repeats.py runs/bench/search128d --archs 7a07c45330 --seeds 1 2 3 --report seeds_7a07.json
+
 Without --archs it repeats the front models the run's comparison trained (the fastest and the best);
 with --fidelity, every architecture of the run's rank-fidelity set, into RUN/seeds_fidelity.json. With two
 or more seeds of each of them, the report also gives the noise ceiling of rank fidelity: Kendall tau
@@ -27,6 +32,7 @@ from typing import Any
 import torch
 import yaml
 from search_synthetic import (  # the script's directory is on sys.path
+    COMPARE_PASSES,
     _last_maps_mean,
     _maps,
     _run_arch_yaml,
@@ -65,6 +71,30 @@ def noise_ceiling(models: dict[str, Any], fidelity: dict[str, Any]) -> dict[str,
     return res
 
 
+def versus_baseline(models: dict[str, Any], baseline: str = "yolov7-tiny") -> dict[str, Any]:
+    """Each model's mAP against the baseline's over the seeds both have: mean ratio, seed-by-seed wins and
+    Welch's t-test (two-sided p; with a handful of seeds only a large gap reaches significance)."""
+    from scipy.stats import ttest_ind
+
+    if baseline not in models:
+        return {}
+    base = {r["seed"]: r for r in models[baseline]["seeds"]}
+    res: dict[str, Any] = {}
+    for name, m in models.items():
+        seeds = [r["seed"] for r in m["seeds"] if r["seed"] in base]
+        if name == baseline or len(seeds) < 2:
+            continue
+        mine = {r["seed"]: r for r in m["seeds"]}
+        row: dict[str, Any] = {"seeds": seeds}
+        for key in ("map", "map_last3"):
+            a, b = [mine[s][key] for s in seeds], [base[s][key] for s in seeds]
+            row[key] = {"mean": statistics.fmean(a), "baseline_mean": statistics.fmean(b),
+                        "ratio": statistics.fmean(a) / statistics.fmean(b), "wins": sum(x > y for x, y in zip(a, b)),
+                        "welch_p": float(ttest_ind(a, b, equal_var=False).pvalue)}
+        res[name] = row
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a search_synthetic.py output directory (with bench.json)")
@@ -74,6 +104,10 @@ def main() -> None:
     which.add_argument("--fidelity", action="store_true", help="the run's rank-fidelity architectures (all of them)")
     ap.add_argument("--seeds", nargs="+", type=int, required=True, help="seeds besides the run's own")
     ap.add_argument("--no-baseline", action="store_true", help="do not repeat yolov7-tiny")
+    ap.add_argument("--latency", action="store_true",
+                    help="then measure each model's latency (ORT CPU, the run's threads, 7 rotating passes)")
+    ap.add_argument("--report", default=None,
+                    help="file name in RUN (default seeds.json; with --fidelity, seeds_fidelity.json)")
     cli = ap.parse_args()
     report_path = cli.run / "bench.json"
     if not report_path.is_file():
@@ -107,6 +141,7 @@ def main() -> None:
         ap.error(f"{report_path} compares no front model: pass --archs")
     names = [*archs, *(() if cli.no_baseline else ("yolov7-tiny",))]
     out: dict[str, Any] = {"epochs": epochs, "models": {}}
+    report_file = cli.run / (cli.report or ("seeds_fidelity.json" if cli.fidelity else "seeds.json"))
     for name in names:
         first = cli.run / "yolov7-tiny" if name == "yolov7-tiny" else _scratch_dir(cli.run, name, epochs, None)
         rows = []
@@ -127,8 +162,17 @@ def main() -> None:
                                "mean_map_last3": statistics.fmean(last3),
                                "stdev_map": statistics.stdev(finals) if len(finals) > 1 else None}
         out["rank_fidelity"] = noise_ceiling(out["models"], fidelity)  # so far: a killed run keeps it
-        atomic_write_json(cli.run / ("seeds_fidelity.json" if cli.fidelity else "seeds.json"), out)
-    print(json.dumps(out["rank_fidelity"], indent=2))
+        out["vs_yolov7_tiny"] = versus_baseline(out["models"])
+        atomic_write_json(report_file, out)
+    if cli.latency:  # after the trainings, so that the timing has the cores to itself
+        from compress.report import measure_latency_ms
+
+        ms = measure_latency_ms([Path(out["models"][n]["seeds"][0]["run"]) / "model" for n in names], args.imgsz,
+                                threads=args.threads, repeats=COMPARE_PASSES)
+        out["latency"] = {"backend": "ort-cpu", "threads": args.threads, "passes": COMPARE_PASSES,
+                          "median_ms": dict(zip(names, ms))}
+        atomic_write_json(report_file, out)
+    print(json.dumps({k: out[k] for k in ("rank_fidelity", "vs_yolov7_tiny", "latency") if k in out}, indent=2))
     print(json.dumps({k: {m: v[m] for m in ("mean_map", "mean_map_last3", "stdev_map")}
                       for k, v in out["models"].items()}, indent=2))
 

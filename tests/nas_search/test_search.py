@@ -292,6 +292,8 @@ def test_malformed_flags_exit_2(shared, tmp_path, capsys, argv, message):
     (["--imgsz", "128"], "imgsz"),  # the table was measured at 64
     (["--heartbeat", "20", "--grace", "30"], "grace_s"),  # a live worker between two beats would look dead
     (["--population", "1"], "population"),
+    (["--finetune-epochs", "-1"], "finetune_epochs"),
+    (["--nbs", "0"], "nbs"),
     (["--enqueue", "yolov9"], "enqueue"),  # no such zoo point
     (["--enqueue", "supernet"], "enqueue"),  # the shared supernet was trained on the whole space
 ])
