@@ -78,7 +78,7 @@ class SearchConfig:
     val_batches: int | None = None  # validation batches per trial (None: the whole val split)
     scratch_epochs: int = 3
     # supernet mode: train each inherited subnet this many epochs before validating it (0: inherited weights
-    # after BN recalibration only); slower per trial, a proxy that does not hinge on width sharing alone
+    # after BN recalibration only); E training epochs per trial, what that buys: docs/nas.md
     finetune_epochs: int = 0
     nbs: int = 64  # nominal batch of the trials' trainings (scratch epochs, finetune epochs)
     objectives: tuple[str, ...] | None = None  # default (map, latency); scratch mode: (map,)
