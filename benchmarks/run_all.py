@@ -24,8 +24,9 @@ FULL = [
      "--out", "runs/bench/teacher128"],
     ["distill_synthetic.py", "--teacher", "runs/bench/teacher128/model", "--data", "runs/data/synth128/data.yaml"],
     ["search_synthetic.py"],
-    ["seed_repeats.py", "runs/bench/search_synthetic", "--seeds", "1", "2"],
+    ["seed_repeats.py", "runs/bench/search_synthetic", "--seeds", "1", "2", "3", "--latency"],
     ["seed_repeats.py", "runs/bench/search_synthetic", "--fidelity", "--seeds", "1"],
+    ["finetune_fidelity.py", "runs/bench/search_synthetic", "--epochs", "2"],
     ["supernet_diagnose.py", "runs/bench/search_synthetic", "--data", "runs/bench/search_synthetic/data/data.yaml",
      "--imgsz", "320", "--head-steps", "60"],
 ]
@@ -41,7 +42,8 @@ QUICK = [
     ["search_synthetic.py", "--space", "tiny", "--imgsz", "64", "--train-images", "32", "--val-images", "16",
      "--latency-protocol", "quick", "--supernet-epochs", "1", "--trials", "4", "--fidelity-archs", "2",
      "--standalone-epochs", "1", "--finetune-epochs", "1", "--out", "runs/bench/quick-search"],
-    ["seed_repeats.py", "runs/bench/quick-search", "--seeds", "1"],
+    ["seed_repeats.py", "runs/bench/quick-search", "--seeds", "1", "--latency"],
+    ["finetune_fidelity.py", "runs/bench/quick-search", "--epochs", "1"],
     ["supernet_diagnose.py", "runs/bench/quick-search", "--data", "runs/bench/quick-search/data/data.yaml",
      "--imgsz", "64", "--batch", "8", "--steps", "2", "--head-steps", "2"],
 ]
