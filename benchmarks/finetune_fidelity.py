@@ -7,7 +7,8 @@ and trained E epochs by `nas.search.train_candidate`), and, as the control that 
 weights matter, the same E epochs from a fresh initialisation. It writes RUN/finetune_fidelity.json: per
 architecture both proxies' mAP and wall time, and Kendall tau of each proxy (and of plain inherited mAP)
 against the stand-alone mAP of seed 0 (final, last-3 mean) and, where `seed_repeats.py --fidelity` ran,
-against the mean over seeds. Each training resumes: a finished one is read back from its results.csv.
+against the mean over seeds (over the architectures it repeated). Each training resumes: a finished one is
+read back from its results.csv.
 
     python benchmarks/finetune_fidelity.py runs/bench/search128d --epochs 2
 """
@@ -111,12 +112,15 @@ def main() -> None:
     rows = report["archs"]
     targets = {"standalone": [x["standalone_map"] for x in rows],
                "standalone_last3": [x["standalone_map_last3"] for x in rows]}
-    if all("standalone_seed_mean" in x for x in rows):
-        targets["seed_mean"] = [x["standalone_seed_mean"] for x in rows]
-    report["kendall_tau"] = {"inherited": _taus([x["inherited_map"] for x in rows], targets)}
-    for proxy in PROXIES:
-        if all(proxy in x for x in rows):
-            report["kendall_tau"][proxy] = _taus([x[proxy]["map"] for x in rows], targets)
+    proxies = {"inherited": [x["inherited_map"] for x in rows],
+               **{p: [x[p]["map"] for x in rows] for p in PROXIES if all(p in x for x in rows)}}
+    report["kendall_tau"] = {p: _taus(v, targets) for p, v in proxies.items()}
+    seeded_rows = [i for i, x in enumerate(rows) if "standalone_seed_mean" in x]
+    if len(seeded_rows) >= 2:  # over the architectures seed_repeats.py --fidelity repeated
+        report["seed_mean_archs"] = [rows[i]["arch_id"] for i in seeded_rows]
+        mean = [rows[i]["standalone_seed_mean"] for i in seeded_rows]
+        for p, v in proxies.items():
+            report["kendall_tau"][p]["tau_vs_seed_mean"] = _tau([v[i] for i in seeded_rows], mean)
     report["seeds_per_arch"] = sorted({x.get("standalone_seeds", 1) for x in rows})
     atomic_write_json(cli.run / "finetune_fidelity.json", report)
     print(json.dumps(report["kendall_tau"], indent=2))
