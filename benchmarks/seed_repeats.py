@@ -167,7 +167,7 @@ def main() -> None:
     if cli.latency:  # after the trainings, so that the timing has the cores to itself
         from compress.report import measure_latency_ms
 
-        ms = measure_latency_ms([Path(out["models"][n]["seeds"][0]["run"]) / "model" for n in names], args.imgsz,
+        ms = measure_latency_ms([load_model(Path(out["models"][n]["seeds"][0]["run"]) / "model") for n in names], args.imgsz,
                                 threads=args.threads, repeats=COMPARE_PASSES)
         out["latency"] = {"backend": "ort-cpu", "threads": args.threads, "passes": COMPARE_PASSES,
                           "median_ms": dict(zip(names, ms))}
