@@ -7,8 +7,8 @@ and trained E epochs by `nas.search.train_candidate`), and, as the control that 
 weights matter, the same E epochs from a fresh initialisation. It writes RUN/finetune_fidelity.json: per
 architecture both proxies' mAP and wall time, and Kendall tau of each proxy (and of plain inherited mAP)
 against the stand-alone mAP of seed 0 (final, last-3 mean) and, where `seed_repeats.py --fidelity` ran,
-against the mean over seeds (over the architectures it repeated). Each training resumes: a finished one is
-read back from its results.csv.
+against the mean over seeds (over the architectures it repeated). A finished training is read back from its
+proxy.json; an interrupted one starts over.
 
     python benchmarks/finetune_fidelity.py runs/bench/search128d --epochs 2
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import yaml
-from search_synthetic import _maps, _run_arch_yaml, _tau  # the script's directory is on sys.path
+from search_synthetic import _run_arch_yaml, _tau  # the script's directory is on sys.path
 
 from nas.search import calibration_batches, train_candidate
 from nas.supernet import load_supernet
@@ -40,8 +40,7 @@ PROXIES = ("finetuned", "scratch")
 
 def _trained(run: Path, epochs: int, model: Any, args: argparse.Namespace, nbs: int) -> dict[str, Any]:
     """Train `model()` for `epochs` into `run` unless a finished run is there; its final mAP and wall time."""
-    maps = _maps(run)
-    if len(maps) >= epochs and (run / "proxy.json").is_file():
+    if (run / "proxy.json").is_file():  # written once the training finished
         return json.loads((run / "proxy.json").read_text())
     shutil.rmtree(run, ignore_errors=True)  # an interrupted one starts over: it is a few epochs
     t0 = time.perf_counter()

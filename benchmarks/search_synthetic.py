@@ -30,6 +30,7 @@ A plumbing run on the tiny space (minutes on a CPU):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -112,11 +113,17 @@ def _run_arch_yaml(run: Path, arch_id: str) -> str | None:
     exported = run / "pareto" / arch_id / "arch.yaml"
     if exported.is_file():
         return exported.read_text()
+    return _studied_archs(run).get(arch_id)
+
+
+@functools.cache
+def _studied_archs(run: Path) -> dict[str, str]:
+    """{arch_id: YAML} of every trial of the run's study that sampled an architecture (loaded once per run)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name="bench", storage=f"sqlite:///{run / 'study.db'}")
-    return next((t.user_attrs["arch"] for t in study.trials if t.user_attrs.get("arch_id") == arch_id), None)
+    return {t.user_attrs["arch_id"]: t.user_attrs["arch"] for t in study.trials if "arch" in t.user_attrs}
 
 
 def _tau(xs: list[float], ys: list[float]) -> float | None:

@@ -768,8 +768,11 @@ def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) 
     return {"space": space.name, "space_path": space.source, "supernet": _abs(cfg.supernet), "table": _abs(cfg.table),
             "data": _abs(cfg.data), "budget_ms": cfg.budget_ms, "objectives": list(cfg.objectives or ()), "mode": cfg.mode,
             "imgsz": imgsz, "nc": nc, "trials": cfg.trials, "seed": cfg.seed, "batch": cfg.batch,
-            "bn_batches": cfg.bn_batches,
-            "finetune_epochs": cfg.finetune_epochs, "table_sha": _digest(cfg.table), "supernet_sha": _digest(cfg.supernet)}
+            "bn_batches": cfg.bn_batches, "finetune_epochs": cfg.finetune_epochs, "table_sha": _digest(cfg.table),
+            "supernet_sha": _digest(cfg.supernet)}
+
+
+SETTINGS_BEFORE = {"finetune_epochs": 0}  # the value of a setting in studies created before it was recorded
 
 
 def _check_settings(study: optuna.Study, mine: dict[str, Any]) -> None:
@@ -779,7 +782,7 @@ def _check_settings(study: optuna.Study, mine: dict[str, Any]) -> None:
         study.set_user_attr(STUDY_ATTR, mine)
         return
     for key in ("space", "objectives", "mode", "budget_ms", "imgsz", "nc", "finetune_epochs"):
-        if theirs.get(key, 0 if key == "finetune_epochs" else None) != mine.get(key):
+        if theirs.get(key, SETTINGS_BEFORE.get(key)) != mine.get(key):
             raise ConfigError(f"study {study.study_name!r} was created with {key}={theirs.get(key)!r}, this search "
                               f"has {mine.get(key)!r}: use another --study", field=key)
     for key, what in (("table_sha", "table"), ("supernet_sha", "supernet")):  # same content, any path
