@@ -55,6 +55,31 @@ def _taus(proxy: list[float], targets: dict[str, list[float]]) -> dict[str, floa
     return {f"tau_vs_{k}": _tau(proxy, v) for k, v in targets.items()}
 
 
+def seed_means(run: Path) -> dict[str, dict[str, Any]]:
+    """{arch_id: {'standalone_seed_mean', 'standalone_seeds'}} of the architectures `seed_repeats.py
+    --fidelity` repeated in `run` (empty when it did not run)."""
+    path = run / "seeds_fidelity.json"
+    seeded = json.loads(path.read_text())["models"] if path.is_file() else {}
+    return {aid: {"standalone_seed_mean": statistics.fmean(s["map"] for s in m["seeds"]),
+                  "standalone_seeds": len(m["seeds"])} for aid, m in seeded.items() if m.get("seeds")}
+
+
+def fidelity_taus(report: dict[str, Any], proxies: dict[str, list[float]]) -> None:
+    """Kendall tau of each proxy (one score per row of report['archs']) against the stand-alone mAP of seed 0
+    (final, last-3 mean) and, over the rows that have one, the mean over seeds; into report['kendall_tau']."""
+    rows = report["archs"]
+    targets = {"standalone": [x["standalone_map"] for x in rows],
+               "standalone_last3": [x["standalone_map_last3"] for x in rows]}
+    report["kendall_tau"] = {p: _taus(v, targets) for p, v in proxies.items()}
+    seeded_rows = [i for i, x in enumerate(rows) if "standalone_seed_mean" in x]
+    if len(seeded_rows) >= 2:  # over the architectures seed_repeats.py --fidelity repeated
+        report["seed_mean_archs"] = [rows[i]["arch_id"] for i in seeded_rows]
+        mean = [rows[i]["standalone_seed_mean"] for i in seeded_rows]
+        for p, v in proxies.items():
+            report["kendall_tau"][p]["tau_vs_seed_mean"] = _tau([v[i] for i in seeded_rows], mean)
+    report["seeds_per_arch"] = sorted({x.get("standalone_seeds", 1) for x in rows})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a search_synthetic.py output directory (bench.json, supernet/)")
@@ -73,8 +98,7 @@ def main() -> None:
     net = load_supernet(cli.run / "supernet" / SUPERNET_FILE).to(device)
     batches = calibration_batches(load_data_config(args.data), args.imgsz, args.batch, args.bn_batches,
                                   seed=args.seed, workers=args.workers, device=device)
-    seeds_file = cli.run / "seeds_fidelity.json"
-    seeded = json.loads(seeds_file.read_text())["models"] if seeds_file.is_file() else {}
+    seeded = seed_means(cli.run)
     out_dir = cli.run / "finetune_fidelity"
     report: dict[str, Any] = {"epochs": cli.epochs, "nbs": nbs, "imgsz": args.imgsz, "batch": args.batch,
                               "bn_batches": args.bn_batches, "threads": torch.get_num_threads(), "archs": []}
@@ -86,9 +110,7 @@ def main() -> None:
         arch = Architecture.from_dict(yaml.safe_load(text))
 
         def inherited(arch: Architecture = arch) -> Detector:
-            net.set_active(arch)
-            net.recalibrate_bn(batches)
-            return net.extract().cpu()
+            return net.extract(arch, bn_batches=batches).cpu()
 
         def fresh(arch: Architecture = arch) -> Detector:
             torch.manual_seed(args.seed)
@@ -96,10 +118,7 @@ def main() -> None:
 
         row = {"arch_id": aid, "inherited_map": r["inherited_map"], "standalone_map": r["standalone_map"],
                "standalone_map_last3": r["standalone_map_last3"]}
-        seeds = seeded.get(aid, {}).get("seeds", [])
-        if seeds:
-            row["standalone_seed_mean"] = statistics.fmean(s["map"] for s in seeds)
-            row["standalone_seeds"] = len(seeds)
+        row.update(seeded.get(aid, {}))
         row["finetuned"] = _trained(out_dir / f"{aid}-ft{cli.epochs}", cli.epochs, inherited, args, nbs)
         if not cli.no_control:
             row["scratch"] = _trained(out_dir / f"{aid}-scratch{cli.epochs}", cli.epochs, fresh, args, nbs)
@@ -109,18 +128,8 @@ def main() -> None:
               + f"  stand-alone {row['standalone_map']:.4f}", flush=True)
         atomic_write_json(cli.run / "finetune_fidelity.json", report)  # so far: a killed run keeps it
     rows = report["archs"]
-    targets = {"standalone": [x["standalone_map"] for x in rows],
-               "standalone_last3": [x["standalone_map_last3"] for x in rows]}
-    proxies = {"inherited": [x["inherited_map"] for x in rows],
-               **{p: [x[p]["map"] for x in rows] for p in PROXIES if all(p in x for x in rows)}}
-    report["kendall_tau"] = {p: _taus(v, targets) for p, v in proxies.items()}
-    seeded_rows = [i for i, x in enumerate(rows) if "standalone_seed_mean" in x]
-    if len(seeded_rows) >= 2:  # over the architectures seed_repeats.py --fidelity repeated
-        report["seed_mean_archs"] = [rows[i]["arch_id"] for i in seeded_rows]
-        mean = [rows[i]["standalone_seed_mean"] for i in seeded_rows]
-        for p, v in proxies.items():
-            report["kendall_tau"][p]["tau_vs_seed_mean"] = _tau([v[i] for i in seeded_rows], mean)
-    report["seeds_per_arch"] = sorted({x.get("standalone_seeds", 1) for x in rows})
+    fidelity_taus(report, {"inherited": [x["inherited_map"] for x in rows],
+                           **{p: [x[p]["map"] for x in rows] for p in PROXIES if all(p in x for x in rows)}})
     atomic_write_json(cli.run / "finetune_fidelity.json", report)
     print(json.dumps(report["kendall_tau"], indent=2))
 

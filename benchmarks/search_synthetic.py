@@ -117,13 +117,25 @@ def _run_arch_yaml(run: Path, arch_id: str) -> str | None:
 
 
 @functools.cache
-def _studied_archs(run: Path) -> dict[str, str]:
-    """{arch_id: YAML} of every trial of the run's study that sampled an architecture (loaded once per run)."""
+def _study(run: Path) -> Any:
+    """The run's Optuna study (loaded once per run)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name="bench", storage=f"sqlite:///{run / 'study.db'}")
-    return {t.user_attrs["arch_id"]: t.user_attrs["arch"] for t in study.trials if "arch" in t.user_attrs}
+    return optuna.load_study(study_name="bench", storage=f"sqlite:///{run / 'study.db'}")
+
+
+@functools.cache
+def _studied_archs(run: Path) -> dict[str, str]:
+    """{arch_id: YAML} of every trial of the run's study that sampled an architecture."""
+    return {t.user_attrs["arch_id"]: t.user_attrs["arch"] for t in _study(run).trials if "arch" in t.user_attrs}
+
+
+def _search_settings(run: Path) -> dict[str, Any]:
+    """The settings the run's study was searched with (`detforge search` records them in the study)."""
+    from nas.search import STUDY_ATTR
+
+    return dict(_study(run).user_attrs.get(STUDY_ATTR, {}))
 
 
 def _tau(xs: list[float], ys: list[float]) -> float | None:
@@ -154,6 +166,7 @@ def main() -> None:
     ap.add_argument("--latency-protocol", default="standard", choices=["standard", "quick"])
     ap.add_argument("--threads", type=int, default=2, help="ORT threads for the table and the measurements")
     ap.add_argument("--supernet-epochs", type=int, default=30)
+    ap.add_argument("--per-head", action="store_true", help="the supernet's sandwich per head configuration")
     ap.add_argument("--supernet-scope", default="budget", choices=["budget", "space"],
                     help="budget: the sandwich draws only architectures within the search's budget; space: all")
     ap.add_argument("--trials", type=int, default=40)
@@ -242,7 +255,7 @@ def main() -> None:
                       seed=args.seed, progress=False, resume=(sup_out / "last.pt").is_file())
     region = FeasibleRegion.from_table(table_path, space, budget, nc=nc, imgsz=args.imgsz) \
         if args.supernet_scope == "budget" else None
-    trainer = SupernetTrainer(cfg, space=space, region=region)
+    trainer = SupernetTrainer(cfg, space=space, region=region, per_head=args.per_head)
     sup = trainer.train()
     report["supernet"] = {"epochs": sup.epochs_done, "largest_map": sup.best_map, "scope": args.supernet_scope,
                           "region": trainer.region_record(),

@@ -113,31 +113,38 @@ class FeasibleRegion:
         """Whether the architecture of `decisions` is predicted within the budget."""
         return self.latency_ms(decisions) <= self.budget_ms
 
-    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
-        """A uniformly random architecture of the region (the space's uniform draw, kept when it fits)."""
+    def sample(self, rng: np.random.Generator, fixed: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A uniformly random architecture of the region (the space's uniform draw, kept when it fits),
+        with the decisions in `fixed` held at their values."""
+        fixed = fixed or {}
         for _ in range(MAX_TRIES):
-            d = self.space.random_decisions(rng)
+            d = {**self.space.random_decisions(rng), **fixed}
             if self.contains(d):
                 return d
-        raise ConfigError(f"no architecture of space '{self.space.name}' within {self.budget_ms:g} ms in "
-                          f"{MAX_TRIES} random draws: raise the budget", field="budget_ms")
+        raise ConfigError(f"no architecture of space '{self.space.name}'{_with(fixed)} within {self.budget_ms:g} ms "
+                          f"in {MAX_TRIES} random draws: raise the budget", field="budget_ms")
 
-    def largest(self, seed: int = 0, draws: int = LARGEST_DRAWS) -> dict[str, Any]:
+    def largest(self, seed: int = 0, draws: int = LARGEST_DRAWS, fixed: Mapping[str, Any] | None = None
+                ) -> dict[str, Any]:
         """The space's largest architecture if it fits; else the feasible one of `draws` random draws that
-        spends the most of the budget (the sandwich's upper end and teacher)."""
-        top = self.space.largest_decisions()
+        spends the most of the budget (the sandwich's upper end and teacher), else the smallest if it fits;
+        `fixed` as in `sample`."""
+        fixed = fixed or {}
+        top = {**self.space.largest_decisions(), **fixed}
         if self.contains(top):
             return top
         rng = np.random.default_rng(seed)
         best, best_ms = None, -1.0
         for _ in range(draws):
-            d = self.space.random_decisions(rng)
+            d = {**self.space.random_decisions(rng), **fixed}
             ms = self.latency_ms(d)
             if best_ms < ms <= self.budget_ms:
                 best, best_ms = d, ms
-        if best is None:
-            raise ConfigError(f"none of {draws} random architectures of space '{self.space.name}' is within "
-                              f"{self.budget_ms:g} ms: raise the budget", field="budget_ms")
+        if best is None:  # a tight budget: the smallest is the largest there is, if it fits
+            best = {**self.space.smallest_decisions(), **fixed}
+            if not self.contains(best):
+                raise ConfigError(f"none of {draws} random architectures of space '{self.space.name}'{_with(fixed)} "
+                                  f"is within {self.budget_ms:g} ms: raise the budget", field="budget_ms")
         return best
 
     def check_fits(self, decisions: Mapping[str, Any], what: str) -> None:
@@ -146,6 +153,11 @@ class FeasibleRegion:
         if ms > self.budget_ms:
             raise ConfigError(f"{what} is predicted at {ms:.3g} ms, over the budget of {self.budget_ms:g} ms: raise "
                               "the budget", field="budget_ms")
+
+
+def _with(fixed: Mapping[str, Any]) -> str:
+    """' with a=1, b=2' for an error message (empty when nothing is fixed)."""
+    return " with " + ", ".join(f"{k}={v}" for k, v in fixed.items()) if fixed else ""
 
 
 __all__ = ["FeasibleRegion", "PredictMs", "nc_fallback", "pinned_space", "space_predictor", "table_predictor"]

@@ -261,12 +261,7 @@ def _supernet_models(st: dict[str, Any], entries: Sequence[FrontEntry], supernet
                                   bn_batches or int(st.get("bn_batches") or 8), seed=int(st.get("seed") or 0),
                                   device=dev) if entries else []
 
-    def extract(e: FrontEntry) -> Detector:
-        net.set_active(e.architecture())
-        net.recalibrate_bn(batches)
-        return net.extract().eval().cpu()
-
-    return (extract(e) for e in entries)
+    return (net.extract(e.architecture(), bn_batches=batches).eval().cpu() for e in entries)
 
 
 def _backend(backend: Any, threads: int | None, measure_config: Any) -> Any:

@@ -41,6 +41,7 @@ class SupernetCfg:
     epochs: int = 10
     batch: int = 16
     n_random: int = 2
+    per_head: bool = False  # draw each step's sandwich inside one head configuration (docs/nas.md)
     scope: str = "budget"  # budget: train only the architectures within search.budget_ms (if set); space: all
 
 

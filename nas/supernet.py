@@ -574,11 +574,15 @@ class Supernet(nn.Module):
 
     # ---- extraction ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def extract(self, arch_or_decisions: Architecture | Mapping[str, Any] | None = None) -> Detector:
-        """A plain Detector of the active architecture (activating `arch_or_decisions` first, if given)
-        holding copies of the sliced weights; its outputs equal the supernet's."""
+    def extract(self, arch_or_decisions: Architecture | Mapping[str, Any] | None = None, *,
+                bn_batches: Iterable[Any] | None = None) -> Detector:
+        """A plain Detector of the active architecture (activating `arch_or_decisions` first, if given, then
+        re-estimating its BatchNorm statistics on `bn_batches`, if given) holding copies of the sliced
+        weights; its outputs equal the supernet's."""
         if arch_or_decisions is not None:
             self.set_active(arch_or_decisions)
+        if bn_batches is not None:
+            self.recalibrate_bn(bn_batches)
         arch, _, modules, head, _ = self._active
         det = Detector(arch.copy())
         for src, dst in zip(modules, det.layers):

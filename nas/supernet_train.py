@@ -2,7 +2,10 @@
 
 Each batch trains the largest subnet, `n_random` random subnets and the smallest one (its head type drawn
 per batch, since head types have no size order); gradients of all of them accumulate and the Trainer takes
-one optimizer step (BigNAS/OFA). Given a `FeasibleRegion` (a latency table and a budget), every subnet is
+one optimizer step (BigNAS/OFA). With `per_head`, each batch first draws a head configuration (type and
+layout) and the whole sandwich is drawn inside it, with that configuration's own largest as the teacher:
+every head and the neck levels it reads then get the same share of the training, where the shared sandwich
+trains its largest's head configuration every step and the others only when drawn. Given a `FeasibleRegion` (a latency table and a budget), every subnet is
 drawn from the architectures within the budget and the largest is the region's (nas.budget): the search
 can pick nothing else, so nothing else is trained. The smaller subnets also learn from the largest one's
 detached outputs (per-cell objectness and class scores, levels matched by grid size), which is what makes
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,19 @@ from .budget import FeasibleRegion
 from .supernet import Supernet, supernet_document
 
 SUPERNET_FILE = "supernet.pt"
+HEAD_DECISIONS = ("head.type", "head.layout")  # one head configuration: each has its own head weights and loss
+
+
+@dataclass(frozen=True)
+class SandwichGroup:
+    """What one sandwich step draws from: its largest (the teacher), the smallest subnets it picks one of,
+    and the decisions its random subnets hold fixed (empty: the whole space or region); `sampled` is False
+    where the region's random draw does not reach these decisions, and the random subnets are its smallest."""
+
+    largest: Mapping[str, Any]
+    smallest: tuple[Mapping[str, Any], ...]
+    fixed: Mapping[str, Any]
+    sampled: bool = True
 
 
 def supernet_hyp_name(space: SearchSpace) -> str:
@@ -88,6 +105,10 @@ class InplaceDistill(Callback):
         return {"kd_obj": trainer.kd_weight * h.obj * obj_l / n, "kd_cls": trainer.kd_weight * h.cls * cls_l / n}
 
 
+def _sandwich(per_head: bool) -> str:
+    return "per head configuration" if per_head else "shared by all head configurations"
+
+
 class SupernetTrainer(Trainer):
     """Trains a `Supernet` with the sandwich rule (largest + `n_random` random + smallest per batch) and
     in-place distillation; checkpoints `last.pt` (resume) and `supernet.pt` (EMA weights + space)."""
@@ -96,7 +117,8 @@ class SupernetTrainer(Trainer):
 
     def __init__(self, cfg: TrainConfig, model: Supernet | None = None, callbacks: Sequence[Callback] = (),
                  hyp: Hyp | None = None, *, space: SearchSpace | str | None = None, n_random: int = 2,
-                 kd_weight: float = 1.0, kd_temperature: float = 1.0, region: FeasibleRegion | None = None):
+                 kd_weight: float = 1.0, kd_temperature: float = 1.0, region: FeasibleRegion | None = None,
+                 per_head: bool = False):
         if model is None:
             if space is None:
                 raise ConfigError("give a Supernet or a search space", field="space")
@@ -114,13 +136,14 @@ class SupernetTrainer(Trainer):
         self.supernet = model
         self.space = model.space
         self.n_random, self.kd_weight, self.kd_temperature = int(n_random), float(kd_weight), float(kd_temperature)
+        self.per_head = bool(per_head)
         self.role = "largest"
         self.teacher_raw: list[Tensor] | None = None
         self._losses: dict[tuple, YoloLoss] = {}
         self.region = region
         # decisions are built into architectures by the region's space (pinned to the table's imgsz) if any
         self.arch_space = self.space if region is None else region.space
-        self._largest, self._smallest, self._small_types = self._ends(region, cfg)
+        self._largest, self._groups = self._ends(region, cfg)
         model.set_active(self.arch(self._largest))  # the Trainer builds its default loss from the active head
         if hyp is None:
             hyp = load_hyp(supernet_hyp_name(self.space) if cfg.hyp == "auto" else cfg.hyp)
@@ -132,12 +155,14 @@ class SupernetTrainer(Trainer):
         """The architecture of sandwich decisions, at the supernet's nc."""
         return self.arch_space.build_arch(decisions, nc=self.supernet.nc)
 
-    def _ends(self, region: FeasibleRegion | None, cfg: TrainConfig
-              ) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:
-        """The sandwich's largest and smallest decisions and the head types the smallest may take."""
+    def _ends(self, region: FeasibleRegion | None, cfg: TrainConfig) -> tuple[dict[str, Any], list[SandwichGroup]]:
+        """The largest architecture (the one validated and enqueued) and the groups sandwich steps draw from."""
         types = tuple(self.space.decisions["head.type"].choices)
         if region is None:
-            return self.space.largest_decisions(), self.space.smallest_decisions(), types
+            largest, smallest = self.space.largest_decisions(), self.space.smallest_decisions()
+            if not self.per_head:
+                return largest, [SandwichGroup(largest, tuple({**smallest, "head.type": t} for t in types), {})]
+            return largest, [SandwichGroup({**largest, **h}, ({**smallest, **h},), h) for h in self._heads()]
         if region.space.name != self.space.name:
             raise ConfigError(f"the feasible region is of space '{region.space.name}', the supernet of "
                               f"'{self.space.name}'", field="space")
@@ -148,10 +173,48 @@ class SupernetTrainer(Trainer):
             raise ConfigError(f"the feasible region has nc={region.space.nc}, the supernet {self.supernet.nc}",
                               field="nc")
         smallest = region.space.smallest_decisions()
-        fits = tuple(t for t in types if region.contains({**smallest, "head.type": t}))
-        if not fits:
+        largest = region.largest(seed=cfg.seed)
+        if not self.per_head:
+            fits = tuple({**smallest, "head.type": t} for t in types if region.contains({**smallest, "head.type": t}))
+            if not fits:
+                region.check_fits(smallest, "the space's smallest architecture")
+            return largest, [SandwichGroup(largest, fits, {})]
+        groups = []
+        for h in self._heads():
+            if not region.contains({**smallest, **h}):
+                continue  # no architecture with this head fits the budget: the search never evaluates one
+            top = largest if all(largest[k] == v for k, v in h.items()) else region.largest(seed=cfg.seed, fixed=h)
+            groups.append(SandwichGroup(top, ({**smallest, **h},), h, self._reaches(region, h, cfg.seed)))
+        if not groups:
             region.check_fits(smallest, "the space's smallest architecture")
-        return region.largest(seed=cfg.seed), smallest, fits
+        return largest, groups
+
+    @staticmethod
+    def _reaches(region: FeasibleRegion, fixed: Mapping[str, Any], seed: int) -> bool:
+        """Whether the region's rejection sampling finds an architecture with `fixed` (a probe draw)."""
+        try:
+            region.sample(np.random.default_rng(seed), fixed)
+            return True
+        except ConfigError:
+            return False
+
+    def _random(self, rng: np.random.Generator, g: SandwichGroup) -> Mapping[str, Any]:
+        """A random subnet of group `g`: the region's (or space's) uniform draw with its decisions held."""
+        if self.region is None:
+            return {**self.space.random_decisions(rng), **g.fixed}
+        if not g.sampled:
+            return g.smallest[0]
+        try:
+            return self.region.sample(rng, g.fixed)
+        except ConfigError:  # a head configuration the draw rarely reaches, missed this time
+            if not g.fixed:
+                raise
+            return g.smallest[0]
+
+    def _heads(self) -> list[dict[str, Any]]:
+        """Every head configuration of the space, as the decisions that fix it."""
+        choices = [self.space.decisions[k].choices for k in HEAD_DECISIONS]
+        return [dict(zip(HEAD_DECISIONS, (t, lay))) for t in choices[0] for lay in choices[1]]
 
     @staticmethod
     def _loss_key(arch: Architecture) -> tuple:
@@ -168,21 +231,22 @@ class SupernetTrainer(Trainer):
 
     def sandwich(self) -> list[tuple[str, Mapping[str, Any]]]:
         """This step's subnets: the largest (the teacher, first), `n_random` random ones, the smallest
-        (every decision at its cheapest, with a head type drawn uniformly)."""
+        (every decision at its cheapest, with a head type drawn uniformly); with `per_head`, all three of
+        one head configuration drawn uniformly."""
         # drawn from torch's RNG, which the Trainer reseeds every epoch: a resumed epoch repeats its subnets
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
         if self.world > 1:  # every rank must run the same subnets, whatever else consumed its RNG
             seed = seed.to(self.device)
             torch.distributed.broadcast(seed, 0)
         rng = np.random.default_rng(int(seed.item()))
-        draw = self.space.random_decisions if self.region is None else self.region.sample
-        randoms = [("random", draw(rng)) for _ in range(self.n_random)]
+        groups = self._groups
+        g = groups[int(rng.integers(len(groups)))] if len(groups) > 1 else groups[0]
+        randoms = [("random", self._random(rng, g)) for _ in range(self.n_random)]
         # head types have no size order, and each (type, layout) has its own head: a smallest subnet with a
         # fixed type trains that type's small-layout head every step and the others only when a random
         # subnet draws them, which biased inherited-weight mAP by head type (docs/benchmarks.md, "Search")
-        types = self._small_types
-        smallest = {**self._smallest, "head.type": types[int(rng.integers(len(types)))]}
-        return [("largest", self._largest), *randoms, ("smallest", smallest)]
+        smallest = g.smallest[int(rng.integers(len(g.smallest)))]
+        return [("largest", g.largest), *randoms, ("smallest", smallest)]
 
     def train_step(self, imgs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Forward + backward of every sandwich subnet on one batch (gradients accumulate)."""
@@ -192,8 +256,10 @@ class SupernetTrainer(Trainer):
             for role, decisions in self.sandwich():
                 arch = self.supernet.set_active(self.arch(decisions))
                 self.role, self.current_loss = role, self.loss_for(arch)
-                # only the largest path feeds the shared running statistics (see the module docstring)
-                with contextlib.nullcontext() if role == "largest" else frozen_bn_stats(self.supernet):
+                # only the largest path feeds the shared running statistics (see the module docstring); a head
+                # group's own largest teaches but leaves them alone, so validation's statistics stay its
+                feeds_bn = role == "largest" and decisions == self._largest
+                with contextlib.nullcontext() if feeds_bn else frozen_bn_stats(self.supernet):
                     loss, parts = self.compute_loss(self.ddp_model, imgs, targets, loss_fn=self.current_loss)
                 self.scaler.scale(loss * self.world).backward()
                 if role == "largest":
@@ -219,7 +285,8 @@ class SupernetTrainer(Trainer):
     def model_identity(self) -> dict[str, Any]:
         """The space and settings instead of an arch: a supernet is all architectures at once."""
         return {"supernet": {"space": self.space.name, "space_path": self.space.source, "nc": int(self.supernet.nc),
-                             "n_random": self.n_random, "kd_weight": self.kd_weight, "region": self.region_record()}}
+                             "n_random": self.n_random, "kd_weight": self.kd_weight, "per_head": self.per_head,
+                             "region": self.region_record()}}
 
     def region_record(self) -> dict[str, Any] | None:
         """What the supernet was trained on: the budget and the sandwich's largest architecture (its id,
@@ -243,6 +310,10 @@ class SupernetTrainer(Trainer):
         if key(theirs) != key(mine):
             raise CheckpointError(f"cannot resume: the interrupted run trained {say(theirs)}, this one "
                                   f"{say(mine)} (pass the same --table and --budget-ms)", path=path, field="budget_ms")
+        per_head = bool((checkpoint.get("supernet") or {}).get("per_head", False))
+        if per_head != self.per_head:
+            raise CheckpointError(f"cannot resume: the interrupted run drew its sandwich {_sandwich(per_head)}, this "
+                                  f"one {_sandwich(self.per_head)} (pass the same --per-head)", path=path, field="per_head")
 
     def save_checkpoint(self, epoch: int) -> None:
         """Atomically write last.pt and supernet.pt (EMA weights, space, nc); a supernet is no Detector dir."""

@@ -20,6 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--n-random", type=int, default=2, help="random subnets per batch besides largest and smallest")
     t.add_argument("--kd-weight", type=float, default=1.0, help="in-place distillation weight (0: off)")
+    t.add_argument("--per-head", action="store_true",
+                   help="draw each batch's sandwich inside one head configuration (type x layout), drawn uniformly, "
+                        "so every head is trained equally (default: one sandwich over all of them)")
+    t.add_argument("--nbs", type=int, default=64, help="nominal batch: gradients accumulate to it")
     t.add_argument("--table", default=None, help="latency table of the target device: with --budget-ms, train only "
                                                  "the architectures predicted within the budget")
     t.add_argument("--budget-ms", type=float, default=None, help="the search's latency budget (needs --table)")
@@ -111,11 +115,11 @@ def run_supernet_train(args: argparse.Namespace) -> None:
         predict, pinned = space_predictor(predict, space, resolve_data_config(args.data, imgsz).nc, imgsz, args.table)
         region = FeasibleRegion(pinned, predict, args.budget_ms)
     cfg = TrainConfig(model=f"supernet:{space.name}", data=args.data, out=args.out, epochs=args.epochs, imgsz=imgsz,
-                      batch=args.batch, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,
+                      batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,
                       workers=args.workers, seed=args.seed, ema=not args.no_ema, max_time_s=args.max_time)
     try:
         result = SupernetTrainer(cfg, space=space, n_random=args.n_random, kd_weight=args.kd_weight,
-                                 region=region).train()
+                                 region=region, per_head=args.per_head).train()
     finally:
         distributed.cleanup()
     if distributed.is_main():

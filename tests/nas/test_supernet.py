@@ -139,6 +139,13 @@ def test_recalibrate_bn(space):
         assert (net(x)[0] - net.extract().eval()(x)[0]).abs().max() <= 1e-5
     net.reset_bn_stats()
     assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    # extract(arch, bn_batches=...) is the same recalibration, then the same copy
+    other = space.random_decisions(random.Random(3))
+    one = net.extract(other, bn_batches=batches[:2]).eval()
+    net.set_active(other)
+    net.recalibrate_bn(batches[:2])
+    two = net.extract().eval()
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), two.state_dict().values()))
 
 
 def test_foreign_architectures_are_refused(supernet):

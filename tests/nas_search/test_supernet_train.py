@@ -142,14 +142,14 @@ def test_ddp_two_cpu_processes_train_one_supernet(shared, tmp_path):
 
 
 # ---- a supernet for one budget (nas.budget.FeasibleRegion) ------------------------------------------------------
-def _region(shared, budget_ms: float | None = None):
+def _region(shared, budget_ms: float | None = None, quantile: float = 0.5):
     from nas.budget import FeasibleRegion
 
     space = load_space("tiny")
     if budget_ms is None:  # between the space's ends: some draws fit, some do not
         probe = FeasibleRegion.from_table(shared.table, space, 1e9, nc=NC)
         ms = sorted(probe.latency_ms(probe.space.random_decisions(random.Random(i))) for i in range(40))
-        budget_ms = ms[len(ms) // 2]
+        budget_ms = ms[int(len(ms) * quantile)]
     return FeasibleRegion.from_table(shared.table, space, budget_ms, nc=NC)
 
 
@@ -171,6 +171,15 @@ def test_feasible_region_draws_only_architectures_within_the_budget(shared):
     assert wide.largest() == wide.space.largest_decisions()  # a budget above everything: the space's largest
     with pytest.raises(ConfigError, match="budget"):
         _region(shared, budget_ms=1e-6).sample(rng)
+    # decisions held fixed: every draw and the largest keep them, and the largest is the heaviest such draw
+    fixed = {"head.type": "decoupled", "head.layout": "p3-p4"}
+    held = [region.sample(rng, fixed) for _ in range(10)]
+    assert all(d["head.type"] == "decoupled" and d["head.layout"] == "p3-p4" and region.contains(d) for d in held)
+    top = region.largest(seed=0, fixed=fixed)
+    assert all(top[k] == v for k, v in fixed.items()) and region.contains(top)
+    assert region.latency_ms(top) >= sorted(region.latency_ms(d) for d in held)[len(held) // 2]
+    with pytest.raises(ConfigError, match="head.type=decoupled"):
+        _region(shared, budget_ms=1e-6).sample(rng, fixed)
 
 
 def test_sandwich_for_a_budget_trains_only_what_the_search_can_pick(shared, tmp_path):
@@ -219,6 +228,56 @@ def test_sandwich_for_a_budget_trains_only_what_the_search_can_pick(shared, tmp_
     again = SupernetTrainer(_cfg(shared, tmp_path / "a", epochs=2, resume=True), space=load_space("tiny"),
                             region=_region(shared, budget_ms=region.budget_ms))
     assert again.start_epoch == 1
+
+
+def test_per_head_sandwich_draws_each_step_inside_one_head_configuration(shared, tmp_path):
+    region = _region(shared, quantile=0.8)  # most draws fit: rejection sampling per head stays quick
+    space = region.space
+    tr = SupernetTrainer(_cfg(shared, tmp_path / "a", epochs=1), space=load_space("tiny"), region=region,
+                         per_head=True)
+    smallest = space.smallest_decisions()
+    heads = {(t, lay) for t in space.decisions["head.type"].choices for lay in space.decisions["head.layout"].choices
+             if region.contains({**smallest, "head.type": t, "head.layout": lay})}
+    assert len(heads) >= 2
+    overall = region.largest(seed=0)
+
+    def step(seed: int) -> list:
+        torch.manual_seed(seed)
+        return tr.sandwich()
+
+    teachers: dict[tuple[str, str], dict] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for s in range(60):
+        roles = step(s)
+        configs = {(d["head.type"], d["head.layout"]) for _, d in roles}
+        assert len(configs) == 1 and all(region.contains(d) for _, d in roles)  # one head, all within the budget
+        (h,) = configs
+        seen.setdefault(h, s)
+        fixed = {"head.type": h[0], "head.layout": h[1]}
+        # the teacher is the region's largest with that head (the overall largest for its own head)
+        if h not in teachers:
+            teachers[h] = overall if h == (overall["head.type"], overall["head.layout"]) else \
+                region.largest(seed=0, fixed=fixed)
+        assert roles[0] == ("largest", teachers[h]) and roles[-1] == ("smallest", {**smallest, **fixed})
+    assert set(seen) == heads  # every feasible head configuration is drawn, no other
+    # only the overall largest feeds the running BatchNorm statistics: a step of another head leaves them be
+    imgs, targets, *_ = next(iter(tr.train_loader))
+    tr.model.train()
+
+    def running() -> list[torch.Tensor]:
+        return [v.clone() for k, v in tr.supernet.state_dict().items() if k.endswith("running_mean")]
+
+    for h, s in seen.items():
+        before = running()
+        torch.manual_seed(s)
+        tr.train_step(imgs.float() / 255.0, targets)
+        moved = any(not torch.equal(a, b) for a, b in zip(before, running()))
+        assert moved == (h == (overall["head.type"], overall["head.layout"])), h
+    # the sandwich is part of the run: resuming it without --per-head is refused
+    tr.train()
+    with pytest.raises(CheckpointError, match="per_head"):
+        SupernetTrainer(_cfg(shared, tmp_path / "a", epochs=2, resume=True), space=load_space("tiny"), region=region)
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["supernet"]["per_head"] is True
 
 
 def test_a_budget_pins_the_input_size_to_the_tables(shared, tmp_path):

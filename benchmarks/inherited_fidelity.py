@@ -1,0 +1,103 @@
+"""Rank fidelity of a supernet's inherited weights over a search run's rank-fidelity architectures.
+
+`search_synthetic.py` trains each rank-fidelity architecture stand-alone, which is most of its cost. This
+script scores those same architectures with the inherited weights of any supernet trained for the run's
+space, data and budget (the run's own, or one trained another way, e.g. `detforge supernet train
+--per-head`), evaluated as a `detforge search` trial is: the subnet extracted with its BatchNorm statistics
+recalibrated on the search's batches, then mAP50-95 on the whole validation set. It writes RUN/REPORT: per
+architecture the inherited mAP and head configuration, and Kendall tau against the stand-alone mAP of seed 0
+(final, last-3 mean), against the mean over seeds (where `seed_repeats.py --fidelity` ran) and within each
+head configuration that holds at least 3 of the architectures.
+
+    python benchmarks/inherited_fidelity.py runs/bench/search128d \\
+        --supernet runs/bench/search128e/supernet/supernet.pt --report inherited_fidelity_per_head.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from finetune_fidelity import fidelity_taus, seed_means  # the script's directory is on sys.path
+from search_synthetic import _run_arch_yaml, _search_settings, _tau
+
+from nas.search import calibration_batches
+from nas.supernet import load_supernet
+from nas.supernet_train import SUPERNET_FILE
+from search_spaces.architecture import Architecture
+from search_spaces.io import atomic_write_json
+from trainer.datasets import YoloDataset, build_dataloader, load_data_config
+from trainer.distributed import resolve_device
+from trainer.evaluate import evaluate
+
+MIN_GROUP = 3  # architectures a head configuration needs for a within-group tau
+
+
+def head_of(arch: Architecture) -> str:
+    """An architecture's head configuration, e.g. 'idetect p3-p4'."""
+    return f"{arch.head.type} p{arch.head_strides()[0].bit_length() - 1}-p{arch.head_strides()[-1].bit_length() - 1}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="a search_synthetic.py output directory (bench.json, supernet/)")
+    ap.add_argument("--supernet", type=Path, default=None, help="default: RUN/supernet/supernet.pt")
+    ap.add_argument("--report", default="inherited_fidelity.json", help="file name under RUN")
+    ap.add_argument("--bn-batches", type=int, default=None, help="default: the run's search's")
+    cli = ap.parse_args()
+    bench = json.loads((cli.run / "bench.json").read_text())
+    args = argparse.Namespace(**bench["args"])
+    args.data = args.data or str(cli.run / "data" / "data.yaml")
+    bn_batches = cli.bn_batches or int(_search_settings(cli.run).get("bn_batches") or args.bn_batches)
+    fidelity = bench["rank_fidelity"]["archs"]
+    if len(fidelity) < 2:
+        ap.error(f"{cli.run / 'bench.json'} has fewer than 2 rank-fidelity architectures")
+    supernet = cli.supernet or cli.run / "supernet" / SUPERNET_FILE
+    device = resolve_device(args.device)
+    net = load_supernet(supernet).to(device)
+    data = load_data_config(args.data)
+    batches = calibration_batches(data, args.imgsz, args.batch, bn_batches, seed=args.seed, workers=args.workers,
+                                  device=device)
+    val = build_dataloader(YoloDataset.from_config(data, "val", imgsz=args.imgsz, seed=args.seed), args.batch,
+                           args.workers, shuffle=False, seed=args.seed)
+    seeded = seed_means(cli.run)
+    report: dict[str, Any] = {"supernet": str(supernet), "imgsz": args.imgsz, "batch": args.batch,
+                              "bn_batches": bn_batches, "threads": torch.get_num_threads(), "archs": []}
+    for r in fidelity:
+        aid = r["arch_id"]
+        text = _run_arch_yaml(cli.run, aid)
+        if text is None:
+            ap.error(f"{aid}: neither in {cli.run / 'pareto'} nor in the run's study")
+        arch = Architecture.from_dict(yaml.safe_load(text))
+        t0 = time.perf_counter()
+        model = net.extract(arch, bn_batches=batches)
+        res = evaluate(model, val, data.nc, data.names, device=device)
+        row = {"arch_id": aid, "head": head_of(arch), "inherited_map": float(res.metrics.map),
+               "inherited_map50": float(res.metrics.map50), "run_inherited_map": r["inherited_map"],
+               "standalone_map": r["standalone_map"], "standalone_map_last3": r["standalone_map_last3"],
+               "wall_s": round(time.perf_counter() - t0, 1), **seeded.get(aid, {})}
+        report["archs"].append(row)
+        print(f"{aid} ({row['head']}): inherited {row['inherited_map']:.4f} (the run's supernet "
+              f"{r['inherited_map']:.4f})  stand-alone {r['standalone_map']:.4f}", flush=True)
+    rows = report["archs"]
+    fidelity_taus(report, {"inherited": [x["inherited_map"] for x in rows],
+                           "run_inherited": [x["run_inherited_map"] for x in rows]})
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for x in rows:
+        groups[x["head"]].append(x)
+    report["kendall_tau_within_head"] = {
+        h: {"archs": len(g), "tau_vs_standalone": _tau([x["inherited_map"] for x in g], [x["standalone_map"] for x in g]),
+            "run_tau_vs_standalone": _tau([x["run_inherited_map"] for x in g], [x["standalone_map"] for x in g])}
+        for h, g in groups.items() if len(g) >= MIN_GROUP}
+    atomic_write_json(cli.run / cli.report, report)
+    print(json.dumps({"kendall_tau": report["kendall_tau"], "within_head": report["kendall_tau_within_head"]},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
