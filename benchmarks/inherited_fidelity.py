@@ -11,6 +11,12 @@ head configuration that holds at least 3 of the architectures.
 
     python benchmarks/inherited_fidelity.py runs/bench/search128d \\
         --supernet runs/bench/search128e/supernet/supernet.pt --report inherited_fidelity_per_head.json
+
+With --per-head it first trains (or resumes) the supernet to score, with `detforge supernet train --per-head`'s
+sandwich and the run's own supernet settings (space, data, table, budget, epochs, batch, nominal batch,
+seed), into RUN/supernet_per_head/:
+
+    python benchmarks/inherited_fidelity.py runs/bench/search128d --per-head --report inherited_fidelity_per_head.json
 """
 from __future__ import annotations
 
@@ -24,13 +30,14 @@ from typing import Any
 import torch
 import yaml
 from finetune_fidelity import fidelity_taus, seed_means  # the script's directory is on sys.path
-from search_synthetic import _run_arch_yaml, _search_settings, _tau
+from search_synthetic import _run_arch_yaml, _search_settings, _tau, train_supernet
 
 from nas.search import calibration_batches
 from nas.supernet import load_supernet
 from nas.supernet_train import SUPERNET_FILE
 from search_spaces.architecture import Architecture
 from search_spaces.io import atomic_write_json
+from search_spaces.space import load_space
 from trainer.datasets import YoloDataset, build_dataloader, load_data_config
 from trainer.distributed import resolve_device
 from trainer.evaluate import evaluate
@@ -46,7 +53,10 @@ def head_of(arch: Architecture) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a search_synthetic.py output directory (bench.json, supernet/)")
-    ap.add_argument("--supernet", type=Path, default=None, help="default: RUN/supernet/supernet.pt")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--supernet", type=Path, default=None, help="default: RUN/supernet/supernet.pt")
+    which.add_argument("--per-head", action="store_true",
+                       help="train RUN/supernet_per_head/ with a sandwich per head configuration, then score it")
     ap.add_argument("--report", default="inherited_fidelity.json", help="file name under RUN")
     ap.add_argument("--bn-batches", type=int, default=None, help="default: the run's search's")
     cli = ap.parse_args()
@@ -57,10 +67,18 @@ def main() -> None:
     fidelity = bench["rank_fidelity"]["archs"]
     if len(fidelity) < 2:
         ap.error(f"{cli.run / 'bench.json'} has fewer than 2 rank-fidelity architectures")
+    data = load_data_config(args.data)
     supernet = cli.supernet or cli.run / "supernet" / SUPERNET_FILE
+    if cli.per_head:
+        supernet = cli.run / "supernet_per_head" / SUPERNET_FILE
+        if bench["supernet"].get("scope") != "budget":
+            ap.error("--per-head trains for the run's budget: the run's supernet was trained on the whole space")
+        t0 = time.perf_counter()
+        train_supernet(args, load_space(args.space).with_nc(data.nc), args.data, Path(bench["table"]["path"]),
+                       bench["budget_ms"], supernet.parent, per_head=True)
+        print(f"per-head supernet: {time.perf_counter() - t0:.0f} s", flush=True)
     device = resolve_device(args.device)
     net = load_supernet(supernet).to(device)
-    data = load_data_config(args.data)
     batches = calibration_batches(data, args.imgsz, args.batch, bn_batches, seed=args.seed, workers=args.workers,
                                   device=device)
     val = build_dataloader(YoloDataset.from_config(data, "val", imgsz=args.imgsz, seed=args.seed), args.batch,

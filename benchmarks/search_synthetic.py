@@ -53,10 +53,10 @@ from search_spaces import Detector, load_model
 from search_spaces.architecture import Architecture
 from search_spaces.errors import DetforgeError
 from search_spaces.io import atomic_write_json
-from search_spaces.space import load_space
+from search_spaces.space import SearchSpace, load_space
 from trainer.config import TrainConfig
 from trainer.synthetic import generate
-from trainer.trainer import Trainer
+from trainer.trainer import Trainer, TrainResult
 
 COMPARE_PASSES = 7  # rotating latency passes of the stage-6 comparison
 QUICK = {"warmup": 3, "warmup_s": 0.05, "min_runs": 10, "max_runs": 100, "max_time_s": 1.0, "target_rel_ci": 0.05}
@@ -144,6 +144,18 @@ def _tau(xs: list[float], ys: list[float]) -> float | None:
 
     tau = kendalltau(xs, ys).statistic if len(xs) >= 2 else float("nan")
     return None if tau is None or math.isnan(tau) else float(tau)
+
+
+def train_supernet(args: argparse.Namespace, space: SearchSpace, data: str, table: Path | None, budget_ms: float,
+                   out: Path, *, per_head: bool = False) -> tuple[SupernetTrainer, TrainResult]:
+    """Train the run's supernet (resuming from out/last.pt): on the region of `table` under `budget_ms`, or on
+    the whole space without a table; the run's epochs, batch, nominal batch, device and seed."""
+    cfg = TrainConfig(model=f"supernet:{space.name}", data=data, out=str(out), epochs=args.supernet_epochs,
+                      imgsz=args.imgsz, batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers,
+                      seed=args.seed, progress=False, resume=(out / "last.pt").is_file())
+    region = None if table is None else FeasibleRegion.from_table(table, space, budget_ms, nc=space.nc, imgsz=args.imgsz)
+    trainer = SupernetTrainer(cfg, space=space, region=region, per_head=per_head)
+    return trainer, trainer.train()
 
 
 def _stage(report: dict[str, Any], name: str, t0: float) -> None:
@@ -250,13 +262,8 @@ def main() -> None:
     # 2. supernet ---------------------------------------------------------------------------------------------
     t0 = time.time()
     sup_out = out / "supernet"
-    cfg = TrainConfig(model=f"supernet:{space.name}", data=data, out=str(sup_out), epochs=args.supernet_epochs,
-                      imgsz=args.imgsz, batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers,
-                      seed=args.seed, progress=False, resume=(sup_out / "last.pt").is_file())
-    region = FeasibleRegion.from_table(table_path, space, budget, nc=nc, imgsz=args.imgsz) \
-        if args.supernet_scope == "budget" else None
-    trainer = SupernetTrainer(cfg, space=space, region=region, per_head=args.per_head)
-    sup = trainer.train()
+    trainer, sup = train_supernet(args, space, data, table_path if args.supernet_scope == "budget" else None, budget,
+                                  sup_out, per_head=args.per_head)
     report["supernet"] = {"epochs": sup.epochs_done, "largest_map": sup.best_map, "scope": args.supernet_scope,
                           "region": trainer.region_record(),
                           "img_s": [round(r["train_img_s"], 2) for r in sup.rows if "train_img_s" in r]}

@@ -5,13 +5,14 @@ per batch, since head types have no size order); gradients of all of them accumu
 one optimizer step (BigNAS/OFA). With `per_head`, each batch first draws a head configuration (type and
 layout) and the whole sandwich is drawn inside it, with that configuration's own largest as the teacher:
 every head and the neck levels it reads then get the same share of the training, where the shared sandwich
-trains its largest's head configuration every step and the others only when drawn. Given a `FeasibleRegion` (a latency table and a budget), every subnet is
-drawn from the architectures within the budget and the largest is the region's (nas.budget): the search
-can pick nothing else, so nothing else is trained. The smaller subnets also learn from the largest one's
-detached outputs (per-cell objectness and class scores, levels matched by grid size), which is what makes
-inherited weights rank architectures well. Only the largest subnet updates the shared BatchNorm
-statistics, so they are the largest path's: validation evaluates that path, and the search recalibrates
-them for every other subnet anyway. See docs/nas.md.
+trains its largest's head configuration every step and the others only when drawn. Given a
+`FeasibleRegion` (a latency table and a budget), every subnet is drawn from the architectures within the
+budget and the largest is the region's (nas.budget): the search can pick nothing else, so nothing else is
+trained. The smaller subnets also learn from the largest one's detached outputs (per-cell objectness and
+class scores, levels matched by grid size), as BigNAS does to make inherited weights rank architectures
+(how well they do here is measured in docs/benchmarks.md, "Search"). Only the largest subnet updates the
+shared BatchNorm statistics, so they are the largest path's: validation evaluates that path, and the
+search recalibrates them for every other subnet anyway. See docs/nas.md.
 """
 from __future__ import annotations
 
