@@ -108,12 +108,18 @@ def _last_maps_mean(run: Path, k: int = 3) -> float:
 
 
 def _run_arch_yaml(run: Path, arch_id: str) -> str | None:
-    """An architecture of a run by id, as YAML: its front export, else the trial of the run's study that
-    evaluated it (None: neither has it)."""
+    """An architecture of a run by id, as YAML: its front export, else the run's report, else the trial of
+    the run's study that evaluated it (None: none has it)."""
     exported = run / "pareto" / arch_id / "arch.yaml"
     if exported.is_file():
         return exported.read_text()
-    return _studied_archs(run).get(arch_id)
+    report = run / "bench.json"
+    if report.is_file():
+        bench = json.loads(report.read_text())
+        for entry in [*bench.get("front", []), *bench.get("rank_fidelity", {}).get("archs", [])]:
+            if entry.get("arch_id") == arch_id and entry.get("arch"):
+                return entry["arch"]
+    return _studied_archs(run).get(arch_id) if (run / "study.db").is_file() else None
 
 
 @functools.cache
@@ -147,14 +153,15 @@ def _tau(xs: list[float], ys: list[float]) -> float | None:
 
 
 def train_supernet(args: argparse.Namespace, space: SearchSpace, data: str, table: Path | None, budget_ms: float,
-                   out: Path, *, per_head: bool = False) -> tuple[SupernetTrainer, TrainResult]:
+                   out: Path, *, per_head: bool = False, sort_channels: bool = False
+                   ) -> tuple[SupernetTrainer, TrainResult]:
     """Train the run's supernet (resuming from out/last.pt): on the region of `table` under `budget_ms`, or on
     the whole space without a table; the run's epochs, batch, nominal batch, device and seed."""
     cfg = TrainConfig(model=f"supernet:{space.name}", data=data, out=str(out), epochs=args.supernet_epochs,
                       imgsz=args.imgsz, batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers,
                       seed=args.seed, progress=False, resume=(out / "last.pt").is_file())
     region = None if table is None else FeasibleRegion.from_table(table, space, budget_ms, nc=space.nc, imgsz=args.imgsz)
-    trainer = SupernetTrainer(cfg, space=space, region=region, per_head=per_head)
+    trainer = SupernetTrainer(cfg, space=space, region=region, per_head=per_head, sort_channels=sort_channels)
     return trainer, trainer.train()
 
 
@@ -179,6 +186,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="ORT threads for the table and the measurements")
     ap.add_argument("--supernet-epochs", type=int, default=30)
     ap.add_argument("--per-head", action="store_true", help="the supernet's sandwich per head configuration")
+    ap.add_argument("--sort-channels", action="store_true", help="the supernet sorts its channels every epoch")
     ap.add_argument("--supernet-scope", default="budget", choices=["budget", "space"],
                     help="budget: the sandwich draws only architectures within the search's budget; space: all")
     ap.add_argument("--trials", type=int, default=40)
@@ -263,7 +271,7 @@ def main() -> None:
     t0 = time.time()
     sup_out = out / "supernet"
     trainer, sup = train_supernet(args, space, data, table_path if args.supernet_scope == "budget" else None, budget,
-                                  sup_out, per_head=args.per_head)
+                                  sup_out, per_head=args.per_head, sort_channels=args.sort_channels)
     report["supernet"] = {"epochs": sup.epochs_done, "largest_map": sup.best_map, "scope": args.supernet_scope,
                           "region": trainer.region_record(),
                           "img_s": [round(r["train_img_s"], 2) for r in sup.rows if "train_img_s" in r]}
@@ -285,7 +293,8 @@ def main() -> None:
     t0 = time.time()
     front = export_front(study, sup_out / SUPERNET_FILE, out / "pareto", backend="ort-cpu", threads=args.threads,
                          measure_config=protocol, bn_batches=args.bn_batches, batch=args.batch, device=args.device)
-    report["front"] = [e.to_dict() for e in front]
+    # each architecture's YAML goes into the report: the run directory (study, exports) is not kept
+    report["front"] = [{**e.to_dict(), "arch": e.arch} for e in front]
     _stage(report, "front", t0)
 
     # 5. rank fidelity ------------------------------------------------------------------------------------------
@@ -305,7 +314,7 @@ def main() -> None:
         run = _scratch_dir(out, aid, standalone_epochs, args.max_train_s)
         m, done = _train(Detector(arch), data, run, standalone_epochs, args, max_s=args.max_train_s)
         rows.append({"arch_id": aid, "inherited_map": float(attrs["map"]), "standalone_map": m,
-                     "standalone_map_last3": _last_maps_mean(run), "epochs": done})
+                     "standalone_map_last3": _last_maps_mean(run), "epochs": done, "arch": attrs["arch"]})
         print(f"stand-alone {aid}: inherited {attrs['map']:.4f}  stand-alone {m:.4f}", flush=True)
     inherited = [r["inherited_map"] for r in rows]
     report["rank_fidelity"] = {

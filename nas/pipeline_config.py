@@ -42,6 +42,7 @@ class SupernetCfg:
     batch: int = 16
     n_random: int = 2
     per_head: bool = False  # draw each step's sandwich inside one head configuration (docs/nas.md)
+    sort_channels: bool = False  # reorder filters by importance before every epoch but the first (docs/nas.md)
     scope: str = "budget"  # budget: train only the architectures within search.budget_ms (if set); space: all
 
 

@@ -78,7 +78,7 @@ def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | 
     region = None if budget is None else \
         FeasibleRegion.from_table(t["path"], net.space, budget, nc=d["nc"], imgsz=c.imgsz)
     trainer = SupernetTrainer(cfg, model=net, n_random=c.supernet.n_random, region=region,
-                              per_head=c.supernet.per_head)
+                              per_head=c.supernet.per_head, sort_channels=c.supernet.sort_channels)
     result = trainer.train()
     weights = out / "supernet.pt"
     return {"weights": str(weights), "best_map": result.best_map, "files": [str(weights)]}

@@ -3,7 +3,8 @@
 Rules (docs/search_space.md): each template layer (by name: `p3`, `td4`, `h5`, ...) keeps one
 largest module per block variant (`elan`, `elan_ghost`, `eelan`, `mp`, `conv`, ...), so different
 block types never share weights; heads are kept per (type, layout). Elastic width takes the first
-output channels of every conv and BatchNorm; elastic depth runs the first `d` chain convs of an ELAN.
+output channels of every conv and BatchNorm (for a conv block, the first of its `order`, which
+`Supernet.sort_channels` can rewrite by importance); elastic depth runs the first `d` chain convs of an ELAN.
 A conv's input channels are selected by a *layout*: the indices of the active channels inside the
 largest tensor, where every concatenated part (an ELAN tap, an MP branch, a PAN lateral) owns a fixed
 segment. So the same weights always meet the same feature, whatever the depth, tap or width.
@@ -62,12 +63,17 @@ class DynConv2d(nn.Conv2d):
             raise ValueError("only dense and depthwise convs are elastic")
         self.configure(None, None)
 
-    def configure(self, out: int | None, in_idx: Tensor | None) -> None:
-        """Activate `out` filters (None: all) reading the input channels `in_idx` (None: all)."""
+    def configure(self, out: int | None, in_idx: Tensor | None, out_idx: Tensor | None = None) -> None:
+        """Activate `out` filters (None: all; `out_idx`: these filters, else the first) reading the input
+        channels `in_idx` (None: all)."""
         out = self.out_channels if out is None else int(out)
         if not 1 <= out <= self.out_channels:
             raise ValueError(f"{out} output channels asked of a conv with {self.out_channels}")
+        if out_idx is not None and (self.depthwise or len(out_idx) != out):
+            raise ValueError(f"{len(out_idx)} filter indices for {out} output channels of a "
+                             f"{'depthwise' if self.depthwise else 'dense'} conv")
         self.active_out = out
+        self._out_idx = out_idx
         self._in_idx: Tensor | None = None
         self._in_n = self.in_channels
         if in_idx is None or self.depthwise:
@@ -79,8 +85,16 @@ class DynConv2d(nn.Conv2d):
         if not torch.equal(in_idx.cpu(), _arange(n)):  # a prefix is a cheap view; anything else a gather
             self._in_idx = in_idx
 
+    def _rows(self, t: Tensor) -> Tensor:
+        """The active filters' rows of a weight or bias."""
+        if self._out_idx is None:
+            return t[: self.active_out]
+        if self._out_idx.device != t.device:
+            self._out_idx = self._out_idx.to(t.device)
+        return t.index_select(0, self._out_idx)
+
     def active_weight(self) -> Tensor:
-        w = self.weight[: self.active_out]
+        w = self._rows(self.weight)
         if self.depthwise:
             return w
         if self._in_idx is None:
@@ -90,7 +104,7 @@ class DynConv2d(nn.Conv2d):
         return w.index_select(1, self._in_idx)
 
     def active_bias(self) -> Tensor | None:
-        return None if self.bias is None else self.bias[: self.active_out]
+        return None if self.bias is None else self._rows(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         groups = self.active_out if self.depthwise else 1
@@ -99,7 +113,18 @@ class DynConv2d(nn.Conv2d):
 
 
 class DynBN(nn.BatchNorm2d):
-    """A BatchNorm2d at its largest size that normalises the first C channels of its C-channel input."""
+    """A BatchNorm2d at its largest size that normalises its C-channel input with its first C channels'
+    parameters and statistics, or with those of the channels `idx` (set by the conv it follows)."""
+
+    idx: Tensor | None = None
+
+    def active(self, t: Tensor, n: int) -> Tensor:
+        """The active channels of a parameter or buffer (a view for a prefix, else a gathered copy)."""
+        if self.idx is None:
+            return t[:n]
+        if self.idx.device != t.device:
+            self.idx = self.idx.to(t.device)
+        return t.index_select(0, self.idx)
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[1]
@@ -108,9 +133,15 @@ class DynBN(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             # momentum None: cumulative average, as nn.BatchNorm2d (used to recalibrate statistics)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        # prefix views: running statistics update in place in the shared buffers
-        return F.batch_norm(x, self.running_mean[:n], self.running_var[:n], self.weight[:n], self.bias[:n],
-                            self.training, factor, self.eps)
+        mean, var = self.active(self.running_mean, n), self.active(self.running_var, n)
+        # a prefix is a view, so the running statistics update in place; gathered copies are written back
+        y = F.batch_norm(x, mean, var, self.active(self.weight, n), self.active(self.bias, n), self.training,
+                         factor, self.eps)
+        if self.idx is not None and self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.index_copy_(0, self.idx, mean)
+                self.running_var.index_copy_(0, self.idx, var)
+        return y
 
 
 class DynImplicitA(ImplicitA):
@@ -157,16 +188,41 @@ def _segments(parts: Iterable[tuple[Tensor, int]]) -> Tensor:
 
 # ---- elastic blocks: built at their largest size; `set_active(args, input layouts) -> output layout` ----
 class DynConv(Conv):
-    """Conv + BN + act with elastic output width."""
+    """Conv + BN + act with elastic output width: width w runs the filters `order[:w]`.
+
+    `order` starts as 0..C-1 (the first w filters) and is rewritten by `Supernet.sort_channels`, which
+    puts the most important filters first (OFA): weights never move, so optimizer and EMA states stay valid.
+    """
 
     def __init__(self, c_in: list[int], act: str = "silu", *, out: int, k: int = 1, s: int = 1, g: int = 1,
                  p: int | None = None):
         super().__init__(c_in[0], out, k, s, g, act, p)
         _dynamize(self)
+        self.register_buffer("order", _arange(out))
+        self._order_cpu: tuple[tuple[int, int] | None, Tensor | None] = (None, None)
+
+    def _order(self) -> Tensor | None:
+        """`order` on the CPU (cached until it changes); None while it is still 0..C-1."""
+        key = (id(self.order), self.order._version)  # .to() makes a new tensor, copy_ a new version
+        if self._order_cpu[0] != key:
+            order = self.order.detach().cpu()
+            self._order_cpu = (key, None if torch.equal(order, _arange(len(order))) else order)
+        return self._order_cpu[1]
 
     def set_active(self, args: Mapping[str, Any], ins: list[Tensor]) -> Tensor:
-        self.conv.configure(args["out"], ins[0])
-        return _arange(args["out"])
+        out, order = args["out"], self._order()
+        idx = None if order is None else order[:out]
+        self.conv.configure(out, ins[0], idx)
+        self.bn.idx = idx
+        return _arange(out) if idx is None else idx
+
+
+def channel_importance(conv: Conv) -> Tensor:
+    """Each output channel's importance: its BatchNorm's |gamma|, the scale of the normalised channel
+    (network slimming); a conv without BatchNorm ranks its filters by L1 norm."""
+    if isinstance(conv.bn, nn.BatchNorm2d):
+        return conv.bn.weight.detach().abs()
+    return conv.conv.weight.detach().abs().flatten(1).sum(1)
 
 
 class DynRepConv(RepConv):
@@ -572,6 +628,31 @@ class Supernet(nn.Module):
             outs.append(module(*[x if j == -1 else outs[j] for j in ins]))
         return head([outs[i] for i in lead])
 
+    # ---- channel order --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sort_channels(self) -> int:
+        """Reorder every elastic conv's filters by `channel_importance`, most important first, so that a
+        narrow subnet runs a wide one's strongest channels (OFA); the summed branches of an E-ELAN share one
+        order. Outputs of any architecture at full width are unchanged. Returns how many convs changed order."""
+        groups: list[list[DynConv]] = []
+        tied: set[int] = set()
+        for m in self.modules():
+            if isinstance(m, DynEElan):
+                convs = [b.cv3 for b in m.branches]
+                groups.append(convs)
+                tied.update(id(c) for c in convs)
+        groups += [[m] for m in self.modules() if isinstance(m, DynConv) and id(m) not in tied]
+        changed = 0
+        for convs in groups:
+            importance = torch.stack([channel_importance(c) for c in convs]).sum(0)
+            order = torch.argsort(importance, descending=True, stable=True)
+            if not torch.equal(order.to(convs[0].order.device), convs[0].order):
+                changed += len(convs)
+                for c in convs:
+                    c.order.copy_(order)
+        self.set_active(self.active_arch)  # the active convs' slices were configured with the old order
+        return changed
+
     # ---- extraction ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def extract(self, arch_or_decisions: Architecture | Mapping[str, Any] | None = None, *,
@@ -673,8 +754,10 @@ def load_supernet(path: str | Path, space: SearchSpace | str | Path | None = Non
             space = doc.get("space_path") if doc.get("space_path") and Path(doc["space_path"]).is_file() \
                 else doc["space"]
     net = Supernet(space, nc=int(doc["nc"]))
+    # files written before channel sorting existed hold no `order` buffers: theirs is the initial one
+    state = {**{k: v for k, v in net.state_dict().items() if k.endswith(".order")}, **doc["state_dict"]}
     try:
-        net.load_state_dict(doc["state_dict"])
+        net.load_state_dict(state)
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"weights do not match space '{net.space.name}' ({str(e)[:200]})", path=path,
                               field="state_dict") from None
@@ -703,8 +786,9 @@ def _copy_weights(src: nn.Module, dst: nn.Module) -> None:
             pairs = [(d.weight, w)] + ([(d.bias, b)] if d.bias is not None else [])
         elif isinstance(d, nn.BatchNorm2d):
             n = d.num_features
-            pairs = [(d.weight, s.weight[:n]), (d.bias, s.bias[:n]), (d.running_mean, s.running_mean[:n]),
-                     (d.running_var, s.running_var[:n]), (d.num_batches_tracked, s.num_batches_tracked)]
+            sl = s.active if isinstance(s, DynBN) else lambda t, n: t[:n]
+            pairs = [(d.weight, sl(s.weight, n)), (d.bias, sl(s.bias, n)), (d.running_mean, sl(s.running_mean, n)),
+                     (d.running_var, sl(s.running_var, n)), (d.num_batches_tracked, s.num_batches_tracked)]
         else:
             pairs = [(d.implicit, s.active() if isinstance(s, DynImplicitA) else s.implicit)]
         for t, v in pairs:
@@ -718,4 +802,5 @@ def _copy_weights(src: nn.Module, dst: nn.Module) -> None:
         raise RuntimeError(f"supernet extraction left {missing[0]} unset")
 
 
-__all__ = ["DYNAMIC_BLOCKS", "DynBN", "DynConv2d", "Supernet", "layer_variant", "make_dynamic"]
+__all__ = ["DYNAMIC_BLOCKS", "DynBN", "DynConv2d", "Supernet", "channel_importance", "layer_variant",
+           "make_dynamic"]

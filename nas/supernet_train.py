@@ -12,7 +12,9 @@ trained. The smaller subnets also learn from the largest one's detached outputs 
 class scores, levels matched by grid size), as BigNAS does to make inherited weights rank architectures
 (how well they do here is measured in docs/benchmarks.md, "Search"). Only the largest subnet updates the
 shared BatchNorm statistics, so they are the largest path's: validation evaluates that path, and the
-search recalibrates them for every other subnet anyway. See docs/nas.md.
+search recalibrates them for every other subnet anyway. With `sort_channels`, every epoch after the first
+starts by reordering each conv block's filters by importance (`Supernet.sort_channels`, OFA), so narrow
+subnets train and inherit the channels the largest relies on most. See docs/nas.md.
 """
 from __future__ import annotations
 
@@ -106,8 +108,20 @@ class InplaceDistill(Callback):
         return {"kd_obj": trainer.kd_weight * h.obj * obj_l / n, "kd_cls": trainer.kd_weight * h.cls * cls_l / n}
 
 
-def _sandwich(per_head: bool) -> str:
-    return "per head configuration" if per_head else "shared by all head configurations"
+class ChannelSorting(Callback):
+    """Reorder the supernet's filters by importance before every epoch but the first (random weights have
+    no importance yet); the order is a function of the weights, so a resumed epoch sorts as the killed one did."""
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        if epoch > 0:
+            trainer.sorted_convs = trainer.supernet.sort_channels()
+
+
+# settings a resumed supernet training must share with the killed one: (option, what it says when on/off)
+_SANDWICH_SETTINGS = {
+    "per_head": ("--per-head", "drew its sandwich per head configuration", "drew one sandwich for all heads"),
+    "sort_channels": ("--sort-channels", "sorted its channels by importance", "kept its channels in order"),
+}
 
 
 class SupernetTrainer(Trainer):
@@ -119,7 +133,7 @@ class SupernetTrainer(Trainer):
     def __init__(self, cfg: TrainConfig, model: Supernet | None = None, callbacks: Sequence[Callback] = (),
                  hyp: Hyp | None = None, *, space: SearchSpace | str | None = None, n_random: int = 2,
                  kd_weight: float = 1.0, kd_temperature: float = 1.0, region: FeasibleRegion | None = None,
-                 per_head: bool = False):
+                 per_head: bool = False, sort_channels: bool = False):
         if model is None:
             if space is None:
                 raise ConfigError("give a Supernet or a search space", field="space")
@@ -137,7 +151,8 @@ class SupernetTrainer(Trainer):
         self.supernet = model
         self.space = model.space
         self.n_random, self.kd_weight, self.kd_temperature = int(n_random), float(kd_weight), float(kd_temperature)
-        self.per_head = bool(per_head)
+        self.per_head, self.sort_channels = bool(per_head), bool(sort_channels)
+        self.sorted_convs = 0  # how many convs the last epoch-start sort reordered
         self.role = "largest"
         self.teacher_raw: list[Tensor] | None = None
         self._losses: dict[tuple, YoloLoss] = {}
@@ -148,7 +163,8 @@ class SupernetTrainer(Trainer):
         model.set_active(self.arch(self._largest))  # the Trainer builds its default loss from the active head
         if hyp is None:
             hyp = load_hyp(supernet_hyp_name(self.space) if cfg.hyp == "auto" else cfg.hyp)
-        super().__init__(cfg, model=model, callbacks=[InplaceDistill(), *callbacks], hyp=hyp)
+        own: list[Callback] = [InplaceDistill(), *([ChannelSorting()] if self.sort_channels else [])]
+        super().__init__(cfg, model=model, callbacks=[*own, *callbacks], hyp=hyp)
         self.current_loss = self._losses.setdefault(self._loss_key(model.active_arch), self.loss_fn)
 
     # ---- subnets and their losses ----------------------------------------------------------------------
@@ -286,8 +302,8 @@ class SupernetTrainer(Trainer):
     def model_identity(self) -> dict[str, Any]:
         """The space and settings instead of an arch: a supernet is all architectures at once."""
         return {"supernet": {"space": self.space.name, "space_path": self.space.source, "nc": int(self.supernet.nc),
-                             "n_random": self.n_random, "kd_weight": self.kd_weight, "per_head": self.per_head,
-                             "region": self.region_record()}}
+                             "n_random": self.n_random, "kd_weight": self.kd_weight,
+                             **{k: getattr(self, k) for k in _SANDWICH_SETTINGS}, "region": self.region_record()}}
 
     def region_record(self) -> dict[str, Any] | None:
         """What the supernet was trained on: the budget and the sandwich's largest architecture (its id,
@@ -311,10 +327,11 @@ class SupernetTrainer(Trainer):
         if key(theirs) != key(mine):
             raise CheckpointError(f"cannot resume: the interrupted run trained {say(theirs)}, this one "
                                   f"{say(mine)} (pass the same --table and --budget-ms)", path=path, field="budget_ms")
-        per_head = bool((checkpoint.get("supernet") or {}).get("per_head", False))
-        if per_head != self.per_head:
-            raise CheckpointError(f"cannot resume: the interrupted run drew its sandwich {_sandwich(per_head)}, this "
-                                  f"one {_sandwich(self.per_head)} (pass the same --per-head)", path=path, field="per_head")
+        for key, (flag, on, off) in _SANDWICH_SETTINGS.items():
+            theirs_on = bool((checkpoint.get("supernet") or {}).get(key, False))
+            if theirs_on != getattr(self, key):
+                raise CheckpointError(f"cannot resume: the interrupted run {on if theirs_on else off}, this one "
+                                      f"{on if not theirs_on else off} (pass the same {flag})", path=path, field=key)
 
     def save_checkpoint(self, epoch: int) -> None:
         """Atomically write last.pt and supernet.pt (EMA weights, space, nc); a supernet is no Detector dir."""

@@ -24,6 +24,9 @@ class Callback:
         """Named extra loss terms (already weighted, per image); they are added to the detection loss."""
         return {}
 
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Called on every rank before an epoch's first batch (also the first epoch of a resumed run)."""
+
     def on_epoch_end(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
         """Called on every rank after an epoch, with the logged row (losses, mAP, speeds); setting
         `trainer.stop_requested = True` (on rank 0) ends training after this epoch, its checkpoint written."""

@@ -341,6 +341,8 @@ class Trainer:
             epoch += 1
             torch.manual_seed(cfg.seed + epoch)  # each epoch is a function of (seed, epoch): exact resume
             self.train_loader.set_epoch(epoch)
+            for cb in self.callbacks:
+                cb.on_epoch_start(self, epoch)
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}

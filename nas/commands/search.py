@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--per-head", action="store_true",
                    help="draw each batch's sandwich inside one head configuration (type x layout), drawn uniformly, "
                         "so every head is trained equally (default: one sandwich over all of them)")
+    t.add_argument("--sort-channels", action="store_true",
+                   help="before every epoch but the first, reorder each conv block's filters by importance (BN "
+                        "|gamma|), so narrow subnets run the strongest channels (OFA)")
     t.add_argument("--nbs", type=int, default=64, help="nominal batch: gradients accumulate to it")
     t.add_argument("--table", default=None, help="latency table of the target device: with --budget-ms, train only "
                                                  "the architectures predicted within the budget")
@@ -119,7 +122,8 @@ def run_supernet_train(args: argparse.Namespace) -> None:
                       workers=args.workers, seed=args.seed, ema=not args.no_ema, max_time_s=args.max_time)
     try:
         result = SupernetTrainer(cfg, space=space, n_random=args.n_random, kd_weight=args.kd_weight,
-                                 region=region, per_head=args.per_head).train()
+                                 region=region, per_head=args.per_head,
+                                 sort_channels=args.sort_channels).train()
     finally:
         distributed.cleanup()
     if distributed.is_main():

@@ -153,3 +153,73 @@ def test_foreign_architectures_are_refused(supernet):
         supernet.set_active(load_model("yolov7-tiny").arch.with_nc(NC))
     with pytest.raises(ConfigError):
         supernet.set_active(load_model("yolov7-tiny").arch)  # nc differs too
+
+
+def _narrow_conv(net: Supernet):
+    """An active conv block running fewer filters than it holds (the one channel sorting changes)."""
+    from nas.supernet import DynConv
+
+    for module in net.active_modules():
+        for m in module.modules():
+            if isinstance(m, DynConv) and m.conv.active_out < m.conv.out_channels:
+                return m
+    raise AssertionError("the active architecture has no narrow conv")
+
+
+def test_sorted_channels_put_the_strongest_filters_first(space, tmp_path):
+    from nas.supernet import DynEElan, channel_importance, load_supernet, supernet_document
+
+    torch.manual_seed(0)
+    net = Supernet(space, nc=NC).eval()
+    randomize(net, seed=3)
+    x = torch.rand(2, 3, 64, 64)
+    big, narrow = space.largest_decisions(), space.smallest_decisions()
+    with torch.no_grad():
+        net.set_active(big)
+        y_big = net(x)[0]
+        net.set_active(narrow)
+        y_narrow = net(x)[0]
+        assert net.sort_channels() > 0
+        assert net.sort_channels() == 0  # the order is a function of the weights: sorting twice is sorting once
+        conv = _narrow_conv(net)
+        w = conv.conv.active_out
+        top = torch.topk(channel_importance(conv), w).indices
+        assert set(conv.order[:w].tolist()) == set(top.tolist())  # a narrow subnet runs the strongest filters
+        assert (net(x)[0] - y_narrow).abs().max() > 1e-3
+        net.set_active(big)
+        assert torch.allclose(net(x)[0], y_big, rtol=1e-4, atol=1e-3)  # full width: the same function
+    eelans = [m for m in net.modules() if isinstance(m, DynEElan)]
+    assert eelans and all(torch.equal(b.cv3.order, m.branches[0].cv3.order) for m in eelans for b in m.branches)
+    rng = random.Random(1)
+    for _ in range(10):  # extraction copies the reordered slices
+        arch = net.set_active(space.random_decisions(rng))
+        xi = torch.rand(1, 3, arch.imgsz, arch.imgsz)
+        with torch.no_grad():
+            assert (net(xi)[0] - net.extract().eval()(xi)[0]).abs().max() <= 1e-5
+    # the order travels with the weights, and files from before channel sorting still load
+    net.set_active(narrow)
+    torch.save(supernet_document(net), tmp_path / "sorted.pt")
+    old = supernet_document(net)
+    old["state_dict"] = {k: v for k, v in old["state_dict"].items() if not k.endswith(".order")}
+    torch.save(old, tmp_path / "unsorted.pt")
+    with torch.no_grad():
+        again = load_supernet(tmp_path / "sorted.pt").eval()
+        again.set_active(narrow)
+        assert torch.equal(again(x)[0], net(x)[0])
+        unsorted = load_supernet(tmp_path / "unsorted.pt").eval()
+        unsorted.set_active(narrow)
+        assert torch.allclose(unsorted(x)[0], y_narrow, rtol=1e-4, atol=1e-3)
+
+
+def test_sorted_batchnorm_updates_the_active_channels_statistics(space):
+    torch.manual_seed(0)
+    net = Supernet(space, nc=NC)
+    randomize(net, seed=4)
+    net.set_active(space.smallest_decisions())
+    net.sort_channels()
+    bn = _narrow_conv(net).bn
+    before = bn.running_mean.clone()
+    net.train()
+    net(torch.rand(2, 3, 64, 64))
+    moved = (bn.running_mean != before).nonzero().flatten()
+    assert set(moved.tolist()) == set(bn.idx.tolist())  # written back where the gathered copy was, nowhere else

@@ -94,6 +94,26 @@ def test_one_epoch_then_resume_equals_an_uninterrupted_run(shared, tmp_path):
     assert isinstance(det, Detector)
 
 
+def test_channel_sorting_reorders_every_epoch_after_the_first_and_resumes_exactly(shared, tmp_path):
+    straight = SupernetTrainer(_cfg(shared, tmp_path / "a"), space="tiny", sort_channels=True)
+    straight.train()
+    assert straight.sorted_convs > 0  # epoch 2 started by reordering filters
+    orders = {k: v for k, v in torch.load(tmp_path / "a" / "supernet.pt", weights_only=True)["state_dict"].items()
+              if k.endswith(".order")}
+    assert orders and any(not torch.equal(v, torch.arange(len(v))) for v in orders.values())
+    first = SupernetTrainer(_cfg(shared, tmp_path / "b", max_time_s=1e-9), space="tiny", sort_channels=True).train()
+    assert first.epochs_done == 1
+    one = torch.load(tmp_path / "b" / "supernet.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(one[k], torch.arange(len(v))) for k, v in orders.items())  # no sort before epoch 2
+    # the order is part of the run: resuming without --sort-channels is refused, with it the run is bit-identical
+    with pytest.raises(CheckpointError, match="sort_channels"):
+        SupernetTrainer(_cfg(shared, tmp_path / "b", resume=True), space="tiny")
+    SupernetTrainer(_cfg(shared, tmp_path / "b", resume=True), space="tiny", sort_channels=True).train()
+    a = torch.load(tmp_path / "a" / "supernet.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "supernet.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
 def test_cli_trains_and_resumes(shared, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["supernet", "train", "--space", "tiny", "--data", str(shared.data), "--epochs", "1", "--batch", "8",
