@@ -199,15 +199,14 @@ class DynConv(Conv):
         super().__init__(c_in[0], out, k, s, g, act, p)
         _dynamize(self)
         self.register_buffer("order", _arange(out))
-        self._order_cpu: tuple[tuple[int, int] | None, Tensor | None] = (None, None)
 
     def _order(self) -> Tensor | None:
-        """`order` on the CPU (cached until it changes); None while it is still 0..C-1."""
-        key = (id(self.order), self.order._version)  # .to() makes a new tensor, copy_ a new version
-        if self._order_cpu[0] != key:
-            order = self.order.detach().cpu()
-            self._order_cpu = (key, None if torch.equal(order, _arange(len(order))) else order)
-        return self._order_cpu[1]
+        """`order` on the CPU; None while it is still 0..C-1.
+
+        Read afresh on every call: the EMA and DDP write buffers through `.data` or collectives, which leave
+        a tensor's version counter alone, so a cache keyed on it served a stale order (seen in validation)."""
+        order = self.order.detach().cpu()
+        return None if torch.equal(order, _arange(len(order))) else order
 
     def set_active(self, args: Mapping[str, Any], ins: list[Tensor]) -> Tensor:
         out, order = args["out"], self._order()
@@ -236,12 +235,18 @@ class DynRepConv(RepConv):
         self._identity = self.rbr_identity is not None and self.c1 == out
 
     def set_active(self, args: Mapping[str, Any], ins: list[Tensor]) -> Tensor:
-        out = args["out"]
-        self.rbr_dense[0].configure(out, ins[0])
-        self.rbr_1x1[0].configure(out, ins[0])
-        self._identity = (self.rbr_identity is not None and self.s == 1 and len(ins[0]) == out
-                          and out <= self.rbr_identity.num_features)
-        return _arange(out)
+        out, x = args["out"], ins[0]
+        self._identity = (self.rbr_identity is not None and self.s == 1 and len(x) == out
+                          and int(x.max()) < min(self.rbr_identity.num_features, self.rbr_dense[0].out_channels))
+        # with the identity, the filters follow the input's channel positions, so each channel is added to
+        # its own filter whatever order the input's producer keeps (Supernet.sort_channels)
+        idx = x if self._identity and not torch.equal(x, _arange(out)) else None
+        for branch in (self.rbr_dense, self.rbr_1x1):
+            branch[0].configure(out, x, idx)
+            branch[1].idx = idx
+        if self.rbr_identity is not None:
+            self.rbr_identity.idx = idx
+        return _arange(out) if idx is None else idx
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.rbr_dense(x) + self.rbr_1x1(x)
@@ -630,10 +635,22 @@ class Supernet(nn.Module):
 
     # ---- channel order --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sort_channels(self) -> int:
-        """Reorder every elastic conv's filters by `channel_importance`, most important first, so that a
-        narrow subnet runs a wide one's strongest channels (OFA); the summed branches of an E-ELAN share one
-        order. Outputs of any architecture at full width are unchanged. Returns how many convs changed order."""
+    def sort_channels(self, keep: Architecture | Mapping[str, Any] | None = None) -> int:
+        """Reorder each elastic conv's filters by `channel_importance`, most important first, so that a
+        narrow subnet runs the strongest channels (OFA); the summed branches of an E-ELAN share one order.
+
+        With `keep` (an architecture or decisions; the sandwich's largest), the reordering stays inside the
+        filters `keep` runs: it computes the same function afterwards, and convs it does not run keep their
+        order. Filters no subnet has trained keep BatchNorm's initial gamma of 1, which outranks trained
+        ones, so ranking beyond what the teacher runs would hand narrow subnets untrained filters. Without
+        `keep` every filter is ranked (a supernet whose every filter is trained). Returns how many convs
+        changed order."""
+        active = self.active_arch
+        widths: dict[int, int] | None = None
+        if keep is not None:
+            self.set_active(keep)
+            widths = {id(c): c.conv.active_out for m in self.active_modules() for c in m.modules()
+                      if isinstance(c, DynConv)}
         groups: list[list[DynConv]] = []
         tied: set[int] = set()
         for m in self.modules():
@@ -644,13 +661,18 @@ class Supernet(nn.Module):
         groups += [[m] for m in self.modules() if isinstance(m, DynConv) and id(m) not in tied]
         changed = 0
         for convs in groups:
-            importance = torch.stack([channel_importance(c) for c in convs]).sum(0)
-            order = torch.argsort(importance, descending=True, stable=True)
-            if not torch.equal(order.to(convs[0].order.device), convs[0].order):
+            current = convs[0].order
+            w = len(current) if widths is None else widths.get(id(convs[0]), 0)
+            if w == 0:
+                continue
+            importance = torch.stack([channel_importance(c) for c in convs]).sum(0).to(current.device)
+            head = current[:w]
+            order = torch.cat([head[torch.argsort(importance[head], descending=True, stable=True)], current[w:]])
+            if not torch.equal(order, current):
                 changed += len(convs)
                 for c in convs:
                     c.order.copy_(order)
-        self.set_active(self.active_arch)  # the active convs' slices were configured with the old order
+        self.set_active(active)  # the active convs' slices were configured with the old order
         return changed
 
     # ---- extraction ---------------------------------------------------------------------------------------

@@ -109,12 +109,14 @@ class InplaceDistill(Callback):
 
 
 class ChannelSorting(Callback):
-    """Reorder the supernet's filters by importance before every epoch but the first (random weights have
-    no importance yet); the order is a function of the weights, so a resumed epoch sorts as the killed one did."""
+    """Reorder the supernet's filters by importance, inside those the sandwich's largest runs, before every
+    epoch but the first (random weights have no importance yet); the order is a function of the weights, so
+    a resumed epoch sorts as the killed one did."""
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         if epoch > 0:
-            trainer.sorted_convs = trainer.supernet.sort_channels()
+            # inside the channels the largest runs: it keeps its function, and untrained filters stay last
+            trainer.sorted_convs = trainer.supernet.sort_channels(keep=trainer.arch(trainer._largest))
 
 
 # settings a resumed supernet training must share with the killed one: (option, what it says when on/off)

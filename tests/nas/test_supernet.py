@@ -223,3 +223,55 @@ def test_sorted_batchnorm_updates_the_active_channels_statistics(space):
     net(torch.rand(2, 3, 64, 64))
     moved = (bn.running_mean != before).nonzero().flatten()
     assert set(moved.tolist()) == set(bn.idx.tolist())  # written back where the gathered copy was, nowhere else
+
+
+def test_sorting_inside_a_kept_architecture_leaves_its_function_and_other_filters(space):
+    from nas.supernet import DynConv, DynEElan, channel_importance
+
+    torch.manual_seed(0)
+    net = Supernet(space, nc=NC).eval()
+    randomize(net, seed=5)
+    tied = {id(b.cv3) for m in net.modules() if isinstance(m, DynEElan) for b in m.branches}
+    keep = space.random_decisions(random.Random(7))
+    net.set_active(keep)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        y_keep = net(x)[0]
+    widths = {id(c): c.conv.active_out for m in net.active_modules() for c in m.modules() if isinstance(c, DynConv)}
+    before = {id(c): c.order.clone() for c in net.modules() if isinstance(c, DynConv)}
+    net.set_active(space.smallest_decisions())
+    assert net.sort_channels(keep=keep) > 0
+    assert net.active_arch == space.build_arch(space.smallest_decisions(), nc=NC)  # the active path is restored
+    for c in net.modules():
+        if not isinstance(c, DynConv):
+            continue
+        w, old = widths.get(id(c), 0), before[id(c)]
+        if w == 0:
+            assert torch.equal(c.order, old)  # not run by `keep`: untouched
+            continue
+        assert set(c.order[:w].tolist()) == set(old[:w].tolist()) and torch.equal(c.order[w:], old[w:])
+        if id(c) in tied:
+            continue  # ranked by the branches' summed importance (the E-ELAN case of the test above)
+        gamma = channel_importance(c)[c.order[:w]]
+        assert torch.all(gamma[:-1] >= gamma[1:])  # strongest first, inside the kept filters
+    net.set_active(keep)
+    with torch.no_grad():
+        assert torch.allclose(net(x)[0], y_keep, rtol=1e-4, atol=1e-3)
+
+
+def test_an_ema_copy_follows_the_sorted_order(space):
+    from trainer.ema import ModelEMA
+
+    torch.manual_seed(0)
+    net = Supernet(space, nc=NC).eval()
+    randomize(net, seed=6)
+    narrow = space.smallest_decisions()
+    net.set_active(narrow)
+    ema = ModelEMA(net)
+    ema.ema.set_active(narrow)  # the copy has read its (initial) order once
+    assert net.sort_channels() > 0
+    ema.update(net)  # copies the order through `.data`, as every EMA step does
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ema.ema.eval().set_active(narrow)
+        assert torch.allclose(ema.ema(x)[0], net(x)[0], rtol=1e-4, atol=1e-3)
