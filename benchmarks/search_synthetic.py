@@ -21,7 +21,8 @@ stand-alone training from its own last.pt):
 
 The full run (default space at 320, 30 supernet epochs on 2,000 images, 40 trials) needs about 12 hours of
 supernet training alone on a 2-core CPU (1.4 img/s measured; docs/benchmarks.md "Search" has a cut-down run).
-A plumbing run on the tiny space (minutes on a CPU):
+Each stage writes OUT/bench.json with the figures so far; --stop-after STAGE ends the run there (a rerun
+without it resumes). A plumbing run on the tiny space (minutes on a CPU):
 
     python benchmarks/search_synthetic.py --space tiny --imgsz 64 --train-images 64 --val-images 32 \\
         --supernet-epochs 2 --trials 6 --fidelity-archs 6 --standalone-epochs 1 --finetune-epochs 1 \\
@@ -165,9 +166,21 @@ def train_supernet(args: argparse.Namespace, space: SearchSpace, data: str, tabl
     return trainer, trainer.train()
 
 
-def _stage(report: dict[str, Any], name: str, t0: float) -> None:
+STAGES = ("data_and_table", "supernet", "search", "front", "rank_fidelity", "vs_yolov7_tiny")
+
+
+class StopAfter(Exception):
+    """Raised after the --stop-after stage: its partial report is written."""
+
+
+def _stage(report: dict[str, Any], name: str, t0: float, out: Path, stop_after: str | None) -> None:
+    """Record a stage's wall time and write the report so far (a killed or stopped run keeps its figures)."""
     report.setdefault("wall_s", {})[name] = round(time.time() - t0, 1)
+    report["stages_done"] = [s for s in STAGES if s in report["wall_s"]]
+    atomic_write_json(out / "bench.json", report)
     print(f"[{name}] {report['wall_s'][name]:.1f} s", flush=True)
+    if name == stop_after:
+        raise StopAfter(name)
 
 
 def main() -> None:
@@ -199,6 +212,8 @@ def main() -> None:
                     help="epochs of each rank-fidelity training (default: yolov7-tiny's, supernet + finetune)")
     ap.add_argument("--finetune-epochs", type=int, default=10)
     ap.add_argument("--baseline-epochs", type=int, default=None, help="default: supernet + finetune epochs")
+    ap.add_argument("--stop-after", default=None, choices=STAGES[1:-1],
+                    help="stop after this stage, its report written to OUT/bench.json (a rerun resumes)")
     ap.add_argument("--no-scratch", action="store_true",
                     help="skip training the compared front model from scratch for the baseline's epochs")
     ap.add_argument("--max-train-s", type=float, default=None,
@@ -243,7 +258,7 @@ def main() -> None:
             report["table_seeded_from"] = str(shipped)
         table = LatencyTable.build(space, backend, args.imgsz, table_path, progress=True)
     report["table"] = table.summary()
-    _stage(report, "data_and_table", t0)
+    _stage(report, "data_and_table", t0, out, args.stop_after)
 
     # yolov7-tiny: the baseline's latency (measured; predicted too when the table covers it) -----------------
     yolo = load_model("yolov7-tiny", nc=nc)
@@ -275,7 +290,7 @@ def main() -> None:
     report["supernet"] = {"epochs": sup.epochs_done, "largest_map": sup.best_map, "scope": args.supernet_scope,
                           "region": trainer.region_record(),
                           "img_s": [round(r["train_img_s"], 2) for r in sup.rows if "train_img_s" in r]}
-    _stage(report, "supernet", t0)
+    _stage(report, "supernet", t0, out, args.stop_after)
 
     # 3. search -----------------------------------------------------------------------------------------------
     t0 = time.time()
@@ -287,7 +302,7 @@ def main() -> None:
     search_s = time.time() - t0
     report["search"] = {"trials": args.trials, "wall_s": round(search_s, 1),
                         "trials_per_min": round(args.trials / max(search_s / 60, 1e-9), 2)}
-    _stage(report, "search", t0)
+    _stage(report, "search", t0, out, args.stop_after)
 
     # 4. the front, exported and measured ------------------------------------------------------------------------
     t0 = time.time()
@@ -295,7 +310,7 @@ def main() -> None:
                          measure_config=protocol, bn_batches=args.bn_batches, batch=args.batch, device=args.device)
     # each architecture's YAML goes into the report: the run directory (study, exports) is not kept
     report["front"] = [{**e.to_dict(), "arch": e.arch} for e in front]
-    _stage(report, "front", t0)
+    _stage(report, "front", t0, out, args.stop_after)
 
     # 5. rank fidelity ------------------------------------------------------------------------------------------
     t0 = time.time()
@@ -322,7 +337,7 @@ def main() -> None:
         # the same against the mean of each run's last 3 validations, less sensitive to one noisy epoch
         "kendall_tau_last3": _tau(inherited, [r["standalone_map_last3"] for r in rows]),
         "archs": rows, "standalone_epochs": standalone_epochs, "max_train_s": args.max_train_s}
-    _stage(report, "rank_fidelity", t0)
+    _stage(report, "rank_fidelity", t0, out, args.stop_after)
 
     # 6. front models within yolov7-tiny's latency vs yolov7-tiny, same epoch budget ------------------------
     t0 = time.time()
@@ -363,7 +378,7 @@ def main() -> None:
     else:
         comparison["note"] = "no front model within yolov7-tiny's latency"
     report["vs_yolov7_tiny"] = comparison
-    _stage(report, "vs_yolov7_tiny", t0)
+    _stage(report, "vs_yolov7_tiny", t0, out, args.stop_after)
 
     report["wall_s"]["total"] = round(time.time() - t_all, 1)
     atomic_write_json(out / "bench.json", report)
@@ -374,4 +389,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except StopAfter as stopped:
+        print(f"stopped after the {stopped} stage; a rerun without --stop-after resumes from there", flush=True)
