@@ -169,6 +169,18 @@ def train_supernet(args: argparse.Namespace, space: SearchSpace, data: str, tabl
 STAGES = ("data_and_table", "supernet", "search", "front", "rank_fidelity", "vs_yolov7_tiny")
 
 
+def read_report(run: Path, stage: str) -> dict[str, Any]:
+    """A run's bench.json, which must hold `stage`'s figures (ValueError naming the file otherwise)."""
+    path = run / "bench.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (run search_synthetic.py first)")
+    report = json.loads(path.read_text())
+    if stage not in report.get("wall_s", {}):
+        raise ValueError(f"{path}: the run has not finished its {stage} stage (rerun search_synthetic.py "
+                         "without --stop-after)")
+    return report
+
+
 class StopAfter(Exception):
     """Raised after the --stop-after stage: its partial report is written."""
 
@@ -176,7 +188,6 @@ class StopAfter(Exception):
 def _stage(report: dict[str, Any], name: str, t0: float, out: Path, stop_after: str | None) -> None:
     """Record a stage's wall time and write the report so far (a killed or stopped run keeps its figures)."""
     report.setdefault("wall_s", {})[name] = round(time.time() - t0, 1)
-    report["stages_done"] = [s for s in STAGES if s in report["wall_s"]]
     atomic_write_json(out / "bench.json", report)
     print(f"[{name}] {report['wall_s'][name]:.1f} s", flush=True)
     if name == stop_after:
@@ -378,10 +389,9 @@ def main() -> None:
     else:
         comparison["note"] = "no front model within yolov7-tiny's latency"
     report["vs_yolov7_tiny"] = comparison
+    report.setdefault("wall_s", {})["total"] = round(time.time() - t_all, 1)
     _stage(report, "vs_yolov7_tiny", t0, out, args.stop_after)
 
-    report["wall_s"]["total"] = round(time.time() - t_all, 1)
-    atomic_write_json(out / "bench.json", report)
     summary = {k: report[k] for k in ("budget_ms", "search", "rank_fidelity", "vs_yolov7_tiny", "wall_s")}
     summary["front"] = [{k: e[k] for k in ("arch_id", "map", "predicted_ms", "measured_ms", "params", "gflops")}
                         for e in report["front"]]

@@ -39,6 +39,7 @@ from search_synthetic import (  # the script's directory is on sys.path
     _scratch_dir,
     _tau,
     _train,
+    read_report,
 )
 
 from search_spaces import Detector, load_model
@@ -110,9 +111,10 @@ def main() -> None:
                     help="file name in RUN (default seeds.json; with --fidelity, seeds_fidelity.json)")
     cli = ap.parse_args()
     report_path = cli.run / "bench.json"
-    if not report_path.is_file():
-        ap.error(f"{report_path}: no such file (run search_synthetic.py first)")
-    bench = json.loads(report_path.read_text())
+    try:  # --fidelity repeats the rank-fidelity set; otherwise the run's settings are enough
+        bench = read_report(cli.run, "rank_fidelity" if cli.fidelity else "data_and_table")
+    except ValueError as e:
+        ap.error(str(e))
     args = argparse.Namespace(**bench["args"])
     data = args.data or str(cli.run / "data" / "data.yaml")
     nc = load_data_config(data).nc
