@@ -501,12 +501,16 @@ class LatencyTable:
                 clock["start"] = clock["saved"] = now
                 table.save()
 
+        work = False  # a finished table is left byte for byte as it is: a study checks its digest
         try:
             if table.overhead.call_overhead_ms == 0.0:
                 table.overhead.call_overhead_ms = measure_call_overhead(be, batch, realtime).median_ms
+                work = True
             sigs = {s.key(): s for s in space.block_signatures(imgsz, batch)}
             todo = [s for k, s in sigs.items() if k not in table.entries]
-            save(force=True)  # settings and fingerprint first, so a concurrent build can check them
+            work = work or bool(todo)
+            if work:
+                save(force=True)  # settings and fingerprint first, so a concurrent build can check them
             table.measure_signatures(todo, be, group=group, progress=progress, after_group=save,
                                      callback=callback, realtime=realtime)
             limit = be.config.max_other_load
@@ -515,17 +519,21 @@ class LatencyTable:
                           if k in sigs and m.other_load is not None and m.other_load > limit]
                 if not loaded:
                     break
+                work = True
                 table.measure_signatures(loaded, be, group=group, progress=progress, after_group=save,
                                          callback=callback, only_missing=False, realtime=realtime)
                 todo += loaded
             om = table.overhead
             if fit_models > 0 and (todo or om.method == "identity" or len(om.points) < fit_models):
+                work = True
                 table.fit_space(space, be, fit_models, seed, progress=progress, realtime=realtime)
-            table.info["updated"] = _now()
-            if realtime:
-                table.info["realtime"] = True
+            if work:
+                table.info["updated"] = _now()
+                if realtime:
+                    table.info["realtime"] = True
         finally:
-            save(force=True)  # also on Ctrl-C or an error: keep every finished entry
+            if work:
+                save(force=True)  # also on Ctrl-C or an error: keep every finished entry
         return table
 
     # ---- compatibility

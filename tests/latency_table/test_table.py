@@ -150,6 +150,12 @@ def test_resume_keeps_finished_entries(micro, tmp_path):
     assert not set(second) & set(kept.entries)  # nothing measured twice
     assert len(done) == total and len(second) == total - len(kept)
     assert all(done.entries[k] == kept.entries[k] for k in kept.entries)
+    # a finished table is left byte for byte: a search's study refuses a table whose digest changed
+    before = path.read_bytes()
+    third: list[str] = []
+    LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=0, group=4,
+                       callback=lambda k, m: third.append(k))
+    assert not third and path.read_bytes() == before
 
 
 def test_resume_refuses_other_settings(micro, backend, built, tmp_path):
