@@ -7,7 +7,10 @@ space, data and budget (the run's own, or one trained another way, e.g. `detforg
 recalibrated on the search's batches, then mAP50-95 on the whole validation set. It writes RUN/REPORT: per
 architecture the inherited mAP and head configuration, and Kendall tau against the stand-alone mAP of seed 0
 (final, last-3 mean), against the mean over seeds (where `seed_repeats.py --fidelity` ran) and within each
-head configuration that holds at least 3 of the architectures.
+head configuration that holds at least 3 of the architectures. Beside mAP50-95 it scores each architecture by
+its inherited mAP50 and its validation loss (box, objectness, classification and their sum; YOLOv7's loss
+with the tiny hyp's gains, unscaled, so every head layout is weighed alike): at this compute the inherited
+mAPs sit near the evaluation's floor, where a continuous loss may still order the candidates.
 
     python benchmarks/inherited_fidelity.py runs/bench/search128d \\
         --supernet runs/bench/search128e/supernet/supernet.pt --report inherited_fidelity_per_head.json
@@ -41,8 +44,12 @@ from search_spaces.space import load_space
 from trainer.datasets import YoloDataset, build_dataloader, load_data_config
 from trainer.distributed import resolve_device
 from trainer.evaluate import evaluate
+from trainer.hyp import load_hyp
+from trainer.loss import HeadInfo, YoloLoss
 
 MIN_GROUP = 3  # architectures a head configuration needs for a within-group tau
+LOSS_HYP = "tiny"  # one set of loss gains for every architecture, so their losses compare
+LOSS_TERMS = ("box", "obj", "cls")
 
 
 def head_of(arch: Architecture) -> str:
@@ -97,23 +104,33 @@ def main() -> None:
         arch = Architecture.from_dict(yaml.safe_load(text))
         t0 = time.perf_counter()
         model = net.extract(arch, bn_batches=batches)
-        res = evaluate(model, val, data.nc, data.names, device=device)
+        res = evaluate(model, val, data.nc, data.names, device=device,
+                       loss_fn=YoloLoss(HeadInfo.from_detector(model), load_hyp(LOSS_HYP)))
+        assert res.loss is not None
         row = {"arch_id": aid, "head": head_of(arch), "inherited_map": float(res.metrics.map),
-               "inherited_map50": float(res.metrics.map50), "run_inherited_map": r["inherited_map"],
+               "inherited_map50": float(res.metrics.map50),
+               **{f"inherited_loss_{k}": v for k, v in zip(LOSS_TERMS, res.loss)},
+               "inherited_loss": res.total_loss, "run_inherited_map": r["inherited_map"],
                "standalone_map": r["standalone_map"], "standalone_map_last3": r["standalone_map_last3"],
                "wall_s": round(time.perf_counter() - t0, 1), **seeded.get(aid, {})}
         report["archs"].append(row)
         print(f"{aid} ({row['head']}): inherited {row['inherited_map']:.4f} (the run's supernet "
-              f"{r['inherited_map']:.4f})  stand-alone {r['standalone_map']:.4f}", flush=True)
+              f"{r['inherited_map']:.4f}), loss {row['inherited_loss']:.4f}  stand-alone {r['standalone_map']:.4f}",
+              flush=True)
     rows = report["archs"]
-    fidelity_taus(report, {"inherited": [x["inherited_map"] for x in rows],
-                           "run_inherited": [x["run_inherited_map"] for x in rows]})
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for x in rows:
-        groups[x["head"]].append(x)
+    # a lower loss ranks higher: negated so every proxy is "more is better"
+    proxies = {"inherited": [x["inherited_map"] for x in rows],
+               "inherited_map50": [x["inherited_map50"] for x in rows],
+               "inherited_neg_loss": [-x["inherited_loss"] for x in rows],
+               **{f"inherited_neg_loss_{k}": [-x[f"inherited_loss_{k}"] for x in rows] for k in LOSS_TERMS},
+               "run_inherited": [x["run_inherited_map"] for x in rows]}
+    fidelity_taus(report, proxies)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, x in enumerate(rows):
+        groups[x["head"]].append(i)
     report["kendall_tau_within_head"] = {
-        h: {"archs": len(g), "tau_vs_standalone": _tau([x["inherited_map"] for x in g], [x["standalone_map"] for x in g]),
-            "run_tau_vs_standalone": _tau([x["run_inherited_map"] for x in g], [x["standalone_map"] for x in g])}
+        h: {"archs": len(g), **{f"{p}_tau_vs_standalone": _tau([v[i] for i in g], [rows[i]["standalone_map"] for i in g])
+                                for p, v in proxies.items()}}
         for h, g in groups.items() if len(g) >= MIN_GROUP}
     atomic_write_json(cli.run / cli.report, report)
     print(json.dumps({"kendall_tau": report["kendall_tau"], "within_head": report["kendall_tau_within_head"]},

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +12,9 @@ from tqdm import tqdm
 from .metrics import Metrics, coco_map
 from .postprocess import non_max_suppression
 
+# loss(raw_preds, targets, imgs_shape) -> (total, [box, obj, cls]): a YoloLoss
+LossFn = Callable[[Sequence[torch.Tensor], torch.Tensor, torch.Size], tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass
 class EvalResult:
@@ -20,6 +23,7 @@ class EvalResult:
     metrics: Metrics
     images: int
     seconds: float
+    loss: tuple[float, float, float] | None = None  # mean validation [box, obj, cls] terms, when a loss was given
 
     @property
     def images_per_s(self) -> float:
@@ -28,7 +32,14 @@ class EvalResult:
     def to_dict(self) -> dict:
         d = self.metrics.to_dict()
         d.update(images=self.images, seconds=round(self.seconds, 3), images_per_s=round(self.images_per_s, 2))
+        if self.loss is not None:
+            d.update(val_box=self.loss[0], val_obj=self.loss[1], val_cls=self.loss[2])
         return d
+
+    @property
+    def total_loss(self) -> float | None:
+        """Sum of the mean validation loss terms (None without a loss)."""
+        return None if self.loss is None else sum(self.loss)
 
 
 def targets_to_gt(targets: torch.Tensor, batch: int, imgsz: tuple[int, int]) -> list[dict]:
@@ -46,11 +57,14 @@ def targets_to_gt(targets: torch.Tensor, batch: int, imgsz: tuple[int, int]) -> 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, nc: int, names: list[str] | None = None,
              conf_thres: float = 0.001, iou_thres: float = 0.65, device: str | torch.device = "cpu",
-             half: bool = False, progress: bool = False, max_batches: int | None = None) -> EvalResult:
-    """COCO mAP@[.5:.95] and mAP50 of `model` on `loader` (boxes compared in letterboxed input pixels)."""
+             half: bool = False, progress: bool = False, max_batches: int | None = None,
+             loss_fn: LossFn | None = None) -> EvalResult:
+    """COCO mAP@[.5:.95] and mAP50 of `model` on `loader` (boxes compared in letterboxed input pixels), and
+    with `loss_fn` the mean loss terms on the head's raw outputs (test.py's validation loss)."""
     was_training = model.training
     model.eval()
     preds, gts = [], []
+    loss_sum, n_batches = torch.zeros(3), 0
     n_images, t0 = 0, time.perf_counter()
     it = tqdm(loader, desc="val", leave=False, disable=not progress)
     for bi, (imgs, targets, _paths, _shapes) in enumerate(it):
@@ -58,7 +72,10 @@ def evaluate(model: nn.Module, loader: Iterable, nc: int, names: list[str] | Non
             break
         x = imgs.to(device, non_blocking=True).float() / 255.0
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=half and x.is_cuda):
-            decoded = model(x)[0]
+            decoded, raw = model(x)
+        if loss_fn is not None:
+            loss_sum += loss_fn([r.float() for r in raw], targets.to(x.device), x.shape)[1].cpu()
+            n_batches += 1
         dets = non_max_suppression(decoded.float(), conf_thres, iou_thres)
         for d in dets:
             d = d.cpu()
@@ -67,4 +84,5 @@ def evaluate(model: nn.Module, loader: Iterable, nc: int, names: list[str] | Non
         n_images += imgs.shape[0]
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    return EvalResult(coco_map(preds, gts, nc, names), n_images, seconds)
+    loss = tuple(float(v) for v in loss_sum / n_batches) if n_batches else None
+    return EvalResult(coco_map(preds, gts, nc, names), n_images, seconds, loss)
