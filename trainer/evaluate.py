@@ -72,9 +72,10 @@ def evaluate(model: nn.Module, loader: Iterable, nc: int, names: list[str] | Non
             break
         x = imgs.to(device, non_blocking=True).float() / 255.0
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=half and x.is_cuda):
-            decoded, raw = model(x)
+            out = model(x)
+        decoded = out[0]
         if loss_fn is not None:
-            loss_sum += loss_fn([r.float() for r in raw], targets.to(x.device), x.shape)[1].cpu()
+            loss_sum += loss_fn([r.float() for r in out[1]], targets.to(x.device), x.shape)[1].cpu()
             n_batches += 1
         dets = non_max_suppression(decoded.float(), conf_thres, iou_thres)
         for d in dets:
@@ -84,5 +85,6 @@ def evaluate(model: nn.Module, loader: Iterable, nc: int, names: list[str] | Non
         n_images += imgs.shape[0]
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    loss = tuple(float(v) for v in loss_sum / n_batches) if n_batches else None
+    mean = (loss_sum / max(n_batches, 1)).tolist()
+    loss = (mean[0], mean[1], mean[2]) if n_batches else None
     return EvalResult(coco_map(preds, gts, nc, names), n_images, seconds, loss)
