@@ -185,11 +185,26 @@ class StopAfter(Exception):
     """Raised after the --stop-after stage: its partial report is written."""
 
 
-def _stage(report: dict[str, Any], name: str, t0: float, out: Path, stop_after: str | None) -> None:
+def _finished_stages(out: Path) -> dict[str, float]:
+    """Wall times of the stages an earlier run into OUT finished (from its bench.json; empty for a new run)."""
+    path = out / "bench.json"
+    if not path.is_file():
+        return {}
+    wall = json.loads(path.read_text()).get("wall_s", {})
+    return {k: v for k, v in wall.items() if k != "total"}
+
+
+def _elapsed(finished: dict[str, float], name: str, t0: float) -> float:
+    """A stage's wall time: the earlier run's when that run finished it (a resume only reloads it), else this
+    run's since t0."""
+    return finished.get(name, round(time.time() - t0, 1))
+
+
+def _stage(report: dict[str, Any], name: str, seconds: float, out: Path, stop_after: str | None) -> None:
     """Record a stage's wall time and write the report so far (a killed or stopped run keeps its figures)."""
-    report.setdefault("wall_s", {})[name] = round(time.time() - t0, 1)
+    report.setdefault("wall_s", {})[name] = seconds
     atomic_write_json(out / "bench.json", report)
-    print(f"[{name}] {report['wall_s'][name]:.1f} s", flush=True)
+    print(f"[{name}] {seconds:.1f} s", flush=True)
     if name == stop_after:
         raise StopAfter(name)
 
@@ -244,7 +259,7 @@ def main() -> None:
     report: dict[str, Any] = {"args": vars(args), "machine": platform.processor() or platform.machine(),
                               "torch_threads": torch.get_num_threads(),
                               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    t_all = time.time()
+    finished = _finished_stages(out)
 
     # 1. data and latency table --------------------------------------------------------------------------------
     t0 = time.time()
@@ -269,7 +284,7 @@ def main() -> None:
             report["table_seeded_from"] = str(shipped)
         table = LatencyTable.build(space, backend, args.imgsz, table_path, progress=True)
     report["table"] = table.summary()
-    _stage(report, "data_and_table", t0, out, args.stop_after)
+    _stage(report, "data_and_table", _elapsed(finished, "data_and_table", t0), out, args.stop_after)
 
     # yolov7-tiny: the baseline's latency (measured; predicted too when the table covers it) -----------------
     yolo = load_model("yolov7-tiny", nc=nc)
@@ -301,7 +316,7 @@ def main() -> None:
     report["supernet"] = {"epochs": sup.epochs_done, "largest_map": sup.best_map, "scope": args.supernet_scope,
                           "region": trainer.region_record(),
                           "img_s": [round(r["train_img_s"], 2) for r in sup.rows if "train_img_s" in r]}
-    _stage(report, "supernet", t0, out, args.stop_after)
+    _stage(report, "supernet", _elapsed(finished, "supernet", t0), out, args.stop_after)
 
     # 3. search -----------------------------------------------------------------------------------------------
     t0 = time.time()
@@ -310,10 +325,10 @@ def main() -> None:
                         seed=args.seed, bn_batches=args.bn_batches, val_batches=args.val_batches, imgsz=args.imgsz,
                         batch=args.batch, device=args.device, progress=True)
     study = run_search(scfg)
-    search_s = time.time() - t0
+    search_s = _elapsed(finished, "search", t0)  # a resumed search's trials/min counts the run that did them
     report["search"] = {"trials": args.trials, "wall_s": round(search_s, 1),
                         "trials_per_min": round(args.trials / max(search_s / 60, 1e-9), 2)}
-    _stage(report, "search", t0, out, args.stop_after)
+    _stage(report, "search", search_s, out, args.stop_after)
 
     # 4. the front, exported and measured ------------------------------------------------------------------------
     t0 = time.time()
@@ -321,7 +336,7 @@ def main() -> None:
                          measure_config=protocol, bn_batches=args.bn_batches, batch=args.batch, device=args.device)
     # each architecture's YAML goes into the report: the run directory (study, exports) is not kept
     report["front"] = [{**e.to_dict(), "arch": e.arch} for e in front]
-    _stage(report, "front", t0, out, args.stop_after)
+    _stage(report, "front", _elapsed(finished, "front", t0), out, args.stop_after)
 
     # 5. rank fidelity ------------------------------------------------------------------------------------------
     t0 = time.time()
@@ -348,7 +363,7 @@ def main() -> None:
         # the same against the mean of each run's last 3 validations, less sensitive to one noisy epoch
         "kendall_tau_last3": _tau(inherited, [r["standalone_map_last3"] for r in rows]),
         "archs": rows, "standalone_epochs": standalone_epochs, "max_train_s": args.max_train_s}
-    _stage(report, "rank_fidelity", t0, out, args.stop_after)
+    _stage(report, "rank_fidelity", _elapsed(finished, "rank_fidelity", t0), out, args.stop_after)
 
     # 6. front models within yolov7-tiny's latency vs yolov7-tiny, same epoch budget ------------------------
     t0 = time.time()
@@ -389,8 +404,10 @@ def main() -> None:
     else:
         comparison["note"] = "no front model within yolov7-tiny's latency"
     report["vs_yolov7_tiny"] = comparison
-    report.setdefault("wall_s", {})["total"] = round(time.time() - t_all, 1)
-    _stage(report, "vs_yolov7_tiny", t0, out, args.stop_after)
+    compare_s = _elapsed(finished, "vs_yolov7_tiny", t0)
+    # the stages' times of the runs that finished them (the yolov7-tiny measurement between stages aside)
+    report["wall_s"]["total"] = round(sum(report["wall_s"].values()) + compare_s, 1)
+    _stage(report, "vs_yolov7_tiny", compare_s, out, args.stop_after)
 
     summary = {k: report[k] for k in ("budget_ms", "search", "rank_fidelity", "vs_yolov7_tiny", "wall_s")}
     summary["front"] = [{k: e[k] for k in ("arch_id", "map", "predicted_ms", "measured_ms", "params", "gflops")}
