@@ -47,7 +47,7 @@ from latency_tables import LatencyTable, get_backend
 from latency_tables.measurement import MeasurementConfig
 from latency_tables.table import TABLES_DIR, table_name
 from nas.budget import FeasibleRegion
-from nas.pareto import export_front, feasible, scored_trials
+from nas.pareto import FrontEntry, export_front, feasible, scored_trials
 from nas.search import SearchConfig, run_search
 from nas.supernet_train import SUPERNET_FILE, SupernetTrainer
 from search_spaces import Detector, load_model
@@ -185,13 +185,15 @@ class StopAfter(Exception):
     """Raised after the --stop-after stage: its partial report is written."""
 
 
-def _finished_stages(out: Path) -> dict[str, float]:
-    """Wall times of the stages an earlier run into OUT finished (from its bench.json; empty for a new run)."""
+def _previous_report(out: Path) -> dict[str, Any]:
+    """The bench.json an earlier run into OUT wrote (empty for a new run)."""
     path = out / "bench.json"
-    if not path.is_file():
-        return {}
-    wall = json.loads(path.read_text()).get("wall_s", {})
-    return {k: v for k, v in wall.items() if k != "total"}
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _finished_stages(previous: dict[str, Any]) -> dict[str, float]:
+    """Wall times of the stages an earlier run finished."""
+    return {k: v for k, v in previous.get("wall_s", {}).items() if k != "total"}
 
 
 def _elapsed(finished: dict[str, float], name: str, t0: float) -> float:
@@ -259,7 +261,8 @@ def main() -> None:
     report: dict[str, Any] = {"args": vars(args), "machine": platform.processor() or platform.machine(),
                               "torch_threads": torch.get_num_threads(),
                               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    finished = _finished_stages(out)
+    previous = _previous_report(out)
+    finished = _finished_stages(previous)
 
     # 1. data and latency table --------------------------------------------------------------------------------
     t0 = time.time()
@@ -290,8 +293,11 @@ def main() -> None:
     yolo = load_model("yolov7-tiny", nc=nc)
     from compress.report import measure_latency_ms
 
-    yolo_ms = measure_latency_ms([yolo], args.imgsz, threads=args.threads, **QUICK)[0] \
-        if args.latency_protocol == "quick" else measure_latency_ms([yolo], args.imgsz, threads=args.threads)[0]
+    if "yolov7_tiny" in previous:  # timed once, by the run that started OUT: a resume may share the cores
+        yolo_ms = previous["yolov7_tiny"]["measured_ms"]
+    else:
+        yolo_ms = measure_latency_ms([yolo], args.imgsz, threads=args.threads, **QUICK)[0] \
+            if args.latency_protocol == "quick" else measure_latency_ms([yolo], args.imgsz, threads=args.threads)[0]
     try:
         yolo_pred = table.predict(yolo.arch, args.imgsz)
     except DetforgeError:
@@ -332,8 +338,11 @@ def main() -> None:
 
     # 4. the front, exported and measured ------------------------------------------------------------------------
     t0 = time.time()
-    front = export_front(study, sup_out / SUPERNET_FILE, out / "pareto", backend="ort-cpu", threads=args.threads,
-                         measure_config=protocol, bn_batches=args.bn_batches, batch=args.batch, device=args.device)
+    if "front" in finished:  # exported and timed by the run that finished the stage: a resume does not re-time it
+        front = [FrontEntry(**e) for e in previous["front"]]
+    else:
+        front = export_front(study, sup_out / SUPERNET_FILE, out / "pareto", backend="ort-cpu", threads=args.threads,
+                             measure_config=protocol, bn_batches=args.bn_batches, batch=args.batch, device=args.device)
     # each architecture's YAML goes into the report: the run directory (study, exports) is not kept
     report["front"] = [{**e.to_dict(), "arch": e.arch} for e in front]
     _stage(report, "front", _elapsed(finished, "front", t0), out, args.stop_after)
@@ -369,7 +378,9 @@ def main() -> None:
     t0 = time.time()
     within = [e for e in front if e.predicted_ms <= budget]
     comparison: dict[str, Any] = {"budget_ms": budget}
-    if within:
+    if "vs_yolov7_tiny" in finished:  # trained and timed by the run that finished the stage
+        comparison = previous["vs_yolov7_tiny"]
+    elif within:
         epochs = args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
         torch.manual_seed(args.seed)
         base, base_done = _train(load_model("yolov7-tiny", nc=nc), data, out / "yolov7-tiny", epochs, args)
