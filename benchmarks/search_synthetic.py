@@ -169,18 +169,6 @@ def train_supernet(args: argparse.Namespace, space: SearchSpace, data: str, tabl
 STAGES = ("data_and_table", "supernet", "search", "front", "rank_fidelity", "vs_yolov7_tiny")
 
 
-def read_report(run: Path, stage: str) -> dict[str, Any]:
-    """A run's bench.json, which must hold `stage`'s figures (ValueError naming the file otherwise)."""
-    path = run / "bench.json"
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file (run search_synthetic.py first)")
-    report = json.loads(path.read_text())
-    if stage not in report.get("wall_s", {}):
-        raise ValueError(f"{path}: the run has not finished its {stage} stage (rerun search_synthetic.py "
-                         "without --stop-after)")
-    return report
-
-
 class StopAfter(Exception):
     """Raised after the --stop-after stage: its partial report is written."""
 
@@ -194,6 +182,18 @@ def _previous_report(out: Path) -> dict[str, Any]:
 def _finished_stages(previous: dict[str, Any]) -> dict[str, float]:
     """Wall times of the stages an earlier run finished."""
     return {k: v for k, v in previous.get("wall_s", {}).items() if k != "total"}
+
+
+def read_report(run: Path, stage: str) -> dict[str, Any]:
+    """A run's bench.json, which must hold `stage`'s figures (ValueError naming the file otherwise)."""
+    path = run / "bench.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (run search_synthetic.py first)")
+    report = _previous_report(run)
+    if stage not in _finished_stages(report):
+        raise ValueError(f"{path}: the run has not finished its {stage} stage (rerun search_synthetic.py "
+                         "without --stop-after)")
+    return report
 
 
 def _elapsed(finished: dict[str, float], name: str, t0: float) -> float:
