@@ -22,7 +22,8 @@ stand-alone training from its own last.pt):
 The full run (default space at 320, 30 supernet epochs on 2,000 images, 40 trials) needs about 12 hours of
 supernet training alone on a 2-core CPU (1.4 img/s measured; docs/benchmarks.md "Search" has a cut-down run).
 Each stage writes OUT/bench.json with the figures so far; --stop-after STAGE ends the run there (a rerun
-without it resumes). A plumbing run on the tiny space (minutes on a CPU):
+without it resumes). A rerun reads back every stage an earlier run finished with the same settings, its
+figures and wall time included, and runs the rest (`StageRunner`). A plumbing run on the tiny space (minutes on a CPU):
 
     python benchmarks/search_synthetic.py --space tiny --imgsz 64 --train-images 64 --val-images 32 \\
         --supernet-epochs 2 --trials 6 --fidelity-archs 6 --standalone-epochs 1 --finetune-epochs 1 \\
@@ -37,6 +38,8 @@ import math
 import platform
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +51,7 @@ from latency_tables.measurement import MeasurementConfig
 from latency_tables.table import TABLES_DIR, table_name
 from nas.budget import FeasibleRegion
 from nas.pareto import FrontEntry, export_front, feasible, scored_trials
-from nas.search import SearchConfig, run_search
+from nas.search import SearchConfig, default_storage, load_study, run_search
 from nas.supernet_train import SUPERNET_FILE, SupernetTrainer
 from search_spaces import Detector, load_model
 from search_spaces.architecture import Architecture
@@ -60,6 +63,7 @@ from trainer.synthetic import generate
 from trainer.trainer import Trainer, TrainResult
 
 COMPARE_PASSES = 7  # rotating latency passes of the stage-6 comparison
+STUDY = "bench"  # the study's name in OUT/study.db
 QUICK = {"warmup": 3, "warmup_s": 0.05, "min_runs": 10, "max_runs": 100, "max_time_s": 1.0, "target_rel_ci": 0.05}
 
 
@@ -129,7 +133,7 @@ def _study(run: Path) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name="bench", storage=f"sqlite:///{run / 'study.db'}")
+    return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{run / 'study.db'}")
 
 
 @functools.cache
@@ -196,19 +200,235 @@ def read_report(run: Path, stage: str) -> dict[str, Any]:
     return report
 
 
-def _elapsed(finished: dict[str, float], name: str, t0: float) -> float:
-    """A stage's wall time: the earlier run's when that run finished it (a resume only reloads it), else this
-    run's since t0."""
-    return finished.get(name, round(time.time() - t0, 1))
+# the report keys each stage writes: a stage read back from an earlier run's bench.json restores these
+STAGE_KEYS = {"data_and_table": ("table", "table_seeded_from", "yolov7_tiny", "budget_ms"), "supernet": ("supernet",),
+              "search": ("search",), "front": ("front",), "rank_fidelity": ("rank_fidelity",),
+              "vs_yolov7_tiny": ("vs_yolov7_tiny",)}
 
 
-def _stage(report: dict[str, Any], name: str, seconds: float, out: Path, stop_after: str | None) -> None:
-    """Record a stage's wall time and write the report so far (a killed or stopped run keeps its figures)."""
-    report.setdefault("wall_s", {})[name] = seconds
-    atomic_write_json(out / "bench.json", report)
-    print(f"[{name}] {seconds:.1f} s", flush=True)
-    if name == stop_after:
-        raise StopAfter(name)
+class StageRunner:
+    """Runs the bench's stages in order and writes bench.json after each.
+
+    A stage that an earlier run into OUT finished with the same settings is read back from that run's
+    bench.json (its figures and wall time) instead of run again: a resume would only reload its work, and
+    its timings and latency measurements, taken on the machine as it was, must not be replaced by a reload's
+    or by measurements beside other work. Once a stage runs, every later one runs too (their inputs changed);
+    each stage's own work resumes (the supernet and the trainings from last.pt, the search from its study).
+    """
+
+    def __init__(self, out: Path, report: dict[str, Any], stop_after: str | None) -> None:
+        self.out, self.report, self.stop_after = out, report, stop_after
+        self.previous = _previous_report(out)
+        self.finished = _finished_stages(self.previous)
+        self.running = False
+        stage_keys = {k for keys in STAGE_KEYS.values() for k in keys} | {"wall_s", "stage_settings"}
+        for key, value in self.previous.items():  # notes added to the report by hand (e.g. report_note) stay
+            if key not in stage_keys:
+                self.report.setdefault(key, value)
+
+    def __call__(self, name: str, settings: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Stage `name`'s report keys: read back, or from `compute()` (timed); then the report is written."""
+        settings = json.loads(json.dumps(settings))  # as bench.json holds them
+        recorded = self.previous.get("stage_settings", {}).get(name, settings)  # older reports: none recorded
+        if not self.running and name in self.finished and recorded == settings:
+            section = {k: self.previous[k] for k in STAGE_KEYS[name] if k in self.previous}
+            seconds, note = self.finished[name], " (finished by an earlier run, read back)"
+        else:
+            self.running = True
+            t0 = time.time()
+            section = compute()
+            seconds, note = round(time.time() - t0, 1), ""
+        for key in STAGE_KEYS[name]:  # a key the stage no longer writes must not stay from an earlier run
+            self.report.pop(key, None)
+        self.report.update(section)
+        self.report.setdefault("stage_settings", {})[name] = settings
+        wall = self.report.setdefault("wall_s", {})
+        wall[name] = seconds
+        if name == STAGES[-1]:
+            wall["total"] = round(sum(v for k, v in wall.items() if k != "total"), 1)
+        atomic_write_json(self.out / "bench.json", self.report)
+        print(f"[{name}] {seconds:.1f} s{note}", flush=True)
+        if name == self.stop_after:
+            raise StopAfter(name)
+        return section
+
+
+@dataclass(frozen=True)
+class BenchContext:
+    """What every stage reads: the run's arguments, directory, data, space and latency table file."""
+
+    args: argparse.Namespace
+    out: Path
+    data: str
+    space: SearchSpace
+    table_path: Path
+
+    @property
+    def supernet_dir(self) -> Path:
+        return self.out / "supernet"
+
+    def settings(self, *names: str) -> dict[str, Any]:
+        """The arguments a stage's figures depend on."""
+        return {n: getattr(self.args, n) for n in names}
+
+
+def stage_table(ctx: BenchContext) -> dict[str, Any]:
+    """Stage 1: the latency table (--table, else built with ORT here), yolov7-tiny's latency and the budget."""
+    args, out = ctx.args, ctx.out
+    section: dict[str, Any] = {}
+    if args.table:
+        table = LatencyTable.load(ctx.table_path, check_device=False)
+    else:
+        backend = get_backend("ort-cpu", threads=args.threads, config=_protocol(args.latency_protocol))
+        shipped = TABLES_DIR / table_name(backend.fingerprint(1), args.imgsz)
+        if not ctx.table_path.is_file() and not args.no_shipped_table and shipped.is_file() \
+                and LatencyTable.load(shipped, check_device=False).space == ctx.space.name:
+            # this machine's shipped table for the space: the build then measures only what it lacks (the
+            # heads at this class count) and refits the overhead on models of this class count
+            shutil.copyfile(shipped, ctx.table_path)
+            section["table_seeded_from"] = str(shipped)
+        table = LatencyTable.build(ctx.space, backend, args.imgsz, ctx.table_path, progress=True)
+    section["table"] = table.summary()
+
+    from compress.report import measure_latency_ms
+
+    yolo = load_model("yolov7-tiny", nc=ctx.space.nc)
+    quick = QUICK if args.latency_protocol == "quick" else {}
+    yolo_ms = measure_latency_ms([yolo], args.imgsz, threads=args.threads, **quick)[0]
+    try:
+        yolo_pred = table.predict(yolo.arch, args.imgsz)
+    except DetforgeError:
+        yolo_pred = None  # the space does not contain yolov7-tiny's blocks at this size
+    budget_file = out / "budget.json"  # a rerun resumes the same study, which must keep its budget
+    if args.budget_ms:
+        budget = args.budget_ms
+    elif budget_file.is_file():
+        budget = float(json.loads(budget_file.read_text())["budget_ms"])
+    else:
+        budget = yolo_pred or yolo_ms
+        atomic_write_json(budget_file, {"budget_ms": budget, "source": "predicted" if yolo_pred else "measured"})
+    print(f"yolov7-tiny: measured {yolo_ms:.2f} ms, predicted {yolo_pred} ms; budget {budget:.2f} ms", flush=True)
+    return {**section, "yolov7_tiny": {"measured_ms": yolo_ms, "predicted_ms": yolo_pred}, "budget_ms": budget}
+
+
+def stage_supernet(ctx: BenchContext, budget: float) -> dict[str, Any]:
+    """Stage 2: the supernet, on the region within `budget` (--supernet-scope budget) or the whole space."""
+    args = ctx.args
+    table = ctx.table_path if args.supernet_scope == "budget" else None
+    trainer, sup = train_supernet(args, ctx.space, ctx.data, table, budget, ctx.supernet_dir,
+                                  per_head=args.per_head, sort_channels=args.sort_channels)
+    return {"supernet": {"epochs": sup.epochs_done, "largest_map": sup.best_map, "scope": args.supernet_scope,
+                         "region": trainer.region_record(),
+                         "img_s": [round(r["train_img_s"], 2) for r in sup.rows if "train_img_s" in r]}}
+
+
+def stage_search(ctx: BenchContext, budget: float) -> dict[str, Any]:
+    """Stage 3: the study's --trials trials under `budget`; trials/min over the trials this run completed."""
+    args = ctx.args
+    scfg = SearchConfig(space=None, supernet=str(ctx.supernet_dir / SUPERNET_FILE), table=str(ctx.table_path),
+                        data=ctx.data, budget_ms=budget, trials=args.trials, out=str(ctx.out), study=STUDY,
+                        sampler=args.sampler, seed=args.seed, bn_batches=args.bn_batches, val_batches=args.val_batches,
+                        imgsz=args.imgsz, batch=args.batch, device=args.device, progress=True)
+    t0 = time.time()
+    study = run_search(scfg)
+    wall = time.time() - t0
+    # a search resumed after a kill completes only the rest: its rate counts those, not the killed run's
+    done = sum(1 for t in study.trials if t.datetime_complete is not None and t.datetime_complete.timestamp() >= t0)
+    return {"search": {"trials": args.trials, "trials_timed": done, "wall_s": round(wall, 1),
+                       "trials_per_min": round(done / (wall / 60), 2) if done else None}}
+
+
+def stage_front(ctx: BenchContext, study: Any) -> dict[str, Any]:
+    """Stage 4: the Pareto front, exported (model dirs + ONNX) and measured."""
+    args = ctx.args
+    front = export_front(study, ctx.supernet_dir / SUPERNET_FILE, ctx.out / "pareto", backend="ort-cpu",
+                         threads=args.threads, measure_config=_protocol(args.latency_protocol),
+                         bn_batches=args.bn_batches, batch=args.batch, device=args.device)
+    # each architecture's YAML goes into the report: the run directory (study, exports) is not kept
+    return {"front": [{**e.to_dict(), "arch": e.arch} for e in front]}
+
+
+def stage_rank_fidelity(ctx: BenchContext, study: Any, front: list[FrontEntry]) -> dict[str, Any]:
+    """Stage 5: Kendall tau between inherited and stand-alone mAP over --fidelity-archs architectures (the
+    front first, then the study's other feasible ones in trial order), each trained from scratch."""
+    args = ctx.args
+    chosen: dict[str, Any] = {e.arch_id: e for e in front}
+    for t in sorted(scored_trials(study), key=lambda t: t.number):
+        if len(chosen) >= args.fidelity_archs:
+            break
+        if feasible(t) and t.user_attrs["arch_id"] not in chosen:
+            chosen[t.user_attrs["arch_id"]] = t
+    rows = []
+    epochs = standalone_epochs(args)
+    for aid, item in list(chosen.items())[: args.fidelity_archs]:
+        attrs = item.user_attrs if hasattr(item, "user_attrs") else {"map": item.map, "arch": item.arch}
+        arch = Architecture.from_dict(yaml.safe_load(attrs["arch"]))
+        torch.manual_seed(args.seed)
+        run = _scratch_dir(ctx.out, aid, epochs, args.max_train_s)
+        m, done = _train(Detector(arch), ctx.data, run, epochs, args, max_s=args.max_train_s)
+        rows.append({"arch_id": aid, "inherited_map": float(attrs["map"]), "standalone_map": m,
+                     "standalone_map_last3": _last_maps_mean(run), "epochs": done, "arch": attrs["arch"]})
+        print(f"stand-alone {aid}: inherited {attrs['map']:.4f}  stand-alone {m:.4f}", flush=True)
+    inherited = [r["inherited_map"] for r in rows]
+    return {"rank_fidelity": {
+        "kendall_tau": _tau(inherited, [r["standalone_map"] for r in rows]),
+        # the same against the mean of each run's last 3 validations, less sensitive to one noisy epoch
+        "kendall_tau_last3": _tau(inherited, [r["standalone_map_last3"] for r in rows]),
+        "archs": rows, "standalone_epochs": epochs, "max_train_s": args.max_train_s}}
+
+
+def stage_vs_yolov7_tiny(ctx: BenchContext, front: list[FrontEntry], budget: float) -> dict[str, Any]:
+    """Stage 6: the fastest and the best front model within `budget`, finetuned (and trained from scratch),
+    against yolov7-tiny trained from scratch for the same epochs; latencies measured interleaved."""
+    args, out = ctx.args, ctx.out
+    comparison: dict[str, Any] = {"budget_ms": budget}
+    within = [e for e in front if e.predicted_ms <= budget]
+    if not within:
+        return {"vs_yolov7_tiny": {**comparison, "note": "no front model within yolov7-tiny's latency"}}
+    epochs = baseline_epochs(args)
+    torch.manual_seed(args.seed)
+    base, base_done = _train(load_model("yolov7-tiny", nc=ctx.space.nc), ctx.data, out / "yolov7-tiny", epochs, args)
+    # the issue's model (the fastest front model within the budget) and the one the search rates best
+    picks = {"fastest_front_model": min(within, key=lambda e: e.predicted_ms),
+             "front_model": max(within, key=lambda e: e.map)}
+    for key, e in picks.items():
+        ft, ft_done = _train(load_model(out / "pareto" / e.arch_id), ctx.data, out / "finetune" / e.arch_id,
+                             args.finetune_epochs, args)
+        entry = {"arch_id": e.arch_id, "inherited_map": e.map, "finetuned_map": ft,
+                 "epochs": f"{args.supernet_epochs} supernet + {ft_done} finetune",
+                 "predicted_ms": e.predicted_ms, "params": e.params, "gflops": e.gflops}
+        if not args.no_scratch:
+            # the same architecture with yolov7-tiny's training exactly: random init, same epochs and seed
+            torch.manual_seed(args.seed)
+            run = _scratch_dir(out, e.arch_id, epochs, None)
+            scratch, scratch_done = _train(Detector(e.architecture()), ctx.data, run, epochs, args)
+            entry["from_scratch"] = {"map": scratch, "map_last3": _last_maps_mean(run), "epochs": scratch_done}
+        comparison[key] = entry
+    aids = list(dict.fromkeys(e.arch_id for e in picks.values()))
+    from compress.report import measure_latency_ms
+
+    # 7 rotating passes, not 3: on a shared VM one slow pass in three moved a model's median by 2x
+    kw = {**(QUICK if args.latency_protocol == "quick" else {}), "repeats": COMPARE_PASSES}
+    ms = measure_latency_ms([load_model(out / "finetune" / a / "model") for a in aids]
+                            + [load_model(out / "yolov7-tiny" / "model")], args.imgsz, threads=args.threads, **kw)
+    for key in picks:
+        comparison[key]["measured_ms"] = ms[aids.index(comparison[key]["arch_id"])]
+    best = picks["front_model"]
+    comparison["fastest_front_model_as_accurate"] = min((e for e in front if e.map >= best.map),
+                                                        key=lambda e: e.predicted_ms).arch_id
+    comparison["yolov7_tiny"] = {"map": base, "map_last3": _last_maps_mean(out / "yolov7-tiny"),
+                                 "epochs": base_done, "measured_ms": ms[-1]}
+    return {"vs_yolov7_tiny": comparison}
+
+
+def baseline_epochs(args: argparse.Namespace) -> int:
+    """yolov7-tiny's epochs in the comparison: --baseline-epochs, else the front model's supernet + finetune."""
+    return args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
+
+
+def standalone_epochs(args: argparse.Namespace) -> int:
+    """Epochs of each rank-fidelity training: --standalone-epochs, else yolov7-tiny's (`baseline_epochs`)."""
+    return args.standalone_epochs or baseline_epochs(args)
 
 
 def main() -> None:
@@ -261,164 +481,29 @@ def main() -> None:
     report: dict[str, Any] = {"args": vars(args), "machine": platform.processor() or platform.machine(),
                               "torch_threads": torch.get_num_threads(),
                               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    previous = _previous_report(out)
-    finished = _finished_stages(previous)
-
-    # 1. data and latency table --------------------------------------------------------------------------------
-    t0 = time.time()
     data = args.data or str(generate(out / "data", train=args.train_images, val=args.val_images,
                                      imgsz=max(args.imgsz, 64), classes=args.classes, seed=args.seed))
     from trainer.datasets import load_data_config
 
-    nc = load_data_config(data).nc
-    space = load_space(args.space).with_nc(nc)
-    protocol = _protocol(args.latency_protocol)
-    table_path = Path(args.table) if args.table else out / "table.json"
-    if args.table:
-        table = LatencyTable.load(table_path, check_device=False)
-    else:
-        backend = get_backend("ort-cpu", threads=args.threads, config=protocol)
-        shipped = TABLES_DIR / table_name(backend.fingerprint(1), args.imgsz)
-        if not table_path.is_file() and not args.no_shipped_table and shipped.is_file() \
-                and LatencyTable.load(shipped, check_device=False).space == space.name:
-            # this machine's shipped table for the space: the build then measures only what it lacks (the
-            # heads at this class count) and refits the overhead on models of this class count
-            shutil.copyfile(shipped, table_path)
-            report["table_seeded_from"] = str(shipped)
-        table = LatencyTable.build(space, backend, args.imgsz, table_path, progress=True)
-    report["table"] = table.summary()
-    _stage(report, "data_and_table", _elapsed(finished, "data_and_table", t0), out, args.stop_after)
+    space = load_space(args.space).with_nc(load_data_config(data).nc)
+    ctx = BenchContext(args, out, data, space, Path(args.table) if args.table else out / "table.json")
+    stage = StageRunner(out, report, args.stop_after)
 
-    # yolov7-tiny: the baseline's latency (measured; predicted too when the table covers it) -----------------
-    yolo = load_model("yolov7-tiny", nc=nc)
-    from compress.report import measure_latency_ms
-
-    if "yolov7_tiny" in previous:  # timed once, by the run that started OUT: a resume may share the cores
-        yolo_ms = previous["yolov7_tiny"]["measured_ms"]
-    else:
-        yolo_ms = measure_latency_ms([yolo], args.imgsz, threads=args.threads, **QUICK)[0] \
-            if args.latency_protocol == "quick" else measure_latency_ms([yolo], args.imgsz, threads=args.threads)[0]
-    try:
-        yolo_pred = table.predict(yolo.arch, args.imgsz)
-    except DetforgeError:
-        yolo_pred = None  # the space does not contain yolov7-tiny's blocks at this size
-    budget_file = out / "budget.json"  # a rerun resumes the same study, which must keep its budget
-    if args.budget_ms:
-        budget = args.budget_ms
-    elif budget_file.is_file():
-        budget = float(json.loads(budget_file.read_text())["budget_ms"])
-    else:
-        budget = yolo_pred or yolo_ms
-        atomic_write_json(budget_file, {"budget_ms": budget, "source": "predicted" if yolo_pred else "measured"})
-    report["yolov7_tiny"] = {"measured_ms": yolo_ms, "predicted_ms": yolo_pred}
-    report["budget_ms"] = budget
-    print(f"yolov7-tiny: measured {yolo_ms:.2f} ms, predicted {yolo_pred} ms; budget {budget:.2f} ms", flush=True)
-
-    # 2. supernet ---------------------------------------------------------------------------------------------
-    t0 = time.time()
-    sup_out = out / "supernet"
-    trainer, sup = train_supernet(args, space, data, table_path if args.supernet_scope == "budget" else None, budget,
-                                  sup_out, per_head=args.per_head, sort_channels=args.sort_channels)
-    report["supernet"] = {"epochs": sup.epochs_done, "largest_map": sup.best_map, "scope": args.supernet_scope,
-                          "region": trainer.region_record(),
-                          "img_s": [round(r["train_img_s"], 2) for r in sup.rows if "train_img_s" in r]}
-    _stage(report, "supernet", _elapsed(finished, "supernet", t0), out, args.stop_after)
-
-    # 3. search -----------------------------------------------------------------------------------------------
-    t0 = time.time()
-    scfg = SearchConfig(space=None, supernet=str(sup_out / SUPERNET_FILE), table=str(table_path), data=data,
-                        budget_ms=budget, trials=args.trials, out=str(out), study="bench", sampler=args.sampler,
-                        seed=args.seed, bn_batches=args.bn_batches, val_batches=args.val_batches, imgsz=args.imgsz,
-                        batch=args.batch, device=args.device, progress=True)
-    study = run_search(scfg)
-    search_s = _elapsed(finished, "search", t0)  # a resumed search's trials/min counts the run that did them
-    report["search"] = {"trials": args.trials, "wall_s": round(search_s, 1),
-                        "trials_per_min": round(args.trials / max(search_s / 60, 1e-9), 2)}
-    _stage(report, "search", search_s, out, args.stop_after)
-
-    # 4. the front, exported and measured ------------------------------------------------------------------------
-    t0 = time.time()
-    if "front" in finished:  # exported and timed by the run that finished the stage: a resume does not re-time it
-        front = [FrontEntry(**e) for e in previous["front"]]
-    else:
-        front = export_front(study, sup_out / SUPERNET_FILE, out / "pareto", backend="ort-cpu", threads=args.threads,
-                             measure_config=protocol, bn_batches=args.bn_batches, batch=args.batch, device=args.device)
-    # each architecture's YAML goes into the report: the run directory (study, exports) is not kept
-    report["front"] = [{**e.to_dict(), "arch": e.arch} for e in front]
-    _stage(report, "front", _elapsed(finished, "front", t0), out, args.stop_after)
-
-    # 5. rank fidelity ------------------------------------------------------------------------------------------
-    t0 = time.time()
-    chosen: dict[str, Any] = {e.arch_id: e for e in front}
-    for t in sorted(scored_trials(study), key=lambda t: t.number):
-        if len(chosen) >= args.fidelity_archs:
-            break
-        if feasible(t) and t.user_attrs["arch_id"] not in chosen:
-            chosen[t.user_attrs["arch_id"]] = t
-    rows = []
-    standalone_epochs = args.standalone_epochs or args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
-    for aid, item in list(chosen.items())[: args.fidelity_archs]:
-        attrs = item.user_attrs if hasattr(item, "user_attrs") else {"map": item.map, "arch": item.arch}
-        arch = Architecture.from_dict(yaml.safe_load(attrs["arch"]))
-        torch.manual_seed(args.seed)
-        run = _scratch_dir(out, aid, standalone_epochs, args.max_train_s)
-        m, done = _train(Detector(arch), data, run, standalone_epochs, args, max_s=args.max_train_s)
-        rows.append({"arch_id": aid, "inherited_map": float(attrs["map"]), "standalone_map": m,
-                     "standalone_map_last3": _last_maps_mean(run), "epochs": done, "arch": attrs["arch"]})
-        print(f"stand-alone {aid}: inherited {attrs['map']:.4f}  stand-alone {m:.4f}", flush=True)
-    inherited = [r["inherited_map"] for r in rows]
-    report["rank_fidelity"] = {
-        "kendall_tau": _tau(inherited, [r["standalone_map"] for r in rows]),
-        # the same against the mean of each run's last 3 validations, less sensitive to one noisy epoch
-        "kendall_tau_last3": _tau(inherited, [r["standalone_map_last3"] for r in rows]),
-        "archs": rows, "standalone_epochs": standalone_epochs, "max_train_s": args.max_train_s}
-    _stage(report, "rank_fidelity", _elapsed(finished, "rank_fidelity", t0), out, args.stop_after)
-
-    # 6. front models within yolov7-tiny's latency vs yolov7-tiny, same epoch budget ------------------------
-    t0 = time.time()
-    within = [e for e in front if e.predicted_ms <= budget]
-    comparison: dict[str, Any] = {"budget_ms": budget}
-    if "vs_yolov7_tiny" in finished:  # trained and timed by the run that finished the stage
-        comparison = previous["vs_yolov7_tiny"]
-    elif within:
-        epochs = args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
-        torch.manual_seed(args.seed)
-        base, base_done = _train(load_model("yolov7-tiny", nc=nc), data, out / "yolov7-tiny", epochs, args)
-        # the issue's model (the fastest front model within the budget) and the one the search rates best
-        picks = {"fastest_front_model": min(within, key=lambda e: e.predicted_ms),
-                 "front_model": max(within, key=lambda e: e.map)}
-        for key, e in picks.items():
-            ft, ft_done = _train(load_model(out / "pareto" / e.arch_id), data, out / "finetune" / e.arch_id,
-                                 args.finetune_epochs, args)
-            entry = {"arch_id": e.arch_id, "inherited_map": e.map, "finetuned_map": ft,
-                     "epochs": f"{args.supernet_epochs} supernet + {ft_done} finetune",
-                     "predicted_ms": e.predicted_ms, "params": e.params, "gflops": e.gflops}
-            if not args.no_scratch:
-                # the same architecture with yolov7-tiny's training exactly: random init, same epochs and seed
-                torch.manual_seed(args.seed)
-                run = _scratch_dir(out, e.arch_id, epochs, None)
-                scratch, scratch_done = _train(Detector(e.architecture()), data, run, epochs, args)
-                entry["from_scratch"] = {"map": scratch, "map_last3": _last_maps_mean(run), "epochs": scratch_done}
-            comparison[key] = entry
-        aids = list(dict.fromkeys(e.arch_id for e in picks.values()))
-        # 7 rotating passes, not 3: on a shared VM one slow pass in three moved a model's median by 2x
-        kw = {**(QUICK if args.latency_protocol == "quick" else {}), "repeats": COMPARE_PASSES}
-        ms = measure_latency_ms([load_model(out / "finetune" / a / "model") for a in aids]
-                                + [load_model(out / "yolov7-tiny" / "model")], args.imgsz, threads=args.threads, **kw)
-        for key in picks:
-            comparison[key]["measured_ms"] = ms[aids.index(comparison[key]["arch_id"])]
-        best = picks["front_model"]
-        comparison["fastest_front_model_as_accurate"] = min((e for e in front if e.map >= best.map),
-                                                            key=lambda e: e.predicted_ms).arch_id
-        comparison["yolov7_tiny"] = {"map": base, "map_last3": _last_maps_mean(out / "yolov7-tiny"),
-                                     "epochs": base_done, "measured_ms": ms[-1]}
-    else:
-        comparison["note"] = "no front model within yolov7-tiny's latency"
-    report["vs_yolov7_tiny"] = comparison
-    compare_s = _elapsed(finished, "vs_yolov7_tiny", t0)
-    # the stages' times of the runs that finished them (the yolov7-tiny measurement between stages aside)
-    report["wall_s"]["total"] = round(sum(report["wall_s"].values()) + compare_s, 1)
-    _stage(report, "vs_yolov7_tiny", compare_s, out, args.stop_after)
+    stage("data_and_table", ctx.settings("space", "imgsz", "data", "train_images", "val_images", "classes", "table",
+                                         "no_shipped_table", "latency_protocol", "threads", "budget_ms", "seed"),
+          lambda: stage_table(ctx))
+    budget = report["budget_ms"]
+    stage("supernet", ctx.settings("supernet_epochs", "per_head", "sort_channels", "supernet_scope", "batch", "nbs",
+                                   "seed"),
+          lambda: stage_supernet(ctx, budget))
+    stage("search", ctx.settings("trials", "sampler", "bn_batches", "val_batches"), lambda: stage_search(ctx, budget))
+    study = load_study(default_storage(out), STUDY)
+    stage("front", {}, lambda: stage_front(ctx, study))
+    front = [FrontEntry(**e) for e in report["front"]]
+    stage("rank_fidelity", ctx.settings("fidelity_archs", "standalone_epochs", "baseline_epochs", "max_train_s"),
+          lambda: stage_rank_fidelity(ctx, study, front))
+    stage("vs_yolov7_tiny", ctx.settings("finetune_epochs", "baseline_epochs", "no_scratch"),
+          lambda: stage_vs_yolov7_tiny(ctx, front, budget))
 
     summary = {k: report[k] for k in ("budget_ms", "search", "rank_fidelity", "vs_yolov7_tiny", "wall_s")}
     summary["front"] = [{k: e[k] for k in ("arch_id", "map", "predicted_ms", "measured_ms", "params", "gflops")}
