@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import yaml
-from search_synthetic import _run_arch_yaml, _tau, read_report  # the script's directory is on sys.path
+from search_synthetic import _run_arch_yaml, _tau, read_run  # the script's directory is on sys.path
 
 from nas.search import calibration_batches, train_candidate
 from nas.supernet import load_supernet
@@ -88,11 +88,9 @@ def main() -> None:
     ap.add_argument("--no-control", action="store_true", help="skip the from-scratch control")
     cli = ap.parse_args()
     try:
-        bench = read_report(cli.run, "rank_fidelity")
+        bench, args = read_run(cli.run, "rank_fidelity")
     except ValueError as e:
         ap.error(str(e))
-    args = argparse.Namespace(**bench["args"])
-    args.data = args.data or str(cli.run / "data" / "data.yaml")
     nbs = cli.nbs or args.nbs
     fidelity = bench["rank_fidelity"]["archs"]
     if len(fidelity) < 2:

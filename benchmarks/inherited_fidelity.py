@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import yaml
 from finetune_fidelity import fidelity_taus, seed_means  # the script's directory is on sys.path
-from search_synthetic import _run_arch_yaml, _search_settings, _tau, read_report, train_supernet
+from search_synthetic import _run_arch_yaml, _search_settings, _tau, read_run, train_supernet
 
 from nas.search import calibration_batches
 from nas.supernet import load_supernet
@@ -68,11 +68,9 @@ def main() -> None:
     ap.add_argument("--bn-batches", type=int, default=None, help="default: the run's search's")
     cli = ap.parse_args()
     try:
-        bench = read_report(cli.run, "rank_fidelity")
+        bench, args = read_run(cli.run, "rank_fidelity")
     except ValueError as e:
         ap.error(str(e))
-    args = argparse.Namespace(**bench["args"])
-    args.data = args.data or str(cli.run / "data" / "data.yaml")
     bn_batches = cli.bn_batches or int(_search_settings(cli.run).get("bn_batches") or args.bn_batches)
     fidelity = bench["rank_fidelity"]["archs"]
     if len(fidelity) < 2:

@@ -200,6 +200,15 @@ def read_report(run: Path, stage: str) -> dict[str, Any]:
     return report
 
 
+def read_run(run: Path, stage: str) -> tuple[dict[str, Any], argparse.Namespace]:
+    """A finished run's bench.json (as `read_report`) and the arguments it ran with, `data` filled in where the
+    run generated the synthetic set."""
+    report = read_report(run, stage)
+    args = argparse.Namespace(**report["args"])
+    args.data = args.data or str(run / "data" / "data.yaml")
+    return report, args
+
+
 # the report keys each stage writes: a stage read back from an earlier run's bench.json restores these
 STAGE_KEYS = {"data_and_table": ("table", "table_seeded_from", "yolov7_tiny", "budget_ms"), "supernet": ("supernet",),
               "search": ("search",), "front": ("front",), "rank_fidelity": ("rank_fidelity",),

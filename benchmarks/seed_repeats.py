@@ -39,7 +39,8 @@ from search_synthetic import (  # the script's directory is on sys.path
     _scratch_dir,
     _tau,
     _train,
-    read_report,
+    baseline_epochs,
+    read_run,
 )
 
 from search_spaces import Detector, load_model
@@ -112,13 +113,12 @@ def main() -> None:
     cli = ap.parse_args()
     report_path = cli.run / "bench.json"
     try:  # --fidelity repeats the rank-fidelity set; otherwise the run's settings are enough
-        bench = read_report(cli.run, "rank_fidelity" if cli.fidelity else "data_and_table")
+        bench, args = read_run(cli.run, "rank_fidelity" if cli.fidelity else "data_and_table")
     except ValueError as e:
         ap.error(str(e))
-    args = argparse.Namespace(**bench["args"])
-    data = args.data or str(cli.run / "data" / "data.yaml")
+    data = args.data
     nc = load_data_config(data).nc
-    epochs = args.baseline_epochs or args.supernet_epochs + args.finetune_epochs
+    epochs = baseline_epochs(args)
 
     def build(name: str) -> Detector:
         if name == "yolov7-tiny":
