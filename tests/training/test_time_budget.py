@@ -27,3 +27,16 @@ def test_fitted_schedule_is_checkpointed_and_resumed(small_data, tmp_path):
     assert again.start_epoch == 1 and again.epochs == 7
     # the cosine reaches its floor at the planned end, not at --epochs
     assert lr_factor(7.0, again.epochs, 0.01, "cosine") == lr_factor(50.0, 50, 0.01, "cosine")
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(small_data, tmp_path):
+    first = _trainer(small_data, tmp_path, epochs=1, seed=2).train()
+    assert first.epochs_done == 1
+    more = _trainer(small_data, tmp_path, epochs=3, seed=2, resume=True)
+    assert more.start_epoch == 1 and more.epochs == 3  # the cosine now runs over the new length
+    result = more.train()
+    assert result.epochs_done == 3
+    assert [int(r["epoch"]) for r in result.rows] == [1, 2, 3]
+    # the rows of the first run are kept, and the extension's learning rate follows the new schedule
+    assert result.rows[0] == first.rows[0]
+    assert result.rows[-1]["lr"] < result.rows[1]["lr"]
