@@ -129,11 +129,11 @@ def _run_arch_yaml(run: Path, arch_id: str) -> str | None:
 
 @functools.cache
 def _study(run: Path) -> Any:
-    """The run's Optuna study (loaded once per run)."""
+    """The run's Optuna study (loaded once per run), opened as `detforge search` opens it."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{run / 'study.db'}")
+    return load_study(default_storage(run), STUDY)
 
 
 @functools.cache
@@ -506,7 +506,7 @@ def main() -> None:
                                    "seed"),
           lambda: stage_supernet(ctx, budget))
     stage("search", ctx.settings("trials", "sampler", "bn_batches", "val_batches"), lambda: stage_search(ctx, budget))
-    study = load_study(default_storage(out), STUDY)
+    study = _study(out)
     stage("front", {}, lambda: stage_front(ctx, study))
     front = [FrontEntry(**e) for e in report["front"]]
     stage("rank_fidelity", ctx.settings("fidelity_archs", "standalone_epochs", "baseline_epochs", "max_train_s"),
