@@ -419,7 +419,9 @@ def recover_dead_trials(study: optuna.Study, grace_s: float, max_retry: int) -> 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w = t.user_attrs.get("worker")
         dead = _worker_dead(w)
-        if not dead and not heartbeat and not (_local(w) and w.get("pid") == os.getpid()):
+        # without a `worker` stamp the process died before the trial's first step, maybe before its first
+        # Optuna heartbeat too, which fail_stale_trials then never sees: its start time is the last sign of life
+        if not dead and (not heartbeat or w is None) and not (_local(w) and w.get("pid") == os.getpid()):
             last = max(float(t.user_attrs.get("heartbeat") or 0.0),
                        t.datetime_start.timestamp() if t.datetime_start else now)
             dead = now - last > grace_s

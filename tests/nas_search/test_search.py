@@ -164,6 +164,21 @@ def test_a_worker_killed_before_it_stamped_the_trial_is_found_by_its_heartbeat(t
     assert retry.params == dead.params and "fail_reason" not in retry.user_attrs
 
 
+def test_a_worker_killed_before_its_first_heartbeat_is_found_by_its_start_time(tmp_path):
+    from nas.search import recover_dead_trials
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_s=1, grace_s=2,
+                                                     max_retry=2))
+    study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # no `worker` record and no heartbeat
+    assert recover_dead_trials(study, grace_s=2, max_retry=2) == []  # just started: not yet given up
+    time.sleep(3.5)
+    assert recover_dead_trials(study, grace_s=2, max_retry=2) == [0]
+    dead = study.trials[0]
+    assert dead.state == TrialState.FAIL and "fail_reason" in dead.user_attrs
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.params == dead.params
+
+
 def test_worker_records_name_the_pid_namespace():
     from nas.search import _local, worker_id
 
