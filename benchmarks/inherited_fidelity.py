@@ -20,6 +20,11 @@ sandwich and the run's own supernet settings (space, data, table, budget, epochs
 seed), into RUN/supernet_per_head/:
 
     python benchmarks/inherited_fidelity.py runs/bench/search128d --per-head --report inherited_fidelity_per_head.json
+
+With --extra FILE it scores, beside the run's set, the architectures of a `random_fidelity.py` report (random
+architectures of the run's feasible region, trained stand-alone the same way); each row says its `source`:
+
+    python benchmarks/inherited_fidelity.py runs/bench/sort_a --extra random_fidelity.json --report inherited_fidelity_wide.json
 """
 from __future__ import annotations
 
@@ -66,13 +71,21 @@ def main() -> None:
                        help="train RUN/supernet_per_head/ with a sandwich per head configuration, then score it")
     ap.add_argument("--report", default="inherited_fidelity.json", help="file name under RUN")
     ap.add_argument("--bn-batches", type=int, default=None, help="default: the run's search's")
+    ap.add_argument("--extra", default=None,
+                    help="a random_fidelity.py report under RUN: score its architectures with the run's set")
     cli = ap.parse_args()
     try:
         bench, args = read_run(cli.run, "rank_fidelity")
     except ValueError as e:
         ap.error(str(e))
     bn_batches = cli.bn_batches or int(_search_settings(cli.run).get("bn_batches") or args.bn_batches)
-    fidelity = bench["rank_fidelity"]["archs"]
+    fidelity = [{**r, "source": "run"} for r in bench["rank_fidelity"]["archs"]]
+    if cli.extra:
+        extra = json.loads((cli.run / cli.extra).read_text())
+        if extra["standalone_epochs"] != bench["rank_fidelity"]["standalone_epochs"]:
+            ap.error(f"{cli.extra}: its stand-alone trainings ran {extra['standalone_epochs']} epochs, the run's "
+                     f"{bench['rank_fidelity']['standalone_epochs']}")
+        fidelity += extra["archs"]
     if len(fidelity) < 2:
         ap.error(f"{cli.run / 'bench.json'} has fewer than 2 rank-fidelity architectures")
     data = load_data_config(args.data)
@@ -96,7 +109,7 @@ def main() -> None:
                               "bn_batches": bn_batches, "threads": torch.get_num_threads(), "archs": []}
     for r in fidelity:
         aid = r["arch_id"]
-        text = _run_arch_yaml(cli.run, aid)
+        text = r.get("arch") or _run_arch_yaml(cli.run, aid)
         if text is None:
             ap.error(f"{aid}: neither in {cli.run / 'pareto'} nor in the run's study")
         arch = Architecture.from_dict(yaml.safe_load(text))
@@ -108,20 +121,20 @@ def main() -> None:
         row = {"arch_id": aid, "head": head_of(arch), "inherited_map": float(res.metrics.map),
                "inherited_map50": float(res.metrics.map50),
                **{f"inherited_loss_{k}": v for k, v in zip(LOSS_TERMS, res.loss)},
-               "inherited_loss": res.total_loss, "run_inherited_map": r["inherited_map"],
+               "inherited_loss": res.total_loss, "run_inherited_map": r.get("inherited_map"), "source": r["source"],
                "standalone_map": r["standalone_map"], "standalone_map_last3": r["standalone_map_last3"],
                "wall_s": round(time.perf_counter() - t0, 1), **seeded.get(aid, {})}
         report["archs"].append(row)
-        print(f"{aid} ({row['head']}): inherited {row['inherited_map']:.4f} (the run's supernet "
-              f"{r['inherited_map']:.4f}), loss {row['inherited_loss']:.4f}  stand-alone {r['standalone_map']:.4f}",
-              flush=True)
+        print(f"{aid} ({row['head']}, {r['source']}): inherited {row['inherited_map']:.4f}, loss "
+              f"{row['inherited_loss']:.4f}  stand-alone {r['standalone_map']:.4f}", flush=True)
     rows = report["archs"]
     # a lower loss ranks higher: negated so every proxy is "more is better"
     proxies = {"inherited": [x["inherited_map"] for x in rows],
                "inherited_map50": [x["inherited_map50"] for x in rows],
                "inherited_neg_loss": [-x["inherited_loss"] for x in rows],
-               **{f"inherited_neg_loss_{k}": [-x[f"inherited_loss_{k}"] for x in rows] for k in LOSS_TERMS},
-               "run_inherited": [x["run_inherited_map"] for x in rows]}
+               **{f"inherited_neg_loss_{k}": [-x[f"inherited_loss_{k}"] for x in rows] for k in LOSS_TERMS}}
+    if all(x["run_inherited_map"] is not None for x in rows):  # the search's own scores (none for --extra's)
+        proxies["run_inherited"] = [x["run_inherited_map"] for x in rows]
     fidelity_taus(report, proxies)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, x in enumerate(rows):
