@@ -97,7 +97,12 @@ def main() -> None:
               f"{len(arch.head.inputs)} levels", flush=True)
     if cli.list:
         return
+    earlier = json.loads(report_file.read_text())["archs"] if report_file.is_file() else []
+    finished = {r["arch_id"]: r for r in earlier if r["epochs"] == epochs}  # kept with their wall times
     for aid, arch, source in chosen:
+        if aid in finished:
+            report["archs"].append(finished[aid])
+            continue
         run = _scratch_dir(cli.run, aid, epochs, None)
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
