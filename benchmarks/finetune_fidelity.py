@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import yaml
-from search_synthetic import _run_arch_yaml, _tau, read_run  # the script's directory is on sys.path
+from search_synthetic import _run_arch_yaml, _tau, read_run_or_exit  # the script's directory is on sys.path
 
 from nas.search import calibration_batches, train_candidate
 from nas.supernet import load_supernet
@@ -87,10 +87,7 @@ def main() -> None:
     ap.add_argument("--nbs", type=int, default=None, help="nominal batch (default: the run's)")
     ap.add_argument("--no-control", action="store_true", help="skip the from-scratch control")
     cli = ap.parse_args()
-    try:
-        bench, args = read_run(cli.run, "rank_fidelity")
-    except ValueError as e:
-        ap.error(str(e))
+    bench, args = read_run_or_exit(ap, cli.run, "rank_fidelity")
     nbs = cli.nbs or args.nbs
     fidelity = bench["rank_fidelity"]["archs"]
     if len(fidelity) < 2:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import yaml
 from finetune_fidelity import fidelity_taus, seed_means  # the script's directory is on sys.path
-from search_synthetic import _run_arch_yaml, _search_settings, _tau, read_run, train_supernet
+from search_synthetic import _run_arch_yaml, _search_settings, _tau, read_run_or_exit, train_supernet
 
 from nas.search import calibration_batches
 from nas.supernet import load_supernet
@@ -74,10 +74,7 @@ def main() -> None:
     ap.add_argument("--extra", default=None,
                     help="a random_fidelity.py report under RUN: score its architectures with the run's set")
     cli = ap.parse_args()
-    try:
-        bench, args = read_run(cli.run, "rank_fidelity")
-    except ValueError as e:
-        ap.error(str(e))
+    bench, args = read_run_or_exit(ap, cli.run, "rank_fidelity")
     bn_batches = cli.bn_batches or int(_search_settings(cli.run).get("bn_batches") or args.bn_batches)
     fidelity = [{**r, "source": "run"} for r in bench["rank_fidelity"]["archs"]]
     if cli.extra:

@@ -32,7 +32,7 @@ from search_synthetic import (  # the script's directory is on sys.path
     _scratch_dir,
     _study,
     _train,
-    read_run,
+    read_run_or_exit,
     standalone_epochs,
 )
 
@@ -69,31 +69,29 @@ def main() -> None:
     ap.add_argument("--report", default="random_fidelity.json", help="file name under RUN")
     ap.add_argument("--list", action="store_true", help="print the architectures it would train, and stop")
     cli = ap.parse_args()
-    try:
-        bench, args = read_run(cli.run, "rank_fidelity")
-    except ValueError as e:
-        ap.error(str(e))
+    bench, args = read_run_or_exit(ap, cli.run, "rank_fidelity")
     rf = bench["rank_fidelity"]
     if rf.get("max_train_s"):
         ap.error("the run's rank-fidelity trainings were time-capped: this script trains to the epochs only")
     nc = load_data_config(args.data).nc
     region = FeasibleRegion.from_table(bench["table"]["path"], load_space(args.space), bench["budget_ms"], nc=nc,
                                        imgsz=args.imgsz)
-    have = {r["arch_id"] for r in rf["archs"]}
+    taken = {r["arch_id"] for r in rf["archs"]}
     chosen: list[tuple[str, Architecture, str]] = []
     if not cli.no_study:
         for t in sorted(scored_trials(_study(cli.run)), key=lambda t: t.number):
             aid = t.user_attrs["arch_id"]
-            if feasible(t) and aid not in have and aid not in {c[0] for c in chosen}:
+            if feasible(t) and aid not in taken:
+                taken.add(aid)
                 chosen.append((aid, Architecture.from_dict(yaml.safe_load(t.user_attrs["arch"])), "study"))
-    skip = have | {c[0] for c in chosen}
-    chosen += [(aid, arch, "random") for aid, arch in draw(region, cli.random, cli.draw_seed, skip)]
+    chosen += [(aid, arch, "random") for aid, arch in draw(region, cli.random, cli.draw_seed, taken)]
+    predicted = {aid: region.predict_ms(arch) for aid, arch, _ in chosen}
     epochs = standalone_epochs(args)
     report_file = cli.run / cli.report
     report: dict[str, Any] = {"run": str(cli.run), "budget_ms": bench["budget_ms"], "draw_seed": cli.draw_seed,
                               "standalone_epochs": epochs, "seed": args.seed, "archs": []}
     for aid, arch, source in chosen:
-        print(f"{aid} ({source}): {region.predict_ms(arch):.2f} ms predicted, {arch.head.type} head, "
+        print(f"{aid} ({source}): {predicted[aid]:.2f} ms predicted, {arch.head.type} head, "
               f"{len(arch.head.inputs)} levels", flush=True)
     if cli.list:
         return
@@ -107,7 +105,7 @@ def main() -> None:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
         m, done = _train(Detector(arch), args.data, run, epochs, args)
-        row = {"arch_id": aid, "source": source, "predicted_ms": region.predict_ms(arch), "standalone_map": m,
+        row = {"arch_id": aid, "source": source, "predicted_ms": predicted[aid], "standalone_map": m,
                "standalone_map_last3": _last_maps_mean(run), "epochs": done, "wall_s": round(time.perf_counter() - t0, 1),
                "arch": arch.to_yaml()}
         report["archs"].append(row)

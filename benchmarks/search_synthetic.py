@@ -215,6 +215,14 @@ STAGE_KEYS = {"data_and_table": ("table", "table_seeded_from", "yolov7_tiny", "b
               "vs_yolov7_tiny": ("vs_yolov7_tiny",)}
 
 
+def read_run_or_exit(ap: argparse.ArgumentParser, run: Path, stage: str) -> tuple[dict[str, Any], argparse.Namespace]:
+    """`read_run` for a follow-up script's command line: a run without the stage is its usage error (exit 2)."""
+    try:
+        return read_run(run, stage)
+    except ValueError as e:
+        ap.error(str(e))
+
+
 class StageRunner:
     """Runs the bench's stages in order and writes bench.json after each.
 

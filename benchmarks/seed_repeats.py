@@ -40,7 +40,7 @@ from search_synthetic import (  # the script's directory is on sys.path
     _tau,
     _train,
     baseline_epochs,
-    read_run,
+    read_run_or_exit,
 )
 
 from search_spaces import Detector, load_model
@@ -112,10 +112,8 @@ def main() -> None:
                     help="file name in RUN (default seeds.json; with --fidelity, seeds_fidelity.json)")
     cli = ap.parse_args()
     report_path = cli.run / "bench.json"
-    try:  # --fidelity repeats the rank-fidelity set; otherwise the run's settings are enough
-        bench, args = read_run(cli.run, "rank_fidelity" if cli.fidelity else "data_and_table")
-    except ValueError as e:
-        ap.error(str(e))
+    # --fidelity repeats the rank-fidelity set; otherwise the run's settings are enough
+    bench, args = read_run_or_exit(ap, cli.run, "rank_fidelity" if cli.fidelity else "data_and_table")
     data = args.data
     nc = load_data_config(data).nc
     epochs = baseline_epochs(args)
