@@ -43,6 +43,7 @@ class SupernetCfg:
     n_random: int = 2
     per_head: bool = False  # draw each step's sandwich inside one head configuration (docs/nas.md)
     sort_channels: bool = False  # reorder filters by importance before every epoch but the first (docs/nas.md)
+    attentive: int = 1  # random subnets: the most budget-spending of this many feasible draws (docs/nas.md)
     scope: str = "budget"  # budget: train only the architectures within search.budget_ms (if set); space: all
 
 
@@ -141,7 +142,7 @@ class PipelineConfig:
                     "search.trials": self.search.trials, "finetune.batch": self.finetune.batch,
                     "synthetic.train": self.synthetic.train, "synthetic.val": self.synthetic.val,
                     "select.k": self.select.k, "quantize.calib": self.quantize.calib,
-                    "latency.threads": self.latency.threads}
+                    "latency.threads": self.latency.threads, "supernet.attentive": self.supernet.attentive}
         for key, v in positive.items():
             if v < 1:
                 raise ConfigError(f"must be >= 1, got {v}", path=path, field=key)
@@ -150,6 +151,9 @@ class PipelineConfig:
         b = self.search.budget_ms
         if b is not None and b <= 0:
             raise ConfigError(f"impossible latency budget {b} ms", path=path, field="search.budget_ms")
+        if self.supernet.attentive > 1 and (b is None or self.supernet.scope == "space"):
+            raise ConfigError("attentive sampling ranks draws by predicted latency within the budget: it needs "
+                              "search.budget_ms and supernet.scope: budget", path=path, field="supernet.attentive")
         if any(x <= 0 for x in self.select.budgets_ms):
             raise ConfigError("budgets must be > 0 ms", path=path, field="select.budgets_ms")
         if not 0 < self.prune.macs <= 1:

@@ -14,7 +14,10 @@ class scores, levels matched by grid size), as BigNAS does to make inherited wei
 shared BatchNorm statistics, so they are the largest path's: validation evaluates that path, and the
 search recalibrates them for every other subnet anyway. With `sort_channels`, every epoch after the first
 starts by reordering each conv block's filters by importance (`Supernet.sort_channels`, OFA), so narrow
-subnets train and inherit the channels the largest relies on most. See docs/nas.md.
+subnets train and inherit the channels the largest relies on most. With `attentive` k > 1 (and a region),
+each random subnet is the one of k feasible draws predicted to spend the most of the budget (AttentiveNAS's
+best-up sampling, predicted latency as the proxy): the near-budget architectures the search's front is made
+of get more of the training than a uniform draw gives them. See docs/nas.md.
 """
 from __future__ import annotations
 
@@ -135,7 +138,7 @@ class SupernetTrainer(Trainer):
     def __init__(self, cfg: TrainConfig, model: Supernet | None = None, callbacks: Sequence[Callback] = (),
                  hyp: Hyp | None = None, *, space: SearchSpace | str | None = None, n_random: int = 2,
                  kd_weight: float = 1.0, kd_temperature: float = 1.0, region: FeasibleRegion | None = None,
-                 per_head: bool = False, sort_channels: bool = False):
+                 per_head: bool = False, sort_channels: bool = False, attentive: int = 1):
         if model is None:
             if space is None:
                 raise ConfigError("give a Supernet or a search space", field="space")
@@ -150,10 +153,17 @@ class SupernetTrainer(Trainer):
             raise ConfigError(f"must be >= 0, got {n_random}", field="n_random")
         if kd_temperature <= 0:
             raise ConfigError(f"must be > 0, got {kd_temperature}", field="kd_temperature")
+        if attentive < 1:
+            raise ConfigError(f"must be >= 1, got {attentive}", field="attentive")
+        if attentive > 1 and region is None:
+            raise ConfigError("attentive sampling ranks draws by predicted latency: it needs a latency table and "
+                              "a budget (--table, --budget-ms)", field="attentive")
         self.supernet = model
         self.space = model.space
         self.n_random, self.kd_weight, self.kd_temperature = int(n_random), float(kd_weight), float(kd_temperature)
         self.per_head, self.sort_channels = bool(per_head), bool(sort_channels)
+        # like n_random, it changes which subnets later steps draw, not what the weights mean: a resume may change it
+        self.attentive = int(attentive)
         self.sorted_convs = 0  # how many convs the last epoch-start sort reordered
         self.role = "largest"
         self.teacher_raw: list[Tensor] | None = None
@@ -218,13 +228,14 @@ class SupernetTrainer(Trainer):
             return False
 
     def _random(self, rng: np.random.Generator, g: SandwichGroup) -> Mapping[str, Any]:
-        """A random subnet of group `g`: the region's (or space's) uniform draw with its decisions held."""
+        """A random subnet of group `g`: the region's (or space's) uniform draw with its decisions held (with
+        `attentive` k, the most budget-spending of k region draws)."""
         if self.region is None:
             return {**self.space.random_decisions(rng), **g.fixed}
         if not g.sampled:
             return g.smallest[0]
         try:
-            return self.region.sample(rng, g.fixed)
+            return self.region.sample_top(rng, self.attentive, g.fixed)
         except ConfigError:  # a head configuration the draw rarely reaches, missed this time
             if not g.fixed:
                 raise
@@ -304,7 +315,7 @@ class SupernetTrainer(Trainer):
     def model_identity(self) -> dict[str, Any]:
         """The space and settings instead of an arch: a supernet is all architectures at once."""
         return {"supernet": {"space": self.space.name, "space_path": self.space.source, "nc": int(self.supernet.nc),
-                             "n_random": self.n_random, "kd_weight": self.kd_weight,
+                             "n_random": self.n_random, "kd_weight": self.kd_weight, "attentive": self.attentive,
                              **{k: getattr(self, k) for k in _SANDWICH_SETTINGS}, "region": self.region_record()}}
 
     def region_record(self) -> dict[str, Any] | None:

@@ -300,6 +300,39 @@ def test_per_head_sandwich_draws_each_step_inside_one_head_configuration(shared,
     assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["supernet"]["per_head"] is True
 
 
+def test_attentive_random_subnets_are_the_most_budget_spending_of_k_draws(shared, tmp_path):
+    import numpy as np
+
+    region = _region(shared)
+    # k=1 is the uniform draw; k > 1: the heaviest of the k draws `sample` makes from the same generator
+    assert region.sample_top(np.random.default_rng(3), 1) == region.sample(np.random.default_rng(3))
+    rng = np.random.default_rng(5)
+    draws = [region.sample(rng) for _ in range(4)]
+    top = region.sample_top(np.random.default_rng(5), 4)
+    assert top in draws and region.latency_ms(top) == max(region.latency_ms(d) for d in draws)
+    fixed = {"head.type": "decoupled"}
+    assert region.sample_top(rng, 3, fixed)["head.type"] == "decoupled"
+
+    space = load_space("tiny")
+    uniform = SupernetTrainer(_cfg(shared, tmp_path / "u", epochs=1), space=space, region=region)
+    attentive = SupernetTrainer(_cfg(shared, tmp_path / "a", epochs=1), space=space, region=region, attentive=4)
+
+    def random_ms(tr: SupernetTrainer) -> list[float]:
+        torch.manual_seed(0)
+        return [region.latency_ms(d) for _ in range(15) for role, d in tr.sandwich() if role == "random"]
+
+    ms_uniform, ms_attentive = random_ms(uniform), random_ms(attentive)
+    assert len(ms_attentive) == 30 and max(ms_attentive) <= region.budget_ms
+    assert np.mean(ms_attentive) > np.mean(ms_uniform), (ms_uniform, ms_attentive)
+    assert attentive.sandwich()[0][1] == uniform.sandwich()[0][1] == region.largest(seed=0)  # the same teacher
+    assert attentive.model_identity()["supernet"]["attentive"] == 4  # recorded in last.pt
+    with pytest.raises(ConfigError, match="table") as e:
+        SupernetTrainer(_cfg(shared, tmp_path / "n", epochs=1), space=space, attentive=2)
+    assert e.value.field == "attentive"
+    with pytest.raises(ConfigError, match=">= 1"):
+        SupernetTrainer(_cfg(shared, tmp_path / "z", epochs=1), space=space, region=region, attentive=0)
+
+
 def test_a_budget_pins_the_input_size_to_the_tables(shared, tmp_path):
     from nas.budget import FeasibleRegion
     from search_spaces.space import Decision
@@ -324,3 +357,6 @@ def test_cli_budget_needs_a_table_and_a_possible_budget(shared, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "budget_ms" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "run" / "last.pt").exists()
+    assert main([*base, "--attentive", "2"]) == 2  # ranks draws by predicted latency: needs a table
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "attentive" in err[0] and "--table" in err[0]

@@ -86,7 +86,8 @@ def test_pipeline_runs_and_resumes_after_kill(after, tmp_path):
 
 @pytest.mark.parametrize("over, field", [
     ({"serach": {}}, "serach"), ({"imgsz": "64"}, "imgsz"), ({"search": {"budget_ms": -1.0}}, "search.budget_ms"),
-    ({"quantize": {"method": "magic"}}, "quantize.method"),
+    ({"quantize": {"method": "magic"}}, "quantize.method"), ({"supernet": {"attentive": 0}}, "supernet.attentive"),
+    ({"supernet": {"attentive": 2}, "search": {"trials": 3}}, "supernet.attentive"),  # no budget to rank draws in
 ])
 def test_bad_config_fails_before_any_work(over, field, tmp_path, capsys):
     cfg = _config(tmp_path, **over)
