@@ -50,19 +50,24 @@ def _stages(out: Path) -> dict:
 ORDER = ["data", "latency", "supernet", "search", "pareto"]
 
 
-@pytest.mark.parametrize("after", ["data", "supernet"])  # killed in the latency stage, in the search stage
-def test_pipeline_runs_and_resumes_after_kill(after, tmp_path):
+def test_pipeline_runs_and_resumes_after_kills(tmp_path):
     cfg = _config(tmp_path)
     out = tmp_path / "run"
-    proc = _run(str(cfg), "--out", str(out))
-    deadline = time.time() + 900
-    while after not in _stages(out) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
-    proc.send_signal(signal.SIGKILL)  # in the stage after `after`, or just after it
-    proc.wait()
-    done_before = set(_stages(out))
-    assert set(ORDER[:ORDER.index(after) + 1]) <= done_before
+    done_before: set[str] = set()
+    # killed in the latency stage, then (resumed) in the search stage: one run, two kill points
+    for after in ("data", "supernet"):
+        proc = _run(str(cfg), "--out", str(out), *(["--resume"] if done_before else []))
+        deadline = time.time() + 900
+        while after not in _stages(out) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        proc.send_signal(signal.SIGKILL)  # in the stage after `after`, or just after it
+        proc.wait()
+        log = proc.stdout.read()
+        for name in done_before:
+            assert f"[skip] {name}" in log  # finished stages are not redone
+        done_before = set(_stages(out))
+        assert set(ORDER[:ORDER.index(after) + 1]) <= done_before
 
     again = _run(str(cfg), "--out", str(out), "--resume")
     log, _ = again.communicate(timeout=900)
