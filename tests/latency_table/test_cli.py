@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from latency_tables import LatencyTable
 from nas.cli import main
 from search_spaces.space import load_space
 
@@ -49,10 +50,17 @@ def arch_yaml(space, tmp_path):
 
 
 def test_build_resumes_and_reports(space, space_file, table_path, capsys):
-    d = run_json(capsys, "latency", "build", "--space", space_file, "--imgsz", str(MICRO_IMGSZ), "--out",
-                 str(table_path), "--quick", "--no-progress")
+    build = ["latency", "build", "--space", space_file, "--imgsz", str(MICRO_IMGSZ), "--out", str(table_path),
+             "--quick", "--no-progress"]
+    before = table_path.read_bytes()
+    d = run_json(capsys, *build, "--fit-models", "3")
     assert d["entries"] == len(space.block_signatures(MICRO_IMGSZ, 1)) and d["backend"] == "ort-cpu"
     assert d["imgsz"] == MICRO_IMGSZ and d["threads"] == 2
+    assert table_path.read_bytes() == before  # a finished table is left as it is (studies check its digest)
+    # more fit models than the table holds: the entries are kept, and only the overhead is fitted again
+    d = run_json(capsys, *build, "--fit-models", "4")
+    assert d["entries"] == len(space.block_signatures(MICRO_IMGSZ, 1))
+    assert len(LatencyTable.load(table_path, check_device=False).overhead.points) == 4
 
 
 def test_predict(table_path, arch_yaml, capsys):
