@@ -44,6 +44,7 @@ class SupernetCfg:
     per_head: bool = False  # draw each step's sandwich inside one head configuration (docs/nas.md)
     sort_channels: bool = False  # reorder filters by importance before every epoch but the first (docs/nas.md)
     attentive: int = 1  # random subnets: the most budget-spending of this many feasible draws (docs/nas.md)
+    per_family: bool = False  # draw each step's sandwich inside one family of categorical choices (docs/nas.md)
     scope: str = "budget"  # budget: train only the architectures within search.budget_ms (if set); space: all
 
 
@@ -154,6 +155,9 @@ class PipelineConfig:
         if self.supernet.attentive > 1 and (b is None or self.supernet.scope == "space"):
             raise ConfigError("attentive sampling ranks draws by predicted latency within the budget: it needs "
                               "search.budget_ms and supernet.scope: budget", path=path, field="supernet.attentive")
+        if self.supernet.per_head and self.supernet.per_family:
+            raise ConfigError("a family fixes the head configuration too: set per_head or per_family, not both",
+                              path=path, field="supernet.per_family")
         if any(x <= 0 for x in self.select.budgets_ms):
             raise ConfigError("budgets must be > 0 ms", path=path, field="select.budgets_ms")
         if not 0 < self.prune.macs <= 1:

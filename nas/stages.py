@@ -79,7 +79,7 @@ def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | 
         FeasibleRegion.from_table(t["path"], net.space, budget, nc=d["nc"], imgsz=c.imgsz)
     trainer = SupernetTrainer(cfg, model=net, n_random=c.supernet.n_random, region=region,
                               per_head=c.supernet.per_head, sort_channels=c.supernet.sort_channels,
-                              attentive=c.supernet.attentive)
+                              attentive=c.supernet.attentive, per_family=c.supernet.per_family)
     result = trainer.train()
     weights = out / "supernet.pt"
     return {"weights": str(weights), "best_map": result.best_map, "files": [str(weights)]}

@@ -17,7 +17,13 @@ starts by reordering each conv block's filters by importance (`Supernet.sort_cha
 subnets train and inherit the channels the largest relies on most. With `attentive` k > 1 (and a region),
 each random subnet is the one of k feasible draws predicted to spend the most of the budget (AttentiveNAS's
 best-up sampling, predicted latency as the proxy): the near-budget architectures the search's front is made
-of get more of the training than a uniform draw gives them. See docs/nas.md.
+of get more of the training than a uniform draw gives them. With `per_family`, each batch first draws a
+family (every categorical decision: block types, transitions, SPP, head type, layout and conv, as a feasible
+draw has them) and the whole sandwich is drawn inside it: its largest (the space's largest with the family,
+else the heaviest feasible of a few draws) teaches its smaller members. Those are then true sub-networks of
+their teacher, as in BigNAS, where the shared sandwich's students differ from its one largest in most block
+types and transitions, whose weights that largest never runs. No subnet then keeps the largest's BatchNorm
+statistics, so validation re-estimates them first. See docs/nas.md.
 """
 from __future__ import annotations
 
@@ -44,10 +50,20 @@ from trainer.loss import HeadInfo, YoloLoss
 from trainer.trainer import CHECKPOINT, Trainer, resolve_data_config, seed_everything
 
 from .budget import FeasibleRegion
+from .search import calibration_batches
 from .supernet import Supernet, supernet_document
 
 SUPERNET_FILE = "supernet.pt"
 HEAD_DECISIONS = ("head.type", "head.layout")  # one head configuration: each has its own head weights and loss
+FAMILY_DRAWS = 32  # random draws among which a family's largest is chosen when the space's largest is over budget
+VAL_BN_BATCHES = 8  # training batches that re-estimate the largest's BatchNorm statistics before a validation
+
+
+def family_decisions(space: SearchSpace) -> tuple[str, ...]:
+    """The decisions whose choices are names (block types, transitions, SPP, activation, head type/layout/conv):
+    each choice runs its own weights or function, where a size choice runs a prefix of the same weights."""
+    return tuple(n for n, d in space.decisions.items()
+                 if len(d.choices) > 1 and all(isinstance(c, str) for c in d.choices))
 
 
 @dataclass(frozen=True)
@@ -138,7 +154,8 @@ class SupernetTrainer(Trainer):
     def __init__(self, cfg: TrainConfig, model: Supernet | None = None, callbacks: Sequence[Callback] = (),
                  hyp: Hyp | None = None, *, space: SearchSpace | str | None = None, n_random: int = 2,
                  kd_weight: float = 1.0, kd_temperature: float = 1.0, region: FeasibleRegion | None = None,
-                 per_head: bool = False, sort_channels: bool = False, attentive: int = 1):
+                 per_head: bool = False, sort_channels: bool = False, attentive: int = 1,
+                 per_family: bool = False):
         if model is None:
             if space is None:
                 raise ConfigError("give a Supernet or a search space", field="space")
@@ -155,6 +172,9 @@ class SupernetTrainer(Trainer):
             raise ConfigError(f"must be > 0, got {kd_temperature}", field="kd_temperature")
         if attentive < 1:
             raise ConfigError(f"must be >= 1, got {attentive}", field="attentive")
+        if per_head and per_family:
+            raise ConfigError("a family fixes the head configuration too: give per_head or per_family, not both",
+                              field="per_family")
         if attentive > 1 and region is None:
             raise ConfigError("attentive sampling ranks draws by predicted latency: it needs a latency table and "
                               "a budget (--table, --budget-ms)", field="attentive")
@@ -164,6 +184,9 @@ class SupernetTrainer(Trainer):
         self.per_head, self.sort_channels = bool(per_head), bool(sort_channels)
         # like n_random, it changes which subnets later steps draw, not what the weights mean: a resume may change it
         self.attentive = int(attentive)
+        self.per_family = bool(per_family)  # also only changes which subnets later steps draw
+        self._family = family_decisions(self.space)
+        self._val_bn: list[Tensor] | None = None
         self.sorted_convs = 0  # how many convs the last epoch-start sort reordered
         self.role = "largest"
         self.teacher_raw: list[Tensor] | None = None
@@ -241,6 +264,20 @@ class SupernetTrainer(Trainer):
                 raise
             return g.smallest[0]
 
+    def _family_group(self, rng: np.random.Generator) -> SandwichGroup:
+        """A sandwich group of one family, drawn as a uniform draw of the region (or space) has it: the family's
+        largest, its smallest, and its categorical decisions held by the random subnets."""
+        if self.region is None:
+            d = self.space.random_decisions(rng)
+            f = {k: d[k] for k in self._family}
+            return SandwichGroup({**self.space.largest_decisions(), **f}, ({**self.space.smallest_decisions(), **f},), f)
+        d = self.region.sample(rng)
+        f = {k: d[k] for k in self._family}
+        top = self.region.largest(seed=int(rng.integers(2**31)), draws=FAMILY_DRAWS, fixed=f)
+        low = {**self.region.space.smallest_decisions(), **f}
+        # the draw itself is a feasible member where the family's smallest is not (latency is not monotonic)
+        return SandwichGroup(top, (low if self.region.contains(low) else d,), f)
+
     def _heads(self) -> list[dict[str, Any]]:
         """Every head configuration of the space, as the decisions that fix it."""
         choices = [self.space.decisions[k].choices for k in HEAD_DECISIONS]
@@ -262,7 +299,7 @@ class SupernetTrainer(Trainer):
     def sandwich(self) -> list[tuple[str, Mapping[str, Any]]]:
         """This step's subnets: the largest (the teacher, first), `n_random` random ones, the smallest
         (every decision at its cheapest, with a head type drawn uniformly); with `per_head`, all three of
-        one head configuration drawn uniformly."""
+        one head configuration drawn uniformly, with `per_family` of one family drawn as the region has it."""
         # drawn from torch's RNG, which the Trainer reseeds every epoch: a resumed epoch repeats its subnets
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
         if self.world > 1:  # every rank must run the same subnets, whatever else consumed its RNG
@@ -270,7 +307,10 @@ class SupernetTrainer(Trainer):
             torch.distributed.broadcast(seed, 0)
         rng = np.random.default_rng(int(seed.item()))
         groups = self._groups
-        g = groups[int(rng.integers(len(groups)))] if len(groups) > 1 else groups[0]
+        if self.per_family:
+            g = self._family_group(rng)
+        else:
+            g = groups[int(rng.integers(len(groups)))] if len(groups) > 1 else groups[0]
         randoms = [("random", self._random(rng, g)) for _ in range(self.n_random)]
         # head types have no size order, and each (type, layout) has its own head: a smallest subnet with a
         # fixed type trains that type's small-layout head every step and the others only when a random
@@ -310,12 +350,18 @@ class SupernetTrainer(Trainer):
         """mAP of the largest subnet (EMA weights if enabled) on the validation set."""
         for net in (self.supernet, self.eval_model):
             net.set_active(self.arch(self._largest))  # the EMA copy keeps its own active path
+        if self.per_family:  # each family's largest trains, but none keeps its statistics: re-estimate them
+            if self._val_bn is None:
+                self._val_bn = calibration_batches(self.data_cfg, self.cfg.imgsz, self.per_rank_batch,
+                                                   VAL_BN_BATCHES, seed=self.cfg.seed, device=self.device)
+            self.eval_model.recalibrate_bn(self._val_bn)
         return super().validate(max_batches)
 
     def model_identity(self) -> dict[str, Any]:
         """The space and settings instead of an arch: a supernet is all architectures at once."""
         return {"supernet": {"space": self.space.name, "space_path": self.space.source, "nc": int(self.supernet.nc),
                              "n_random": self.n_random, "kd_weight": self.kd_weight, "attentive": self.attentive,
+                             "per_family": self.per_family,
                              **{k: getattr(self, k) for k in _SANDWICH_SETTINGS}, "region": self.region_record()}}
 
     def region_record(self) -> dict[str, Any] | None:

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--attentive", type=int, default=1, metavar="K",
                    help="each random subnet is the one of K feasible draws predicted to spend the most of the budget "
                         "(AttentiveNAS best-up; needs --table and --budget-ms; default 1: a uniform draw)")
+    t.add_argument("--per-family", action="store_true",
+                   help="draw each batch's sandwich inside one family (every block type, transition, SPP and head "
+                        "choice fixed), with that family's largest as the teacher (default: one sandwich for all)")
     t.add_argument("--nbs", type=int, default=64, help="nominal batch: gradients accumulate to it")
     t.add_argument("--table", default=None, help="latency table of the target device: with --budget-ms, train only "
                                                  "the architectures predicted within the budget")
@@ -126,7 +129,8 @@ def run_supernet_train(args: argparse.Namespace) -> None:
     try:
         result = SupernetTrainer(cfg, space=space, n_random=args.n_random, kd_weight=args.kd_weight,
                                  region=region, per_head=args.per_head,
-                                 sort_channels=args.sort_channels, attentive=args.attentive).train()
+                                 sort_channels=args.sort_channels, attentive=args.attentive,
+                                 per_family=args.per_family).train()
     finally:
         distributed.cleanup()
     if distributed.is_main():

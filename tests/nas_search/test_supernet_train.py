@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from nas.cli import main
+from nas.search import calibration_batches
 from nas.supernet import Supernet, load_supernet
-from nas.supernet_train import SupernetTrainer, frozen_bn_stats
+from nas.supernet_train import VAL_BN_BATCHES, SupernetTrainer, family_decisions, frozen_bn_stats
 from search_spaces import ConfigError, Detector
 from search_spaces.errors import CheckpointError
 from search_spaces.space import load_space
@@ -331,6 +332,44 @@ def test_attentive_random_subnets_are_the_most_budget_spending_of_k_draws(shared
     assert e.value.field == "attentive"
     with pytest.raises(ConfigError, match=">= 1"):
         SupernetTrainer(_cfg(shared, tmp_path / "z", epochs=1), space=space, region=region, attentive=0)
+
+
+def test_per_family_sandwich_is_one_family_taught_by_its_own_largest(shared, tmp_path):
+    region = _region(shared)
+    space = load_space("tiny")
+    family = family_decisions(space)
+    assert {"backbone.p3.block", "backbone.p3.down", "spp.block", "head.type", "head.layout"} <= set(family)
+    assert "backbone.p3.depth" not in family and "neck.p3.width" not in family
+    tr = SupernetTrainer(_cfg(shared, tmp_path / "f", epochs=1), space=space, region=region, per_family=True)
+    torch.manual_seed(0)
+    seen: dict[str, set] = {k: set() for k in family}
+    for _ in range(12):
+        roles = tr.sandwich()
+        assert [r for r, _ in roles] == ["largest", "random", "random", "smallest"]
+        fam = {k: roles[0][1][k] for k in family}
+        for _, d in roles:  # every member is of the teacher's family, and within the budget
+            assert {k: d[k] for k in family} == fam and region.contains(d)
+        assert region.latency_ms(roles[0][1]) >= region.latency_ms(roles[-1][1])
+        for k, v in fam.items():
+            seen[k].add(v)
+    # the family is drawn per step: the block types and head types vary over the steps
+    assert len(seen["backbone.p3.block"]) > 1 and len(seen["head.type"]) > 1
+    # without a budget, a family's largest and smallest are the space's, with the family's choices
+    whole = SupernetTrainer(_cfg(shared, tmp_path / "w", epochs=1), space=space, per_family=True)
+    roles = whole.sandwich()
+    fam = {k: roles[0][1][k] for k in family}
+    assert roles[0][1] == {**space.largest_decisions(), **fam} and roles[-1][1] == {**space.smallest_decisions(), **fam}
+    # no subnet keeps the largest's BatchNorm statistics: validation re-estimates them, and reads a real mAP
+    result = tr.train()
+    assert result.last is not None and result.rows[-1]["map50"] >= 0.0
+    bns = [m for root in tr.eval_model.active_modules() for m in root.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    validated = [b.running_var.clone() for b in bns]
+    tr.eval_model.recalibrate_bn(calibration_batches(tr.data_cfg, IMGSZ, 8, VAL_BN_BATCHES, seed=0))
+    assert all(torch.allclose(v, b.running_var) for v, b in zip(validated, bns))
+    assert torch.load(tmp_path / "f" / "last.pt", weights_only=True)["supernet"]["per_family"] is True
+    with pytest.raises(ConfigError, match="per_head or per_family") as e:
+        SupernetTrainer(_cfg(shared, tmp_path / "b", epochs=1), space=space, per_head=True, per_family=True)
+    assert e.value.field == "per_family"
 
 
 def test_a_budget_pins_the_input_size_to_the_tables(shared, tmp_path):

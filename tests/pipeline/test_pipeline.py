@@ -93,6 +93,7 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path):
     ({"serach": {}}, "serach"), ({"imgsz": "64"}, "imgsz"), ({"search": {"budget_ms": -1.0}}, "search.budget_ms"),
     ({"quantize": {"method": "magic"}}, "quantize.method"), ({"supernet": {"attentive": 0}}, "supernet.attentive"),
     ({"supernet": {"attentive": 2}, "search": {"trials": 3}}, "supernet.attentive"),  # no budget to rank draws in
+    ({"supernet": {"per_head": True, "per_family": True}}, "supernet.per_family"),
 ])
 def test_bad_config_fails_before_any_work(over, field, tmp_path, capsys):
     cfg = _config(tmp_path, **over)
