@@ -158,8 +158,8 @@ def _tau(xs: list[float], ys: list[float]) -> float | None:
 
 
 def train_supernet(args: argparse.Namespace, space: SearchSpace, data: str, table: Path | None, budget_ms: float,
-                   out: Path, *, per_head: bool = False, sort_channels: bool = False, attentive: int = 1
-                   ) -> tuple[SupernetTrainer, TrainResult]:
+                   out: Path, *, per_head: bool = False, sort_channels: bool = False, attentive: int = 1,
+                   per_family: bool = False) -> tuple[SupernetTrainer, TrainResult]:
     """Train the run's supernet (resuming from out/last.pt): on the region of `table` under `budget_ms`, or on
     the whole space without a table; the run's epochs, batch, nominal batch, device and seed."""
     cfg = TrainConfig(model=f"supernet:{space.name}", data=data, out=str(out), epochs=args.supernet_epochs,
@@ -167,10 +167,11 @@ def train_supernet(args: argparse.Namespace, space: SearchSpace, data: str, tabl
                       seed=args.seed, progress=False, resume=(out / "last.pt").is_file())
     region = None if table is None else FeasibleRegion.from_table(table, space, budget_ms, nc=space.nc, imgsz=args.imgsz)
     trainer = SupernetTrainer(cfg, space=space, region=region, per_head=per_head, sort_channels=sort_channels,
-                              attentive=attentive)
+                              attentive=attentive, per_family=per_family)
     return trainer, trainer.train()
 
 
+LATER_SUPERNET_OPTIONS = {"attentive": 1, "per_family": False}  # name: default
 STAGES = ("data_and_table", "supernet", "search", "front", "rank_fidelity", "vs_yolov7_tiny")
 
 
@@ -334,7 +335,8 @@ def stage_supernet(ctx: BenchContext, budget: float) -> dict[str, Any]:
     args = ctx.args
     table = ctx.table_path if args.supernet_scope == "budget" else None
     trainer, sup = train_supernet(args, ctx.space, ctx.data, table, budget, ctx.supernet_dir,
-                                  per_head=args.per_head, sort_channels=args.sort_channels, attentive=args.attentive)
+                                  per_head=args.per_head, sort_channels=args.sort_channels, attentive=args.attentive,
+                                  per_family=args.per_family)
     return {"supernet": {"epochs": sup.epochs_done, "largest_map": sup.best_map, "scope": args.supernet_scope,
                          "region": trainer.region_record(),
                          "img_s": [round(r["train_img_s"], 2) for r in sup.rows if "train_img_s" in r]}}
@@ -468,6 +470,8 @@ def main() -> None:
     ap.add_argument("--sort-channels", action="store_true", help="the supernet sorts its channels every epoch")
     ap.add_argument("--attentive", type=int, default=1, metavar="K",
                     help="the supernet's random subnets: the most budget-spending of K feasible draws (default 1)")
+    ap.add_argument("--per-family", action="store_true",
+                    help="the supernet's sandwich per family of named choices (block types, transitions, SPP, head)")
     ap.add_argument("--supernet-scope", default="budget", choices=["budget", "space"],
                     help="budget: the sandwich draws only architectures within the search's budget; space: all")
     ap.add_argument("--trials", type=int, default=40)
@@ -513,9 +517,11 @@ def main() -> None:
                                          "no_shipped_table", "latency_protocol", "threads", "budget_ms", "seed"),
           lambda: stage_table(ctx))
     budget = report["budget_ms"]
-    # attentive is recorded only when on, so the runs from before it existed keep their finished stages
-    stage("supernet", {**ctx.settings("supernet_epochs", "per_head", "sort_channels", "supernet_scope", "batch", "nbs",
-                                      "seed"), **(ctx.settings("attentive") if args.attentive > 1 else {})},
+    # options added after the first runs are recorded only when not at their default, so those runs keep
+    # their finished stages
+    later = [k for k, default in LATER_SUPERNET_OPTIONS.items() if getattr(args, k) != default]
+    stage("supernet", ctx.settings("supernet_epochs", "per_head", "sort_channels", "supernet_scope", "batch", "nbs",
+                                   "seed", *later),
           lambda: stage_supernet(ctx, budget))
     stage("search", ctx.settings("trials", "sampler", "bn_batches", "val_batches"), lambda: stage_search(ctx, budget))
     study = _study(out)
