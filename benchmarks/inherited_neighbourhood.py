@@ -7,8 +7,9 @@ largest (the sandwich's teacher, recorded in `supernet.pt`) and every architectu
 exactly one such decision, with inherited weights as a `detforge search` trial scores them (BatchNorm
 statistics re-estimated on the search's batches, mAP50-95 on the whole validation set). A smooth supernet
 keeps the neighbours near the largest; one whose weights only work on the paths it trains most collapses
-them. It writes RUN/REPORT: the largest's mAP, each neighbour's (decision, choice, arch id, mAP) and the
-neighbours' median as a fraction of the largest's:
+them. For scale it also scores the space's smallest architecture with each head type (the sandwich's
+other end, trained every step). It writes RUN/REPORT: the largest's mAP, each neighbour's (decision, choice,
+arch id, mAP), the neighbours' median as a fraction of the largest's, and the smallest's mAP per head type:
 
     python benchmarks/inherited_neighbourhood.py runs/bench/sort_a \
         --supernet runs/bench/sort_a/supernet_ext/supernet.pt --report neighbourhood_ext_e32.json
@@ -77,6 +78,9 @@ def main() -> None:
                    "wall_s": round(time.perf_counter() - t0, 1)}
             report["neighbours"].append(row)
             print(f"{name}={choice} ({aid}): {row['inherited_map']:.4f}", flush=True)
+    smallest = space.smallest_decisions()
+    report["smallest_map"] = {t: inherited_map({**smallest, "head.type": t}) for t in space.decisions["head.type"].choices}
+    print(f"smallest, per head type: {report['smallest_map']}", flush=True)
     maps = [r["inherited_map"] for r in report["neighbours"]]
     report["neighbours_median_map"] = statistics.median(maps)
     report["neighbours_median_ratio"] = report["neighbours_median_map"] / report["largest_map"] \
