@@ -28,6 +28,7 @@ FULL = [
     ["seed_repeats.py", "runs/bench/search_synthetic", "--fidelity", "--seeds", "1"],
     ["finetune_fidelity.py", "runs/bench/search_synthetic", "--epochs", "2"],
     ["inherited_fidelity.py", "runs/bench/search_synthetic", "--per-head", "--report", "inherited_fidelity_per_head.json"],
+    ["inherited_neighbourhood.py", "runs/bench/search_synthetic"],
     ["supernet_diagnose.py", "runs/bench/search_synthetic", "--data", "runs/bench/search_synthetic/data/data.yaml",
      "--imgsz", "320", "--head-steps", "60"],
 ]
@@ -46,6 +47,7 @@ QUICK = [
     ["seed_repeats.py", "runs/bench/quick-search", "--seeds", "1", "--latency"],
     ["finetune_fidelity.py", "runs/bench/quick-search", "--epochs", "1"],
     ["inherited_fidelity.py", "runs/bench/quick-search", "--per-head"],
+    ["inherited_neighbourhood.py", "runs/bench/quick-search"],
     ["supernet_diagnose.py", "runs/bench/quick-search", "--data", "runs/bench/quick-search/data/data.yaml",
      "--imgsz", "64", "--batch", "8", "--steps", "2", "--head-steps", "2"],
 ]
