@@ -273,7 +273,12 @@ class SupernetTrainer(Trainer):
             return SandwichGroup({**self.space.largest_decisions(), **f}, ({**self.space.smallest_decisions(), **f},), f)
         d = self.region.sample(rng)
         f = {k: d[k] for k in self._family}
-        top = self.region.largest(seed=int(rng.integers(2**31)), draws=FAMILY_DRAWS, fixed=f)
+        try:
+            top = self.region.largest(seed=int(rng.integers(2**31)), draws=FAMILY_DRAWS, fixed=f)
+        except ConfigError:  # none of the draws fits, nor the family's smallest: the draw is its only known member
+            top = d
+        # the draw itself is a member: a family whose draws rarely fit must not be taught by a lighter one
+        top = max((top, d), key=self.region.latency_ms)
         low = {**self.region.space.smallest_decisions(), **f}
         # the draw itself is a feasible member where the family's smallest is not (latency is not monotonic)
         return SandwichGroup(top, (low if self.region.contains(low) else d,), f)

@@ -354,6 +354,11 @@ def test_per_family_sandwich_is_one_family_taught_by_its_own_largest(shared, tmp
             seen[k].add(v)
     # the family is drawn per step: the block types and head types vary over the steps
     assert len(seen["backbone.p3.block"]) > 1 and len(seen["head.type"]) > 1
+    # a family none of whose draws fits is taught by the feasible draw it came from, not by its smallest
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(region, "largest", lambda seed, draws, fixed: {**region.space.smallest_decisions(), **fixed})
+        teachers = [tr.sandwich()[0][1] for _ in range(5)]
+    assert any(t != {**region.space.smallest_decisions(), **{k: t[k] for k in family}} for t in teachers)
     # without a budget, a family's largest and smallest are the space's, with the family's choices
     whole = SupernetTrainer(_cfg(shared, tmp_path / "w", epochs=1), space=space, per_family=True)
     roles = whole.sandwich()
