@@ -38,15 +38,14 @@ from typing import Any
 import torch
 import yaml
 from finetune_fidelity import fidelity_taus, seed_means  # the script's directory is on sys.path
-from search_synthetic import _run_arch_yaml, _search_settings, _tau, read_run_or_exit, train_supernet
+from search_synthetic import _run_arch_yaml, _tau, read_run_or_exit, train_supernet, trial_scoring_data
 
-from nas.search import calibration_batches
 from nas.supernet import load_supernet
 from nas.supernet_train import SUPERNET_FILE
 from search_spaces.architecture import Architecture
 from search_spaces.io import atomic_write_json
 from search_spaces.space import load_space
-from trainer.datasets import YoloDataset, build_dataloader, load_data_config
+from trainer.datasets import load_data_config
 from trainer.distributed import resolve_device
 from trainer.evaluate import evaluate
 from trainer.hyp import load_hyp
@@ -75,7 +74,6 @@ def main() -> None:
                     help="a random_fidelity.py report under RUN: score its architectures with the run's set")
     cli = ap.parse_args()
     bench, args = read_run_or_exit(ap, cli.run, "rank_fidelity")
-    bn_batches = cli.bn_batches or int(_search_settings(cli.run).get("bn_batches") or args.bn_batches)
     fidelity = [{**r, "source": "run"} for r in bench["rank_fidelity"]["archs"]]
     if cli.extra:
         extra = json.loads((cli.run / cli.extra).read_text())
@@ -97,10 +95,7 @@ def main() -> None:
         print(f"per-head supernet: {time.perf_counter() - t0:.0f} s", flush=True)
     device = resolve_device(args.device)
     net = load_supernet(supernet).to(device)
-    batches = calibration_batches(data, args.imgsz, args.batch, bn_batches, seed=args.seed, workers=args.workers,
-                                  device=device)
-    val = build_dataloader(YoloDataset.from_config(data, "val", imgsz=args.imgsz, seed=args.seed), args.batch,
-                           args.workers, shuffle=False, seed=args.seed)
+    bn_batches, batches, val = trial_scoring_data(cli.run, args, data, cli.bn_batches, device)
     seeded = seed_means(cli.run)
     report: dict[str, Any] = {"supernet": str(supernet), "imgsz": args.imgsz, "batch": args.batch,
                               "bn_batches": bn_batches, "threads": torch.get_num_threads(), "archs": []}

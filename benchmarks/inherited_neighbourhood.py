@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from search_synthetic import _search_settings, read_run_or_exit  # the script's directory is on sys.path
+from search_synthetic import read_run_or_exit, trial_scoring_data  # the script's directory is on sys.path
 
 from nas.budget import pinned_space
-from nas.search import calibration_batches
 from nas.supernet import load_supernet
 from nas.supernet_train import SUPERNET_FILE, family_decisions
 from search_spaces.io import atomic_write_json, load_weights
-from trainer.datasets import YoloDataset, build_dataloader, load_data_config
+from trainer.datasets import load_data_config
 from trainer.distributed import resolve_device
 from trainer.evaluate import evaluate
 
@@ -43,7 +42,6 @@ def main() -> None:
     ap.add_argument("--bn-batches", type=int, default=None, help="default: the run's search's")
     cli = ap.parse_args()
     _, args = read_run_or_exit(ap, cli.run, "supernet")
-    bn_batches = cli.bn_batches or int(_search_settings(cli.run).get("bn_batches") or args.bn_batches)
     path = cli.supernet or cli.run / "supernet" / SUPERNET_FILE
     region = load_weights(path).get("region")
     if not region:
@@ -52,10 +50,7 @@ def main() -> None:
     device = resolve_device(args.device)
     net = load_supernet(path).to(device)
     space = pinned_space(net.space.with_nc(net.nc), args.imgsz)
-    batches = calibration_batches(data, args.imgsz, args.batch, bn_batches, seed=args.seed, workers=args.workers,
-                                  device=device)
-    val = build_dataloader(YoloDataset.from_config(data, "val", imgsz=args.imgsz, seed=args.seed), args.batch,
-                           args.workers, shuffle=False, seed=args.seed)
+    bn_batches, batches, val = trial_scoring_data(cli.run, args, data, cli.bn_batches, device)
 
     def inherited_map(decisions: dict[str, Any]) -> float:
         model = net.extract(space.build_arch(decisions, nc=net.nc), bn_batches=batches)

@@ -149,6 +149,20 @@ def _search_settings(run: Path) -> dict[str, Any]:
     return dict(_study(run).user_attrs.get(STUDY_ATTR, {}))
 
 
+def trial_scoring_data(run: Path, args: argparse.Namespace, data: Any, bn_batches: int | None,
+                       device: torch.device) -> tuple[int, list[torch.Tensor], Any]:
+    """What the run's search trials score a subnet with: the number of BatchNorm batches (`bn_batches`, else
+    the study's, else the run's argument), those training batches, and the validation loader."""
+    from nas.search import calibration_batches
+    from trainer.datasets import YoloDataset, build_dataloader
+
+    n = bn_batches or int(_search_settings(run).get("bn_batches") or args.bn_batches)
+    batches = calibration_batches(data, args.imgsz, args.batch, n, seed=args.seed, workers=args.workers, device=device)
+    val = build_dataloader(YoloDataset.from_config(data, "val", imgsz=args.imgsz, seed=args.seed), args.batch,
+                           args.workers, shuffle=False, seed=args.seed)
+    return n, batches, val
+
+
 def _tau(xs: list[float], ys: list[float]) -> float | None:
     """Kendall's tau (None when undefined: fewer than 2 points or a constant column)."""
     from scipy.stats import kendalltau
