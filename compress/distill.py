@@ -8,6 +8,7 @@ own input size pairs with the student level of the same resolution.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import complete_box_iou_loss
 
+from search_spaces.convert import load_official_into, read_official_checkpoint
 from search_spaces.errors import ConfigError
+from search_spaces.loading import load_model, resolve_arch
 from search_spaces.model import Detector
 from trainer.callbacks import Callback
 from trainer.ema import unwrap
@@ -42,6 +45,21 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def load_teacher(ref: str, official_model: str | None = None, random_ok: bool = False) -> Detector:
+    """A trained teacher: our own model directory (or its weights.pt), or an official checkpoint via the converter."""
+    if official_model:
+        det = load_model(official_model, form="training")
+        det = load_official_into(det, read_official_checkpoint(ref), source=ref)
+        return det.deploy()
+    if Path(ref).suffix == ".pt" and not (Path(ref).parent / "arch.yaml").is_file():
+        raise ConfigError("an official checkpoint needs --teacher-model NAME", path=ref)
+    if not random_ok and resolve_arch(ref)[1] is None:  # a zoo name, a YAML, a dir without weights.pt
+        raise ConfigError(f"{ref!r} names no trained weights, so the teacher would be random: pass a model "
+                          "directory, an official checkpoint with --teacher-model, or --random-teacher for a "
+                          "plumbing check", field="teacher")
+    return load_model(ref)
 
 
 def cell_scores(raw: Tensor, nc: int) -> tuple[Tensor, Tensor]:

@@ -45,6 +45,8 @@ class SupernetCfg:
     sort_channels: bool = False  # reorder filters by importance before every epoch but the first (docs/nas.md)
     attentive: int = 1  # random subnets: the most budget-spending of this many feasible draws (docs/nas.md)
     per_family: bool = False  # draw each step's sandwich inside one family of categorical choices (docs/nas.md)
+    teacher: str | None = None  # a trained model dir whose outputs teach every sandwich member (docs/nas.md)
+    teacher_model: str | None = None  # zoo name when `teacher` is an official checkpoint
     scope: str = "budget"  # budget: train only the architectures within search.budget_ms (if set); space: all
 
 
@@ -163,11 +165,14 @@ class PipelineConfig:
         if not 0 < self.prune.macs <= 1:
             raise ConfigError(f"the kept MACs fraction must be in (0, 1], got {self.prune.macs}", path=path,
                               field="prune.macs")
-        d = self.distill
-        if d.enabled and d.teacher_model is None and not Path(d.teacher).exists():
-            raise ConfigError(f"{d.teacher!r} names no trained weights (a random teacher teaches nothing): give a "
-                              "model directory, or an official checkpoint with distill.teacher_model", path=path,
-                              field="distill.teacher")
+        teachers = {"distill": self.distill.teacher if self.distill.enabled else None,
+                    "supernet": self.supernet.teacher}
+        for key, ref in teachers.items():
+            official = getattr(self, key).teacher_model
+            if ref is not None and official is None and not Path(ref).exists():
+                raise ConfigError(f"{ref!r} names no trained weights (a random teacher teaches nothing): give a "
+                                  f"model directory, or an official checkpoint with {key}.teacher_model", path=path,
+                                  field=f"{key}.teacher")
         choices = {"search.sampler": (self.search.sampler, ("nsga2", "tpe", "random", "gp")),
                    "supernet.scope": (self.supernet.scope, ("budget", "space")),
                    "quantize.method": (self.quantize.method, ("minmax", "entropy", "percentile")),

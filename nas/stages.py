@@ -64,6 +64,7 @@ def check_budget(p: Pipeline, t: dict[str, Any]) -> float | None:
 def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | None) -> dict[str, Any]:
     """Train the weight-sharing supernet with the sandwich rule (resumes from its last.pt), on the
     architectures within `budget` as the table predicts them when one is given."""
+    from compress.distill import load_teacher
     from trainer.config import TrainConfig
 
     from .budget import FeasibleRegion
@@ -71,6 +72,7 @@ def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | 
     from .supernet_train import SupernetTrainer
 
     c = p.cfg
+    teacher = None if c.supernet.teacher is None else load_teacher(c.supernet.teacher, c.supernet.teacher_model)
     out = p.out / "supernet"
     cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=c.supernet.epochs, imgsz=c.imgsz, batch=c.supernet.batch,
                       device=c.device, workers=c.workers, seed=c.seed, resume=(out / "last.pt").is_file())
@@ -79,7 +81,7 @@ def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | 
         FeasibleRegion.from_table(t["path"], net.space, budget, nc=d["nc"], imgsz=c.imgsz)
     trainer = SupernetTrainer(cfg, model=net, n_random=c.supernet.n_random, region=region,
                               per_head=c.supernet.per_head, sort_channels=c.supernet.sort_channels,
-                              attentive=c.supernet.attentive, per_family=c.supernet.per_family)
+                              attentive=c.supernet.attentive, per_family=c.supernet.per_family, teacher=teacher)
     result = trainer.train()
     weights = out / "supernet.pt"
     return {"weights": str(weights), "best_map": result.best_map, "files": [str(weights)]}
@@ -163,9 +165,7 @@ def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: s
         det, m = train(pruned, "pruned", c.prune.finetune_epochs)
         steps.append({"step": "prune", "map": m, **_size(det, c.imgsz), "changes": rep.changes[:5]})
     if c.distill.enabled:
-        from compress.distill import DistillConfig, Distiller
-
-        from .commands.distill import load_teacher
+        from compress.distill import DistillConfig, Distiller, load_teacher
 
         teacher = load_teacher(c.distill.teacher, c.distill.teacher_model)
         det, m = train(det, "distilled", c.distill.epochs, [Distiller(teacher, det, DistillConfig())])

@@ -23,7 +23,9 @@ draw has them) and the whole sandwich is drawn inside it: its largest (the space
 else the heaviest feasible of a few draws) teaches its smaller members. Those are then true sub-networks of
 their teacher, as in BigNAS, where the shared sandwich's students differ from its one largest in most block
 types and transitions, whose weights that largest never runs. No subnet then keeps the largest's BatchNorm
-statistics, so validation re-estimates them first. See docs/nas.md.
+statistics, so validation re-estimates them first. With a `teacher` (a trained Detector, frozen), its outputs
+teach every member of the sandwich, the largest included, in place of the largest's: the students of every
+family then learn from one strong network that no shared weight belongs to. See docs/nas.md.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from compress.distill import cell_kd
 from search_spaces.architecture import Architecture
 from search_spaces.errors import CheckpointError, ConfigError
 from search_spaces.io import atomic_torch_save
+from search_spaces.model import Detector
 from search_spaces.space import SearchSpace
 from trainer.callbacks import Callback
 from trainer.config import TrainConfig
@@ -104,7 +107,7 @@ class InplaceDistill(Callback):
 
     def extra_loss(self, trainer: Any, model: Any, imgs: Tensor, targets: Tensor,
                    preds: list[Tensor]) -> dict[str, Tensor]:
-        if trainer.role == "largest":
+        if trainer.role == "largest" and trainer.teacher is None:
             trainer.teacher_raw = [p.detach() for p in preds]
             return {}
         teacher = trainer.teacher_raw
@@ -112,13 +115,14 @@ class InplaceDistill(Callback):
             return {}
         by_grid = {tuple(t.shape[2:4]): t for t in teacher}
         nc = trainer.supernet.nc
+        nc_t = nc if trainer.teacher is None else trainer.teacher.nc
         zero = torch.zeros((), device=imgs.device)
         obj_l, cls_l, n = zero, zero, 0
         for s in preds:
             t = by_grid.get(tuple(s.shape[2:4]))
             if t is None:
-                continue  # a P6 level with a P5-topped teacher (cannot happen with the largest as teacher)
-            obj, cls = cell_kd(s, t, nc, nc, trainer.kd_temperature, classes=nc > 1)
+                continue  # a level the teacher lacks (a P6 level with a P5-topped teacher)
+            obj, cls = cell_kd(s, t, nc, nc_t, trainer.kd_temperature, classes=nc > 1 and nc_t == nc)
             obj_l, cls_l, n = obj_l + obj, cls_l + cls, n + 1
         if n == 0:
             return {}
@@ -155,7 +159,7 @@ class SupernetTrainer(Trainer):
                  hyp: Hyp | None = None, *, space: SearchSpace | str | None = None, n_random: int = 2,
                  kd_weight: float = 1.0, kd_temperature: float = 1.0, region: FeasibleRegion | None = None,
                  per_head: bool = False, sort_channels: bool = False, attentive: int = 1,
-                 per_family: bool = False):
+                 per_family: bool = False, teacher: Detector | None = None):
         if model is None:
             if space is None:
                 raise ConfigError("give a Supernet or a search space", field="space")
@@ -186,6 +190,7 @@ class SupernetTrainer(Trainer):
         self.attentive = int(attentive)
         self.per_family = bool(per_family)  # also only changes which subnets later steps draw
         self._family = family_decisions(self.space)
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self._val_bn: list[Tensor] | None = None
         self.sorted_convs = 0  # how many convs the last epoch-start sort reordered
         self.role = "largest"
@@ -195,11 +200,17 @@ class SupernetTrainer(Trainer):
         # decisions are built into architectures by the region's space (pinned to the table's imgsz) if any
         self.arch_space = self.space if region is None else region.space
         self._largest, self._groups = self._ends(region, cfg)
+        strides = self.arch(self._largest).head_strides()
+        if self.teacher is not None and not set(self.teacher.strides) & set(strides):
+            raise ConfigError(f"no level of the teacher (strides {list(self.teacher.strides)}) meets the supernet's "
+                              f"(strides {list(strides)}): distillation would have nothing to match", field="teacher")
         model.set_active(self.arch(self._largest))  # the Trainer builds its default loss from the active head
         if hyp is None:
             hyp = load_hyp(supernet_hyp_name(self.space) if cfg.hyp == "auto" else cfg.hyp)
         own: list[Callback] = [InplaceDistill(), *([ChannelSorting()] if self.sort_channels else [])]
         super().__init__(cfg, model=model, callbacks=[*own, *callbacks], hyp=hyp)
+        if self.teacher is not None:
+            self.teacher.to(self.device)
         self.current_loss = self._losses.setdefault(self._loss_key(model.active_arch), self.loss_fn)
 
     # ---- subnets and their losses ----------------------------------------------------------------------
@@ -327,7 +338,10 @@ class SupernetTrainer(Trainer):
         """Forward + backward of every sandwich subnet on one batch (gradients accumulate)."""
         items: dict[str, Tensor] = {}
         students: list[dict[str, Tensor]] = []
+        taught: list[dict[str, Tensor]] = []  # whatever learnt from a teacher: the students, and with one the largest
         try:
+            if self.teacher is not None:
+                self.teacher_raw = self.teacher_outputs(imgs)
             for role, decisions in self.sandwich():
                 arch = self.supernet.set_active(self.arch(decisions))
                 self.role, self.current_loss = role, self.loss_for(arch)
@@ -341,14 +355,24 @@ class SupernetTrainer(Trainer):
                     items.update({k: parts[k] for k in ("box", "obj", "cls")})
                 else:
                     students.append(parts)
+                if role != "largest" or self.teacher is not None:
+                    taught.append(parts)
         finally:
             self.teacher_raw = None
         if students:
-            n = len(students)
-            items["sub_loss"] = sum(p["box"] + p["obj"] + p["cls"] for p in students) / n
+            items["sub_loss"] = sum(p["box"] + p["obj"] + p["cls"] for p in students) / len(students)
+        if taught:
             zero = torch.zeros((), device=imgs.device)
-            items["kd"] = sum(p.get("kd_obj", zero) + p.get("kd_cls", zero) for p in students) / n
+            items["kd"] = sum(p.get("kd_obj", zero) + p.get("kd_cls", zero) for p in taught) / len(taught)
         return items
+
+    @torch.no_grad()
+    def teacher_outputs(self, imgs: Tensor) -> list[Tensor]:
+        """The frozen teacher's raw head maps of a batch (fp32), at the precision the students train in."""
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            _, raw = self.teacher(imgs)
+        return [r.float() for r in raw]
 
     # ---- validation and checkpoints ----------------------------------------------------------------------
     def validate(self, max_batches: int | None = None) -> EvalResult:
@@ -367,6 +391,7 @@ class SupernetTrainer(Trainer):
         return {"supernet": {"space": self.space.name, "space_path": self.space.source, "nc": int(self.supernet.nc),
                              "n_random": self.n_random, "kd_weight": self.kd_weight, "attentive": self.attentive,
                              "per_family": self.per_family,
+                             "teacher": None if self.teacher is None else self.teacher.arch.name,
                              **{k: getattr(self, k) for k in _SANDWICH_SETTINGS}, "region": self.region_record()}}
 
     def region_record(self) -> dict[str, Any] | None:

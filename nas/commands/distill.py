@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from nas.output import emit
 from search_spaces import load_model
-from search_spaces.convert import load_official_into, read_official_checkpoint
-from search_spaces.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,23 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_teacher(ref: str, official_model: str | None, nc: int | None = None, random_ok: bool = False):
-    """A teacher from our own model directory or from an official checkpoint via the converter."""
-    if official_model:
-        det = load_model(official_model, form="training")
-        det = load_official_into(det, read_official_checkpoint(ref), source=ref)
-        return det.deploy()
-    if Path(ref).suffix == ".pt" and not (Path(ref).parent / "arch.yaml").is_file():
-        raise ConfigError("an official checkpoint needs --teacher-model NAME", path=ref)
-    if not Path(ref).exists() and not random_ok:  # a zoo name or an architecture: no trained weights
-        raise ConfigError(f"{ref!r} names no trained weights, so the teacher would be random: pass a model "
-                          "directory, an official checkpoint with --teacher-model, or --random-teacher for a "
-                          "plumbing check", field="teacher")
-    return load_model(ref)
-
-
 def run(args: argparse.Namespace) -> None:
-    from compress.distill import DistillConfig, Distiller
+    from compress.distill import DistillConfig, Distiller, load_teacher
     from trainer.config import TrainConfig
     from trainer.trainer import Trainer, resolve_data_config
 

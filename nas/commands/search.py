@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--per-family", action="store_true",
                    help="draw each batch's sandwich inside one family (every block type, transition, SPP and head "
                         "choice fixed), with that family's largest as the teacher (default: one sandwich for all)")
+    t.add_argument("--teacher", default=None, metavar="MODEL",
+                   help="a trained detector (model dir, or weights.pt beside arch.yaml) whose outputs teach every "
+                        "sandwich member, the largest included (default: the largest teaches the others); or an "
+                        "official checkpoint with --teacher-model")
+    t.add_argument("--teacher-model", default=None, help="zoo name of an official --teacher checkpoint")
     t.add_argument("--nbs", type=int, default=64, help="nominal batch: gradients accumulate to it")
     t.add_argument("--table", default=None, help="latency table of the target device: with --budget-ms, train only "
                                                  "the architectures predicted within the budget")
@@ -106,6 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_supernet_train(args: argparse.Namespace) -> None:
+    from compress.distill import load_teacher
     from nas.budget import FeasibleRegion, space_predictor, table_predictor
     from nas.supernet_train import SUPERNET_FILE, SupernetTrainer
     from search_spaces.errors import ConfigError
@@ -123,6 +129,7 @@ def run_supernet_train(args: argparse.Namespace) -> None:
         predict, imgsz = table_predictor(args.table, args.imgsz)
         predict, pinned = space_predictor(predict, space, resolve_data_config(args.data, imgsz).nc, imgsz, args.table)
         region = FeasibleRegion(pinned, predict, args.budget_ms)
+    teacher = load_teacher(args.teacher, args.teacher_model) if args.teacher else None
     cfg = TrainConfig(model=f"supernet:{space.name}", data=args.data, out=args.out, epochs=args.epochs, imgsz=imgsz,
                       batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,
                       workers=args.workers, seed=args.seed, ema=not args.no_ema, max_time_s=args.max_time)
@@ -130,7 +137,7 @@ def run_supernet_train(args: argparse.Namespace) -> None:
         result = SupernetTrainer(cfg, space=space, n_random=args.n_random, kd_weight=args.kd_weight,
                                  region=region, per_head=args.per_head,
                                  sort_channels=args.sort_channels, attentive=args.attentive,
-                                 per_family=args.per_family).train()
+                                 per_family=args.per_family, teacher=teacher).train()
     finally:
         distributed.cleanup()
     if distributed.is_main():

@@ -377,6 +377,50 @@ def test_per_family_sandwich_is_one_family_taught_by_its_own_largest(shared, tmp
     assert e.value.field == "per_family"
 
 
+def test_a_frozen_teacher_teaches_every_member_the_largest_included(shared, tmp_path, capsys):
+    teacher = Detector(load_space("tiny").with_nc(NC).largest())
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    tr = SupernetTrainer(_cfg(shared, tmp_path / "t", epochs=1), space="tiny", teacher=teacher)
+    parts: dict[str, list] = {}
+    targets_seen: list = []
+    compute, outputs = tr.compute_loss, tr.teacher_outputs
+
+    def spy(*a, **kw):
+        loss, p = compute(*a, **kw)
+        parts.setdefault(tr.role, []).append(p)
+        targets_seen.append(tr.teacher_raw)  # what this member was taught from
+        return loss, p
+
+    tr.compute_loss = spy
+    tr.teacher_outputs = lambda x: targets_seen.append(outputs(x)) or targets_seen[-1]
+    imgs, targets, *_ = next(iter(tr.train_loader))
+    tr.model.train()
+    items = tr.train_step(imgs.float() / 255.0, targets)
+    # the largest learns from the teacher too (without one it is the teacher and has no distillation term)
+    assert float(parts["largest"][0]["kd_obj"]) > 0 and float(items["kd"]) > 0
+    assert all(float(p["kd_obj"]) > 0 for role in ("random", "smallest") for p in parts[role])
+    # the teacher stays as it was: eval mode, no gradient, weights unchanged after a step
+    assert not teacher.training and all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())
+    assert tr.model_identity()["supernet"]["teacher"] == teacher.arch.name
+    # every member, the largest first, was taught from the teacher's outputs of this batch, computed once
+    raw = targets_seen[0]
+    assert len(targets_seen) == 5 and all(t is raw for t in targets_seen[1:])
+    with torch.no_grad():
+        assert all(torch.allclose(a, b) for a, b in zip(raw, teacher.eval()(imgs.float() / 255.0)[1]))
+    teacher.strides = [128]  # no level of this teacher meets the supernet's
+    with pytest.raises(ConfigError, match="teacher") as e:
+        SupernetTrainer(_cfg(shared, tmp_path / "s", epochs=1), space="tiny", teacher=teacher)
+    assert e.value.field == "teacher"
+    # the CLI needs trained weights for a teacher: one error line naming the field, nothing written
+    base = ["supernet", "train", "--space", "tiny", "--data", str(shared.data), "--epochs", "1", "--batch", "8",
+            "--out", str(tmp_path / "cli"), "--workers", "0"]
+    assert main([*base, "--teacher", "yolov7-tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher" in err[0] and "no trained weights" in err[0]
+    assert not (tmp_path / "cli").exists()
+
+
 def test_a_budget_pins_the_input_size_to_the_tables(shared, tmp_path):
     from nas.budget import FeasibleRegion
     from search_spaces.space import Decision

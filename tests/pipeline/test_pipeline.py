@@ -94,6 +94,7 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path):
     ({"quantize": {"method": "magic"}}, "quantize.method"), ({"supernet": {"attentive": 0}}, "supernet.attentive"),
     ({"supernet": {"attentive": 2}, "search": {"trials": 3}}, "supernet.attentive"),  # no budget to rank draws in
     ({"supernet": {"per_head": True, "per_family": True}}, "supernet.per_family"),
+    ({"supernet": {"teacher": "yolov7-tiny"}}, "supernet.teacher"),  # a zoo name: no trained weights
 ])
 def test_bad_config_fails_before_any_work(over, field, tmp_path, capsys):
     cfg = _config(tmp_path, **over)
