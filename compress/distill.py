@@ -47,18 +47,40 @@ class DistillConfig:
         return asdict(self)
 
 
+def check_teacher(ref: str, official_model: str | None = None, random_ok: bool = False, *,
+                  field: str = "teacher", path: str | None = None) -> None:
+    """Raise a ConfigError (at `path`, `field`) unless `ref` names a trained teacher `load_teacher` can load.
+
+    A teacher is a model directory (arch.yaml + weights.pt) or its weights.pt, or an official checkpoint with
+    its zoo model name; a zoo name, an architecture YAML or a directory without weights.pt would be a random
+    teacher, which teaches nothing (`random_ok` lets one through, for plumbing checks).
+    """
+    where = {"path": path or ref, "field": field}
+    if official_model:
+        if not Path(ref).is_file():
+            raise ConfigError(f"no official checkpoint at {ref!r}", **where)
+        return
+    if Path(ref).suffix == ".pt" and not (Path(ref).parent / "arch.yaml").is_file():
+        raise ConfigError("an official checkpoint needs its zoo model name (teacher_model, --teacher-model)",
+                          **where)
+    try:
+        _, weights = resolve_arch(ref)
+    except ConfigError as e:
+        raise ConfigError(e.message, **where) from None
+    if weights is None and not random_ok:
+        raise ConfigError(f"{ref!r} names no trained weights, so the teacher would be random: give a model "
+                          "directory (arch.yaml + weights.pt), or an official checkpoint with its zoo model name "
+                          "(teacher_model, --teacher-model)", **where)
+
+
 def load_teacher(ref: str, official_model: str | None = None, random_ok: bool = False) -> Detector:
-    """A trained teacher: our own model directory (or its weights.pt), or an official checkpoint via the converter."""
+    """A trained teacher: our own model directory (or its weights.pt), or an official checkpoint via the
+    converter (deploy form); raises ConfigError as `check_teacher` does."""
+    check_teacher(ref, official_model, random_ok)
     if official_model:
         det = load_model(official_model, form="training")
         det = load_official_into(det, read_official_checkpoint(ref), source=ref)
         return det.deploy()
-    if Path(ref).suffix == ".pt" and not (Path(ref).parent / "arch.yaml").is_file():
-        raise ConfigError("an official checkpoint needs --teacher-model NAME", path=ref)
-    if not random_ok and resolve_arch(ref)[1] is None:  # a zoo name, a YAML, a dir without weights.pt
-        raise ConfigError(f"{ref!r} names no trained weights, so the teacher would be random: pass a model "
-                          "directory, an official checkpoint with --teacher-model, or --random-teacher for a "
-                          "plumbing check", field="teacher")
     return load_model(ref)
 
 

@@ -165,14 +165,16 @@ class PipelineConfig:
         if not 0 < self.prune.macs <= 1:
             raise ConfigError(f"the kept MACs fraction must be in (0, 1], got {self.prune.macs}", path=path,
                               field="prune.macs")
+        from compress.distill import check_teacher
+
+        if self.supernet.teacher_model is not None and self.supernet.teacher is None:
+            raise ConfigError("names the model of a supernet.teacher checkpoint: set supernet.teacher too", path=path,
+                              field="supernet.teacher_model")
         teachers = {"distill": self.distill.teacher if self.distill.enabled else None,
                     "supernet": self.supernet.teacher}
         for key, ref in teachers.items():
-            official = getattr(self, key).teacher_model
-            if ref is not None and official is None and not Path(ref).exists():
-                raise ConfigError(f"{ref!r} names no trained weights (a random teacher teaches nothing): give a "
-                                  f"model directory, or an official checkpoint with {key}.teacher_model", path=path,
-                                  field=f"{key}.teacher")
+            if ref is not None:  # refused here, before any stage runs, rather than when its stage loads it
+                check_teacher(ref, getattr(self, key).teacher_model, field=f"{key}.teacher", path=path)
         choices = {"search.sampler": (self.search.sampler, ("nsga2", "tpe", "random", "gp")),
                    "supernet.scope": (self.supernet.scope, ("budget", "space")),
                    "quantize.method": (self.quantize.method, ("minmax", "entropy", "percentile")),

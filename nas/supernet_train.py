@@ -103,7 +103,8 @@ def frozen_bn_stats(net: nn.Module) -> Iterator[None]:
 
 
 class InplaceDistill(Callback):
-    """Extra loss of the smaller subnets: soft per-cell objectness/class targets from the largest subnet."""
+    """Extra loss of the smaller subnets: soft per-cell objectness/class targets from the largest subnet (or,
+    given a frozen teacher, of every subnet from the teacher's)."""
 
     def extra_loss(self, trainer: Any, model: Any, imgs: Tensor, targets: Tensor,
                    preds: list[Tensor]) -> dict[str, Tensor]:
@@ -190,7 +191,7 @@ class SupernetTrainer(Trainer):
         self.attentive = int(attentive)
         self.per_family = bool(per_family)  # also only changes which subnets later steps draw
         self._family = family_decisions(self.space)
-        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.teacher = teacher
         self._val_bn: list[Tensor] | None = None
         self.sorted_convs = 0  # how many convs the last epoch-start sort reordered
         self.role = "largest"
@@ -201,9 +202,9 @@ class SupernetTrainer(Trainer):
         self.arch_space = self.space if region is None else region.space
         self._largest, self._groups = self._ends(region, cfg)
         strides = self.arch(self._largest).head_strides()
-        if self.teacher is not None and not set(self.teacher.strides) & set(strides):
-            raise ConfigError(f"no level of the teacher (strides {list(self.teacher.strides)}) meets the supernet's "
-                              f"(strides {list(strides)}): distillation would have nothing to match", field="teacher")
+        if teacher is not None:
+            self._check_teacher(teacher, strides, cfg.imgsz)
+            teacher.eval().requires_grad_(False)  # only once every check passed: a refused teacher is left as given
         model.set_active(self.arch(self._largest))  # the Trainer builds its default loss from the active head
         if hyp is None:
             hyp = load_hyp(supernet_hyp_name(self.space) if cfg.hyp == "auto" else cfg.hyp)
@@ -212,6 +213,18 @@ class SupernetTrainer(Trainer):
         if self.teacher is not None:
             self.teacher.to(self.device)
         self.current_loss = self._losses.setdefault(self._loss_key(model.active_arch), self.loss_fn)
+
+    def _check_teacher(self, teacher: Detector, strides: Sequence[int], imgsz: int) -> None:
+        """Refuse a teacher that cannot teach this supernet: no level at its strides, an input size its largest
+        stride does not divide, or distillation switched off."""
+        if self.kd_weight <= 0:
+            raise ConfigError("a teacher teaches through distillation: it needs a kd_weight > 0", field="teacher")
+        if not set(teacher.strides) & set(strides):
+            raise ConfigError(f"no level of the teacher (strides {list(teacher.strides)}) meets the supernet's "
+                              f"(strides {list(strides)}): distillation would have nothing to match", field="teacher")
+        if imgsz % max(teacher.strides):
+            raise ConfigError(f"the teacher's largest stride {max(teacher.strides)} does not divide the input size "
+                              f"{imgsz}", field="teacher")
 
     # ---- subnets and their losses ----------------------------------------------------------------------
     def arch(self, decisions: Mapping[str, Any]) -> Architecture:
@@ -313,7 +326,8 @@ class SupernetTrainer(Trainer):
         return self._losses[key]
 
     def sandwich(self) -> list[tuple[str, Mapping[str, Any]]]:
-        """This step's subnets: the largest (the teacher, first), `n_random` random ones, the smallest
+        """This step's subnets: the largest (first; the students' teacher unless a frozen one is given),
+        `n_random` random ones, the smallest
         (every decision at its cheapest, with a head type drawn uniformly); with `per_head`, all three of
         one head configuration drawn uniformly, with `per_family` of one family drawn as the region has it."""
         # drawn from torch's RNG, which the Trainer reseeds every epoch: a resumed epoch repeats its subnets
@@ -338,7 +352,7 @@ class SupernetTrainer(Trainer):
         """Forward + backward of every sandwich subnet on one batch (gradients accumulate)."""
         items: dict[str, Tensor] = {}
         students: list[dict[str, Tensor]] = []
-        taught: list[dict[str, Tensor]] = []  # whatever learnt from a teacher: the students, and with one the largest
+        taught: list[dict[str, Tensor]] = []  # members with distillation terms (with a frozen teacher, the largest too)
         try:
             if self.teacher is not None:
                 self.teacher_raw = self.teacher_outputs(imgs)
@@ -355,23 +369,26 @@ class SupernetTrainer(Trainer):
                     items.update({k: parts[k] for k in ("box", "obj", "cls")})
                 else:
                     students.append(parts)
-                if role != "largest" or self.teacher is not None:
+                if "kd_obj" in parts:
                     taught.append(parts)
         finally:
             self.teacher_raw = None
         if students:
             items["sub_loss"] = sum(p["box"] + p["obj"] + p["cls"] for p in students) / len(students)
-        if taught:
+        if students or taught:  # the mean over the members that had a teacher's level to learn from
             zero = torch.zeros((), device=imgs.device)
-            items["kd"] = sum(p.get("kd_obj", zero) + p.get("kd_cls", zero) for p in taught) / len(taught)
+            items["kd"] = sum((p["kd_obj"] + p["kd_cls"] for p in taught), zero) / max(len(taught), 1)
         return items
 
     @torch.no_grad()
     def teacher_outputs(self, imgs: Tensor) -> list[Tensor]:
         """The frozen teacher's raw head maps of a batch (fp32), at the precision the students train in."""
+        if self.teacher.training:  # in train mode a Detector returns the raw maps alone, which would unpack wrong
+            self.teacher.eval()
+        x = imgs.to(next(self.teacher.parameters()).dtype)  # a teacher may have been halved (Distiller on CUDA)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            _, raw = self.teacher(imgs)
+            _, raw = self.teacher(x)
         return [r.float() for r in raw]
 
     # ---- validation and checkpoints ----------------------------------------------------------------------

@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--w-cls", type=float, default=None, help="x the detection loss's class gain (default 1)")
     p.add_argument("--w-box", type=float, default=None, help="x the detection loss's box gain (default 1)")
     p.add_argument("--random-teacher", action="store_true",
-                   help="allow a zoo name as --teacher: random weights (plumbing checks only, it teaches nothing)")
+                   help="allow a --teacher without trained weights (a zoo name, a YAML): random weights, for plumbing "
+                        "checks only (it teaches nothing)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)

@@ -129,6 +129,8 @@ def run_supernet_train(args: argparse.Namespace) -> None:
         predict, imgsz = table_predictor(args.table, args.imgsz)
         predict, pinned = space_predictor(predict, space, resolve_data_config(args.data, imgsz).nc, imgsz, args.table)
         region = FeasibleRegion(pinned, predict, args.budget_ms)
+    if args.teacher_model and not args.teacher:
+        raise ConfigError("names the model of a --teacher checkpoint: give --teacher too", field="teacher_model")
     teacher = load_teacher(args.teacher, args.teacher_model) if args.teacher else None
     cfg = TrainConfig(model=f"supernet:{space.name}", data=args.data, out=args.out, epochs=args.epochs, imgsz=imgsz,
                       batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,

@@ -129,6 +129,14 @@ def test_a_teacher_without_trained_weights_is_refused(tmp_path, capsys):
     assert not (tmp_path / "kd").exists()  # refused before anything was written
     with pytest.raises(ConfigError, match="distill.teacher"):
         PipelineConfig.from_dict({"distill": {"enabled": True, "teacher": "yolov7-e6"}})
+    # an architecture without weights is as random as a zoo name: refused when the config is read
+    (tmp_path / "bare").mkdir()
+    load_model("yolov7-tiny").arch.to_yaml(tmp_path / "bare" / "arch.yaml")
+    for ref in (tmp_path / "bare", tmp_path / "bare" / "arch.yaml"):
+        with pytest.raises(ConfigError, match="supernet.teacher: .*no trained weights"):
+            PipelineConfig.from_dict({"supernet": {"teacher": str(ref)}})
+    with pytest.raises(ConfigError, match="supernet.teacher_model"):
+        PipelineConfig.from_dict({"supernet": {"teacher_model": "yolov7-e6"}})
 
 
 def test_impossible_teacher_sizes_are_config_errors():

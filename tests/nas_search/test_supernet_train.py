@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch import Tensor
 
 from nas.cli import main
 from nas.search import calibration_batches
@@ -377,10 +378,8 @@ def test_per_family_sandwich_is_one_family_taught_by_its_own_largest(shared, tmp
     assert e.value.field == "per_family"
 
 
-def test_a_frozen_teacher_teaches_every_member_the_largest_included(shared, tmp_path, capsys):
-    teacher = Detector(load_space("tiny").with_nc(NC).largest())
-    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
-    tr = SupernetTrainer(_cfg(shared, tmp_path / "t", epochs=1), space="tiny", teacher=teacher)
+def _taught_step(tr: SupernetTrainer) -> tuple[dict[str, list], list, Tensor, dict[str, Tensor]]:
+    """One sandwich step, recording each member's loss parts by role and the distillation target it had."""
     parts: dict[str, list] = {}
     targets_seen: list = []
     compute, outputs = tr.compute_loss, tr.teacher_outputs
@@ -394,30 +393,58 @@ def test_a_frozen_teacher_teaches_every_member_the_largest_included(shared, tmp_
     tr.compute_loss = spy
     tr.teacher_outputs = lambda x: targets_seen.append(outputs(x)) or targets_seen[-1]
     imgs, targets, *_ = next(iter(tr.train_loader))
+    imgs = imgs.float() / 255.0
     tr.model.train()
-    items = tr.train_step(imgs.float() / 255.0, targets)
+    items = tr.train_step(imgs, targets)
+    return parts, targets_seen, imgs, items
+
+
+def test_a_frozen_teacher_teaches_every_member_the_largest_included(shared, tmp_path):
+    teacher = Detector(load_space("tiny").with_nc(NC).largest())
+    tr = SupernetTrainer(_cfg(shared, tmp_path / "t", epochs=1), space="tiny", teacher=teacher)
+    parts, targets_seen, imgs, items = _taught_step(tr)
     # the largest learns from the teacher too (without one it is the teacher and has no distillation term)
     assert float(parts["largest"][0]["kd_obj"]) > 0 and float(items["kd"]) > 0
-    assert all(float(p["kd_obj"]) > 0 for role in ("random", "smallest") for p in parts[role])
-    # the teacher stays as it was: eval mode, no gradient, weights unchanged after a step
-    assert not teacher.training and all(p.grad is None for p in teacher.parameters())
-    assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())
+    assert all(float(p["kd_obj"]) > 0 and float(p["kd_cls"]) > 0 for role in ("random", "smallest")
+               for p in parts[role])
+    # the teacher is frozen and outside the optimisation
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    optimised = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in teacher.parameters()}
     assert tr.model_identity()["supernet"]["teacher"] == teacher.arch.name
     # every member, the largest first, was taught from the teacher's outputs of this batch, computed once
     raw = targets_seen[0]
     assert len(targets_seen) == 5 and all(t is raw for t in targets_seen[1:])
     with torch.no_grad():
-        assert all(torch.allclose(a, b) for a, b in zip(raw, teacher.eval()(imgs.float() / 255.0)[1]))
-    teacher.strides = [128]  # no level of this teacher meets the supernet's
-    with pytest.raises(ConfigError, match="teacher") as e:
-        SupernetTrainer(_cfg(shared, tmp_path / "s", epochs=1), space="tiny", teacher=teacher)
-    assert e.value.field == "teacher"
-    # the CLI needs trained weights for a teacher: one error line naming the field, nothing written
+        expected = teacher(imgs)[1]
+    assert len(raw) == len(expected) and all(torch.allclose(a, b) for a, b in zip(raw, expected))
+    # a teacher of other classes teaches objectness only
+    other = Detector(load_space("tiny").with_nc(NC + 2).largest())
+    parts, *_ = _taught_step(SupernetTrainer(_cfg(shared, tmp_path / "o", epochs=1), space="tiny", teacher=other))
+    members = [p for ps in parts.values() for p in ps]
+    assert all(float(p["kd_obj"]) > 0 and float(p["kd_cls"]) == 0 for p in members)
+
+
+def test_a_teacher_that_cannot_teach_is_refused(shared, tmp_path, capsys):
+    space = load_space("tiny").with_nc(NC)
+    for strides, kw, says in (([128], {}, "meets"), ([8, 48], {}, "divide"), (None, {"kd_weight": 0.0}, "kd_weight")):
+        teacher = Detector(space.largest())
+        if strides:
+            teacher.strides = strides
+        with pytest.raises(ConfigError, match=says) as e:
+            SupernetTrainer(_cfg(shared, tmp_path / "s", epochs=1), space="tiny", teacher=teacher, **kw)
+        assert e.value.field == "teacher" and teacher.training  # a refused teacher is left as given
+    # the CLI needs trained weights: a zoo name, a YAML, a directory without weights.pt are one error line each
+    (tmp_path / "bare").mkdir()
+    space.largest().to_yaml(tmp_path / "bare" / "arch.yaml")
     base = ["supernet", "train", "--space", "tiny", "--data", str(shared.data), "--epochs", "1", "--batch", "8",
             "--out", str(tmp_path / "cli"), "--workers", "0"]
-    assert main([*base, "--teacher", "yolov7-tiny"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "teacher" in err[0] and "no trained weights" in err[0]
+    for ref in ("yolov7-tiny", str(tmp_path / "bare" / "arch.yaml"), str(tmp_path / "bare")):
+        assert main([*base, "--teacher", ref]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "teacher" in err[0] and "no trained weights" in err[0], ref
+    assert main([*base, "--teacher-model", "yolov7-tiny"]) == 2
+    assert "teacher_model" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists()
 
 
