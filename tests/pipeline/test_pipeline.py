@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from nas.cli import main
@@ -118,3 +119,32 @@ def test_dry_run_prints_plan(tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert [s["stage"] for s in plan["stages"]][:4] == ["data", "latency", "supernet", "search"]
     assert plan["stages"][-1]["stage"] == "total" and plan["stages"][-1]["est_s"] > 0
+
+
+def test_supernet_stage_hands_the_configured_teacher_to_the_trainer(tmp_path, monkeypatch):
+    import nas.supernet_train
+    from nas import stages
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+    from search_spaces import Detector
+    from search_spaces.loading import save_model
+    from search_spaces.space import load_space
+
+    trained = Detector(load_space(str(SPACE)).with_nc(2).smallest())
+    teacher_dir = save_model(trained, tmp_path / "teacher")
+    cfg = PipelineConfig.from_yaml(_config(tmp_path, supernet={"epochs": 1, "teacher": str(teacher_dir)}))
+    seen = {}
+
+    class Recorder:  # stands in for SupernetTrainer: what the stage would train with
+        def __init__(self, cfg, **kw):
+            seen.update(kw)
+
+        def train(self):
+            return type("Result", (), {"best_map": 0.0})()
+
+    monkeypatch.setattr(nas.supernet_train, "SupernetTrainer", Recorder)
+    stages.supernet(Pipeline(cfg, tmp_path / "run"), {"yaml": None, "nc": 2}, {"path": None}, None)
+    teacher = seen["teacher"]
+    assert isinstance(teacher, Detector) and teacher.arch.name == trained.arch.name
+    saved = torch.load(teacher_dir / "weights.pt", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in teacher.state_dict().items())  # its trained weights, loaded
