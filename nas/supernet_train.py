@@ -201,9 +201,8 @@ class SupernetTrainer(Trainer):
         # decisions are built into architectures by the region's space (pinned to the table's imgsz) if any
         self.arch_space = self.space if region is None else region.space
         self._largest, self._groups = self._ends(region, cfg)
-        strides = self.arch(self._largest).head_strides()
         if teacher is not None:
-            self._check_teacher(teacher, strides, cfg.imgsz)
+            self._check_teacher(teacher, self.arch(self._largest).head_strides(), cfg.imgsz)
             teacher.eval().requires_grad_(False)  # only once every check passed: a refused teacher is left as given
         model.set_active(self.arch(self._largest))  # the Trainer builds its default loss from the active head
         if hyp is None:
