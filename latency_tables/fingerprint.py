@@ -2,28 +2,18 @@
 from __future__ import annotations
 
 import os
-import platform
 import re
-import shutil
-import subprocess
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from importlib import metadata
 from typing import Any
 
 from search_spaces.errors import DetforgeError
 
+from .host import cpu_model, dist_version, nvidia_smi_gpu, system, usable_cores
 from .measurement import user_stacklevel
 
-# Distribution names under which each library may be installed (CPU and GPU builds, per-CUDA wheels).
-_DISTS = {
-    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"),
-    "torch": ("torch",),
-    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-libs"),
-    "onnx": ("onnx",),
-}
 # Libraries whose version can change a backend's latency; others are left out so they cause no false alarms.
 # ORT backends list torch too: an nn.Module reaches them through torch's exporter, which shapes the graph.
 _BACKEND_LIBS = {
@@ -36,11 +26,9 @@ DEFAULT_IGNORE = ("python", "kernel")  # patch-level noise that does not move la
 
 def _dist_version(lib: str) -> str | None:
     """Installed version of `lib` from package metadata (no import), or its __version__ if already imported."""
-    for dist in _DISTS.get(lib, (lib,)):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
+    version = dist_version(lib)
+    if version is not None:
+        return version
     mod = sys.modules.get(lib)
     return getattr(mod, "__version__", None) if mod is not None else None
 
@@ -51,33 +39,11 @@ def _libs_for(backend: str) -> tuple[str, ...]:
     return libs + ("tensorrt",) if backend == "ort-trt" else libs
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (x86 'model name', Arm 'Hardware'/'Model'), else platform."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        info = ""
-    for key in ("model name", "Hardware", "Model", "cpu model"):
-        m = re.search(rf"^{key}\s*:\s*(.+)$", info, re.MULTILINE)
-        if m:
-            return re.sub(r"\s+", " ", m.group(1)).strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def gpu_info() -> tuple[str | None, str | None]:
     """(GPU name, driver version) of GPU 0 from nvidia-smi, else from torch.cuda; (None, None) without one."""
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", "--id=0"],
-                capture_output=True, text=True, timeout=10, check=True,
-            ).stdout.strip()
-            name, _, driver = out.partition(",")
-            if name:
-                return name.strip(), driver.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            pass
+    name, driver = nvidia_smi_gpu()
+    if name is not None:
+        return name, driver
     try:
         import torch
     except ImportError:
@@ -85,14 +51,6 @@ def gpu_info() -> tuple[str | None, str | None]:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0), None
     return None, None
-
-
-def _usable_cores() -> int:
-    """CPUs this process may run on (cgroup/affinity limits), which can be fewer than the machine has."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 @dataclass
@@ -124,7 +82,7 @@ class DeviceFingerprint:
         return cls(
             cpu_model=cpu_model(),
             logical_cores=os.cpu_count() or 1,
-            usable_cores=_usable_cores(),
+            usable_cores=usable_cores(),
             threads=threads,
             gpu_name=gpu_name,
             gpu_driver=driver,
@@ -132,10 +90,7 @@ class DeviceFingerprint:
             precision=precision,
             batch=batch,
             versions={lib: _dist_version(lib) for lib in _libs_for(backend)},
-            os=platform.system(),
-            arch=platform.machine(),
-            kernel=platform.release(),
-            python=platform.python_version(),
+            **system(),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Probe bundles: build a latency table on a device that has only Python, numpy and onnxruntime.
 
 `pack(space, out, imgsz)` writes a tar.gz with one ONNX micro-model per block signature of the space, a few
-whole models for the overhead fit, a manifest, `runner.py` and detforge's `measurement.py`; on the device
-`python runner.py --threads 2 --out results.json` times them; `import_results(results.json, out)` turns the
+whole models for the overhead fit, a manifest, `runner.py`, and detforge's `measurement.py` and `host.py`; on the
+device `python runner.py --threads 2 --out results.json` times them; `import_results(results.json, out)` turns the
 results into a LatencyTable here. Large float weights are left out of the ONNX files (the runner writes random
 ones before loading), so a bundle stays small: weight values do not change how long a dense model runs.
 """
@@ -45,6 +45,7 @@ BUNDLE_DIR = "detforge-probe"  # the top-level folder inside the tar.gz
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNNER = PACKAGE_DIR / "probe" / "runner.py"
 MEASUREMENT = PACKAGE_DIR / "measurement.py"
+HOST = PACKAGE_DIR / "host.py"
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers (shape constants, biases) stay inside the graph
 _EXTERNAL_DTYPES = {1: "float32", 10: "float16"}  # onnx TensorProto.FLOAT, FLOAT16
 
@@ -134,9 +135,10 @@ def pack(space: Any, out: str | Path = "bundle.tar.gz", imgsz: int = 640, batch:
         (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
         shutil.copyfile(RUNNER, root / "runner.py")
         shutil.copyfile(MEASUREMENT, root / "measurement.py")
+        shutil.copyfile(HOST, root / "host.py")
         with atomic_path(out) as t, tarfile.open(t, "w:gz") as tar:
             # the manifest first, so bundle_manifest() finds it without decompressing the models
-            for name in ("manifest.json", "runner.py", "measurement.py", "models"):
+            for name in ("manifest.json", "runner.py", "measurement.py", "host.py", "models"):
                 tar.add(root / name, arcname=f"{BUNDLE_DIR}/{name}")
     return out
 

@@ -6,17 +6,15 @@ Needs only Python 3.8+, numpy and onnxruntime (no detforge). Run it from the unp
 
 then bring results.json back and turn it into a table: `detforge latency import results.json --out T.json`.
 Results are saved after every group of models, so a killed run continues where it stopped when started again
-with the same --out. The timing loop is detforge's own (measurement.py, shipped beside this file).
+with the same --out. The timing loop and the device reading are detforge's own (measurement.py and host.py, shipped beside
+this file).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,72 +25,24 @@ RESULTS_SCHEMA = "detforge.probe_results"
 RESULTS_VERSION = 1
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "trt": "TensorrtExecutionProvider"}
-ORT_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")
-TRT_DISTS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-libs")
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
-
-
-# ---- device fingerprint (the fields of latency_tables.fingerprint.DeviceFingerprint, collected without it)
-# ----
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo, as detforge's fingerprint reads it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        info = ""
-    for key in ("model name", "Hardware", "Model", "cpu model"):
-        m = re.search(rf"^{key}\s*:\s*(.+)$", info, re.MULTILINE)
-        if m:
-            return re.sub(r"\s+", " ", m.group(1)).strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def gpu_info() -> tuple:
-    """(GPU name, driver version) of GPU 0 from nvidia-smi, else (None, None)."""
-    if shutil.which("nvidia-smi"):
-        try:
-            cmd = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", "--id=0"]
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-            name, _, driver = out.partition(",")
-            if name:
-                return name.strip(), driver.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return None, None
-
-
-def dist_version(dists: tuple) -> str | None:
-    """Installed version of the first of `dists` that is installed."""
-    from importlib import metadata
-
-    for d in dists:
-        try:
-            return metadata.version(d)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def fingerprint(provider: str, threads: int | None, precision: str, batch: int,
                 exporter_torch: str | None) -> dict:
     """This device as a DeviceFingerprint dict (backend ort-<provider>)."""
     import onnxruntime as ort
+    from host import cpu_model, dist_version, nvidia_smi_gpu, system, usable_cores
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 1
-    gpu_name, driver = gpu_info() if provider != "cpu" else (None, None)
+    gpu_name, driver = nvidia_smi_gpu() if provider != "cpu" else (None, None)
     # torch is listed because it exported the graphs (on the packing machine): it shapes what ORT runs.
-    versions = {"onnxruntime": dist_version(ORT_DISTS) or ort.__version__, "torch": exporter_torch}
+    versions = {"onnxruntime": dist_version("onnxruntime") or ort.__version__, "torch": exporter_torch}
     if provider == "trt":
-        versions["tensorrt"] = dist_version(TRT_DISTS)
-    return {"cpu_model": cpu_model(), "logical_cores": os.cpu_count() or 1, "usable_cores": usable,
+        versions["tensorrt"] = dist_version("tensorrt")
+    return {"cpu_model": cpu_model(), "logical_cores": os.cpu_count() or 1, "usable_cores": usable_cores(),
             "threads": threads, "gpu_name": gpu_name, "gpu_driver": driver, "backend": f"ort-{provider}",
-            "precision": precision, "batch": batch, "versions": versions, "os": platform.system(),
-            "arch": platform.machine(), "kernel": platform.release(), "python": platform.python_version()}
+            "precision": precision, "batch": batch, "versions": versions, **system()}
 
 
 # ---- sessions
@@ -251,7 +201,7 @@ def main(argv: list | None = None) -> int:
                     help="override a measurement setting, e.g. --set min_runs=10 (repeatable)")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(HERE))  # measurement.py ships beside this file
+    sys.path.insert(0, str(HERE))  # measurement.py and host.py ship beside this file
     from measurement import MeasurementConfig, measure_callable
 
     manifest = json.loads((HERE / "manifest.json").read_text())

@@ -61,8 +61,9 @@ def test_bundle_holds_every_signature_and_a_standalone_runner(space, bundle):
     man = bundle_manifest(out)
     assert {b["key"] for b in man["blocks"]} == {s.key() for s in space.block_signatures(MICRO_IMGSZ, 1)}
     assert len(man["models"]) == 3 and man["imgsz"] == MICRO_IMGSZ
-    assert (root / "runner.py").is_file() and (root / "measurement.py").is_file()
-    source = (root / "runner.py").read_text() + (root / "measurement.py").read_text()
+    shipped = ("runner.py", "measurement.py", "host.py")
+    assert all((root / name).is_file() for name in shipped)
+    source = "".join((root / name).read_text() for name in shipped)
     assert "import latency_tables" not in source and "from latency_tables" not in source
     # Weights are left out: every float tensor over 1 KiB points at a .bin the runner writes itself.
     for item in man["blocks"] + man["models"]:
