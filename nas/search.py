@@ -313,6 +313,9 @@ def _storage_lock(url: str) -> Iterator[None]:
 
 def load_study(storage: str, study: str) -> optuna.Study:
     """An existing study (ConfigError naming the storage if it is not there)."""
+    path = Path(storage) if is_journal(storage) else _sqlite_path(storage)
+    if path is not None and not path.is_file():  # reading a study must not leave an empty database behind
+        raise ConfigError("file not found", path=path, field="storage")
     st = open_storage(storage)
     try:
         return optuna.load_study(study_name=study, storage=st)

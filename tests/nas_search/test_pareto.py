@@ -129,6 +129,10 @@ def test_pareto_cli(shared, searched, tmp_path, capsys):
     assert (tmp_path / "x" / first / "model.onnx").is_file() and load_model(tmp_path / "x" / first).nc == NC
     assert main(["pareto", "--storage", storage, "--study", "nope"]) == 2
     assert "no study 'nope'" in capsys.readouterr().err
+    for missing in (f"sqlite:///{tmp_path / 'none.db'}", str(tmp_path / "none.journal")):
+        assert main(["pareto", "--storage", missing, "--study", "p"]) == 2
+        assert "file not found" in capsys.readouterr().err
+    assert not list(tmp_path.glob("none*")), "reading a missing study must not create its storage"
     bare = str(tmp_path / "bare.journal")
     optuna.create_study(storage=open_storage(bare), study_name="bare", directions=["maximize", "minimize"])
     assert main(["pareto", "--storage", bare, "--study", "bare", "--export", str(tmp_path / "y")]) == 2
