@@ -1,4 +1,4 @@
-"""The packages' dependencies point one way (docs/ARCHITECTURE.md): a lower package never imports a higher one."""
+"""One-way dependencies (shared/docs/ARCHITECTURE.md): a lower package never imports a higher one."""
 from __future__ import annotations
 
 import ast
