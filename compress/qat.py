@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from search_spaces.errors import ConfigError
 from search_spaces.io import atomic_torch_save
 from search_spaces.model import Detector
+from search_spaces.modes import temporary_mode
 from trainer.callbacks import Callback
 from trainer.config import TrainConfig
 from trainer.hyp import load_hyp
@@ -166,21 +167,19 @@ def place_input_quantizers(model: Detector) -> int:
     hooks += [m.register_forward_hook(returned) for m in model.modules() if not isinstance(m, FakeQuantize)]
     fqs = [m for m in model.modules() if isinstance(m, FakeQuantize)]
     flags = [(bool(m.observer_enabled.item()), bool(m.fake_quant_enabled.item())) for m in fqs]
-    was_training = model.training
     for m in fqs:  # pass-through (no ranges are known yet, and none are learned from this zero image)
         m.disable_observer()
         m.disable_fake_quant()
     ops = _RangeKeepingOps()
     try:
-        with ops:
-            model.eval()(torch.zeros(1, model.arch.in_channels, size, size, device=next(model.parameters()).device))
+        with ops, temporary_mode(model):
+            model(torch.zeros(1, model.arch.in_channels, size, size, device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
         for m, (observe, quantize) in zip(fqs, flags):
             m.enable_observer(observe)
             m.enable_fake_quant(quantize)
-        model.train(was_training)
 
     def origin(tensor_id: int) -> FakeQuantize | None:
         """The fake-quant whose range the tensor keeps (through pools and upsamples), if any."""
@@ -258,13 +257,11 @@ def set_observers(model: nn.Module, enabled: bool) -> None:
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> int:
     """Run float batches through the model (observers on) so the first QAT step starts from real ranges."""
-    was = model.training
-    model.eval()
     n = 0
-    for x in batches:
-        model(x)
-        n += 1
-    model.train(was)
+    with temporary_mode(model):
+        for x in batches:
+            model(x)
+            n += 1
     return n
 
 

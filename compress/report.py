@@ -139,7 +139,7 @@ def ort_runner(model: Detector | str | Path, imgsz: int | None = None, threads: 
 
     if isinstance(model, Detector):
         size = imgsz or model.arch.imgsz
-        return OrtBackend("cpu", threads=threads).prepare(DecodedOutput(model.eval()),
+        return OrtBackend("cpu", threads=threads).prepare(DecodedOutput(model).eval(),
                                                           (model.arch.in_channels, size, size))
     precision = "int8" if is_quantized(model) else "fp32"
     shape = None if imgsz is None else (3, imgsz, imgsz)

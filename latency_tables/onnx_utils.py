@@ -89,8 +89,10 @@ def export_onnx(
 ) -> bytes:
     """Export `model` (eval mode, its own device and dtype) to checked ONNX bytes; optionally write `path`."""
     # The TorchScript exporter (dynamo=False) at `opset`; dim 0 of every input and of every output that
-    # carries the batch is named `batch` and left dynamic. The model's train/eval mode is restored after.
+    # carries the batch is named `batch` and left dynamic. Every module's train/eval mode is restored after.
     import torch
+
+    from search_spaces.modes import temporary_mode
 
     if not is_torch_module(model):
         raise DetforgeError(f"export_onnx needs an nn.Module, got {type(model).__name__}", field="model")
@@ -108,32 +110,27 @@ def export_onnx(
     if len(in_names) != len(shapes):
         raise DetforgeError(f"{len(in_names)} input names for {len(shapes)} inputs", field="input_names")
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outs = flatten_tensors(model(*dummy))
-            out_names = list(output_names) if output_names else _io_names("output", len(outs))
-            if len(out_names) != len(outs):
-                raise DetforgeError(f"{len(out_names)} output names for {len(outs)} outputs",
-                                    field="output_names")
-            dynamic_axes = None
-            if dynamic_batch:
-                dynamic_axes = {n: {0: "batch"} for n in in_names}
-                dynamic_axes.update({n: {0: "batch"} for n, t in zip(out_names, outs)
-                                     if t.dim() >= 1 and t.shape[0] == batch and n not in (output_axes or {})})
-            if output_axes:  # outputs whose dynamic dims are not the batch (a detection count)
-                dynamic_axes = {**(dynamic_axes or {}), **{k: dict(v) for k, v in output_axes.items()}}
-            buf = io.BytesIO()
-            with warnings.catch_warnings():
-                # dynamo=False is the documented choice for this project; its deprecation notice is noise here.
-                warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
-                                        category=DeprecationWarning)
-                torch.onnx.export(model, dummy, buf, opset_version=opset, dynamo=False,
-                                  do_constant_folding=True, input_names=in_names, output_names=out_names,
-                                  dynamic_axes=dynamic_axes)
-    finally:
-        model.train(was_training)
+    with temporary_mode(model), torch.no_grad():
+        outs = flatten_tensors(model(*dummy))
+        out_names = list(output_names) if output_names else _io_names("output", len(outs))
+        if len(out_names) != len(outs):
+            raise DetforgeError(f"{len(out_names)} output names for {len(outs)} outputs",
+                                field="output_names")
+        dynamic_axes = None
+        if dynamic_batch:
+            dynamic_axes = {n: {0: "batch"} for n in in_names}
+            dynamic_axes.update({n: {0: "batch"} for n, t in zip(out_names, outs)
+                                 if t.dim() >= 1 and t.shape[0] == batch and n not in (output_axes or {})})
+        if output_axes:  # outputs whose dynamic dims are not the batch (a detection count)
+            dynamic_axes = {**(dynamic_axes or {}), **{k: dict(v) for k, v in output_axes.items()}}
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            # dynamo=False is the documented choice for this project; its deprecation notice is noise here.
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
+                                    category=DeprecationWarning)
+            torch.onnx.export(model, dummy, buf, opset_version=opset, dynamo=False,
+                              do_constant_folding=True, input_names=in_names, output_names=out_names,
+                              dynamic_axes=dynamic_axes)
     data = buf.getvalue()
     if check:
         check_onnx(data)

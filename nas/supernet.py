@@ -40,6 +40,7 @@ from search_spaces.blocks.elan import elan_taps
 from search_spaces.blocks.heads import _to_levels
 from search_spaces.errors import ConfigError
 from search_spaces.model import Detector
+from search_spaces.modes import temporary_mode
 from search_spaces.space import LAYOUTS, SearchSpace, block_out_channels, load_space
 
 _ELASTIC_ARGS = frozenset({"out", "width", "mid", "depth", "c", "tap"})  # merged by max; others must agree
@@ -713,24 +714,22 @@ class Supernet(nn.Module):
         for bn in bns:
             bn.reset_running_stats()
             bn.momentum = None
-        was_training = self.training
-        self.train()
         device = next(self.parameters()).device
         n = 0
         try:
-            for batch in batches:
-                if num_batches is not None and n >= num_batches:
-                    break
-                if isinstance(batch, Mapping):
-                    batch = batch["img"]
-                elif isinstance(batch, (list, tuple)):
-                    batch = batch[0]
-                self(batch.to(device).float())
-                n += 1
+            with temporary_mode(self, training=True):
+                for batch in batches:
+                    if num_batches is not None and n >= num_batches:
+                        break
+                    if isinstance(batch, Mapping):
+                        batch = batch["img"]
+                    elif isinstance(batch, (list, tuple)):
+                        batch = batch[0]
+                    self(batch.to(device).float())
+                    n += 1
         finally:
             for bn, m in zip(bns, momenta):
                 bn.momentum = m
-            self.train(was_training)
         return n
 
     def _bns(self, active_only: bool) -> list[nn.BatchNorm2d]:

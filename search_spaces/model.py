@@ -8,6 +8,7 @@ from .architecture import Architecture, _ancestors
 from .blocks import BLOCKS, DecoupledHead, YoloHead
 from .errors import ConfigError
 from .fusion import fold_implicit
+from .modes import temporary_mode
 
 
 class Detector(nn.Module):
@@ -130,15 +131,12 @@ def count_params(model: nn.Module) -> int:
 
 def count_live_params(model: Detector, imgsz: int = 64) -> int:
     """Parameters that influence the eval-mode output (folded implicit tensors, aux branches excluded)."""
-    was_training = model.training
-    model.eval()
     for p in model.parameters():
         p.grad = None
-    with torch.enable_grad():
+    with temporary_mode(model), torch.enable_grad():
         decoded, _ = model(torch.zeros(1, model.arch.in_channels, imgsz, imgsz))
         decoded.float().sum().backward()
     n = sum(p.numel() for p in model.parameters() if p.grad is not None)
     for p in model.parameters():
         p.grad = None
-    model.train(was_training)
     return n

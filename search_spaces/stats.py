@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .model import Detector, count_live_params, count_params
+from .modes import temporary_mode
 
 
 @dataclass
@@ -33,16 +34,12 @@ def count_macs(model: torch.nn.Module, imgsz: int, in_channels: int = 3) -> int:
     """fvcore's total count (one multiply-add = 1) for one image of imgsz x imgsz, in eval mode."""
     from fvcore.nn import FlopCountAnalysis
 
-    was_training = model.training
-    model.eval()
     x = torch.zeros(1, in_channels, imgsz, imgsz, device=next(model.parameters()).device)
     fca = FlopCountAnalysis(model, x)
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     logging.getLogger("fvcore").setLevel(logging.ERROR)
-    with torch.no_grad():
-        total = int(fca.total())
-    model.train(was_training)
-    return total
+    with temporary_mode(model), torch.no_grad():
+        return int(fca.total())
 
 
 def model_stats(det: Detector, imgsz: int | None = None) -> ModelStats:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from search_spaces.modes import temporary_mode
+
 from .metrics import Metrics, coco_map
 from .postprocess import non_max_suppression
 
@@ -61,30 +63,29 @@ def evaluate(model: nn.Module, loader: Iterable, nc: int, names: list[str] | Non
              loss_fn: LossFn | None = None) -> EvalResult:
     """COCO mAP@[.5:.95] and mAP50 of `model` on `loader` (boxes compared in letterboxed input pixels), and
     with `loss_fn` the mean loss terms on the head's raw outputs (test.py's validation loss)."""
-    was_training = model.training
-    model.eval()
     preds, gts = [], []
     loss_sum, n_batches = torch.zeros(3), 0
     n_images, t0 = 0, time.perf_counter()
-    it = tqdm(loader, desc="val", leave=False, disable=not progress)
-    for bi, (imgs, targets, _paths, _shapes) in enumerate(it):
-        if max_batches is not None and bi >= max_batches:
-            break
-        x = imgs.to(device, non_blocking=True).float() / 255.0
-        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=half and x.is_cuda):
-            out = model(x)
-        decoded = out[0]
-        if loss_fn is not None:
-            loss_sum += loss_fn([r.float() for r in out[1]], targets.to(x.device), x.shape)[1].cpu()
-            n_batches += 1
-        dets = non_max_suppression(decoded.float(), conf_thres, iou_thres)
-        for d in dets:
-            d = d.cpu()
-            preds.append({"boxes": d[:, :4].numpy(), "scores": d[:, 4].numpy(), "labels": d[:, 5].long().numpy()})
-        gts.extend(targets_to_gt(targets.cpu(), imgs.shape[0], tuple(imgs.shape[2:])))
-        n_images += imgs.shape[0]
+    with temporary_mode(model):
+        it = tqdm(loader, desc="val", leave=False, disable=not progress)
+        for bi, (imgs, targets, _paths, _shapes) in enumerate(it):
+            if max_batches is not None and bi >= max_batches:
+                break
+            x = imgs.to(device, non_blocking=True).float() / 255.0
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=half and x.is_cuda):
+                out = model(x)
+            decoded = out[0]
+            if loss_fn is not None:
+                loss_sum += loss_fn([r.float() for r in out[1]], targets.to(x.device), x.shape)[1].cpu()
+                n_batches += 1
+            dets = non_max_suppression(decoded.float(), conf_thres, iou_thres)
+            for d in dets:
+                d = d.cpu()
+                preds.append({"boxes": d[:, :4].numpy(), "scores": d[:, 4].numpy(),
+                              "labels": d[:, 5].long().numpy()})
+            gts.extend(targets_to_gt(targets.cpu(), imgs.shape[0], tuple(imgs.shape[2:])))
+            n_images += imgs.shape[0]
     seconds = time.perf_counter() - t0
-    model.train(was_training)
     mean = (loss_sum / max(n_batches, 1)).tolist()
     loss = (mean[0], mean[1], mean[2]) if n_batches else None
     return EvalResult(coco_map(preds, gts, nc, names), n_images, seconds, loss)

@@ -27,3 +27,11 @@ def test_each_model_is_timed_alone_in_rotating_passes(tmp_path, monkeypatch):
     assert groups == [1] * 6  # one session per repeat: never two sessions round-robin
     first, second = order[0], order[1]
     assert order == [first, second, second, first, first, second]  # each pass starts with the next model
+
+
+def test_timing_a_detector_leaves_it_in_eval_mode():
+    det = load_model("yolov7-tiny", form="deploy", nc=2).eval()
+    ms = measure_latency_ms([det], 64, threads=1, repeats=1, warmup=1, warmup_s=0.0, min_runs=3, max_runs=3,
+                            max_time_s=0.5, check_load=False)
+    assert ms[0] > 0
+    assert not any(m.training for m in det.modules()), "the caller's model was switched to training mode"

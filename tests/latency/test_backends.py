@@ -103,10 +103,14 @@ def test_export_names_several_inputs_and_nested_outputs():
         assert np.abs(g - r.numpy()).max() < 1e-4
 
 
-def test_export_restores_training_mode_and_rejects_non_modules(net):
+def test_export_restores_every_modules_own_mode_and_rejects_non_modules(net):
     model = tiny_net().train()
+    model[2].eval()  # a frozen layer inside a training model keeps its eval mode
     export_onnx(model, SHAPE, check=False)
-    assert model.training
+    assert [m.training for m in model] == [True, True, False, True, True] and model.training
+    wrapper = nn.Sequential(tiny_net().eval())  # a training-mode wrapper around an eval-mode model
+    export_onnx(wrapper, SHAPE, check=False)
+    assert wrapper.training and not any(m.training for m in wrapper[0].modules())
     with pytest.raises(DetforgeError, match="nn.Module"):
         export_onnx(b"not a module", SHAPE)
     with pytest.raises(DetforgeError, match="input_shape"):
