@@ -162,6 +162,7 @@ class Trainer:
                 find_unused_parameters=self.find_unused_parameters)
         self.start_epoch, self.best_map, self.rows = 0, -1.0, []
         self.epochs = cfg.epochs  # the schedule's length; `fit_epochs_to_time` may shorten it after epoch 1
+        self.epochs_fitted = False  # whether that was done: a resumed run keeps the fitted length
         self.stop_requested = False  # a callback sets it in on_epoch_end to end training after that epoch
         if cfg.resume:
             self.load_checkpoint(self.out / CHECKPOINT)
@@ -184,7 +185,8 @@ class Trainer:
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
         """Everything needed to resume after `epoch` (plain tensors and containers: weights_only-loadable)."""
         return {
-            "epoch": epoch, "epochs": self.epochs, "best_map": self.best_map, "rows": self.rows,
+            "epoch": epoch, "epochs": self.epochs, "epochs_fitted": self.epochs_fitted, "best_map": self.best_map,
+            "rows": self.rows,
             "config": self.cfg.to_dict(), **self.model_identity(),
             "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -229,12 +231,12 @@ class Trainer:
             raise CheckpointError(f"cannot resume: checkpoint does not match this run ({str(e)[:200]})",
                                   path=path) from None
         self.start_epoch = int(ck["epoch"]) + 1
-        # A schedule shortened to a time budget stays as planned; otherwise --epochs may extend a finished run.
-        planned = ck.get("epochs")
-        self.epochs = min(int(planned), self.cfg.epochs) if self.cfg.fit_epochs_to_time and planned \
-            else self.cfg.epochs
         self.best_map = float(ck["best_map"])
         self.rows = list(ck["rows"])
+        # A schedule fitted to a time budget stays as planned; otherwise --epochs may extend a finished run.
+        self.epochs_fitted = bool(ck.get("epochs_fitted", any("epochs_planned" in r for r in self.rows)))
+        keep = self.cfg.fit_epochs_to_time and self.epochs_fitted and ck.get("epochs")
+        self.epochs = min(int(ck["epochs"]), self.cfg.epochs) if keep else self.cfg.epochs
 
     # ---- the loop -------------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, imgs: Tensor, targets: Tensor,
@@ -300,6 +302,10 @@ class Trainer:
             raise DivergedError(f"training diverged: {why} (last batch's loss terms: {terms}); lower the learning "
                                 "rate or the extra loss weights, or resume from an earlier checkpoint", path=self.out)
 
+    def _warmup_iters(self, nb: int) -> int:
+        """Warmup iterations: warmup_epochs, at least min_warmup_iters, at most half of the schedule's."""
+        return min(max(round(self.hyp.warmup_epochs * nb), self.cfg.min_warmup_iters), self.epochs * nb // 2)
+
     def _warmup(self, ni: int, nw: int, epoch_progress: float) -> int:
         """Set lr/momentum for global iteration ni (YOLOv7 warmup) and return the accumulation steps."""
         h, cfg = self.hyp, self.cfg
@@ -334,7 +340,7 @@ class Trainer:
         nb = len(self.train_loader)
         if nb == 0:
             raise ConfigError("the training set has fewer images than one batch", field="batch")
-        nw = min(max(round(self.hyp.warmup_epochs * nb), cfg.min_warmup_iters), cfg.epochs * nb // 2)
+        nw = self._warmup_iters(nb)
         t_start, last = time.time(), None
         epoch = self.start_epoch - 1
         while epoch + 1 < self.epochs:
@@ -377,8 +383,10 @@ class Trainer:
             final = epoch + 1 == self.epochs or bool(ddp.broadcast_object(out_of_time))  # ranks' clocks differ
             if (epoch + 1) % cfg.val_interval == 0 or final:
                 last = self._validate_into(row) or last
-            if cfg.fit_epochs_to_time and cfg.max_time_s and epoch == self.start_epoch and not final:
+            if cfg.fit_epochs_to_time and cfg.max_time_s and not self.epochs_fitted and not final:
                 self.epochs = self._epochs_for_budget(epoch, time.time() - t_start)
+                self.epochs_fitted = True
+                nw = self._warmup_iters(nb)
                 row["epochs_planned"] = self.epochs
                 final = epoch + 1 >= self.epochs
                 if final and "map" not in row:

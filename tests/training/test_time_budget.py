@@ -1,8 +1,19 @@
 """A wall-clock budget shortens the LR schedule to the epochs that fit, and a resumed run keeps that length."""
 from __future__ import annotations
 
+import torch
+
+from trainer.callbacks import Callback
 from trainer.config import TrainConfig
-from trainer.trainer import Trainer, lr_factor
+from trainer.trainer import CHECKPOINT, Trainer, lr_factor
+
+
+class StopAfterOneEpoch(Callback):
+    """Ends training after the epoch it sees."""
+
+    def on_epoch_end(self, trainer, epoch, row):
+        """Ask the trainer to stop."""
+        trainer.stop_requested = True
 
 
 def _trainer(small_data, tmp_path, **kw) -> Trainer:
@@ -21,12 +32,25 @@ def test_epochs_for_budget_follows_the_first_epochs_pace(small_data, tmp_path):
 
 def test_fitted_schedule_is_checkpointed_and_resumed(small_data, tmp_path):
     t = _trainer(small_data, tmp_path, epochs=50, max_time_s=1e6, fit_epochs_to_time=True)
-    t.epochs = 7  # as if the first epoch had planned 7
+    t.epochs, t.epochs_fitted = 7, True  # as if the first epoch had planned 7
     t.save_checkpoint(0)
     again = _trainer(small_data, tmp_path, epochs=50, max_time_s=1e6, fit_epochs_to_time=True, resume=True)
     assert again.start_epoch == 1 and again.epochs == 7
     # the cosine reaches its floor at the planned end, not at --epochs
     assert lr_factor(7.0, again.epochs, 0.01, "cosine") == lr_factor(50.0, 50, 0.01, "cosine")
+    # the resumed run's first epoch does not plan again with its own fresh (and here unlimited) budget
+    again.callbacks.append(StopAfterOneEpoch())
+    again.train()
+    assert again.epochs == 7 and not any("epochs_planned" in r for r in again.rows)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["epochs"] == 7
+
+
+def test_warmup_is_at_most_half_of_the_fitted_schedule(small_data, tmp_path):
+    t = _trainer(small_data, tmp_path, epochs=300, min_warmup_iters=1000)
+    nb = 10
+    assert t._warmup_iters(nb) == 1000  # YOLOv7's floor of 1000 iterations, within 300 epochs
+    t.epochs = 5  # a time budget fitted the schedule to 5 epochs: warmup takes at most half of it
+    assert t._warmup_iters(nb) == 5 * nb // 2
 
 
 def test_resume_with_more_epochs_extends_a_finished_run(small_data, tmp_path):
