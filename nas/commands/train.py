@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--sync-bn", action="store_true")
     p.add_argument("--strict", action="store_true", help="bad data is an error instead of a skipped sample")
+    p.add_argument("--val-interval", type=int, default=1, help="validate every N epochs (and after the last)")
     p.add_argument("--max-time", type=float, default=None, help="wall-clock budget in seconds")
     p.add_argument("--fit-schedule", action="store_true",
                    help="with --max-time: shorten the LR schedule (--epochs) to the epochs that fit the budget")
@@ -69,7 +70,8 @@ def run_train(args: argparse.Namespace) -> None:
                       batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp,
                       optimizer=args.optimizer, lr_schedule=args.lr_schedule, amp=args.amp, workers=args.workers,
                       seed=args.seed, ema=not args.no_ema, sync_bn=args.sync_bn, strict_data=args.strict,
-                      max_time_s=args.max_time, fit_epochs_to_time=args.fit_schedule)
+                      max_time_s=args.max_time, fit_epochs_to_time=args.fit_schedule,
+                      val_interval=args.val_interval)
     try:
         result = Trainer(cfg).train()
     finally:

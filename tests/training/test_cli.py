@@ -40,6 +40,16 @@ def test_train_val_predict(small_data, tmp_path, capsys):
     assert len(dets) == 8 and len(list((tmp_path / "pred").glob("*.jpg"))) == 8
 
 
+def test_val_interval_validates_every_nth_epoch_and_the_last(small_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(small_data), "--epochs", "3", "--imgsz", "96", "--batch", "8",
+                 "--workers", "0", "--device", "cpu", "--val-interval", "2", "--out", str(run), "--json"]) == 0
+    rows = (run / "results.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    maps = [r.split(",")[header.index("map")] for r in rows[1:]]
+    assert [bool(m) for m in maps] == [False, True, True]  # epoch 2, and epoch 3 as the last
+
+
 def test_strict_bad_label_is_exit_2(small_data, tmp_path, capsys):
     import shutil
 
