@@ -90,6 +90,12 @@ def gather_strings(s: str) -> list[str]:
     return out
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (no-op without a process group)."""
+    if world_size() > 1 and dist.is_initialized():
+        dist.barrier()
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Rank `src`'s picklable object, on every rank (decisions such as when to stop must agree)."""
     if world_size() == 1 or not dist.is_initialized():

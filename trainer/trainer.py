@@ -85,8 +85,10 @@ def resolve_data_config(data: str | Path | None, imgsz: int = 320, progress: boo
         return load_data_config(data)
     from .synthetic import generate
 
-    if not (SYNTHETIC_ROOT / "data.yaml").is_file():
+    # under torchrun rank 0 writes it and the others wait: ranks writing one folder at once would clash
+    if ddp.is_main() and not (SYNTHETIC_ROOT / "data.yaml").is_file():
         generate(SYNTHETIC_ROOT, imgsz=max(imgsz, 320), seed=0, progress=progress)
+    ddp.barrier()
     return load_data_config(SYNTHETIC_ROOT / "data.yaml")
 
 
