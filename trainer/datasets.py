@@ -20,7 +20,7 @@ import os
 import random
 import struct
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from search_spaces.errors import DataError
+from search_spaces.errors import DataError, DetforgeError
 from search_spaces.io import atomic_path
 
 from .augment import (
@@ -106,6 +106,27 @@ class _Scan:
     labels: list[np.ndarray]  # per image [n, 5] = cls cx cy w h, normalized to the original image
     ids: np.ndarray  # [N] int64: index into the source list (YOLO) or COCO image id
     problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    """A detforge error raised in a loader worker, carried back as data with its file and field."""
+
+    # Torch re-raises a worker's exception as type(e)(traceback text), which loses `path` and `field` and
+    # makes the one-line error a traceback; carried as a batch, the main process raises the original.
+    kind: type[DetforgeError]
+    message: str
+    path: str | None
+    field: str | None
+
+    @classmethod
+    def of(cls, e: DetforgeError) -> WorkerError:
+        """The record of `e`."""
+        return cls(type(e), e.message, e.path, e.field)
+
+    def error(self) -> DetforgeError:
+        """The error as it was raised in the worker."""
+        return self.kind(self.message, path=self.path, field=self.field)
 
 
 class _BadImage(Exception):
@@ -540,6 +561,10 @@ class DetectionDataset(Dataset):
                 return self._item(self._readable(index))
             except _BadImage:
                 continue
+            except DetforgeError as e:
+                if torch.utils.data.get_worker_info() is None:
+                    raise
+                return WorkerError.of(e)  # collate_fn passes it on; EpochDataLoader raises it in the main process
 
 
 class YoloDataset(DetectionDataset):
@@ -767,6 +792,9 @@ def _scan_one_coco(im_file: str, im: dict, anns: list[tuple[int, dict]], cat_map
 
 def collate_fn(batch):
     """Stack images; concatenate targets with column 0 set to the image's index in the batch (YOLOv7)."""
+    failed = next((b for b in batch if isinstance(b, WorkerError)), None)
+    if failed is not None:
+        return failed
     imgs, targets, paths, shapes = zip(*batch)
     for i, t in enumerate(targets):
         t[:, 0] = i
@@ -806,7 +834,15 @@ class EpochDataLoader(DataLoader):
             self.dataset.set_epoch(epoch)
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-        return super().__iter__()
+        return _raising_worker_errors(super().__iter__())
+
+
+def _raising_worker_errors(batches: Iterator[Any]) -> Iterator[Any]:
+    """The batches, raising a worker's detforge error where its batch would be."""
+    for batch in batches:
+        if isinstance(batch, WorkerError):
+            raise batch.error()
+        yield batch
 
 
 def build_dataloader(

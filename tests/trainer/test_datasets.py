@@ -262,6 +262,17 @@ def test_image_broken_after_scan_never_crashes(tmp_path, caplog):
         strict[0]
 
 
+def test_a_loader_workers_data_error_keeps_its_file_and_one_line(tmp_path):
+    images = _yolo(tmp_path, {"a.jpg": GOOD, "b.jpg": GOOD})
+    ds = YoloDataset(images, imgsz=32, nc=3, strict=True, cache=False)
+    (images / "b.jpg").write_bytes(b"")  # broken after the scan
+    loader = build_dataloader(ds, batch=2, workers=1, shuffle=False)
+    with pytest.raises(DataError) as e:
+        list(loader)
+    assert e.value.path == str(images / "b.jpg") and e.value.message.startswith("cannot read image")
+    assert "Traceback" not in str(e.value) and "\n" not in str(e.value)
+
+
 # ------------------------------------------------------------------------------------------- cache
 
 
