@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from search_spaces.errors import DataError
 from search_spaces.io import atomic_path, atomic_write_json
@@ -31,10 +31,10 @@ class Detection:
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """An image file as an HWC uint8 RGB array (DataError naming the file if it cannot be decoded)."""
+    """An image file as an HWC uint8 RGB array, upright as its EXIF orientation says (as training reads it)."""
     try:
         with Image.open(path) as im:
-            return np.asarray(to_rgb(im))
+            return np.asarray(to_rgb(ImageOps.exif_transpose(im)))
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot read image ({e})", path=path) from None
 
@@ -44,7 +44,7 @@ def detect(model: Detector, img: np.ndarray, imgsz: int, conf_thres: float = 0.2
            names: list[str] | None = None) -> list[Detection]:
     """Detections for one RGB image (HWC uint8)."""
     model.eval()
-    lb, ratio, pad = letterbox(img, imgsz, scaleup=False)
+    lb, ratio, pad = letterbox(img, imgsz)  # small images are enlarged, as in training and YOLOv7's detect.py
     x = torch.from_numpy(np.ascontiguousarray(lb.transpose(2, 0, 1))).float()[None] / 255.0
     x = x.to(next(model.parameters()).device)
     det = non_max_suppression(model(x)[0].float(), conf_thres, iou_thres)[0].cpu().numpy()
