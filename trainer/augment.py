@@ -310,7 +310,7 @@ def mosaic4(
 def mixup(
     img1: np.ndarray, labels1: np.ndarray, img2: np.ndarray, labels2: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Blend two same-size images with a Beta(32, 32) ratio and keep both label sets (YOLOv5's mixup)."""
-    r = rng.beta(32.0, 32.0)
+    """Blend two same-size images with a Beta(8, 8) ratio and keep both label sets (YOLOv7's mixup)."""
+    r = rng.beta(8.0, 8.0)
     img = (img1.astype(np.float32) * r + img2.astype(np.float32) * (1 - r)).round().astype(np.uint8)
     return img, np.concatenate([labels1, labels2], 0)

@@ -148,3 +148,12 @@ def test_mixup_blends_and_keeps_both_label_sets():
     img, labels = mixup(a, la, b, lb, np.random.default_rng(0))
     assert img.shape == a.shape and len(labels) == 2
     assert 60 < img[5, 5, 0] < 200  # about half of each
+
+
+def test_mixup_ratio_is_yolov7s_beta_8_8():
+    rng = np.random.default_rng(0)
+    white, black = np.full((2, 2, 3), 255, np.uint8), np.zeros((2, 2, 3), np.uint8)
+    none = np.zeros((0, 5), np.float32)
+    r = np.array([mixup(white, none, black, none, rng)[0][0, 0, 0] / 255.0 for _ in range(400)])
+    # Beta(8, 8): mean 0.5, std 1/sqrt(68) = 0.121 (YOLOv5's Beta(32, 32) would give 0.062)
+    assert abs(r.mean() - 0.5) < 0.02 and 0.105 < r.std() < 0.14
