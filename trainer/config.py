@@ -32,7 +32,7 @@ class TrainConfig:
     workers: int = 2
     seed: int = 0
     resume: bool = False
-    grad_clip: float = 10.0
+    grad_clip: float = 10.0  # 0: off
     val_interval: int = 1  # validate every N epochs (and after the last)
     max_val_batches: int | None = None
     sync_bn: bool = False
@@ -57,6 +57,11 @@ class TrainConfig:
                 raise ConfigError("must be >= 1", field=key)
         if self.imgsz % 32:
             raise ConfigError("must be a multiple of 32", field="imgsz")
+        if not self.ema_tau > 0:
+            raise ConfigError(f"must be > 0, got {self.ema_tau}", field="ema_tau")
+        for key in ("workers", "min_warmup_iters", "grad_clip"):  # grad_clip 0: no clipping
+            if getattr(self, key) < 0:
+                raise ConfigError(f"must be >= 0, got {getattr(self, key)}", field=key)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: str | Path | None = None) -> TrainConfig:

@@ -119,7 +119,8 @@ class Trainer:
         self.data_cfg = resolve_data_config(cfg.data, cfg.imgsz, progress=self.main)
         self.model = model if model is not None else load_model(cfg.model, nc=self.data_cfg.nc)
         if self.model.nc != self.data_cfg.nc:
-            raise ConfigError(f"model has nc={self.model.nc}, dataset has nc={self.data_cfg.nc}", field="nc")
+            raise ConfigError(f"model has nc={self.model.nc}, dataset has nc={self.data_cfg.nc}",
+                              path=self.data_cfg.yaml_path, field="nc")
         # every parameter trains: a model handed over from an earlier run may be its EMA copy, whose
         # parameters are frozen (and pruning re-creates only the ones it cuts), so it would train in part
         self.model.requires_grad_(True).to(self.device)
@@ -229,6 +230,8 @@ class Trainer:
             if self.ema is not None and ck.get("ema") is not None:
                 self.ema.ema.load_state_dict(ck["ema"])
                 self.ema.updates = int(ck["ema_updates"])
+            elif self.ema is not None:  # a run without EMA resumed with it: average from the resumed weights
+                self.ema = ModelEMA(unwrap(self.model), tau=self.cfg.ema_tau)
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"cannot resume: checkpoint does not match this run ({str(e)[:200]})",
                                   path=path) from None

@@ -4,7 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from nas.cli import main
+from search_spaces import ConfigError, load_model
+from trainer.config import TrainConfig
+from trainer.trainer import Trainer
 
 
 def test_train_val_predict(small_data, tmp_path, capsys):
@@ -63,3 +68,11 @@ def test_strict_bad_label_is_exit_2(small_data, tmp_path, capsys):
                  "--device", "cpu", "--out", str(tmp_path / "r"), "--strict", "--json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("detforge: error:") and label.name in err[-1]
+
+
+
+def test_a_model_for_other_classes_names_the_data_yaml(small_data, tmp_path):
+    cfg = TrainConfig(data=str(small_data), out=str(tmp_path), imgsz=96, workers=0, device="cpu")
+    with pytest.raises(ConfigError) as e:
+        Trainer(cfg, model=load_model("yolov7-tiny", nc=5))  # the dataset has 3 classes
+    assert e.value.path == str(small_data) and e.value.field == "nc"
