@@ -105,8 +105,9 @@ def coco_map(predictions: Sequence[Mapping[str, Any]], ground_truths: Sequence[M
              max_dets: int = 100, verbose: bool = False) -> Metrics:
     """COCO mAP of per-image predictions {boxes xyxy, scores, labels} vs ground truths {boxes, labels, size}.
 
-    Boxes are pixels in original image coordinates. Undefined values (no ground truth at all) give
-    mAP 0.0 and NaN per class.
+    Boxes are pixels. mAP and mAP50 do not depend on the scale, but COCO's small/medium/large areas assume
+    original image coordinates (`evaluate` passes letterboxed input pixels, so its size breakdown is at the
+    input scale). Undefined values (no ground truth at all) give mAP 0.0 and NaN per class.
     """
     dataset, results = build_coco_dicts(predictions, ground_truths, nc, names, category_ids)
     cat_ids = [c["id"] for c in dataset["categories"]]
