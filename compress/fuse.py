@@ -7,21 +7,22 @@ import torch
 from torch import nn
 
 from search_spaces.blocks import RepConv
-from search_spaces.errors import DetforgeError
 from search_spaces.model import Detector, count_params
 
+from .export import SCORE_ATOL, check_decoded_close
 from .report import StepReport, measure_latency_ms
 
 
 @torch.no_grad()
 def fuse_detector(det: Detector, imgsz: int | None = None, *, check_imgsz: int | None = None, rtol: float = 1e-4,
-                  atol: float = 1e-3, stats: bool = True, measure_latency: bool = False
-                  ) -> tuple[Detector, StepReport]:
+                  atol: float = 1e-3, score_atol: float = SCORE_ATOL, stats: bool = True,
+                  measure_latency: bool = False) -> tuple[Detector, StepReport]:
     """A new deploy-form, fused Detector with the same eval outputs as `det` (which is left untouched).
 
     The check runs both models on a seeded random batch at `check_imgsz` (default: twice the largest
-    stride) and fails if the decoded outputs differ by more than atol + rtol * max|output|; params and
-    (with `stats`, fvcore) GFLOPs are reported at `imgsz` (default: the architecture's).
+    stride) and fails if a box differs by more than atol + rtol * max|box| or a score by more than
+    `score_atol`; params and (with `stats`, fvcore) GFLOPs are reported at `imgsz` (default: the
+    architecture's).
     """
     imgsz = imgsz or det.arch.imgsz
     size = check_imgsz or 2 * max(det.strides)
@@ -34,10 +35,10 @@ def fuse_detector(det: Detector, imgsz: int | None = None, *, check_imgsz: int |
     device = next(src.parameters()).device
     x = torch.rand(2, det.arch.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     ref, out = src(x)[0].float(), fused(x)[0].float()
+    check_decoded_close(ref.cpu().numpy(), out.cpu().numpy(), field="fuse",
+                        what="the fused model differs from the original", box_atol=atol, box_rtol=rtol,
+                        score_atol=score_atol)
     diff, scale = (out - ref).abs().max().item(), ref.abs().max().item()
-    if not diff <= atol + rtol * scale:
-        raise DetforgeError(f"fused model differs from the original by {diff:.3g} (outputs up to {scale:.3g})",
-                            field="fuse")
 
     if stats:
         report = StepReport("fuse").set_model_stats(src, fused, imgsz)

@@ -63,3 +63,19 @@ def test_fuse_exact_for_groups_classes_and_aux(spec, nc):
 def test_fuse_refuses_a_mismatch():
     with pytest.raises(DetforgeError, match="differs"):
         fuse_detector(build(GROUPED), atol=-1.0, stats=False)
+
+
+def test_fuse_refuses_a_score_error_that_the_box_scale_would_hide(monkeypatch):
+    det = load_model("yolov7-tiny", nc=2, form="deploy")
+    randomize(det)
+    real = type(det).fuse
+
+    def fuse_with_a_slip(self):  # a fusion bug that shifts one class logit of one level
+        out = real(self)
+        with torch.no_grad():
+            self.head.m[0].bias[5] += 1.5
+        return out
+
+    monkeypatch.setattr(type(det), "fuse", fuse_with_a_slip)
+    with pytest.raises(DetforgeError, match="scores"):
+        fuse_detector(det, stats=False)
