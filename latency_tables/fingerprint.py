@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 import re
 import sys
+import typing
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from search_spaces.errors import DetforgeError
+from search_spaces.typecheck import type_name, type_ok
 
 from .host import cpu_model, dist_version, nvidia_smi_gpu, system, usable_cores
 from .measurement import user_stacklevel
@@ -103,9 +105,19 @@ class DeviceFingerprint:
         if not isinstance(d, Mapping):
             raise DetforgeError(f"a device fingerprint must be a mapping, got {type(d).__name__}",
                                 field="device")
-        known = {f.name for f in fields(cls)}
+        hints = typing.get_type_hints(cls)
+        known = {k: v for k, v in d.items() if k in hints}
+        for k, v in known.items():
+            if not type_ok(v, hints[k]):
+                raise DetforgeError(f"expected {type_name(hints[k])}, got {type(v).__name__} {v!r}",
+                                    field=f"device.{k}")
+        versions = known.get("versions", {})
+        if not isinstance(versions, Mapping) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in versions.items()):
+            raise DetforgeError("library versions must map names to version strings or null",
+                                field="device.versions")
         try:
-            return cls(**{k: v for k, v in d.items() if k in known})
+            return cls(**known)
         except TypeError as e:
             raise DetforgeError(f"incomplete device fingerprint ({e})", field="device") from None
 

@@ -31,7 +31,9 @@ class OverheadModel:
 
     def apply(self, sum_ms: float, blocks: int = 0) -> float:
         """End-to-end latency predicted from a block sum (net of call overheads) and the block count."""
-        return self.a_ms + self.b * sum_ms + self.c_ms * blocks
+        # The fit is linear over the fit models' range; below it a negative intercept can take a small
+        # (pruned) model under zero, which would meet any budget. No model runs faster than an empty call.
+        return max(self.a_ms + self.b * sum_ms + self.c_ms * blocks, self.call_overhead_ms)
 
     def net(self, entry_ms: float) -> float:
         """A block entry without the per-call cost that a block inside a whole model does not pay."""
@@ -53,6 +55,11 @@ class OverheadModel:
                      residual_mape=d.get("residual_mape"))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"malformed overhead model ({e})", path=path, field="overhead") from None
+        for i, pt in enumerate(om.points):
+            ms = pt.get("measured_ms") if isinstance(pt, Mapping) else None
+            if not (isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms > 0):
+                raise ConfigError(f"a fit point is an object with a positive measured_ms, got {pt!r}"[:200],
+                                  path=path, field=f"overhead.points.{i}")
         if not (all(math.isfinite(v) for v in (om.a_ms, om.b, om.c_ms)) and om.b > 0):
             raise ConfigError(f"a_ms={om.a_ms}, b={om.b}, c_ms={om.c_ms}: b must be positive and all finite",
                               path=path, field="overhead")

@@ -166,6 +166,12 @@ def read_results(path: str | Path) -> dict[str, Any]:
     for key in ("bundle", "device", "entries", "setup", "signatures"):
         if not isinstance(doc.get(key), dict):
             raise ConfigError("missing or not an object", path=p, field=key)
+    for key, need in (("bundle", (("imgsz", int), ("batch", int), ("precision", str))),
+                      ("setup", (("provider", str),))):
+        for name, typ in need:
+            v = doc[key].get(name)
+            if not isinstance(v, typ) or isinstance(v, bool):
+                raise ConfigError(f"missing or not a {typ.__name__}: {v!r}", path=p, field=f"{key}.{name}")
     if not doc["entries"]:
         raise ConfigError("no block was measured yet (did the runner stop early?)", path=p, field="entries")
     return doc

@@ -593,17 +593,23 @@ class LatencyTable:
                 raise ConfigError("missing required key", path=p, field=key)
             if not isinstance(d[key], typ) or isinstance(d[key], bool):
                 raise ConfigError(f"expected {typ.__name__}, got {type(d[key]).__name__}", path=p, field=key)
+        for key in ("imgsz", "batch"):
+            if d[key] < 1:
+                raise ConfigError(f"must be >= 1, got {d[key]}", path=p, field=key)
+        if not isinstance(d.get("fused", True), bool):
+            raise ConfigError(f"expected true or false, got {d['fused']!r}", path=p, field="fused")
         try:
             fp = DeviceFingerprint.from_dict(d["device"])
         except DetforgeError as e:
-            raise ConfigError(e.message, path=p, field="device") from None
+            raise ConfigError(e.message, path=p, field=e.field or "device") from None
         entries = {}
         for k, v in d["entries"].items():
             try:
                 entries[k] = Measurement.from_dict(v)
             except DetforgeError as e:
                 raise ConfigError(e.message, path=p, field=f"entries.{k}") from None
-            if not (isinstance(entries[k].median_ms, (int, float)) and entries[k].median_ms >= 0):
+            ms = entries[k].median_ms
+            if not (isinstance(ms, (int, float)) and not isinstance(ms, bool) and ms >= 0):
                 raise ConfigError(f"median_ms must be a non-negative number, got {entries[k].median_ms!r}",
                                   path=p, field=f"entries.{k}.median_ms")
         for key in ("signatures", "protocol", "info"):
@@ -615,7 +621,7 @@ class LatencyTable:
                 raise ConfigError(f"expected {typ.__name__} or null, got {type(v).__name__}", path=p, field=key)
         sigs = d.get("signatures") or {}
         return cls(fingerprint=fp, backend=d["backend"], imgsz=d["imgsz"], batch=d["batch"],
-                   precision=d["precision"], threads=d.get("threads"), fused=bool(d.get("fused", True)),
+                   precision=d["precision"], threads=d.get("threads"), fused=d.get("fused", True),
                    space=d.get("space"), entries=entries, signatures=dict(sigs),
                    overhead=OverheadModel.from_dict(d.get("overhead") or {}, p),
                    protocol=dict(d.get("protocol") or {}), info=dict(d.get("info") or {}),

@@ -126,3 +126,16 @@ def test_corrupt_results_are_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         import_results(bad, tmp_path / "t.json")
     assert e.value.field == "schema" and str(bad) in str(e.value)
+
+
+def test_results_without_the_runners_settings_name_the_missing_field(results, tmp_path):
+    doc = json.loads(results.read_text())
+    for section, key in (("setup", "provider"), ("bundle", "imgsz")):
+        broken = json.loads(json.dumps(doc))
+        del broken[section][key]
+        bad = tmp_path / "results.json"
+        bad.write_text(json.dumps(broken))
+        with pytest.raises(ConfigError) as e:
+            import_results(bad, tmp_path / "t.json")
+        assert e.value.field == f"{section}.{key}" and str(bad) in str(e.value)
+    assert not (tmp_path / "t.json").exists()

@@ -12,6 +12,7 @@ import pytest
 from latency_tables import LatencyTable, fit_overhead, validate
 from latency_tables.backends import get_backend
 from latency_tables.measurement import Measurement, MeasurementConfig
+from latency_tables.predictor import OverheadModel
 from latency_tables.table import eval_signatures
 from search_spaces.errors import ConfigError
 from search_spaces.space import arch_signatures, load_space
@@ -200,11 +201,24 @@ def test_fingerprint_mismatch_warns(built, tmp_path):
         LatencyTable.load(path)
 
 
+def _edit(text: str, change) -> str:
+    """The JSON text with `change` applied to its parsed document."""
+    d = json.loads(text)
+    change(d)
+    return json.dumps(d)
+
+
 @pytest.mark.parametrize("damage, field", [
     (lambda text: text[: len(text) // 2], None),
     (lambda text: text.replace('"detforge.latency_table"', '"something.else"'), "schema"),
     (lambda text: text.replace('"version": 1', '"version": 99'), "version"),
     (lambda text: text.replace('"median_ms"', '"mediane"', 1), "entries."),
+    (lambda text: _edit(text, lambda d: d["device"].update(versions="1.0")), "device.versions"),
+    (lambda text: _edit(text, lambda d: d["device"].update(threads="two")), "device.threads"),
+    (lambda text: _edit(text, lambda d: d["overhead"].update(points=[1, 2])), "overhead.points.0"),
+    (lambda text: _edit(text, lambda d: d.update(imgsz=-32)), "imgsz"),
+    (lambda text: _edit(text, lambda d: d.update(fused="false")), "fused"),
+    (lambda text: _edit(text, lambda d: next(iter(d["entries"].values())).update(median_ms=True)), "entries."),
 ])
 def test_corrupt_table_is_a_config_error_naming_the_file(built, tmp_path, damage, field):
     path = tmp_path / "bad.json"
@@ -237,6 +251,11 @@ def test_overhead_fit_finds_a_per_block_cost():
     assert om.apply(10.0, 40) == pytest.approx(0.4 + 9.5 + 2.0)
     few = fit_overhead(sums[:5], measured[:5], blocks=blocks[:5])  # 5 models: no per-block term
     assert few.c_ms == 0.0 and few.method == "soft_l1"
+
+
+def test_a_prediction_below_the_fit_range_is_never_under_an_empty_call():
+    om = OverheadModel(a_ms=-2.97, b=1.1, call_overhead_ms=0.05)  # a negative intercept, as fits can give
+    assert om.apply(0.4, 26) == 0.05 and om.apply(10.0) == pytest.approx(-2.97 + 11.0)
 
 
 def test_overhead_fit_falls_back_to_a_ratio_on_a_narrow_range():
