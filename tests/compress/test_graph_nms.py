@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from compress.export import ort_session
 from compress.graph_nms import TRT_OUTPUTS, NmsSpec, reference_efficient_nms, reference_nms
 from nas.cli import main
-from search_spaces import ConfigError, load_model, save_model
+from search_spaces import ConfigError, DetforgeError, load_model, save_model
 
 from ..helpers import randomize
 
@@ -150,3 +150,19 @@ def test_tensorrt_engine_matches_pytorch(nms_op, tmp_path, capsys):
     assert rep["engine_max_abs_diff"] <= 1e-3 * scale
     if nms_op:
         assert rep["engine_agreement"] == 1.0
+
+
+def test_an_nms_export_of_other_weights_is_refused(tmp_path):
+    from compress.export import DetectionsOutput, export_detector, verify_detections, verify_nms_inputs
+
+    exported, other = (load_model("yolov7-tiny", form="deploy", nc=3) for _ in range(2))
+    randomize(exported, seed=0)
+    randomize(other, seed=1)
+    spec = NmsSpec(conf=0.0, max_det=5)
+    onnx_path = export_detector(exported, tmp_path / "e2e.onnx", 64, nms=spec).path
+    assert verify_detections(DetectionsOutput(exported.eval(), spec), onnx_path, 64)[2] >= 0.5
+    with pytest.raises(DetforgeError, match="detections do not match"):
+        verify_detections(DetectionsOutput(other.eval(), spec), onnx_path, 64)
+    trt_path = export_detector(exported, tmp_path / "trt.onnx", 64, nms=NmsSpec(op="trt", max_det=5)).path
+    with pytest.raises(DetforgeError, match="does not match"):
+        verify_nms_inputs(other, trt_path, 64)
