@@ -34,7 +34,7 @@ from torch.ao.quantization import (
 from torch.overrides import TorchFunctionMode
 
 from search_spaces.errors import ConfigError
-from search_spaces.io import atomic_torch_save
+from search_spaces.io import atomic_torch_save, atomic_write_bytes
 from search_spaces.model import Detector
 from search_spaces.modes import temporary_mode
 from trainer.callbacks import Callback
@@ -383,10 +383,11 @@ def export_qat(model: Detector, out: str | Path, imgsz: int | None = None) -> Pa
     set_observers(model, False)
     with warnings.catch_warnings():  # the fake-quant enable flags become graph constants: exactly what is meant
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        export_onnx(DecodedOutput(model).eval(), (model.arch.in_channels, imgsz, imgsz), path=out,
-                    opset=QAT_OPSET, input_names=["images"], output_names=["output"], check=False)
-    graph = onnx.load(str(out))
+        data = export_onnx(DecodedOutput(model).eval(), (model.arch.in_channels, imgsz, imgsz),
+                           opset=QAT_OPSET, input_names=["images"], output_names=["output"], check=False)
+    graph = onnx.load_from_string(data)
     if merge_duplicate_qdq(graph):
-        onnx.save(graph, str(out))
-    check_onnx(Path(out))
+        data = graph.SerializeToString()
+    check_onnx(data)
+    atomic_write_bytes(out, data)  # written once, whole: a kill never leaves a half-rewritten model
     return Path(out)

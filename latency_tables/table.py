@@ -654,6 +654,10 @@ class LatencyTable:
                           stacklevel=user_stacklevel())
             return 0
         other.check_compatible(self.backend, self.imgsz, self.batch, self.precision, self.threads, self.fused)
+        mine, theirs = self.fingerprint, other.fingerprint
+        if (mine.cpu_model, mine.gpu_name) != (theirs.cpu_model, theirs.gpu_name):
+            raise ConfigError(f"holds a table of another device ({theirs.slug()}; this one is {mine.slug()}): "
+                              "use another --out or delete it", path=p, field="device")
         added = 0
         for k, m in other.entries.items():
             if k not in self.entries:

@@ -154,15 +154,22 @@ def save(path: Path, doc: dict) -> None:
 
 
 def load_previous(path: Path, bundle_id: str, setup: dict) -> dict | None:
-    """Results of an earlier run of this bundle with the same settings, to continue; else None."""
+    """Results of an earlier run of this bundle with the same settings, to continue; None without a file.
+
+    A file that holds anything else is refused (ValueError), never overwritten: it may be another run's
+    hours of measurements.
+    """
     if not path.is_file():
         return None
     try:
         doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if doc.get("bundle_id") != bundle_id or doc.get("setup") != setup:
-        return None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: exists but is not readable results ({e}); use another --out") from None
+    if not isinstance(doc, dict) or doc.get("bundle_id") != bundle_id:
+        raise ValueError(f"{path}: holds the results of another bundle; use another --out")
+    if doc.get("setup") != setup:
+        raise ValueError(f"{path}: was measured with {doc.get('setup')}, this run uses {setup}; use another "
+                         "--out, or the same settings to continue it")
     return doc
 
 
@@ -214,7 +221,12 @@ def main(argv: list | None = None) -> int:
     bundle_id = manifest["bundle_id"]
     setup = {"provider": args.provider, "threads": args.threads, "device_id": args.device_id}
     out = Path(args.out)
-    doc = load_previous(out, bundle_id, setup) or {
+    try:
+        previous = load_previous(out, bundle_id, setup)
+    except ValueError as e:
+        print(f"runner: error: {e}", file=sys.stderr)
+        return 2
+    doc = previous or {
         "schema": RESULTS_SCHEMA, "version": RESULTS_VERSION, "bundle_id": bundle_id, "setup": setup,
         "bundle": {k: manifest[k] for k in ("imgsz", "batch", "precision", "fused", "space", "opset",
                                             "torch")},

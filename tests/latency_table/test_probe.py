@@ -139,3 +139,13 @@ def test_results_without_the_runners_settings_name_the_missing_field(results, tm
             import_results(bad, tmp_path / "t.json")
         assert e.value.field == f"{section}.{key}" and str(bad) in str(e.value)
     assert not (tmp_path / "t.json").exists()
+
+
+def test_runner_refuses_to_overwrite_results_of_other_settings(bundle, results, tmp_path):
+    copy = tmp_path / "mine.json"
+    copy.write_text(results.read_text())
+    before = copy.read_bytes()
+    argv = [str(bundle[1] / "runner.py"), "--threads", "1", "--out", str(copy), *RUNNER_SETTINGS]
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=False, timeout=300)
+    assert r.returncode == 2 and "use another --out" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert copy.read_bytes() == before

@@ -193,6 +193,17 @@ def test_concurrent_saves_merge_entries(built, tmp_path):
     assert set(final.entries) == {f"w{w}-{i}" for w in range(4) for i in range(5)}
 
 
+def test_saving_over_another_devices_table_is_refused_and_leaves_it(built, tmp_path):
+    path = LatencyTable.from_dict(built.to_dict()).save(tmp_path / "theirs.json")
+    before = path.read_bytes()
+    mine = LatencyTable.from_dict(built.to_dict())
+    mine.fingerprint = replace(mine.fingerprint, cpu_model="Some Other CPU 9000")
+    with pytest.raises(ConfigError) as e:
+        mine.save(path)
+    assert e.value.field == "device" and str(path) in str(e.value)
+    assert path.read_bytes() == before
+
+
 def test_fingerprint_mismatch_warns(built, tmp_path):
     t = LatencyTable.from_dict(built.to_dict())
     t.fingerprint = replace(t.fingerprint, cpu_model="Some Other CPU 9000")
