@@ -390,7 +390,16 @@ class LatencyTable:
                               "table for this search space (detforge latency build) or predict with "
                               "measure_missing=True", path=self.path, field="entries")
         if absent:
-            self.measure_signatures(absent, backend or self.backend_instance())
+            if backend is None:
+                backend = self.backend_instance()
+                here = backend.fingerprint(self.batch)
+                if (here.cpu_model, here.gpu_name) != (self.fingerprint.cpu_model, self.fingerprint.gpu_name):
+                    # entries timed here would be mixed into another device's table, silently wrong there
+                    raise ConfigError(f"no entry for block signature {absent[0].key()}, and this table is of "
+                                      f"another device ({self.fingerprint.slug()}): measure the missing blocks "
+                                      "there (detforge latency pack + import) or pass a backend", path=self.path,
+                                      field="entries")
+            self.measure_signatures(absent, backend)
         blocks = [(s.key(), self.overhead.net(self.entries[s.key()].median_ms)) for s in sigs]
         total = math.fsum(ms for _, ms in blocks)
         om = self.overhead

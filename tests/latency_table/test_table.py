@@ -126,6 +126,11 @@ def test_missing_entry_names_the_signature_or_is_measured(micro, built, backend,
     with pytest.raises(ConfigError, match="no entry for block signature") as e:
         t.predict(micro.largest())
     assert key in str(e.value)
+    remote = LatencyTable.from_dict(t.to_dict())
+    remote.fingerprint = replace(remote.fingerprint, cpu_model="Some Other CPU 9000")
+    with pytest.raises(ConfigError, match="another device"):  # not timed here and mixed into its table
+        remote.predict(micro.largest(), measure_missing=True)
+    assert key not in remote
     assert t.predict(micro.largest(), measure_missing=True, backend=backend) > 0
     assert key in t
 
