@@ -603,8 +603,9 @@ def prune_detector(
             # a Trainer's result is often its EMA copy, whose parameters are frozen: the dependency graph
             # traces gradients, and a frozen model would look unprunable to the next step
             det = (finetune(det, finetune_epochs) or det).requires_grad_(True)
-    if latency_ms is not None or finetune is not None:
-        macs1 = count_macs(det, work_size, det.arch.in_channels)
+    # counted on the final model: the last tightening's plan, and widths kept for structure, are in it
+    macs1 = count_macs(det, work_size, det.arch.in_channels)
+    predicted1 = predict_ms(det.arch) if predict_ms is not None else None
     report.params_after = count_params(det)
     if scale is not None:
         report.gflops_before, report.gflops_after = (round(2 * m * scale / 1e9, 4) for m in (macs0, macs1))
@@ -618,7 +619,9 @@ def prune_detector(
     report.details = {"backend": backend, "importance": nni_pruner if backend == "nni" else importance,
                       "round_to": round_to, "macs_ratio": round(macs1 / macs0, 4), "target_macs_ratio": macs_ratio,
                       "latency_budget_ms": latency_ms, "predicted_ms_before": pred0,
-                      "predicted_ms_after": predict_ms(det.arch) if predict_ms is not None else None,
+                      "predicted_ms_after": predicted1,
+                      "target_met": bool(predicted1 <= latency_ms if latency_ms is not None
+                                         else macs1 <= macs_ratio * macs0 * (1 + 1e-6)),
                       "stage_weights": weights, "steps": [i.to_dict() for i in infos]}
     return det, report
 

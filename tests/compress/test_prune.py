@@ -12,6 +12,7 @@ from compress.prune import ConvMacs, WidthSpace, conv_macs, prune_detector
 from search_spaces import load_model, save_model
 from search_spaces.blocks import ElanBlock, GhostConv, RepConv
 from search_spaces.errors import ConfigError
+from search_spaces.stats import count_macs
 
 from . import AUX, DECOUPLED, MIXED, build, randomize
 
@@ -33,6 +34,7 @@ def test_yolov7_tiny_half_macs_reloads_and_exports(tmp_path):
     pruned, report = prune_detector(det, 0.5, imgsz=128)
     ratio = report.details["macs_ratio"]
     assert 0.45 <= ratio <= 0.5  # fvcore MACs at or under the target, and not far under
+    assert report.details["target_met"] and ratio == round(count_macs(pruned, 128) / count_macs(det, 128), 4)
     assert report.gflops_after <= 0.5 * report.gflops_before * 1.001
     assert report.params_after < report.params_before and report.changes
     assert pruned.arch.to_dict() != det.arch.to_dict()
@@ -125,6 +127,7 @@ def test_latency_budget_with_a_predictor():
     pruned, report = prune_detector(det, latency_ms=budget, predict_ms=predict_ms, round_to=4)
     assert predict_ms(pruned.arch) <= budget
     assert report.details["predicted_ms_after"] <= budget < report.details["predicted_ms_before"]
+    assert report.details["target_met"]
 
 
 def test_iterative_taylor_with_finetune_and_sensitivity():
