@@ -225,5 +225,8 @@ def run_import(args: argparse.Namespace) -> int:
     if not Path(args.results).is_file():
         raise ConfigError("file not found", path=args.results)
     table = import_results(args.results, args.out)
-    emit(table.summary(), args.json)
+    summary = table.summary()
+    if table.info.get("incomplete"):
+        summary["incomplete"] = table.info["incomplete"] + " (run the runner again with the same --out to finish)"
+    emit(summary, args.json)
     return 0

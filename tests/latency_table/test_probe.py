@@ -149,3 +149,12 @@ def test_runner_refuses_to_overwrite_results_of_other_settings(bundle, results, 
     r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=False, timeout=300)
     assert r.returncode == 2 and "use another --out" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert copy.read_bytes() == before
+
+
+def test_results_of_a_run_killed_in_the_model_passes_import_as_incomplete(results, tmp_path):
+    doc = json.loads(results.read_text())
+    doc["models"] = {}  # filled only after the last pass
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(doc))
+    table = import_results(partial, tmp_path / "t.json")
+    assert table.overhead.method == "identity" and "not fitted" in table.info["incomplete"]
