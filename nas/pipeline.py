@@ -21,6 +21,7 @@ from search_spaces.io import atomic_write_json, atomic_write_text, read_json
 from .pipeline_config import PipelineConfig
 
 STATE = "stages.json"
+RUNNING = "stages_running.json"  # stage -> input digest of the attempt in progress (a kill leaves it there)
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Pipeline:
     out: Path
     log: Callable[[str], None] = print
     records: dict[str, StageRecord] = field(default_factory=dict)
+    current: tuple[str, str] | None = None  # (stage, input digest) of the stage running now
+    resuming: bool = False  # whether that stage continues an interrupted attempt with the same inputs
 
     @classmethod
     def open(cls, cfg: PipelineConfig, out: str | Path, resume: bool = False,
@@ -67,13 +70,31 @@ class Pipeline:
         if rec is not None and rec.digest == digest and all(Path(p).exists() for p in rec.outputs.get("files", [])):
             self.log(f"[skip] {name} (inputs unchanged)")
             return rec.outputs
-        self.log(f"[run ] {name}")
+        # A stage's checkpoints (a trainer's last.pt) belong to one set of inputs: they are resumed only after a
+        # kill of an attempt with these inputs, never after a finished run or a change of config.
+        running = read_json(self.out / RUNNING) if (self.out / RUNNING).is_file() else {}
+        self.current, self.resuming = (name, digest), running.get(name) == digest
+        self.log(f"[run ] {name}" + (" (resuming)" if self.resuming else ""))
+        atomic_write_json(self.out / RUNNING, {**running, name: digest})
         t0 = time.time()
         outputs = fn()
         self.records[name] = StageRecord(name, digest, outputs, round(time.time() - t0, 2))
         atomic_write_json(self.out / STATE, {k: vars(v) for k, v in self.records.items()})
+        running.pop(name, None)
+        atomic_write_json(self.out / RUNNING, running)
+        self.current, self.resuming = None, False
         self.log(f"[done] {name} in {self.records[name].seconds:.1f} s")
         return outputs
+
+    def resume_from(self, checkpoint: Path) -> bool:
+        """Whether the running stage may continue from `checkpoint`: it exists and was written with its inputs."""
+        return self.resuming and checkpoint.is_file()
+
+    def attempt_id(self) -> str:
+        """A short id of the running stage's inputs (names a study, so a change of inputs starts a new one)."""
+        if self.current is None:
+            raise RuntimeError("attempt_id() outside a stage")
+        return self.current[1][:8]
 
     def digest(self, name: str) -> str:
         """The input digest a finished stage was recorded with (chains stages together)."""
@@ -106,7 +127,9 @@ class Pipeline:
                 "distill": vars(c.distill), "quantize": vars(c.quantize)},
                 lambda mid=mid: stages.compress_model(self, data, front, mid, table))
         baselines = self.stage("baselines", {"baselines": vars(c.baselines), "data": self.digest("data"),
-                                             "epochs": c.supernet.epochs + c.finetune.epochs},
+                                             "epochs": c.supernet.epochs + c.finetune.epochs, "imgsz": c.imgsz,
+                                             "seed": c.seed, "batch": c.finetune.batch,
+                                             "threads": c.latency.threads},
                                lambda: stages.baselines(self, data, table))
         summary = self.stage("report", {k: self.digest(k) for k in self.records if k != "report"},
                              lambda: stages.report(self, data, table, front, models, baselines, budget))

@@ -75,7 +75,7 @@ def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | 
     teacher = None if c.supernet.teacher is None else load_teacher(c.supernet.teacher, c.supernet.teacher_model)
     out = p.out / "supernet"
     cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=c.supernet.epochs, imgsz=c.imgsz, batch=c.supernet.batch,
-                      device=c.device, workers=c.workers, seed=c.seed, resume=(out / "last.pt").is_file())
+                      device=c.device, workers=c.workers, seed=c.seed, resume=p.resume_from(out / "last.pt"))
     net = Supernet(c.space, nc=d["nc"])
     region = None if budget is None else \
         FeasibleRegion.from_table(t["path"], net.space, budget, nc=d["nc"], imgsz=c.imgsz)
@@ -94,13 +94,14 @@ def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any], t: dict[str, Any
 
     c = p.cfg
     storage = c.search.storage or f"sqlite:///{(p.out / 'study.db').resolve()}"
+    name = f"{c.name}-{p.attempt_id()}"  # other inputs, another study: a finished one would not search again
     cfg = SearchConfig(space=c.space, supernet=sup["weights"], table=t["path"], data=d["yaml"], budget_ms=budget,
-                       trials=c.search.trials, storage=storage, study=c.name, out=str(p.out / "search"),
+                       trials=c.search.trials, storage=storage, study=name, out=str(p.out / "search"),
                        sampler=c.search.sampler, seed=c.seed, bn_batches=c.search.bn_batches,
                        val_batches=c.search.val_batches, imgsz=c.imgsz, nc=d["nc"], batch=c.supernet.batch,
                        device=c.device, progress=True)
     study = run_search(cfg)
-    return {"storage": storage, "study": c.name, "trials": len(study.trials), "files": []}
+    return {"storage": storage, "study": study.study_name, "trials": len(study.trials), "files": []}
 
 
 def pareto(p: Pipeline, sup: dict[str, Any], s: dict[str, Any], t: dict[str, Any], budget: float | None
@@ -151,7 +152,7 @@ def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: s
     def train(model, name: str, epochs: int, callbacks=()):
         out = root / name
         cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=epochs, imgsz=c.imgsz, batch=c.finetune.batch,
-                          device=c.device, workers=c.workers, seed=c.seed, resume=(out / "last.pt").is_file())
+                          device=c.device, workers=c.workers, seed=c.seed, resume=p.resume_from(out / "last.pt"))
         res = Trainer(cfg, model=model, callbacks=list(callbacks)).train()
         trained = load_model(out / "model")
         return trained, res.last.metrics.map if res.last else float("nan")
@@ -214,7 +215,7 @@ def baselines(p: Pipeline, d: dict[str, Any], t: dict[str, Any]) -> dict[str, An
         run = p.out / "baselines" / name
         cfg = TrainConfig(model=name, data=d["yaml"], out=str(run), epochs=epochs, imgsz=c.imgsz,
                           batch=c.finetune.batch, device=c.device, workers=c.workers, seed=c.seed,
-                          resume=(run / "last.pt").is_file())
+                          resume=p.resume_from(run / "last.pt"))
         res = Trainer(cfg).train()
         det = load_model(run / "model").eval().fuse()
         onnx = run / "model.onnx"

@@ -148,3 +148,87 @@ def test_supernet_stage_hands_the_configured_teacher_to_the_trainer(tmp_path, mo
     assert isinstance(teacher, Detector) and teacher.arch.name == trained.arch.name
     saved = torch.load(teacher_dir / "weights.pt", weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in teacher.state_dict().items())  # its trained weights, loaded
+
+
+def test_a_stage_resumes_only_an_interrupted_attempt_with_the_same_inputs(tmp_path):
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+
+    cfg = PipelineConfig.from_yaml(_config(tmp_path))
+    out = tmp_path / "run"
+    ckpt = out / "last.pt"
+    seen: list[tuple[bool, bool, str]] = []
+
+    def attempt(p: Pipeline, kill: bool = False):
+        def fn():
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.touch()  # what a trainer leaves behind, killed or finished
+            seen.append((p.resuming, p.resume_from(ckpt), p.attempt_id()))
+            if kill:
+                raise KeyboardInterrupt
+            return {"files": []}
+        return fn
+
+    p = Pipeline.open(cfg, out)
+    with pytest.raises(KeyboardInterrupt):  # killed mid-stage
+        p.stage("train", {"epochs": 1}, attempt(p, kill=True))
+    p = Pipeline.open(cfg, out, resume=True)
+    p.stage("train", {"epochs": 1}, attempt(p))  # the same inputs: continues the killed attempt
+    p.stage("train", {"epochs": 2}, attempt(p))  # other inputs after a finished run: its checkpoint is stale
+    p.stage("train", {"epochs": 2}, attempt(p))  # finished with these inputs: skipped
+    assert [s[:2] for s in seen] == [(False, False), (True, True), (False, False)]
+    assert seen[0][2] == seen[1][2] != seen[2][2]  # a new study (say) for new inputs, the same one to resume
+
+
+def test_supernet_stage_resumes_its_checkpoint_only_when_the_pipeline_says_so(tmp_path, monkeypatch):
+    import nas.supernet_train
+    from nas import stages
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+
+    cfg = PipelineConfig.from_yaml(_config(tmp_path))
+    resumed = []
+
+    class Recorder:
+        def __init__(self, cfg, **kw):
+            resumed.append(cfg.resume)
+
+        def train(self):
+            return type("Result", (), {"best_map": 0.0})()
+
+    monkeypatch.setattr(nas.supernet_train, "SupernetTrainer", Recorder)
+    p = Pipeline(cfg, tmp_path / "run")
+    (p.out / "supernet").mkdir(parents=True)
+    (p.out / "supernet" / "last.pt").touch()  # left by an earlier, finished run with other inputs
+    for p.resuming in (False, True):
+        stages.supernet(p, {"yaml": None, "nc": 2}, {"path": None}, None)
+    assert resumed == [False, True]
+
+
+def test_changing_imgsz_or_seed_reruns_the_baselines_too(tmp_path, monkeypatch):
+    from nas import stages
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+
+    ran: list[str] = []
+
+    def fake(name, result):
+        def fn(*args, **kw):
+            ran.append(name)
+            return result
+        return fn
+
+    monkeypatch.setattr(stages, "data", fake("data", {"yaml": "d.yaml", "nc": 2, "files": []}))
+    monkeypatch.setattr(stages, "latency_table", fake("latency", {"path": "t.json", "files": []}))
+    monkeypatch.setattr(stages, "check_budget", lambda p, t: 100.0)
+    monkeypatch.setattr(stages, "supernet", fake("supernet", {"weights": "s.pt", "files": []}))
+    monkeypatch.setattr(stages, "search", fake("search", {"files": []}))
+    monkeypatch.setattr(stages, "pareto", fake("pareto", {"chosen": [], "files": []}))
+    monkeypatch.setattr(stages, "baselines", fake("baselines", {"files": []}))
+    monkeypatch.setattr(stages, "report", fake("report", {"files": []}))
+    out = tmp_path / "run"
+    for over in ({}, {"imgsz": 96}, {"seed": 3}):
+        ran.clear()
+        Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, **over)), out, resume=True).run()
+        if over:
+            assert "baselines" in ran, over  # trained and timed at the new size or seed, like the searched models
