@@ -145,12 +145,23 @@ class PipelineConfig:
                     "search.trials": self.search.trials, "finetune.batch": self.finetune.batch,
                     "synthetic.train": self.synthetic.train, "synthetic.val": self.synthetic.val,
                     "select.k": self.select.k, "quantize.calib": self.quantize.calib,
-                    "latency.threads": self.latency.threads, "supernet.attentive": self.supernet.attentive}
+                    "latency.threads": self.latency.threads, "supernet.attentive": self.supernet.attentive,
+                    "search.bn_batches": self.search.bn_batches, "latency.min_runs": self.latency.min_runs,
+                    "synthetic.classes": self.synthetic.classes, "synthetic.imgsz": self.synthetic.imgsz,
+                    "search.val_batches": 1 if self.search.val_batches is None else self.search.val_batches,
+                    "baselines.epochs": 1 if self.baselines.epochs is None else self.baselines.epochs}
         for key, v in positive.items():
             if v < 1:
                 raise ConfigError(f"must be >= 1, got {v}", path=path, field=key)
+        counts = {"workers": self.workers, "supernet.n_random": self.supernet.n_random,
+                  "finetune.epochs": self.finetune.epochs, "prune.finetune_epochs": self.prune.finetune_epochs,
+                  "distill.epochs": self.distill.epochs}
+        for key, v in counts.items():
+            if v < 0:
+                raise ConfigError(f"must be >= 0, got {v}", path=path, field=key)
         if self.imgsz % 32:
             raise ConfigError(f"must be a multiple of 32, got {self.imgsz}", path=path, field="imgsz")
+        self._check_references(path)
         b = self.search.budget_ms
         if b is not None and b <= 0:
             raise ConfigError(f"impossible latency budget {b} ms", path=path, field="search.budget_ms")
@@ -184,6 +195,30 @@ class PipelineConfig:
         for key, (v, allowed) in choices.items():
             if v not in allowed:
                 raise ConfigError(f"must be one of {', '.join(allowed)}, got {v!r}", path=path, field=key)
+
+    def _check_references(self, path: str | None) -> None:
+        """The space, the baselines and the storage the config names exist, and imgsz suits the space."""
+        from search_spaces.space import load_space
+        from search_spaces.zoo import list_models
+
+        try:
+            space = load_space(self.space)
+        except ConfigError as e:
+            raise ConfigError(e.line(), path=path, field="space") from None
+        if self.imgsz % space.max_stride:
+            raise ConfigError(f"must be a multiple of {space.max_stride}, the largest stride of space "
+                              f"{space.name!r}, got {self.imgsz}", path=path, field="imgsz")
+        for name in self.baselines.models:
+            if name not in list_models() and not Path(name).exists():
+                raise ConfigError(f"{name!r} is neither a zoo model ({', '.join(list_models())}) nor a file",
+                                  path=path, field="baselines.models")
+        from .search import JOURNAL_SUFFIXES, is_journal
+
+        url = self.search.storage
+        if url is not None and "://" not in url and not is_journal(url):
+            raise ConfigError(f"{url!r} is neither an SQLAlchemy URL (sqlite:///study.db, postgresql://...) "
+                              f"nor a journal file ({', '.join(JOURNAL_SUFFIXES)})", path=path,
+                              field="search.storage")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

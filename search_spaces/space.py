@@ -104,6 +104,11 @@ class SearchSpace:
     def layouts(self) -> tuple[str, ...]:
         return self.decisions["head.layout"].choices
 
+    @property
+    def max_stride(self) -> int:
+        """The largest stride of any architecture of the space: an input size must be a multiple of it."""
+        return max(2 ** _top(layout) for layout in self.layouts)
+
     def complete(self, decisions: Mapping[str, Any]) -> dict[str, Any]:
         """Validate a (possibly partial) decision dict and fill fixed and irrelevant decisions.
 

@@ -96,6 +96,12 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path):
     ({"supernet": {"attentive": 2}, "search": {"trials": 3}}, "supernet.attentive"),  # no budget to rank draws in
     ({"supernet": {"per_head": True, "per_family": True}}, "supernet.per_family"),
     ({"supernet": {"teacher": "yolov7-tiny"}}, "supernet.teacher"),  # a zoo name: no trained weights
+    ({"search": {"bn_batches": 0}}, "search.bn_batches"), ({"search": {"val_batches": 0}}, "search.val_batches"),
+    ({"supernet": {"n_random": -1}}, "supernet.n_random"), ({"space": "nosuch"}, "space"),
+    ({"space": "default", "imgsz": 352}, "imgsz"),  # the default space has P3-P6 layouts: stride 64
+    ({"search": {"storage": "foo.db"}}, "search.storage"), ({"baselines": {"models": ["nosuch"]}}, "baselines.models"),
+    ({"latency": {"min_runs": 0}}, "latency.min_runs"), ({"baselines": {"epochs": 0}}, "baselines.epochs"),
+    ({"synthetic": {"classes": 0}}, "synthetic.classes"),
 ])
 def test_bad_config_fails_before_any_work(over, field, tmp_path, capsys):
     cfg = _config(tmp_path, **over)
