@@ -11,8 +11,9 @@ segment. So the same weights always meet the same feature, whatever the depth, t
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,20 @@ class DynConv2d(nn.Conv2d):
         groups = self.active_out if self.depthwise else 1
         return F.conv2d(x, self.active_weight(), self.active_bias(), self.stride, self.padding, self.dilation,
                         groups)
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(net: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm that normalises with batch statistics but leaves the running statistics alone."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
 
 
 class DynBN(nn.BatchNorm2d):
@@ -650,8 +665,8 @@ class Supernet(nn.Module):
         widths: dict[int, int] | None = None
         if keep is not None:
             self.set_active(keep)
-            widths = {id(c): c.conv.active_out for m in self.active_modules() for c in m.modules()
-                      if isinstance(c, DynConv)}
+            ran = self._convs_run()
+            widths = {id(c): c.conv.active_out for c in self.modules() if isinstance(c, DynConv) and id(c) in ran}
         groups: list[list[DynConv]] = []
         tied: set[int] = set()
         for m in self.modules():
@@ -675,6 +690,23 @@ class Supernet(nn.Module):
                     c.order.copy_(order)
         self.set_active(active)  # the active convs' slices were configured with the old order
         return changed
+
+    @torch.no_grad()
+    def _convs_run(self) -> set[int]:
+        """ids of the elastic convs the active architecture runs (a training-mode pass; statistics kept)."""
+        # An active module holds convs it does not run too (an ELAN's chain past its depth): ask the forward.
+        ran: set[int] = set()
+        hooks = [c.register_forward_hook(lambda m, args, out: ran.add(id(m)))
+                 for c in self.modules() if isinstance(c, DynConv)]
+        size = self.space.max_stride
+        x = torch.zeros(2, self.active_arch.in_channels, size, size, device=next(self.parameters()).device)
+        try:
+            with frozen_bn_stats(self), temporary_mode(self, training=True):
+                self(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return ran
 
     # ---- extraction ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -30,14 +30,14 @@ family then learn from one strong network that no shared weight belongs to. See 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from compress.distill import cell_kd
 from search_spaces.architecture import Architecture
@@ -54,7 +54,7 @@ from trainer.trainer import CHECKPOINT, Trainer, resolve_data_config, seed_every
 
 from .budget import FeasibleRegion
 from .search import calibration_batches
-from .supernet import Supernet, supernet_document
+from .supernet import Supernet, frozen_bn_stats, supernet_document
 
 SUPERNET_FILE = "supernet.pt"
 HEAD_DECISIONS = ("head.type", "head.layout")  # one head configuration: each has its own head weights and loss
@@ -86,20 +86,6 @@ def supernet_hyp_name(space: SearchSpace) -> str:
     if set(space.layouts) == {"p3-p6"}:
         return "p6"
     return "tiny" if tuple(space.decisions["act"].choices) == ("leaky_relu",) else "p5"
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(net: nn.Module) -> Iterator[None]:
-    """Train-mode BatchNorm that normalises with batch statistics but leaves the running statistics alone."""
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
-    try:
-        yield
-    finally:
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
 
 
 class InplaceDistill(Callback):

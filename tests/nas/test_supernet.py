@@ -235,9 +235,13 @@ def test_sorting_inside_a_kept_architecture_leaves_its_function_and_other_filter
     keep = space.random_decisions(random.Random(7))
     net.set_active(keep)
     x = torch.rand(2, 3, 64, 64)
+    ran: set[int] = set()
+    hooks = [c.register_forward_hook(lambda m, a, o: ran.add(id(m))) for c in net.modules() if isinstance(c, DynConv)]
     with torch.no_grad():
         y_keep = net(x)[0]
-    widths = {id(c): c.conv.active_out for m in net.active_modules() for c in m.modules() if isinstance(c, DynConv)}
+    for h in hooks:
+        h.remove()
+    widths = {id(c): c.conv.active_out for c in net.modules() if isinstance(c, DynConv) and id(c) in ran}
     before = {id(c): c.order.clone() for c in net.modules() if isinstance(c, DynConv)}
     net.set_active(space.smallest_decisions())
     assert net.sort_channels(keep=keep) > 0
@@ -257,6 +261,28 @@ def test_sorting_inside_a_kept_architecture_leaves_its_function_and_other_filter
     net.set_active(keep)
     with torch.no_grad():
         assert torch.allclose(net(x)[0], y_keep, rtol=1e-4, atol=1e-3)
+
+
+def test_sorting_inside_a_shallow_keep_leaves_the_chain_past_its_depth(space):
+    from nas.supernet import DynConv
+
+    torch.manual_seed(0)
+    net = Supernet(space, nc=NC).eval()
+    randomize(net, seed=3)
+    largest = space.largest_decisions()
+    keep = {k: (min(space.decisions[k].choices) if k.endswith(".depth") else v) for k, v in largest.items()}
+    net.set_active(keep)
+    ran: set[int] = set()
+    hooks = [c.register_forward_hook(lambda m, a, o: ran.add(id(m))) for c in net.modules() if isinstance(c, DynConv)]
+    with torch.no_grad():
+        net(torch.rand(1, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    net.set_active(largest)  # every chain conv configured at its full width, as after a largest's step
+    before = {id(c): c.order.clone() for c in net.modules() if isinstance(c, DynConv)}
+    assert net.sort_channels(keep=keep) > 0
+    idle = [c for c in net.modules() if isinstance(c, DynConv) and id(c) not in ran]
+    assert idle and all(torch.equal(c.order, before[id(c)]) for c in idle)  # `keep` never runs them
 
 
 def test_an_ema_copy_follows_the_sorted_order(space):
