@@ -71,6 +71,10 @@ _SAFE_GLOBALS = {
     ("builtins", "frozenset"), ("__builtin__", "frozenset"), ("numpy.core.multiarray", "scalar"),
     ("numpy", "dtype"), ("torch.nn.modules.container", "ModuleList"), ("torch.nn.modules.container", "Sequential"),
     ("torch._utils", "_rebuild_parameter_with_state"), ("argparse", "Namespace"), ("torch", "device"),
+    # numpy arrays and scalars (train.py saves best_fitness as an ndarray), numpy 1 and numpy 2 module paths
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy", "ndarray"),
+    ("_codecs", "encode"),  # a pure str -> bytes conversion: how pickle protocol 2 carries an array's buffer
 }
 
 

@@ -6,6 +6,7 @@ import pickle
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -71,7 +72,9 @@ def _fake_official_checkpoint(tmp_path, sd: dict) -> str:
             else:
                 parent.register_buffer(parts[-1], value.half() if value.is_floating_point() else value)
         path = tmp_path / "official.pt"
-        torch.save({"epoch": -1, "model": model, "ema": None, "optimizer": None}, path)
+        # as official train.py + strip_optimizer leave it: best_fitness is the ndarray fitness() returns
+        torch.save({"epoch": -1, "best_fitness": np.array([0.51]), "training_results": None, "model": model,
+                    "ema": None, "optimizer": None, "wandb_id": None, "lr": np.float64(0.01)}, path)
     finally:
         del sys.modules["models"], sys.modules["models.yolo"]
     return str(path)
