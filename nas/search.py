@@ -773,24 +773,32 @@ def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) 
     return {"space": space.name, "space_path": space.source, "supernet": _abs(cfg.supernet), "table": _abs(cfg.table),
             "data": _abs(cfg.data), "budget_ms": cfg.budget_ms, "objectives": list(cfg.objectives or ()), "mode": cfg.mode,
             "imgsz": imgsz, "nc": nc, "trials": cfg.trials, "seed": cfg.seed, "batch": cfg.batch,
-            "bn_batches": cfg.bn_batches, "finetune_epochs": cfg.finetune_epochs, "table_sha": _digest(cfg.table),
-            "supernet_sha": _digest(cfg.supernet)}
+            "bn_batches": cfg.bn_batches, "val_batches": cfg.val_batches, "finetune_epochs": cfg.finetune_epochs,
+            "table_sha": _digest(cfg.table), "supernet_sha": _digest(cfg.supernet), "data_sha": _digest(cfg.data)}
 
 
-SETTINGS_BEFORE = {"finetune_epochs": 0}  # the value of a setting in studies created before it was recorded
+SETTINGS_BEFORE = {"finetune_epochs": 0, "val_batches": None}  # values in studies created before they were recorded
+# Settings that change a trial's score: workers that differ in one would mix incomparable mAPs into one front.
+SHARED_SETTINGS = ("space", "objectives", "mode", "budget_ms", "imgsz", "nc", "finetune_epochs", "bn_batches",
+                   "val_batches", "batch")
+SETTINGS_WAIT_S = 30.0  # how long a joining worker waits for the creator to record the study's settings
 
 
-def _check_settings(study: optuna.Study, mine: dict[str, Any]) -> None:
+def _check_settings(study: optuna.Study, mine: dict[str, Any], created: bool = True) -> None:
     """Refuse to join a study created by a different search (paths may differ between machines)."""
     theirs = study.user_attrs.get(STUDY_ATTR)
+    deadline = time.monotonic() + (0.0 if created else SETTINGS_WAIT_S)
+    while not theirs and time.monotonic() < deadline:  # the creator records them right after creating it
+        time.sleep(0.5)
+        theirs = study.user_attrs.get(STUDY_ATTR)  # read from the storage on every access
     if not theirs:
         study.set_user_attr(STUDY_ATTR, mine)
         return
-    for key in ("space", "objectives", "mode", "budget_ms", "imgsz", "nc", "finetune_epochs"):
+    for key in SHARED_SETTINGS:
         if theirs.get(key, SETTINGS_BEFORE.get(key)) != mine.get(key):
             raise ConfigError(f"study {study.study_name!r} was created with {key}={theirs.get(key)!r}, this search "
                               f"has {mine.get(key)!r}: use another --study", field=key)
-    for key, what in (("table_sha", "table"), ("supernet_sha", "supernet")):  # same content, any path
+    for key, what in (("table_sha", "table"), ("supernet_sha", "supernet"), ("data_sha", "data")):  # any path
         if theirs.get(key) and mine.get(key) and theirs[key] != mine[key]:
             raise ConfigError(f"study {study.study_name!r} was searched with another {what} file ({theirs.get(what)}): "
                               "every worker must use the same one", field=what)
@@ -866,7 +874,7 @@ def create_study(cfg: SearchConfig, searcher: Searcher) -> optuna.Study:
         if [d.name.lower() for d in study.directions] != directions:
             raise ConfigError(f"study {cfg.study!r} optimises {[d.name.lower() for d in study.directions]}, this "
                               f"search {directions}: use another --study", field="study")
-        _check_settings(study, _study_settings(cfg, searcher.space, searcher.imgsz, searcher.nc))
+        _check_settings(study, _study_settings(cfg, searcher.space, searcher.imgsz, searcher.nc), created)
         if created:  # only the creator enqueues, under the lock: a joining or resumed worker adds none
             for name, params in points:
                 study.enqueue_trial(params, user_attrs={"enqueued": name}, skip_if_exists=True)

@@ -66,6 +66,7 @@ def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | 
     architectures within `budget` as the table predicts them when one is given."""
     from compress.distill import load_teacher
     from trainer.config import TrainConfig
+    from trainer.trainer import seed_everything
 
     from .budget import FeasibleRegion
     from .supernet import Supernet
@@ -76,6 +77,7 @@ def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | 
     out = p.out / "supernet"
     cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=c.supernet.epochs, imgsz=c.imgsz, batch=c.supernet.batch,
                       device=c.device, workers=c.workers, seed=c.seed, resume=p.resume_from(out / "last.pt"))
+    seed_everything(c.seed)  # the initial weights are a function of the seed, as with `supernet train`
     net = Supernet(c.space, nc=d["nc"])
     region = None if budget is None else \
         FeasibleRegion.from_table(t["path"], net.space, budget, nc=d["nc"], imgsz=c.imgsz)

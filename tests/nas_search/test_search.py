@@ -338,6 +338,10 @@ def test_joining_a_study_with_other_settings_is_refused(shared, tmp_path):
     run_search(_cfg(shared, tmp_path, trials=1))
     with pytest.raises(ConfigError, match="budget_ms"):
         run_search(_cfg(shared, tmp_path, trials=2, budget_ms=9.0))
+    for over in ({"bn_batches": 3}, {"val_batches": 1}):  # another calibration or validation: other mAPs
+        with pytest.raises(ConfigError) as e:
+            run_search(_cfg(shared, tmp_path, trials=2, **over))
+        assert e.value.field == next(iter(over))
     other = tmp_path / "other_table.json"  # another device's table: same path rules, different content
     doc = json.loads(Path(shared.table).read_text())
     doc["entries"] = {k: {**v, "median_ms": v["median_ms"] * 2} if isinstance(v, dict) and "median_ms" in v else v
