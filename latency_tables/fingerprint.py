@@ -138,6 +138,10 @@ class DeviceFingerprint:
                     diffs.append(f"versions.{lib}: {a!r} ({labels[0]}) vs {b!r} ({labels[1]})")
         return diffs
 
+    def same_device(self, other: DeviceFingerprint) -> bool:
+        """Whether `other` is the same hardware (CPU and GPU model): its timings may go into this table."""
+        return (self.cpu_model, self.gpu_name) == (other.cpu_model, other.gpu_name)
+
     def slug(self) -> str:
         """A short file-name-safe id, e.g. 'intel-xeon_2t_ort-cpu_fp32_b1'."""
         dev = self.gpu_name or self.cpu_model

@@ -392,8 +392,7 @@ class LatencyTable:
         if absent:
             if backend is None:
                 backend = self.backend_instance()
-                here = backend.fingerprint(self.batch)
-                if (here.cpu_model, here.gpu_name) != (self.fingerprint.cpu_model, self.fingerprint.gpu_name):
+                if not self.fingerprint.same_device(backend.fingerprint(self.batch)):
                     # entries timed here would be mixed into another device's table, silently wrong there
                     raise ConfigError(f"no entry for block signature {absent[0].key()}, and this table is of "
                                       f"another device ({self.fingerprint.slug()}): measure the missing blocks "
@@ -663,10 +662,9 @@ class LatencyTable:
                           stacklevel=user_stacklevel())
             return 0
         other.check_compatible(self.backend, self.imgsz, self.batch, self.precision, self.threads, self.fused)
-        mine, theirs = self.fingerprint, other.fingerprint
-        if (mine.cpu_model, mine.gpu_name) != (theirs.cpu_model, theirs.gpu_name):
-            raise ConfigError(f"holds a table of another device ({theirs.slug()}; this one is {mine.slug()}): "
-                              "use another --out or delete it", path=p, field="device")
+        if not self.fingerprint.same_device(other.fingerprint):
+            raise ConfigError(f"holds a table of another device ({other.fingerprint.slug()}; this one is "
+                              f"{self.fingerprint.slug()}): use another --out or delete it", path=p, field="device")
         added = 0
         for k, m in other.entries.items():
             if k not in self.entries:

@@ -212,13 +212,13 @@ class PipelineConfig:
             if name not in list_models() and not Path(name).exists():
                 raise ConfigError(f"{name!r} is neither a zoo model ({', '.join(list_models())}) nor a file",
                                   path=path, field="baselines.models")
-        from .search import JOURNAL_SUFFIXES, is_journal
+        from .search import check_storage
 
-        url = self.search.storage
-        if url is not None and "://" not in url and not is_journal(url):
-            raise ConfigError(f"{url!r} is neither an SQLAlchemy URL (sqlite:///study.db, postgresql://...) "
-                              f"nor a journal file ({', '.join(JOURNAL_SUFFIXES)})", path=path,
-                              field="search.storage")
+        if self.search.storage is not None:
+            try:
+                check_storage(self.search.storage)
+            except ConfigError as e:
+                raise ConfigError(e.message, path=path, field="search.storage") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

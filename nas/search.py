@@ -174,6 +174,13 @@ def is_journal(url: str) -> bool:
     return "://" not in url and url.endswith(JOURNAL_SUFFIXES)
 
 
+def check_storage(url: str) -> None:
+    """Refuse a storage string that is neither an SQLAlchemy URL nor a journal file (ConfigError on `storage`)."""
+    if "://" not in url and not is_journal(url):
+        raise ConfigError(f"{url!r} is neither an SQLAlchemy URL (sqlite:///study.db, postgresql://user@host/db) "
+                          f"nor a journal file ending in {' or '.join(JOURNAL_SUFFIXES)}", field="storage")
+
+
 def _sqlite_path(url: str) -> Path | None:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         return Path(url[len("sqlite:///"):])
@@ -255,9 +262,7 @@ def open_storage(url: str, *, heartbeat_s: int = 20, grace_s: int = 60, max_retr
         # the backend only calls acquire() and release(): any object with both is a lock to it
         lock: Any = FlockLock(path.with_name(path.name + ".flock"))
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
-    if "://" not in url:
-        raise ConfigError(f"{url!r} is neither an SQLAlchemy URL (sqlite:///study.db, postgresql://user@host/db) "
-                          f"nor a journal file ending in {' or '.join(JOURNAL_SUFFIXES)}", field="storage")
+    check_storage(url)
     path = _sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
