@@ -75,8 +75,7 @@ def eval_signatures(arch: Architecture, imgsz: int, batch: int = 1) -> list[Any]
     n = len(arch.layers)
     if len(sigs) < n:  # not one per layer: nothing to filter by position
         return sigs
-    _, keep = arch.deploy_form()
-    kept = set(keep)
+    kept = set(arch.deploy_layers())
     return [s for i, s in enumerate(sigs) if i >= n or i in kept]
 
 
@@ -381,7 +380,8 @@ class LatencyTable:
                   measure_missing: bool = False, backend: Backend | None = None) -> Prediction:
         """The prediction for `arch` with its per-block terms; missing entries raise or get measured."""
         sigs = self._signatures(arch, imgsz)
-        absent = list({s.key(): s for s in sigs if s.key() not in self.entries}.values())
+        keys = [s.key() for s in sigs]
+        absent = list({k: s for k, s in zip(keys, sigs) if k not in self.entries}.values())
         if absent and not measure_missing:
             other = imgsz not in (None, self.imgsz)
             where = f" (the table was measured at imgsz {self.imgsz})" if other else ""
@@ -399,7 +399,7 @@ class LatencyTable:
                                       "there (detforge latency pack + import) or pass a backend", path=self.path,
                                       field="entries")
             self.measure_signatures(absent, backend)
-        blocks = [(s.key(), self.overhead.net(self.entries[s.key()].median_ms)) for s in sigs]
+        blocks = [(k, self.overhead.net(self.entries[k].median_ms)) for k in keys]
         total = math.fsum(ms for _, ms in blocks)
         om = self.overhead
         return Prediction(om.apply(total, len(blocks)), total, om.a_ms, om.b, om.c_ms, blocks)

@@ -8,6 +8,7 @@ architectures (drawn by rejection from the space's uniform draw), which `detforg
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ class FeasibleRegion:
     space: SearchSpace
     predict_ms: PredictMs
     budget_ms: float
-    _ms: dict[str, float] = field(default_factory=dict, init=False, repr=False)  # by architecture id
+    _ms: dict[str, float] = field(default_factory=dict, init=False, repr=False)  # by the decisions' JSON
 
     def __post_init__(self) -> None:
         if not self.budget_ms > 0:
@@ -104,10 +105,11 @@ class FeasibleRegion:
 
     def latency_ms(self, decisions: Mapping[str, Any]) -> float:
         """The predicted latency of the architecture of `decisions` (cached)."""
-        arch = self.space.build_arch(decisions)
-        if arch.name not in self._ms:
-            self._ms[arch.name] = float(self.predict_ms(arch))
-        return self._ms[arch.name]
+        # keyed by the decisions, not the built architecture: building one costs as much as a table lookup
+        key = json.dumps(decisions, sort_keys=True, default=str)
+        if key not in self._ms:
+            self._ms[key] = float(self.predict_ms(self.space.build_arch(decisions)))
+        return self._ms[key]
 
     def contains(self, decisions: Mapping[str, Any]) -> bool:
         """Whether the architecture of `decisions` is predicted within the budget."""

@@ -237,12 +237,19 @@ class Architecture:
                                   field="head.anchors")
 
     # ---- forms -------------------------------------------------------------------------------------------
+    def deploy_layers(self) -> list[int]:
+        """Indices of the layers the deploy form keeps: those the lead head reads, directly or not."""
+        return self._deploy_layers(self.resolve())
+
+    def _deploy_layers(self, plan: list[list[int]]) -> list[int]:
+        lead, _ = self.head_indices()
+        needed = _ancestors(plan, lead)
+        return [i for i in range(len(self.layers)) if i in needed]
+
     def deploy_form(self) -> tuple[Architecture, list[int]]:
         """The deploy form (plain Detect, no aux branch, unused layers dropped) and, per kept layer, its old index."""
-        lead, _ = self.head_indices()
         plan = self.resolve()
-        needed = _ancestors(plan, lead)
-        keep = [i for i in range(len(self.layers)) if i in needed]
+        keep = self._deploy_layers(plan)
         arch = self.copy()
         nb = len(self.backbone)
         arch.backbone = [copy.deepcopy(self.layers[i]) for i in keep if i < nb]
