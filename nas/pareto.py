@@ -10,6 +10,8 @@ of this machine, all listed in `front.json`.
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +206,7 @@ def export_front(study: optuna.Study, supernet: Supernet | str | Path | None, ou
 
     be = _backend(backend, threads, measure_config)
     out = Path(out_dir)
+    earlier = exported_ids(out)
     for e, det in zip(entries, models):
         arch = e.architecture()
         d = out / e.arch_id
@@ -218,7 +221,20 @@ def export_front(study: optuna.Study, supernet: Supernet | str | Path | None, ou
         "imgsz": st.get("imgsz"), "backend": None if be is None else be.name, "threads": None if be is None else be.threads,
         "entries": [e.to_dict() for e in entries]})
     plot_front(study, out / "front.png", entries, html=out / "front.html")
+    # only after the new front is complete: a failed export leaves the earlier one whole
+    for arch_id in earlier - {e.arch_id for e in entries}:
+        shutil.rmtree(out / arch_id, ignore_errors=True)
     return entries
+
+
+def exported_ids(out_dir: str | Path) -> set[str]:
+    """The architectures an earlier `export_front` wrote to `out_dir` (its `front.json`), else none."""
+    try:
+        doc = json.loads((Path(out_dir) / "front.json").read_text())
+        ids = {str(e["arch_id"]) for e in doc["entries"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()  # nothing exported there, or not by us: leave every folder alone
+    return {i for i in ids if i and Path(i).name == i and (Path(out_dir) / i / "arch.yaml").is_file()}
 
 
 def trains_candidates(st: dict[str, Any]) -> bool:
@@ -281,5 +297,5 @@ def front_table(entries: Sequence[FrontEntry]) -> list[dict[str, Any]]:
     return [e.row() for e in entries]
 
 
-__all__ = ["FRONT_COLUMNS", "FrontEntry", "export_front", "feasible", "front_objectives", "front_table",
+__all__ = ["FRONT_COLUMNS", "FrontEntry", "export_front", "exported_ids", "feasible", "front_objectives", "front_table",
            "non_dominated", "pareto_front", "plot_front", "scored_trials", "settings"]

@@ -115,6 +115,23 @@ def test_export_writes_loadable_model_dirs_and_onnx(shared, searched, tmp_path):
         assert np.abs(out - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
 
 
+def test_export_again_removes_the_models_that_left_the_front(shared, searched, tmp_path):
+    study, _ = searched
+    out = tmp_path / "pareto"
+    entries = export_front(study, shared.supernet, out, backend=None, onnx=False, bn_batches=1, batch=8)
+    gone, mine = out / "0123456789", out / "mine"  # an earlier front's model, and a folder the user put there
+    for d in (gone, mine):
+        d.mkdir()
+        (d / "arch.yaml").write_text("x")
+    doc = json.loads((out / "front.json").read_text())
+    doc["entries"].append({**doc["entries"][0], "arch_id": gone.name})
+    (out / "front.json").write_text(json.dumps(doc))
+    again = export_front(study, shared.supernet, out, backend=None, onnx=False, bn_batches=1, batch=8)
+    assert [e.arch_id for e in again] == [e.arch_id for e in entries]
+    assert not gone.exists() and mine.is_dir()
+    assert all((out / e.arch_id / "weights.pt").is_file() for e in again)
+
+
 def test_pareto_cli(shared, searched, tmp_path, capsys):
     study, storage = searched
     assert main(["pareto", "--storage", storage, "--study", "p", "--plot", str(tmp_path / "f.png"), "--json"]) == 0
