@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from latency_tables.table import FIT_MODELS
 from search_spaces.errors import ConfigError
 from search_spaces.io import read_yaml
 from search_spaces.typecheck import type_name, type_ok
@@ -34,6 +35,7 @@ class LatencyCfg:
     table: str | None = None
     min_runs: int = 20  # measurement protocol (docs/latency.md): fewer runs build faster, noisier tables
     max_time_s: float = 30.0  # per block
+    fit_models: int = FIT_MODELS  # whole models the overhead is fitted on (0: none; the blocks' sum alone)
 
 
 @dataclass
@@ -155,7 +157,7 @@ class PipelineConfig:
                 raise ConfigError(f"must be >= 1, got {v}", path=path, field=key)
         counts = {"workers": self.workers, "supernet.n_random": self.supernet.n_random,
                   "finetune.epochs": self.finetune.epochs, "prune.finetune_epochs": self.prune.finetune_epochs,
-                  "distill.epochs": self.distill.epochs}
+                  "distill.epochs": self.distill.epochs, "latency.fit_models": self.latency.fit_models}
         for key, v in counts.items():
             if v < 0:
                 raise ConfigError(f"must be >= 0, got {v}", path=path, field=key)

@@ -42,7 +42,7 @@ def latency_table(p: Pipeline, d: dict[str, Any]) -> dict[str, Any]:
         protocol = MeasurementConfig(min_runs=c.latency.min_runs, max_runs=max(1000, c.latency.min_runs),
                                      max_time_s=c.latency.max_time_s, warmup=min(10, c.latency.min_runs))
         backend = get_backend(c.latency.backend, threads=c.latency.threads, config=protocol)
-        table = LatencyTable.build(space, backend, c.imgsz, path)
+        table = LatencyTable.build(space, backend, c.imgsz, path, fit_models=c.latency.fit_models)
     return {"path": str(path), "entries": len(table), "backend": table.backend, "files": [str(path)]}
 
 

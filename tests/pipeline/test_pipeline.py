@@ -22,7 +22,8 @@ def _config(tmp_path: Path, **over) -> Path:
     cfg = {
         "name": "micro", "synthetic": {"train": 16, "val": 8, "imgsz": 64, "classes": 2, "seed": 0},
         "space": str(SPACE), "imgsz": 64, "device": "cpu", "workers": 0,
-        "latency": {"backend": "ort-cpu", "threads": 1, "min_runs": 3, "max_time_s": 0.5},
+        "latency": {"backend": "ort-cpu", "threads": 1, "min_runs": 3, "max_time_s": 0.5,
+                    "fit_models": 4},
         "supernet": {"epochs": 1, "batch": 8, "n_random": 1},
         "search": {"trials": 3, "budget_ms": 100.0, "bn_batches": 1, "val_batches": 1},
         "finetune": {"epochs": 1, "batch": 8}, "quantize": {"enabled": True, "calib": 4, "method": "minmax"},
@@ -77,6 +78,8 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path):
         assert f"[skip] {name}" in log  # finished stages are not redone
     stages = _stages(out)
     assert {"search", "pareto", "baselines", "report"} <= set(stages)
+    table = json.loads((out / "latency" / "ort-cpu-64.json").read_text())
+    assert len(table["overhead"]["points"]) == 4  # latency.fit_models
     model_stage = next(k for k in stages if k.startswith("model:"))
     mid = model_stage.split(":", 1)[1]
     assert (out / "models" / mid / "model.onnx").is_file() and (out / "models" / mid / "model.int8.onnx").is_file()
@@ -101,6 +104,7 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path):
     ({"space": "default", "imgsz": 352}, "imgsz"),  # the default space has P3-P6 layouts: stride 64
     ({"search": {"storage": "foo.db"}}, "search.storage"), ({"baselines": {"models": ["nosuch"]}}, "baselines.models"),
     ({"latency": {"min_runs": 0}}, "latency.min_runs"), ({"baselines": {"epochs": 0}}, "baselines.epochs"),
+    ({"latency": {"fit_models": -1}}, "latency.fit_models"),
     ({"synthetic": {"classes": 0}}, "synthetic.classes"),
 ])
 def test_bad_config_fails_before_any_work(over, field, tmp_path, capsys):
