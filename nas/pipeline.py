@@ -131,6 +131,7 @@ class Pipeline:
                                              "seed": c.seed, "batch": c.finetune.batch,
                                              "threads": c.latency.threads},
                                lambda: stages.baselines(self, data, table))
-        summary = self.stage("report", {k: self.digest(k) for k in self.records if k != "report"},
+        ran = ["data", "latency", "supernet", "search", "pareto", *(f"model:{m}" for m in models), "baselines"]
+        summary = self.stage("report", {k: self.digest(k) for k in ran},  # not an earlier config's stale records
                              lambda: stages.report(self, data, table, front, models, baselines, budget))
         return summary

@@ -242,3 +242,23 @@ def test_changing_imgsz_or_seed_reruns_the_baselines_too(tmp_path, monkeypatch):
         Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, **over)), out, resume=True).run()
         if over:
             assert "baselines" in ran, over  # trained and timed at the new size or seed, like the searched models
+
+
+def test_the_report_depends_on_this_runs_stages_not_an_earlier_configs(tmp_path, monkeypatch):
+    from nas import stages
+    from nas.pipeline import Pipeline, StageRecord
+    from nas.pipeline_config import PipelineConfig
+
+    reports = []
+    fakes = {"data": lambda p: {"yaml": None, "nc": 2}, "latency_table": lambda p, d: {"path": None},
+             "check_budget": lambda p, t: None, "supernet": lambda *a: {}, "search": lambda *a: {},
+             "pareto": lambda *a: {"chosen": ["a"]}, "compress_model": lambda *a: {}, "baselines": lambda *a: {},
+             "report": lambda *a: reports.append(1) or {}}
+    for name, fn in fakes.items():
+        monkeypatch.setattr(stages, name, fn)
+    cfg = PipelineConfig.from_yaml(_config(tmp_path))
+    Pipeline.open(cfg, tmp_path / "run").run()
+    p = Pipeline.open(cfg, tmp_path / "run", resume=True)
+    p.records["model:zzz"] = StageRecord("model:zzz", "0" * 16, {}, 1.0)  # a model an earlier front chose
+    p.run()
+    assert reports == [1]  # nothing this run depends on changed: the report is not written again
