@@ -355,13 +355,14 @@ def test_joining_a_study_with_other_settings_is_refused(shared, tmp_path):
 
 
 def test_one_worker_search_is_reproducible_from_its_seed(shared, tmp_path):
+    # separate processes (a pid-mixed seed would differ), run side by side with a study each
+    procs = [spawn(search_args(shared, str(tmp_path / f"r{i}.journal"), "r", 3, "--seed", seed,
+                               "--out", str(tmp_path / f"r{i}")), tmp_path / f"r{i}.log")
+             for i, seed in enumerate(("7", "7", "8"))]
     params = []
-    for i, seed in enumerate(("7", "7", "8")):  # separate processes: a pid-mixed seed would differ
-        storage = str(tmp_path / f"r{i}.journal")
-        proc = spawn(search_args(shared, storage, "r", 3, "--seed", seed, "--out", str(tmp_path / f"r{i}")),
-                     tmp_path / f"r{i}.log")
+    for i, proc in enumerate(procs):
         assert proc.wait(timeout=240) == 0, (tmp_path / f"r{i}.log").read_text()[-3000:]
-        params.append([t.params for t in load_study(storage, "r").trials])
+        params.append([t.params for t in load_study(str(tmp_path / f"r{i}.journal"), "r").trials])
     assert params[0] == params[1] and params[0] != params[2]
 
 
