@@ -34,6 +34,7 @@ class TrainConfig:
     resume: bool = False
     grad_clip: float = 10.0  # 0: off
     val_interval: int = 1  # validate every N epochs (and after the last)
+    save_every_s: float = 0.0  # checkpoint at most every N seconds (0: every epoch); the last epoch always saves
     max_val_batches: int | None = None
     sync_bn: bool = False
     max_time_s: float | None = None  # stop after the epoch that crosses this wall-clock budget
@@ -59,7 +60,7 @@ class TrainConfig:
             raise ConfigError("must be a multiple of 32", field="imgsz")
         if not self.ema_tau > 0:
             raise ConfigError(f"must be > 0, got {self.ema_tau}", field="ema_tau")
-        for key in ("workers", "min_warmup_iters", "grad_clip"):  # grad_clip 0: no clipping
+        for key in ("workers", "min_warmup_iters", "grad_clip", "save_every_s"):  # grad_clip 0: no clipping
             if getattr(self, key) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, key)}", field=key)
 

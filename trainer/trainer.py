@@ -347,6 +347,7 @@ class Trainer:
             raise ConfigError("the training set has fewer images than one batch", field="batch")
         nw = self._warmup_iters(nb)
         t_start, last = time.time(), None
+        saved_at = t_start
         epoch = self.start_epoch - 1
         while epoch + 1 < self.epochs:
             epoch += 1
@@ -399,11 +400,18 @@ class Trainer:
             if self.device.type == "cuda":
                 row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.rows.append(row)
-            self.save_checkpoint(epoch)
+            # epochs of a second or two would spend most of their time writing checkpoints: --save-every
+            # trades what a kill loses for that time (each epoch is a function of its seed: resume stays exact)
+            saved = final or time.time() - saved_at >= cfg.save_every_s
+            if saved:
+                self.save_checkpoint(epoch)
+                saved_at = time.time()
             self._log(row)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, row)
             if final or bool(ddp.broadcast_object(self.stop_requested)):  # rank 0's callbacks decide
+                if not saved:
+                    self.save_checkpoint(epoch)
                 break
         for cb in self.callbacks:
             cb.on_train_end(self)

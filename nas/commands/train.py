@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sync-bn", action="store_true")
     p.add_argument("--strict", action="store_true", help="bad data is an error instead of a skipped sample")
     p.add_argument("--val-interval", type=int, default=1, help="validate every N epochs (and after the last)")
+    p.add_argument("--save-every", type=float, default=0.0, metavar="SECONDS",
+                   help="write last.pt at most every SECONDS (default 0: after every epoch; the last always); "
+                        "a kill loses at most that much training")
     p.add_argument("--max-time", type=float, default=None, help="wall-clock budget in seconds")
     p.add_argument("--fit-schedule", action="store_true",
                    help="with --max-time: shorten the LR schedule (--epochs) to the epochs that fit the budget")
@@ -71,7 +74,7 @@ def run_train(args: argparse.Namespace) -> None:
                       optimizer=args.optimizer, lr_schedule=args.lr_schedule, amp=args.amp, workers=args.workers,
                       seed=args.seed, ema=not args.no_ema, sync_bn=args.sync_bn, strict_data=args.strict,
                       max_time_s=args.max_time, fit_epochs_to_time=args.fit_schedule,
-                      val_interval=args.val_interval)
+                      val_interval=args.val_interval, save_every_s=args.save_every)
     try:
         result = Trainer(cfg).train()
     finally:

@@ -34,7 +34,7 @@ def test_yolov7_tiny_overfits_eight_images(tmp_path):
                                    scale=0.0)
     cfg = TrainConfig(model="yolov7-tiny", data=str(over), out=str(tmp_path / "run"), epochs=300, imgsz=128,
                       batch=8, nbs=8, workers=0, ema=False, val_interval=10, min_warmup_iters=10, device="cpu",
-                      progress=False)
+                      progress=False, save_every_s=60.0)  # its 0.2 s epochs: per-epoch checkpoints were half the time
     result = Trainer(cfg, hyp=hyp, callbacks=[StopAtTarget()]).train()
     assert result.last is not None
     assert result.last.metrics.map50 >= TARGET_MAP50, result.rows[-1]

@@ -64,3 +64,32 @@ def test_resume_with_more_epochs_extends_a_finished_run(small_data, tmp_path):
     # the rows of the first run are kept, and the extension's learning rate follows the new schedule
     assert result.rows[0] == first.rows[0]
     assert result.rows[-1]["lr"] < result.rows[1]["lr"]
+
+
+class StopAtEpoch(Callback):
+    """Records which epoch last.pt holds at each epoch's end; asks to stop after epoch `stop` (1-based)."""
+
+    def __init__(self, stop: int):
+        self.stop, self.seen = stop, []
+
+    def on_epoch_end(self, trainer, epoch, row):
+        path = trainer.out / CHECKPOINT
+        self.seen.append(torch.load(path, weights_only=True)["epoch"] if path.is_file() else None)
+        trainer.stop_requested = epoch + 1 >= self.stop
+
+
+def test_save_every_skips_checkpoints_between_but_keeps_the_last_and_a_stop(small_data, tmp_path):
+    t = _trainer(small_data, tmp_path / "a", epochs=3, save_every_s=1e9)
+    cb = StopAtEpoch(stop=2)
+    t.callbacks.append(cb)
+    t.train()
+    assert cb.seen == [None, None]  # not written after epochs 1 and 2
+    assert torch.load(tmp_path / "a" / CHECKPOINT, weights_only=True)["epoch"] == 1  # but at the stop
+    t = _trainer(small_data, tmp_path / "b", epochs=2, save_every_s=1e9)
+    t.callbacks.append(cb := StopAtEpoch(stop=99))
+    t.train()
+    assert cb.seen == [None, 1]  # the last epoch always saves
+    t = _trainer(small_data, tmp_path / "c", epochs=2)
+    t.callbacks.append(cb := StopAtEpoch(stop=99))
+    t.train()
+    assert cb.seen == [0, 1]  # the default: every epoch
