@@ -532,7 +532,9 @@ class LatencyTable:
                                          callback=callback, only_missing=False, realtime=realtime)
                 todo += loaded
             om = table.overhead
-            if fit_models > 0 and (todo or om.method == "identity" or len(om.points) < fit_models):
+            # a space with fewer architectures than fit_models has all of them in a finished fit
+            n_fit = len(sample_architectures(space, fit_models, seed, extremes=True)) if fit_models > 0 else 0
+            if n_fit and (todo or om.method == "identity" or len(om.points) < n_fit):
                 work = True
                 table.fit_space(space, be, fit_models, seed, progress=progress, realtime=realtime)
             if work:

@@ -17,7 +17,7 @@ from latency_tables.table import eval_signatures
 from search_spaces.errors import ConfigError
 from search_spaces.space import arch_signatures, load_space
 
-from . import FAST, MICRO_IMGSZ, TINY_IMGSZ, SizeBackend, micro_space_file
+from . import FAST, MICRO_IMGSZ, MICRO_YAML, TINY_IMGSZ, SizeBackend, micro_space_file
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,18 @@ def test_resume_keeps_finished_entries(micro, tmp_path):
     LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=0, group=4,
                        callback=lambda k, m: third.append(k))
     assert not third and path.read_bytes() == before
+
+
+def test_a_space_smaller_than_the_fit_is_fitted_on_all_of_it_once(tmp_path):
+    yaml_text = MICRO_YAML.replace("depth: [1, 2]", "depth: [1]").replace("{out: [16, 32]}", "{out: 16}")
+    (tmp_path / "two.yaml").write_text(yaml_text)
+    two = load_space(str(tmp_path / "two.yaml"))  # the head type alone is open
+    path = tmp_path / "t.json"
+    table = LatencyTable.build(two, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=16, group=64)
+    assert len(table.overhead.points) == two.size() == 2
+    before = path.read_bytes()
+    LatencyTable.build(two, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=16, group=64)
+    assert path.read_bytes() == before  # finished: not fitted and written again on every build
 
 
 def test_resume_refuses_other_settings(micro, backend, built, tmp_path):
