@@ -26,7 +26,7 @@ from search_spaces.errors import ConfigError
 from search_spaces.io import atomic_path, atomic_write_json
 from trainer.distributed import resolve_device
 
-from .search import STUDY_ATTR, calibration_batches, constraint_of
+from .search import STUDY_ATTR, _digest, calibration_batches, constraint_of
 from .supernet import Supernet, load_supernet
 
 # objective -> (user attribute, sign that turns it into "smaller is better")
@@ -265,7 +265,17 @@ def _supernet_models(st: dict[str, Any], entries: Sequence[FrontEntry], supernet
     supernet = supernet or st.get("supernet")
     if not supernet:
         raise ConfigError("the study records no supernet: pass --supernet", field="supernet")
-    net = load_supernet(supernet) if isinstance(supernet, (str, Path)) else supernet
+    if isinstance(supernet, (str, Path)):
+        recorded, sha = st.get("supernet_sha"), _digest(str(supernet))
+        if recorded and sha and recorded != sha:  # e.g. trained on (--resume) after the search: other weights
+            raise ConfigError("this is not the supernet the study searched with (its content changed): export with "
+                              "that file, or search again", path=str(supernet), field="supernet")
+        net = load_supernet(supernet)
+    else:
+        net = supernet
+    if st.get("space") and net.space.name != st["space"]:
+        raise ConfigError(f"the supernet is of space {net.space.name!r}, the study searched {st['space']!r}",
+                          field="supernet")
     imgsz = int(st.get("imgsz") or max(net.space.decisions["imgsz"].choices))
     data_cfg = resolve_data_config(data or st.get("data"), imgsz)
     if data_cfg.nc != net.nc:

@@ -21,6 +21,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import re
 import socket
 import sys
 import threading
@@ -187,7 +188,9 @@ def _sqlite_path(url: str) -> Path | None:
     return None
 
 
-WORKER_ATTRS = ("fail_reason", "worker", "heartbeat")  # a run's own records, which a retry must not inherit
+RETRY_ATTRS = ("enqueued",)  # what a retry keeps: the study's own marks, not a dead run's records (scores,
+# duplicate_of, run_dir, surplus, worker: a stale `surplus` would stop the retrying worker, a stale
+# `duplicate_of` would skip its evaluation, a stale `worker` would get it judged dead again)
 
 
 def _retry_callback(max_retry: int) -> Callable[[optuna.Study, FrozenTrial], None]:
@@ -201,7 +204,7 @@ def _retry_callback(max_retry: int) -> Callable[[optuna.Study, FrozenTrial], Non
         # the copied `worker` would name the dead process: until the new run stamps its own, any worker on
         # that host would judge the retry dead too and fail it again
         clean = copy.deepcopy(trial)
-        clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in WORKER_ATTRS}
+        clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in RETRY_ATTRS}
         retry(study, clean)
 
     return callback
@@ -260,8 +263,13 @@ def open_storage(url: str, *, heartbeat_s: int = 20, grace_s: int = 60, max_retr
         except ImportError:  # optuna < 4
             from optuna.storages import JournalFileStorage as JournalFileBackend  # type: ignore[no-redef]
         # the backend only calls acquire() and release(): any object with both is a lock to it
-        lock: Any = FlockLock(path.with_name(path.name + ".flock"))
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+        try:
+            lock: Any = FlockLock(path.with_name(path.name + ".flock"))
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # not a journal (any other .log), or no access
+            raise ConfigError(f"not an Optuna journal file, or not readable ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})", path=str(path),
+                              field="storage") from None
     check_storage(url)
     path = _sqlite_path(url)
     if path is not None:
@@ -284,7 +292,8 @@ def open_storage(url: str, *, heartbeat_s: int = 20, grace_s: int = 60, max_retr
             raise ConfigError(f"cannot open {_redact(url)}: {e} (install its driver: pip install 'psycopg[binary]' "
                               "for postgresql://, psycopg2-binary for postgresql+psycopg2://, PyMySQL for "
                               "mysql+pymysql://)", field="storage") from None
-        except (SQLAlchemyError, ValueError) as e:  # a wrong URL, a server that is down, a schema race
+        except (SQLAlchemyError, ValueError, RuntimeError) as e:  # a wrong URL, a server down, a schema race,
+            # or (RuntimeError) a database of another Optuna schema version
             last = e
             race = isinstance(e, IntegrityError) or "already exists" in str(e)
             if not (race or url.startswith("sqlite")):  # a server that cannot be reached does not come back soon
@@ -726,7 +735,8 @@ class Searcher:
                     callbacks: Sequence[Callback] = ()) -> tuple[float, float]:
         """Train `model` for `epochs` in the trial's run directory: (mAP50-95, mAP50) of its last validation."""
         cfg = self.cfg
-        out = Path(cfg.out) / "trials" / f"{trial.number:05d}"
+        # per study: one storage (and --out) holds several studies, whose trial numbers all start at 0
+        out = Path(cfg.out) / "trials" / _slug(trial.study.study_name) / f"{trial.number:05d}"
         trial.set_user_attr("run_dir", str(out.resolve()))  # where `detforge pareto` finds the model
         result = train_candidate(model, self.data_arg(), out, epochs, imgsz=self.imgsz, batch=cfg.batch, nbs=cfg.nbs,
                                  device=cfg.device, workers=cfg.workers, seed=cfg.seed, val_batches=cfg.val_batches,
@@ -769,6 +779,11 @@ def _digest(path: str | None) -> str | None:
     return h.hexdigest()[:16]
 
 
+def _slug(name: str) -> str:
+    """A study name as one safe path component."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
+
+
 def _abs(path: str | None) -> str | None:
     """An existing local path made absolute (the pareto command may run elsewhere); anything else as given."""
     return str(Path(path).resolve()) if path and Path(path).exists() else path
@@ -779,13 +794,17 @@ def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) 
             "data": _abs(cfg.data), "budget_ms": cfg.budget_ms, "objectives": list(cfg.objectives or ()), "mode": cfg.mode,
             "imgsz": imgsz, "nc": nc, "trials": cfg.trials, "seed": cfg.seed, "batch": cfg.batch,
             "bn_batches": cfg.bn_batches, "val_batches": cfg.val_batches, "finetune_epochs": cfg.finetune_epochs,
+            "scratch_epochs": cfg.scratch_epochs if cfg.mode == "scratch" else None,
+            "nbs": cfg.nbs if cfg.mode == "scratch" or cfg.finetune_epochs else None, "heartbeat_s": cfg.heartbeat_s,
             "table_sha": _digest(cfg.table), "supernet_sha": _digest(cfg.supernet), "data_sha": _digest(cfg.data)}
 
 
 SETTINGS_BEFORE = {"finetune_epochs": 0, "val_batches": None}  # values in studies created before they were recorded
 # Settings that change a trial's score: workers that differ in one would mix incomparable mAPs into one front.
+# heartbeat_s too: a worker judges the others' trials dead by its own interval and grace.
 SHARED_SETTINGS = ("space", "objectives", "mode", "budget_ms", "imgsz", "nc", "finetune_epochs", "bn_batches",
-                   "val_batches", "batch")
+                   "val_batches", "batch", "scratch_epochs", "nbs", "heartbeat_s")
+RECORDED_LATER = ("scratch_epochs", "nbs", "heartbeat_s")  # not compared with studies created before them
 SETTINGS_WAIT_S = 30.0  # how long a joining worker waits for the creator to record the study's settings
 
 
@@ -800,9 +819,15 @@ def _check_settings(study: optuna.Study, mine: dict[str, Any], created: bool = T
         study.set_user_attr(STUDY_ATTR, mine)
         return
     for key in SHARED_SETTINGS:
+        if key in RECORDED_LATER and key not in theirs:
+            continue
         if theirs.get(key, SETTINGS_BEFORE.get(key)) != mine.get(key):
             raise ConfigError(f"study {study.study_name!r} was created with {key}={theirs.get(key)!r}, this search "
                               f"has {mine.get(key)!r}: use another --study", field=key)
+    if (theirs.get("data") is None) != (mine.get("data") is None):  # the built-in synthetic set against a file
+        raise ConfigError(f"study {study.study_name!r} was searched on {theirs.get('data') or 'the built-in synthetic set'}"
+                          f", this search on {mine.get('data') or 'the built-in synthetic set'}: every worker must "
+                          "use the same data", field="data")
     for key, what in (("table_sha", "table"), ("supernet_sha", "supernet"), ("data_sha", "data")):  # any path
         if theirs.get(key) and mine.get(key) and theirs[key] != mine[key]:
             raise ConfigError(f"study {study.study_name!r} was searched with another {what} file ({theirs.get(what)}): "
@@ -911,15 +936,19 @@ def run_search(cfg: SearchConfig, *, predictor: PredictMs | None = None, superne
             raise DetforgeError(f"{searcher.failures_in_a_row} trials in a row failed; the last: "
                                 f"{searcher.last_failure}", field="trials")
         free = cfg.trials - n.complete - n.running
-        if free <= 0 and n.waiting == 0:  # other workers hold the remaining trials: wait for them (or their death)
+        # other workers hold the remaining trials: wait for them (or their death). A queued retry waits too: run
+        # now, claim() would close it as surplus, and the dead trial's architecture would never be scored.
+        if free <= 0:
             time.sleep(cfg.poll_s)
             continue
         try:
             study.optimize(searcher, n_trials=max(free, 1), catch=catch, callbacks=callbacks, gc_after_trial=False)
-        except ValueError as e:
+        except (ValueError, AssertionError) as e:
             # Optuna cannot tell a trial that is already finished: another worker judged this one dead (a
             # missed heartbeat) and failed it, and a retry is queued. Not an error of this worker: go on.
-            if not (str(e).startswith("Cannot tell a") and searcher.lost_trial(study)):
+            # (Failed after the objective returned, Optuna's own bookkeeping asserts instead of raising that.)
+            told = isinstance(e, AssertionError) or str(e).startswith("Cannot tell a")
+            if not (told and searcher.lost_trial(study)):
                 raise
             if cfg.progress:
                 print(f"trial {searcher.current_number} was failed by another worker meanwhile; continuing",

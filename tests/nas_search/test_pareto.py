@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -15,6 +16,7 @@ from nas.cli import main
 from nas.pareto import FrontEntry, export_front, non_dominated, pareto_front, plot_front
 from nas.search import STUDY_ATTR, SearchConfig, open_storage, run_search
 from search_spaces import load_model
+from search_spaces.errors import ConfigError
 
 from . import IMGSZ, NC
 
@@ -132,6 +134,15 @@ def test_export_again_removes_the_models_that_left_the_front(shared, searched, t
     assert all((out / e.arch_id / "weights.pt").is_file() for e in again)
 
 
+def test_export_refuses_a_supernet_other_than_the_searched_one(shared, searched, tmp_path):
+    study, _ = searched
+    changed = tmp_path / "supernet.pt"  # e.g. trained further (--resume) after the search
+    changed.write_bytes(Path(shared.supernet).read_bytes() + b"\0")
+    with pytest.raises(ConfigError, match="not the supernet the study searched with") as e:
+        export_front(study, changed, tmp_path / "front", backend=None, onnx=False)
+    assert e.value.field == "supernet" and not (tmp_path / "front").exists()
+
+
 def test_pareto_cli(shared, searched, tmp_path, capsys):
     study, storage = searched
     assert main(["pareto", "--storage", storage, "--study", "p", "--plot", str(tmp_path / "f.png"), "--json"]) == 0
@@ -150,6 +161,12 @@ def test_pareto_cli(shared, searched, tmp_path, capsys):
         assert main(["pareto", "--storage", missing, "--study", "p"]) == 2
         assert "file not found" in capsys.readouterr().err
     assert not list(tmp_path.glob("none*")), "reading a missing study must not create its storage"
+    log = tmp_path / "train.log"  # a .log that is not a journal: one line naming it, and it is left as it was
+    log.write_text('{"epoch": 1}\n')
+    assert main(["pareto", "--storage", str(log), "--study", "p"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not an Optuna journal" in err and str(log) in err
+    assert log.read_text() == '{"epoch": 1}\n'
     bare = str(tmp_path / "bare.journal")
     optuna.create_study(storage=open_storage(bare), study_name="bare", directions=["maximize", "minimize"])
     assert main(["pareto", "--storage", bare, "--study", "bare", "--export", str(tmp_path / "y")]) == 2

@@ -133,19 +133,43 @@ def test_a_trial_failed_by_another_worker_meanwhile_is_not_an_error(shared, tmp_
     assert study.trials[0].state == TrialState.FAIL
 
 
+def test_a_trial_failed_by_another_worker_after_its_objective_returned_is_not_an_error(shared, tmp_path,
+                                                                                        monkeypatch):
+    from nas.search import Searcher
+
+    call = Searcher.__call__
+    seen = []
+
+    def judged_dead_at_the_end(self, trial):
+        values = call(self, trial)
+        if not seen:  # between the objective's return and Optuna's tell, another worker fails the trial
+            trial.study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker w died while running it")
+            trial.study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        seen.append(trial.number)
+        return values
+
+    monkeypatch.setattr(Searcher, "__call__", judged_dead_at_the_end)
+    study = run_search(_cfg(shared, tmp_path, trials=2, sampler="random"))
+    _check_exactly(study, 2)
+    assert study.trials[0].state == TrialState.FAIL
+
+
 def test_a_retry_does_not_inherit_the_dead_workers_records(tmp_path):
     from nas.search import _retry_callback, worker_id
 
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_s=1, grace_s=2,
                                                      max_retry=2))
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    for k, v in {"worker": worker_id(), "heartbeat": 1.0, "fail_reason": "died", "arch_id": "a1"}.items():
+    dead_run = {"worker": worker_id(), "heartbeat": 1.0, "fail_reason": "died", "arch_id": "a1", "map": 0.3,
+                "evaluated": True, "duplicate_of": 0, "surplus": True, "run_dir": "x"}
+    for k, v in {**dead_run, "enqueued": "yolov7-tiny"}.items():
         trial.set_user_attr(k, v)
     study.tell(trial, state=TrialState.FAIL)
     _retry_callback(2)(study, study.trials[0])
     (retry,) = study.get_trials(states=(TrialState.WAITING,))
-    assert retry.params == study.trials[0].params and retry.user_attrs["arch_id"] == "a1"
-    assert not {"worker", "heartbeat", "fail_reason"} & set(retry.user_attrs)
+    assert retry.params == study.trials[0].params and retry.user_attrs["enqueued"] == "yolov7-tiny"
+    # a stale duplicate_of would skip its evaluation, a stale surplus stop its worker, a stale worker fail it again
+    assert not set(dead_run) & set(retry.user_attrs)
 
 
 def test_a_worker_killed_before_it_stamped_the_trial_is_found_by_its_heartbeat(tmp_path):
@@ -262,7 +286,9 @@ def test_scratch_mode_trains_reports_and_prunes(shared, tmp_path):
     entries = export_front(study, None, tmp_path / "front", backend=None)
     assert entries
     for e in entries:
-        trained = load_model(tmp_path / "trials" / f"{e.number:05d}" / "model").state_dict()
+        # per study: another study in the same storage and --out numbers its trials from 0 too
+        assert study.trials[e.number].user_attrs["run_dir"] == str((tmp_path / "trials" / "s" / f"{e.number:05d}").resolve())
+        trained = load_model(tmp_path / "trials" / "s" / f"{e.number:05d}" / "model").state_dict()
         exported = load_model(e.path).state_dict()
         assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
         assert (Path(e.path) / "model.onnx").is_file()
@@ -338,10 +364,19 @@ def test_joining_a_study_with_other_settings_is_refused(shared, tmp_path):
     run_search(_cfg(shared, tmp_path, trials=1))
     with pytest.raises(ConfigError, match="budget_ms"):
         run_search(_cfg(shared, tmp_path, trials=2, budget_ms=9.0))
-    for over in ({"bn_batches": 3}, {"val_batches": 1}):  # another calibration or validation: other mAPs
+    # another calibration, validation, finetuning batch or liveness judgement
+    for over in ({"bn_batches": 3}, {"val_batches": 1}, {"heartbeat_s": 2}):
         with pytest.raises(ConfigError) as e:
             run_search(_cfg(shared, tmp_path, trials=2, **over))
         assert e.value.field == next(iter(over))
+    from nas.search import STUDY_ATTR, _check_settings
+
+    study = load_study(str(tmp_path / "study.journal"), "s")
+    theirs = study.user_attrs[STUDY_ATTR]
+    assert theirs["data"] and theirs["nbs"] is None and theirs["scratch_epochs"] is None  # neither trains here
+    with pytest.raises(ConfigError, match="synthetic") as e:  # the built-in set (same nc) against a data file
+        _check_settings(study, {**theirs, "data": None, "data_sha": None})
+    assert e.value.field == "data"
     other = tmp_path / "other_table.json"  # another device's table: same path rules, different content
     doc = json.loads(Path(shared.table).read_text())
     doc["entries"] = {k: {**v, "median_ms": v["median_ms"] * 2} if isinstance(v, dict) and "median_ms" in v else v
@@ -505,7 +540,7 @@ def test_finetune_mode_trains_each_candidate_from_its_inherited_weights(shared, 
         assert 0 < d_inherited < 0.5 * d_fresh
     # the front is the finetuned models, not re-extracted ones
     for e in export_front(study, shared.supernet, tmp_path / "front", backend=None, onnx=False):
-        trained = load_model(tmp_path / "trials" / f"{e.number:05d}" / "model").state_dict()
+        trained = load_model(tmp_path / "trials" / "s" / f"{e.number:05d}" / "model").state_dict()
         exported = load_model(e.path).state_dict()
         assert all(torch.equal(trained[k], exported[k]) for k in trained)
     # joining with another evaluation is refused; scratch mode has no inherited weights to finetune
