@@ -45,6 +45,7 @@ from search_spaces.errors import CheckpointError, ConfigError
 from search_spaces.io import atomic_torch_save
 from search_spaces.model import Detector
 from search_spaces.space import SearchSpace
+from trainer import distributed as ddp
 from trainer.callbacks import Callback
 from trainer.config import TrainConfig
 from trainer.evaluate import EvalResult
@@ -150,6 +151,7 @@ class SupernetTrainer(Trainer):
         if model is None:
             if space is None:
                 raise ConfigError("give a Supernet or a search space", field="space")
+            ddp.setup(cfg.device)  # before the data: under torchrun rank 0 makes the synthetic set, the rest wait
             nc = resolve_data_config(cfg.data, cfg.imgsz).nc
             seed_everything(cfg.seed)  # the initial weights are a function of the seed
             model = Supernet(space, nc=nc)

@@ -218,6 +218,10 @@ class Trainer:
             return
         ck = load_weights(path)
         self.check_resume(ck, path)
+        theirs = (ck.get("config") or {}).get("optimizer")
+        if theirs and theirs != self.cfg.optimizer:  # its state would load, then fail at the first step
+            raise CheckpointError(f"cannot resume: the interrupted run trained with --optimizer {theirs}, this one "
+                                  f"with {self.cfg.optimizer}", path=path, field="optimizer")
         extra = ck.get("extra") or {}
         if set(extra) != set(self.extra_modules.state_dict()):
             raise CheckpointError("cannot resume: the callbacks' trainable modules differ from the interrupted run's "
@@ -299,6 +303,8 @@ class Trainer:
         self.nonfinite_run += 1
         bad_stats = [n for n, b in unwrap(self.model).named_buffers() if b.is_floating_point() and
                      not bool(torch.isfinite(b).all())]
+        # each rank's running statistics are its own batch's: rank 0 decides, or one rank alone would stop
+        bad_stats = ddp.broadcast_object(bad_stats)
         limit = self.max_nonfinite_steps * (4 if fp16 else 1)
         if bad_stats or self.nonfinite_run >= limit:
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in self.last_terms.items())
@@ -344,7 +350,8 @@ class Trainer:
             cb.on_train_start(self)
         nb = len(self.train_loader)
         if nb == 0:
-            raise ConfigError("the training set has fewer images than one batch", field="batch")
+            raise ConfigError("the training set has fewer images than one batch", path=self.data_cfg.yaml_path,
+                              field="batch")
         nw = self._warmup_iters(nb)
         t_start, last = time.time(), None
         saved_at = t_start
@@ -410,6 +417,10 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, row)
             if final or bool(ddp.broadcast_object(self.stop_requested)):  # rank 0's callbacks decide
+                if "map" not in row:  # stopped on an epoch --val-interval skipped: the last is always validated
+                    last = self._validate_into(row) or last
+                    self._log(row)
+                    saved = False  # the row changed
                 if not saved:
                     self.save_checkpoint(epoch)
                 break

@@ -126,6 +126,7 @@ def run_supernet_train(args: argparse.Namespace) -> None:
     region = None
     imgsz = args.imgsz or max(space.decisions["imgsz"].choices)
     if args.table:  # the table's input size, then the dataset's classes (the synthetic set needs the size)
+        distributed.setup(args.device)  # under torchrun rank 0 makes the synthetic set, the rest wait at a barrier
         predict, imgsz = table_predictor(args.table, args.imgsz)
         predict, pinned = space_predictor(predict, space, resolve_data_config(args.data, imgsz).nc, imgsz, args.table)
         region = FeasibleRegion(pinned, predict, args.budget_ms)

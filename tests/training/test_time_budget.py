@@ -1,6 +1,7 @@
 """A wall-clock budget shortens the LR schedule to the epochs that fit, and a resumed run keeps that length."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainer.callbacks import Callback
@@ -93,3 +94,22 @@ def test_save_every_skips_checkpoints_between_but_keeps_the_last_and_a_stop(smal
     t.callbacks.append(cb := StopAtEpoch(stop=99))
     t.train()
     assert cb.seen == [0, 1]  # the default: every epoch
+
+
+def test_a_stop_on_an_unvalidated_epoch_validates_the_final_weights(small_data, tmp_path):
+    t = _trainer(small_data, tmp_path, epochs=5, val_interval=3)
+    t.callbacks.append(StopAfterOneEpoch())
+    result = t.train()
+    assert result.epochs_done == 1 and "map" in result.rows[-1] and result.last is not None
+    assert "map" in torch.load(tmp_path / CHECKPOINT, weights_only=True)["rows"][-1]
+
+
+def test_resuming_with_another_optimizer_is_one_error(small_data, tmp_path):
+    from search_spaces.errors import CheckpointError
+
+    t = _trainer(small_data, tmp_path, epochs=2, optimizer="adamw")
+    t.callbacks.append(StopAfterOneEpoch())
+    t.train()
+    with pytest.raises(CheckpointError, match="--optimizer adamw") as e:
+        _trainer(small_data, tmp_path, epochs=2, optimizer="sgd", resume=True)
+    assert e.value.field == "optimizer"
