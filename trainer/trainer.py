@@ -149,6 +149,7 @@ class Trainer:
                                            seed=cfg.seed)
         self.accumulate_nominal = max(round(cfg.nbs / cfg.batch), 1)
         wd = base_hyp.weight_decay * cfg.batch * self.accumulate_nominal / cfg.nbs
+        self.weight_decay = wd  # this run's (a resumed optimizer state brings the interrupted run's)
         self.extra_modules = nn.ModuleList(m for cb in self.callbacks for m in cb.modules()).to(self.device)
         groups = param_groups(nn.ModuleList([self.model, self.extra_modules]), wd)
         if cfg.optimizer == "adamw":
@@ -194,7 +195,7 @@ class Trainer:
             "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
-            "extra": self.extra_modules.state_dict(),
+            "extra": self.extra_modules.state_dict(), "nonfinite_run": self.nonfinite_run,
         }
 
     def model_identity(self) -> dict[str, Any]:
@@ -230,6 +231,8 @@ class Trainer:
             unwrap(self.model).load_state_dict(ck["model"])
             self.extra_modules.load_state_dict(extra)
             self.optimizer.load_state_dict(ck["optimizer"])
+            for g in self.optimizer.param_groups:  # weight decay scales with --batch/--nbs, which may have changed
+                g["weight_decay"] = self.weight_decay if g.get("kind") == "weight" else 0.0
             self.scaler.load_state_dict(ck["scaler"])
             if self.ema is not None and ck.get("ema") is not None:
                 self.ema.ema.load_state_dict(ck["ema"])
@@ -239,6 +242,7 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"cannot resume: checkpoint does not match this run ({str(e)[:200]})",
                                   path=path) from None
+        self.nonfinite_run = int(ck.get("nonfinite_run", 0))  # the divergence check counts across a resume
         self.start_epoch = int(ck["epoch"]) + 1
         self.best_map = float(ck["best_map"])
         self.rows = list(ck["rows"])

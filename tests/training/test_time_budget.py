@@ -18,8 +18,8 @@ class StopAfterOneEpoch(Callback):
 
 
 def _trainer(small_data, tmp_path, **kw) -> Trainer:
-    cfg = TrainConfig(model="yolov7-tiny", data=str(small_data), out=str(tmp_path), imgsz=96, batch=4, workers=0,
-                      device="cpu", progress=False, **kw)
+    cfg = TrainConfig(**{"model": "yolov7-tiny", "data": str(small_data), "out": str(tmp_path), "imgsz": 96,
+                         "batch": 4, "workers": 0, "device": "cpu", "progress": False, **kw})
     return Trainer(cfg)
 
 
@@ -113,3 +113,16 @@ def test_resuming_with_another_optimizer_is_one_error(small_data, tmp_path):
     with pytest.raises(CheckpointError, match="--optimizer adamw") as e:
         _trainer(small_data, tmp_path, epochs=2, optimizer="sgd", resume=True)
     assert e.value.field == "optimizer"
+
+
+def test_a_resume_keeps_the_divergence_count_and_takes_this_runs_weight_decay(small_data, tmp_path):
+    t = _trainer(small_data, tmp_path, epochs=3, batch=4, nbs=64)
+    t.callbacks.append(StopAfterOneEpoch())
+    t.train()
+    t.nonfinite_run = 2  # as if the last steps before the kill had non-finite gradients
+    t.save_checkpoint(0)
+    again = _trainer(small_data, tmp_path, epochs=3, batch=3, nbs=64, resume=True)  # 3 x 21 steps: not 64
+    assert again.nonfinite_run == 2
+    (weight,) = [g for g in again.optimizer.param_groups if g["kind"] == "weight"]
+    assert weight["weight_decay"] == again.weight_decay != t.weight_decay
+    assert all(g["weight_decay"] == 0.0 for g in again.optimizer.param_groups if g["kind"] != "weight")
