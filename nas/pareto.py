@@ -26,7 +26,7 @@ from search_spaces.errors import ConfigError
 from search_spaces.io import atomic_path, atomic_write_json
 from trainer.distributed import resolve_device
 
-from .search import STUDY_ATTR, _digest, calibration_batches, constraint_of
+from .search import STUDY_ATTR, calibration_batches, constraint_of, file_digest
 from .supernet import Supernet, load_supernet
 
 # objective -> (user attribute, sign that turns it into "smaller is better")
@@ -266,7 +266,7 @@ def _supernet_models(st: dict[str, Any], entries: Sequence[FrontEntry], supernet
     if not supernet:
         raise ConfigError("the study records no supernet: pass --supernet", field="supernet")
     if isinstance(supernet, (str, Path)):
-        recorded, sha = st.get("supernet_sha"), _digest(str(supernet))
+        recorded, sha = st.get("supernet_sha"), file_digest(str(supernet))
         if recorded and sha and recorded != sha:  # e.g. trained on (--resume) after the search: other weights
             raise ConfigError("this is not the supernet the study searched with (its content changed): export with "
                               "that file, or search again", path=str(supernet), field="supernet")

@@ -768,7 +768,7 @@ def train_candidate(model: Detector, data: str | None, out: str | Path, epochs: 
 
 
 # ---- the search -------------------------------------------------------------------------------------------
-def _digest(path: str | None) -> str | None:
+def file_digest(path: str | None) -> str | None:
     """A short content hash of a local file (the same table or supernet may sit at other paths elsewhere)."""
     if not path or not Path(path).is_file():
         return None
@@ -796,15 +796,18 @@ def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) 
             "bn_batches": cfg.bn_batches, "val_batches": cfg.val_batches, "finetune_epochs": cfg.finetune_epochs,
             "scratch_epochs": cfg.scratch_epochs if cfg.mode == "scratch" else None,
             "nbs": cfg.nbs if cfg.mode == "scratch" or cfg.finetune_epochs else None, "heartbeat_s": cfg.heartbeat_s,
-            "table_sha": _digest(cfg.table), "supernet_sha": _digest(cfg.supernet), "data_sha": _digest(cfg.data)}
+            "table_sha": file_digest(cfg.table), "supernet_sha": file_digest(cfg.supernet),
+            "data_sha": file_digest(cfg.data)}
 
 
-SETTINGS_BEFORE = {"finetune_epochs": 0, "val_batches": None}  # values in studies created before they were recorded
+NOT_RECORDED = object()  # a setting a study created before it was recorded cannot be compared on
+# values in studies created before they were recorded
+SETTINGS_BEFORE = {"finetune_epochs": 0, "val_batches": None, "scratch_epochs": NOT_RECORDED, "nbs": NOT_RECORDED,
+                   "heartbeat_s": NOT_RECORDED}
 # Settings that change a trial's score: workers that differ in one would mix incomparable mAPs into one front.
 # heartbeat_s too: a worker judges the others' trials dead by its own interval and grace.
 SHARED_SETTINGS = ("space", "objectives", "mode", "budget_ms", "imgsz", "nc", "finetune_epochs", "bn_batches",
                    "val_batches", "batch", "scratch_epochs", "nbs", "heartbeat_s")
-RECORDED_LATER = ("scratch_epochs", "nbs", "heartbeat_s")  # not compared with studies created before them
 SETTINGS_WAIT_S = 30.0  # how long a joining worker waits for the creator to record the study's settings
 
 
@@ -819,9 +822,8 @@ def _check_settings(study: optuna.Study, mine: dict[str, Any], created: bool = T
         study.set_user_attr(STUDY_ATTR, mine)
         return
     for key in SHARED_SETTINGS:
-        if key in RECORDED_LATER and key not in theirs:
-            continue
-        if theirs.get(key, SETTINGS_BEFORE.get(key)) != mine.get(key):
+        recorded = theirs.get(key, SETTINGS_BEFORE.get(key))
+        if recorded is not NOT_RECORDED and recorded != mine.get(key):
             raise ConfigError(f"study {study.study_name!r} was created with {key}={theirs.get(key)!r}, this search "
                               f"has {mine.get(key)!r}: use another --study", field=key)
     if (theirs.get("data") is None) != (mine.get("data") is None):  # the built-in synthetic set against a file
@@ -979,5 +981,5 @@ def summary(study: optuna.Study) -> dict[str, Any]:
 
 
 __all__ = ["OBJECTIVES", "SAMPLERS", "SUPERNET_POINT", "SearchConfig", "Searcher", "SurplusTrial", "calibration_batches", "constraint_of", "create_study",
-           "default_storage", "heartbeat_enabled", "load_study", "make_pruner", "make_sampler", "open_storage", "pinned_space",
+           "default_storage", "file_digest", "heartbeat_enabled", "load_study", "make_pruner", "make_sampler", "open_storage", "pinned_space",
            "prepare", "recover_dead_trials", "run_search", "summary", "trial_rows"]

@@ -232,7 +232,8 @@ class Trainer:
             self.extra_modules.load_state_dict(extra)
             self.optimizer.load_state_dict(ck["optimizer"])
             for g in self.optimizer.param_groups:  # weight decay scales with --batch/--nbs, which may have changed
-                g["weight_decay"] = self.weight_decay if g.get("kind") == "weight" else 0.0
+                if g.get("kind") == "weight":
+                    g["weight_decay"] = self.weight_decay
             self.scaler.load_state_dict(ck["scaler"])
             if self.ema is not None and ck.get("ema") is not None:
                 self.ema.ema.load_state_dict(ck["ema"])
