@@ -165,13 +165,16 @@ def load_onnx_model(src: OnnxSource) -> onnx.ModelProto:
         raise DetforgeError(f"not a valid ONNX model ({e})", path=where) from None
 
 
-def check_onnx(src: OnnxSource, *, full_check: bool = True) -> onnx.ModelProto:
-    """Run onnx.checker (with shape inference when full_check) and return the parsed model."""
+def check_onnx(src: OnnxSource, *, full_check: bool = True, path: str | Path | None = None) -> onnx.ModelProto:
+    """Run onnx.checker (with shape inference when full_check) and return the parsed model.
+
+    An error names `path` (the file bytes are meant for), else `src` where it is a file.
+    """
     model = load_onnx_model(src)
     try:
         onnx.checker.check_model(model, full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        where = src if isinstance(src, (str, Path)) else None
+        where = path if path is not None else (src if isinstance(src, (str, Path)) else None)
         raise DetforgeError(f"ONNX model fails onnx.checker: {str(e).splitlines()[0]}", path=where) from None
     return model
 
@@ -214,6 +217,9 @@ def resolve_shapes(dims: Sequence[Sequence[int | str | None]],
             if not all(isinstance(x, int) and x > 0 for x in rest):
                 raise DetforgeError(f"the model's input has dynamic dims {list(d)}: give input_shape",
                                     field="input_shape")
+            if d and isinstance(d[0], int) and d[0] > 0 and d[0] != batch:
+                raise DetforgeError(f"the model's input {list(d)} has a fixed batch of {d[0]}, not {batch}",
+                                    field="batch")
             shapes.append(tuple(int(x) for x in rest))
         return tuple(shapes)
     shapes_t = normalize_shapes(input_shape)

@@ -27,6 +27,7 @@ from .measurement import Measurement, MeasurementConfig
 from .onnx_utils import DEFAULT_OPSET, load_onnx_model
 from .predictor import OverheadModel
 from .table import (
+    BUILD_PROTOCOL,
     EMPTY_SHAPE,
     FIT_MODELS,
     FIT_SEED,
@@ -125,7 +126,7 @@ def pack(space: Any, out: str | Path = "bundle.tar.gz", imgsz: int = 640, batch:
             "precision": precision, "fused": fuse, "space": getattr(space, "name", None), "opset": opset,
             "torch": _dist_version("torch"),  # the exporter: part of the fingerprint of an ORT table
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "protocol": asdict(config or MeasurementConfig()),
+            "protocol": asdict(config or BUILD_PROTOCOL),  # as `latency build` measures here: comparable tables
             "empty": {**write("empty", empty_model(), [EMPTY_SHAPE]), "key": "empty"},
             "blocks": blocks, "models": models,
         }
@@ -201,14 +202,18 @@ def import_results(results: str | Path, out: str | Path = "table.json") -> Laten
         protocol=dict(doc.get("protocol") or {}),
         info={"created": doc.get("started"), "source": f"probe {doc.get('bundle_id')}",
               "build_s": doc.get("elapsed_s"), "results": str(results)})
-    archs = doc.get("model_archs") or {}
-    names = [n for n in fits if n in archs]
+    archs = {n: Architecture.from_dict(a) for n, a in (doc.get("model_archs") or {}).items()}
+    # a fit model made of a block the device could not measure has no block sum to fit against
+    names = [n for n in fits if n in archs and not table.missing(archs[n])]
     if names:
-        table.fit([Architecture.from_dict(archs[n]) for n in names], [fits[n] for n in names])
+        table.fit([archs[n] for n in names], [fits[n] for n in names])
     missing = len(doc["signatures"]) - len(entries)
     gaps = [f"{missing} block signature(s) of the bundle were not measured"] if missing else []
     if not names and archs:
         gaps.append("the whole-model passes did not finish, so the overhead is not fitted")
+    failed = doc.get("failed") or {}
+    if failed:  # a rerun does not help these: the device's onnxruntime could not load or run them
+        gaps.append(f"{len(failed)} model(s) failed on the device (the results' 'failed' lists why)")
     if gaps:  # run the runner again with the same --out to finish, then import again
         table.info["incomplete"] = "; ".join(gaps)
     table.save(out)

@@ -27,7 +27,6 @@ from .measurement import (
     LoadMonitor,
     Measurement,
     MeasurementConfig,
-    user_stacklevel,
 )
 from .predictor import OverheadModel, fit_overhead
 
@@ -484,6 +483,9 @@ class LatencyTable:
         # config.max_other_load set, entries that were still measured under more load than that are measured
         # again (`retry_loaded` passes). `realtime` times every group at real-time priority (see
         # realtime_priority) instead of waiting for quiet.
+        if imgsz < 1 or batch < 1:  # before anything is saved: a table of 0 px would not load again
+            bad = ("imgsz", imgsz) if imgsz < 1 else ("batch", batch)
+            raise ConfigError(f"must be >= 1, got {bad[1]}", field=bad[0])
         be = make_backend(backend, config=BUILD_PROTOCOL) if isinstance(backend, str) else backend
         out = Path(out_path)
         table = None
@@ -492,8 +494,13 @@ class LatencyTable:
         elif out.is_file():
             table = cls.load(out, check_device=False)
             table.check_compatible(be.name, imgsz, batch, be.precision, be.threads, fuse)
-            check_fingerprint(table.fingerprint, be.fingerprint(batch),
-                              what=f"the table being resumed ({out})")
+            here = be.fingerprint(batch)
+            if not table.fingerprint.same_device(here):  # its timings would be saved under the other's name
+                theirs, mine = (f.gpu_name or f.cpu_model for f in (table.fingerprint, here))
+                raise ConfigError(f"was measured on {theirs!r}, this machine is {mine!r}: resuming would mix two "
+                                  "devices' timings in one table (use another --out, or --no-resume)",
+                                  path=out, field="device")
+            check_fingerprint(table.fingerprint, here, what=f"the table being resumed ({out})")
         if table is None:
             table = cls(fingerprint=be.fingerprint(batch), backend=be.name, imgsz=imgsz, batch=batch,
                         precision=be.precision, threads=be.threads, fused=fuse,
@@ -655,14 +662,13 @@ class LatencyTable:
     def merge_from(self, path: str | Path) -> int:
         """Add the entries of the table at `path` that this one lacks (same settings only); how many."""
         p = Path(path)
-        if not p.is_file():
+        if not p.is_file() or p.stat().st_size == 0:
             return 0
         try:
             other = LatencyTable.from_dict(read_json(p), p)
-        except ConfigError as e:
-            warnings.warn(f"ignoring unreadable latency table while merging: {e.line()}", UserWarning,
-                          stacklevel=user_stacklevel())
-            return 0
+        except ConfigError as e:  # saving would overwrite it: another file, or a table damaged by hand
+            raise ConfigError(f"holds something that is not a latency table ({e.message}): use another --out "
+                              "or move it away", path=p, field=e.field) from None
         other.check_compatible(self.backend, self.imgsz, self.batch, self.precision, self.threads, self.fused)
         if not self.fingerprint.same_device(other.fingerprint):
             raise ConfigError(f"holds a table of another device ({other.fingerprint.slug()}; this one is "

@@ -45,6 +45,8 @@ def _logger(trt: Any) -> Any:
     global _LOGGER
     if _LOGGER is None:
         _LOGGER = trt.Logger(trt.Logger.WARNING)
+        # the plugin registry (EfficientNMS_TRT of `--nms-op trt` exports) is filled only on request
+        trt.init_libnvinfer_plugins(_LOGGER, "")
     return _LOGGER
 
 
@@ -138,7 +140,9 @@ class TrtRunner(Runner):
         gen = torch.Generator().manual_seed(0)
         for n in (n for n in names if is_input[n]):
             shape = tuple(shapes[n])
-            self.context.set_input_shape(n, shape)
+            if not self.context.set_input_shape(n, shape):  # outside the engine's profile: it would run another
+                raise DetforgeError(f"input {n!r} shape {list(shape)} is outside the engine's optimisation "
+                                    "profile", field="input_shape")
             dt = _torch_dtype(trt, self.engine.get_tensor_dtype(n))
             if inputs is not None:
                 t = torch.as_tensor(np.asarray(inputs[n])).to(dt)

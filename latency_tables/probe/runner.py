@@ -181,14 +181,23 @@ def measure_groups(items: list, kind: str, doc: dict, args: argparse.Namespace, 
     from measurement import measure_callable
 
     store = doc.setdefault(kind, {})
-    todo = [it for it in items if it[key] not in store]
+    # A model this onnxruntime cannot load or run (an operator it lacks) is recorded and skipped, also when
+    # the run is continued: one such model must not stop the run, or every rerun, at the same place.
+    failed = doc.setdefault("failed", {})
+    todo = [it for it in items if it[key] not in store and f"{kind}:{it[key]}" not in failed]
     done = len(items) - len(todo)
     with tempfile.TemporaryDirectory(prefix="detforge-probe-") as scratch:
         for i in range(0, len(todo), args.group):
             chunk = todo[i:i + args.group]
             for it in chunk:
-                model = Model(it, args, manifest, Path(scratch))
-                store[it[key]] = measure_callable(model, cfg).to_dict()
+                model = None
+                try:
+                    model = Model(it, args, manifest, Path(scratch))
+                    store[it[key]] = measure_callable(model, cfg).to_dict()
+                except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common base but Exception
+                    reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                    failed[f"{kind}:{it[key]}"] = reason
+                    print(f"runner: {kind} {it[key]} skipped ({reason})", file=sys.stderr, flush=True)
                 del model  # frees the session and its thread pool before the next one starts
             done += len(chunk)
             checkpoint()
@@ -253,11 +262,16 @@ def main(argv: list | None = None) -> int:
     for p in range(args.passes):
         measure_groups(manifest["models"], f"models_pass{p}", doc, args, manifest, cfg, checkpoint, "name")
     for m in manifest["models"]:
-        passes = [doc[f"models_pass{p}"][m["name"]] for p in range(args.passes)]
-        doc["models"][m["name"]] = {**min(passes, key=lambda d: d["median_ms"]),
-                                    "repeat_medians_ms": [d["median_ms"] for d in passes]}
+        passes = [doc[f"models_pass{p}"][m["name"]] for p in range(args.passes)
+                  if m["name"] in doc[f"models_pass{p}"]]
+        if passes:
+            doc["models"][m["name"]] = {**min(passes, key=lambda d: d["median_ms"]),
+                                        "repeat_medians_ms": [d["median_ms"] for d in passes]}
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     checkpoint()
+    if doc.get("failed"):
+        print(f"runner: {len(doc['failed'])} model(s) could not be measured here; they are listed under 'failed' "
+              f"in {out}", file=sys.stderr)
     print(f"runner: wrote {out} ({len(doc['entries'])} blocks, {len(doc['models'])} whole models)",
           file=sys.stderr)
     return 0

@@ -141,6 +141,11 @@ def test_ort_accepts_bytes_and_paths_and_reads_the_shape(net, onnx_bytes, tmp_pa
         b.prepare(onnx_bytes, (3, 64, 64))
     with pytest.raises(DetforgeError, match="not found"):
         b.prepare(tmp_path / "missing.onnx")
+    fixed = export_onnx(net, SHAPE, dynamic_batch=False)  # batch 1 only
+    with pytest.raises(DetforgeError, match="fixed batch of 1") as e:
+        b.prepare(fixed, None, batch=2)  # ORT would fail at its first run, a traceback
+    assert e.value.field == "batch"
+    assert b.measure(fixed, None, batch=1, **FAST).batch == 1
 
 
 def test_ort_runner_outputs_match_torch(net):

@@ -5,12 +5,14 @@ import json
 import subprocess
 import sys
 import tarfile
+from dataclasses import asdict
 
 import onnx
 import pytest
 
 from latency_tables import DeviceFingerprint, bundle_manifest, import_results, pack
 from latency_tables.probe import strip_weights
+from latency_tables.table import BUILD_PROTOCOL
 from search_spaces.errors import ConfigError
 from search_spaces.space import load_space
 
@@ -61,6 +63,7 @@ def test_bundle_holds_every_signature_and_a_standalone_runner(space, bundle):
     man = bundle_manifest(out)
     assert {b["key"] for b in man["blocks"]} == {s.key() for s in space.block_signatures(MICRO_IMGSZ, 1)}
     assert len(man["models"]) == 3 and man["imgsz"] == MICRO_IMGSZ
+    assert man["protocol"] == asdict(BUILD_PROTOCOL)  # the device measures as `latency build` does here
     shipped = ("runner.py", "measurement.py", "host.py")
     assert all((root / name).is_file() for name in shipped)
     source = "".join((root / name).read_text() for name in shipped)
@@ -158,3 +161,26 @@ def test_results_of_a_run_killed_in_the_model_passes_import_as_incomplete(result
     partial.write_text(json.dumps(doc))
     table = import_results(partial, tmp_path / "t.json")
     assert table.overhead.method == "identity" and "not fitted" in table.info["incomplete"]
+
+
+def test_a_model_the_device_cannot_load_is_skipped_and_the_run_finishes(bundle, tmp_path):
+    import shutil
+
+    device = tmp_path / "detforge-probe"
+    shutil.copytree(bundle[1], device)
+    man = json.loads((device / "manifest.json").read_text())
+    block, model = man["blocks"][1], man["models"][0]
+    for item in (block, model):  # e.g. an operator this onnxruntime lacks: the session cannot be made
+        (device / item["file"]).write_bytes(b"not an onnx graph")
+    out = tmp_path / "results.json"
+    r = run_runner(device, out)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc["failed"]) == {f"entries:{block['key']}", *(f"models_pass{p}:{model['name']}" for p in range(3))}
+    assert block["key"] not in doc["entries"] and len(doc["entries"]) == len(man["blocks"]) - 1
+    assert model["name"] not in doc["models"] and len(doc["models"]) == len(man["models"]) - 1
+    before = out.read_text()
+    again = run_runner(device, out)  # continuing does not stop at the same model again
+    assert again.returncode == 0 and json.loads(out.read_text())["entries"] == json.loads(before)["entries"]
+    table = import_results(out, tmp_path / "t.json")
+    assert len(table) == len(man["blocks"]) - 1 and "failed on the device" in table.info["incomplete"]

@@ -182,6 +182,10 @@ def test_resume_refuses_other_settings(micro, backend, built, tmp_path):
     other = get_backend("ort-cpu", threads=1, config=backend.config)
     with pytest.raises(ConfigError, match="threads"):
         LatencyTable.build(micro, other, MICRO_IMGSZ, path, progress=False, fit_models=0)
+    for size in (0, -32):  # refused before a file is written (a 0-px table would not load again)
+        with pytest.raises(ConfigError) as e:
+            LatencyTable.build(micro, SizeBackend(), size, tmp_path / "zero.json", progress=False)
+        assert e.value.field == "imgsz" and not (tmp_path / "zero.json").exists()
 
 
 def test_concurrent_saves_merge_entries(built, tmp_path):
@@ -219,6 +223,31 @@ def test_saving_over_another_devices_table_is_refused_and_leaves_it(built, tmp_p
         mine.save(path)
     assert e.value.field == "device" and str(path) in str(e.value)
     assert path.read_bytes() == before
+
+
+def test_resuming_another_devices_table_is_refused_and_leaves_it(micro, backend, built, tmp_path):
+    theirs = LatencyTable.from_dict(built.to_dict())
+    theirs.fingerprint = replace(theirs.fingerprint, cpu_model="Some Other CPU 9000")
+    theirs.entries.pop(next(iter(theirs.entries)))  # unfinished: a resume would measure the rest here
+    path = theirs.save(tmp_path / "theirs.json")
+    before = path.read_bytes()
+    with pytest.raises(ConfigError) as e:
+        LatencyTable.build(micro, backend, MICRO_IMGSZ, path, progress=False, fit_models=0)
+    assert e.value.field == "device" and "Some Other CPU 9000" in str(e.value) and str(path) in str(e.value)
+    assert path.read_bytes() == before
+
+
+def test_saving_over_a_file_that_is_not_a_table_is_refused_and_leaves_it(built, tmp_path):
+    path = tmp_path / "results.json"  # e.g. a probe runner's raw results, given as --out by mistake
+    path.write_text(json.dumps({"passes": [[1.0, 2.0]]}))
+    before = path.read_bytes()
+    with pytest.raises(ConfigError) as e:
+        LatencyTable.from_dict(built.to_dict()).save(path)
+    assert str(path) in str(e.value) and "not a latency table" in str(e.value)
+    assert path.read_bytes() == before
+    empty = tmp_path / "empty.json"
+    empty.touch()  # nothing there to lose
+    assert len(LatencyTable.load(LatencyTable.from_dict(built.to_dict()).save(empty))) == len(built)
 
 
 def test_fingerprint_mismatch_warns(built, tmp_path):
