@@ -10,7 +10,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from latency_tables.onnx_utils import DEFAULT_OPSET, check_onnx, export_onnx, input_specs, resolve_shapes
+from latency_tables.onnx_utils import (
+    DEFAULT_OPSET,
+    OnnxSource,
+    check_onnx,
+    export_onnx,
+    input_specs,
+    load_onnx_model,
+    resolve_shapes,
+)
 from search_spaces.errors import DetforgeError
 from search_spaces.io import atomic_write_bytes
 from search_spaces.model import Detector
@@ -48,7 +56,9 @@ class ExportReport:
     max_abs_output: float
     outputs: list[int | str]  # [N, 5 + nc] decoded, or ["K", 7] detections with in-graph NMS
     nms: dict | None = None  # the NmsSpec of an end-to-end export
-    nms_agreement: float | None = None  # share of detections ONNX Runtime and PyTorch agree on (verify_detections)
+    # share of detections ONNX Runtime and PyTorch agree on (verify_detections); None where neither side
+    # detected anything on the check batch (the NMS inputs were compared all the same: verify_nms_inputs)
+    nms_agreement: float | None = None
     engine: str | None = None  # a TensorRT engine built from the ONNX file (build_trt_engine)
     engine_precision: str | None = None
     engine_max_abs_diff: float | None = None  # engine vs PyTorch (verify_engine)
@@ -75,13 +85,24 @@ def _random_images(det: Detector, imgsz: int, batch: int, seed: int) -> Tensor:
     return torch.rand(batch, det.arch.in_channels, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
 
 
-def _torch_and_onnx(module: nn.Module, onnx_path: str | Path, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The first output of `module` (eval) and of the ONNX file on the batch `x`."""
+def _torch_and_onnx(module: nn.Module, onnx: str | Path | bytes, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The first output of `module` (eval) and of the ONNX model (a file or its bytes) on the batch `x`."""
     with torch.no_grad():
-        out = module.eval()(x)
-    ref = (out[0] if isinstance(out, (tuple, list)) else out).float().numpy()
-    sess = ort_session(Path(onnx_path))
+        out = module.eval()(x.to(_device(module)))
+    ref = (out[0] if isinstance(out, (tuple, list)) else out).float().cpu().numpy()
+    sess = ort_session(onnx if isinstance(onnx, bytes) else Path(onnx))
     return ref, sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _device(module: nn.Module) -> torch.device:
+    """Where the module's weights are (a model on a GPU is checked there; the ONNX side runs on the CPU)."""
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _name(onnx: OnnxSource, path: str | Path | None) -> str | Path | None:
+    """The file an error names: `path`, else the ONNX source itself where it is a file."""
+    return path if path is not None else (onnx if isinstance(onnx, (str, Path)) else None)
 
 
 # ONNX Runtime against PyTorch, both FP32: measured differences are up to ~3e-6 on scores and up to ~1.5e-5
@@ -113,13 +134,15 @@ def check_decoded_close(ref: np.ndarray, out: np.ndarray, path: str | Path | Non
     return box, score
 
 
-def verify_onnx(det: Detector, onnx_path: str | Path, imgsz: int, batch: int = 2, seed: int = 0) -> tuple[float, float]:
+def verify_onnx(det: Detector, onnx_path: str | Path | bytes, imgsz: int, batch: int = 2, seed: int = 0, *,
+                path: str | Path | None = None) -> tuple[float, float]:
     """Max abs difference between ONNX Runtime and PyTorch decoded outputs on a random batch, and the output scale.
 
-    Raises DetforgeError where they differ beyond FP32 noise (see `check_decoded_close`).
+    Raises DetforgeError where they differ beyond FP32 noise (see `check_decoded_close`); it names `path`, or
+    the ONNX file checked.
     """
     ref, out = _torch_and_onnx(det, onnx_path, _random_images(det, imgsz, batch, seed))
-    return max(check_decoded_close(ref, out, onnx_path)), float(np.abs(ref).max())
+    return max(check_decoded_close(ref, out, _name(onnx_path, path))), float(np.abs(ref).max())
 
 
 def export_detector(det: Detector, out: str | Path, imgsz: int | None = None, fuse: bool = False,
@@ -130,64 +153,82 @@ def export_detector(det: Detector, out: str | Path, imgsz: int | None = None, fu
     imgsz = imgsz or det.arch.imgsz
     if imgsz % max(det.strides):
         raise DetforgeError(f"imgsz {imgsz} is not a multiple of the largest stride {max(det.strides)}", field="imgsz")
-    model = copy.deepcopy(det).eval().float()
+    # Exported and verified in memory, written last: a failed check leaves whatever `out` held before.
+    model = copy.deepcopy(det).eval().float().cpu()
     if fuse:
         model.fuse()
     shape = (det.arch.in_channels, imgsz, imgsz)
+    nan = float("nan")
+    agree = None
     if nms is not None and nms.op == "trt":
-        trt_wrapped = EfficientNmsOutput(model, nms)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            export_onnx(trt_wrapped, shape, path=out, opset=opset, input_names=["images"],
-                        output_names=list(TRT_OUTPUTS), check=False)
-        check_onnx(Path(out), full_check=False)  # the plugin op has no ONNX schema to infer shapes with
-        diff, scale = verify_nms_inputs(model, out, imgsz) if verify else (float("nan"), float("nan"))
-        return ExportReport(path=str(out), imgsz=imgsz, opset=opset, fused=fuse, max_abs_diff=diff,
-                            max_abs_output=scale, outputs=list(TRT_OUTPUTS), nms=nms.to_dict())
-    if nms is not None:
+            data = export_onnx(EfficientNmsOutput(model, nms), shape, opset=opset, input_names=["images"],
+                               output_names=list(TRT_OUTPUTS), check=False)
+        check_onnx(data, full_check=False, path=out)  # the plugin op has no ONNX schema to infer shapes with
+        diff, scale = verify_nms_inputs(model, data, imgsz, path=out) if verify else (nan, nan)
+        outputs: list[int | str] = list(TRT_OUTPUTS)
+    elif nms is not None:
         wrapped = DetectionsOutput(model, nms)
         with warnings.catch_warnings():  # the NMS bounds become graph constants: exactly what is meant
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            export_onnx(wrapped, shape, path=out, opset=opset, input_names=["images"],
-                        output_names=["detections"], output_axes={"detections": {0: "detections"}}, check=False)
-        check_onnx(Path(out))
-        diff, scale, agree = (verify_detections(wrapped, out, imgsz) if verify
-                              else (float("nan"), float("nan"), float("nan")))
-        return ExportReport(path=str(out), imgsz=imgsz, opset=opset, fused=fuse, max_abs_diff=diff,
-                            max_abs_output=scale, outputs=["K", len(OUTPUT_COLUMNS)], nms=nms.to_dict(),
-                            nms_agreement=agree)
-    export_onnx(DecodedOutput(model), shape, path=out, opset=opset, input_names=["images"],
-                output_names=["output"], check=False)
-    check_onnx(Path(out))
-    diff, scale = verify_onnx(model, out, imgsz) if verify else (float("nan"), float("nan"))
-    n = sum(det.head.na * (imgsz // s) ** 2 for s in det.strides)
+            data = export_onnx(wrapped, shape, opset=opset, input_names=["images"], output_names=["detections"],
+                               output_axes={"detections": {0: "detections"}}, check=False)
+        check_onnx(data, path=out)
+        diff, scale = nan, nan
+        if verify:
+            # The detections alone may be empty on the check batch (a trained model finds nothing in noise),
+            # so what feeds the NMS is compared too.
+            diff, scale = verify_nms_inputs(model, data, imgsz, path=out)
+            det_diff, det_scale, agreement = verify_detections(wrapped, data, imgsz, path=out)
+            if not np.isnan(agreement):  # there were detections to compare
+                diff, scale, agree = max(diff, det_diff), max(scale, det_scale), agreement
+        outputs = ["K", len(OUTPUT_COLUMNS)]
+    else:
+        data = export_onnx(DecodedOutput(model), shape, opset=opset, input_names=["images"],
+                           output_names=["output"], check=False)
+        check_onnx(data, path=out)
+        diff, scale = verify_onnx(model, data, imgsz, path=out) if verify else (nan, nan)
+        outputs = [sum(det.head.na * (imgsz // s) ** 2 for s in det.strides), det.nc + 5]
+    atomic_write_bytes(out, data)
     return ExportReport(path=str(out), imgsz=imgsz, opset=opset, fused=fuse, max_abs_diff=diff,
-                        max_abs_output=scale, outputs=[n, det.nc + 5])
+                        max_abs_output=scale, outputs=outputs, nms=None if nms is None else nms.to_dict(),
+                        nms_agreement=agree)
 
 
-def verify_nms_inputs(det: Detector, onnx_path: str | Path, imgsz: int, batch: int = 2,
-                      seed: int = 0) -> tuple[float, float]:
-    """Max abs diff between ONNX Runtime and PyTorch at the inputs of a TensorRT NMS plugin node, and their scale.
+NMS_NODES = ("EfficientNMS_TRT", "NonMaxSuppression")  # TensorRT's plugin; the ONNX operator
 
-    ONNX Runtime cannot run the plugin, so the graph is cut just before it: everything the export computes
-    except the NMS itself (which TensorRT verifies when the engine is built; see verify_engine).
+
+def verify_nms_inputs(det: Detector, onnx_path: str | Path | bytes, imgsz: int, batch: int = 2,
+                      seed: int = 0, *, path: str | Path | None = None) -> tuple[float, float]:
+    """Max abs diff between ONNX Runtime and PyTorch at the boxes and scores an in-graph NMS takes, and their scale.
+
+    The graph is cut just before the NMS node: everything the export computes except the NMS itself.
+    ONNX Runtime cannot run TensorRT's plugin (TensorRT verifies it when the engine is built; see
+    verify_engine), and the ONNX operator's detections may be empty on a random batch (verify_detections).
     """
     import onnx
 
-    cut = onnx.load(str(onnx_path))
-    node = next((n for n in cut.graph.node if n.op_type == "EfficientNMS_TRT"), None)
-    if node is None:
-        raise DetforgeError("no EfficientNMS_TRT node in the graph", path=onnx_path)
-    cut.graph.node.remove(node)  # the plugin is the graph's last node: its inputs become the outputs
+    where = _name(onnx_path, path)
+    model = load_onnx_model(onnx_path)
+    k = next((i for i, n in enumerate(model.graph.node) if n.op_type in NMS_NODES), None)
+    if k is None:
+        raise DetforgeError(f"no NMS node ({' or '.join(NMS_NODES)}) in the graph", path=where)
+    node = model.graph.node[k]
+    cut = copy.deepcopy(model)
+    del cut.graph.node[k:]  # topological order: the nodes before the NMS make its inputs, none depends on it
     del cut.graph.output[:]
-    cut.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in node.input)
+    cut.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                            for n in node.input[:2])
     x = _random_images(det, imgsz, batch, seed)
     with torch.no_grad():
-        ref = [t.float().numpy() for t in boxes_and_scores(det.eval(), x)]
+        ref = [t.float().cpu().numpy() for t in boxes_and_scores(det.eval(), x.to(_device(det)))]
     sess = ort_session(cut.SerializeToString())
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-    # the plugin's inputs are boxes [B, N, 4] and scores [B, N, nc]: checked as the decoded output is
-    diff = max(check_decoded_close(np.concatenate(ref, -1), np.concatenate(out, -1), onnx_path))
+    boxes, scores = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    if node.op_type == "NonMaxSuppression":
+        scores = scores.transpose(0, 2, 1)  # the operator takes scores class-major: [B, nc, N]
+    # boxes [B, N, 4] and scores [B, N, nc]: checked as the decoded output is
+    diff = max(check_decoded_close(np.concatenate(ref, -1), np.concatenate([boxes, scores], -1), where))
     return diff, max(float(np.abs(r).max()) for r in ref)
 
 
@@ -196,19 +237,20 @@ def _sorted_rows(d: np.ndarray) -> np.ndarray:
     return d[np.lexsort((-d[:, 5], d[:, 6], d[:, 0]))] if len(d) else d
 
 
-def verify_detections(wrapped: DetectionsOutput, onnx_path: str | Path, imgsz: int, batch: int = 2,
-                      seed: int = 0) -> tuple[float, float, float]:
+def verify_detections(wrapped: DetectionsOutput, onnx_path: str | Path | bytes, imgsz: int, batch: int = 2,
+                      seed: int = 0, *, path: str | Path | None = None) -> tuple[float, float, float]:
     """ONNX Runtime's vs PyTorch's detections on a random batch: max abs diff of matched rows, scale, agreement.
 
     Agreement is the share of rows (of the larger set) that the other side has too, within 1e-3 of the
     output scale. Below 1 only where scores nearly tie (an untrained model): fused and reference outputs
     differ by ~1e-5 and NMS may then keep a different one of two equal boxes. Below NMS_MIN_AGREEMENT, with
-    more than NMS_MAX_TIES rows differing, no tie explains it and the export is refused.
+    more than NMS_MAX_TIES rows differing, no tie explains it and the export is refused. Where neither side
+    detects anything, nothing was compared: all three are NaN.
     """
     ref, out = _torch_and_onnx(wrapped, onnx_path, _random_images(wrapped.det, imgsz, batch, seed))
     ref, out = _sorted_rows(ref), _sorted_rows(out)
     if len(ref) == 0 and len(out) == 0:
-        return 0.0, 0.0, 1.0
+        return float("nan"), float("nan"), float("nan")
     scale = float(max(np.abs(ref).max(initial=0.0), np.abs(out).max(initial=0.0)))
     if len(ref) and len(out):
         nearest = np.abs(out[:, None, :] - ref[None, :, :]).max(-1).min(1)  # each ONNX row's closest PyTorch row
@@ -220,7 +262,8 @@ def verify_detections(wrapped: DetectionsOutput, onnx_path: str | Path, imgsz: i
     agreement = float(matched.sum()) / n
     if agreement < NMS_MIN_AGREEMENT and n - int(matched.sum()) > NMS_MAX_TIES:
         raise DetforgeError(f"the export's detections do not match PyTorch's: {agreement:.0%} of {len(ref)} "
-                            f"(PyTorch) and {len(out)} (ONNX Runtime) rows agree", path=onnx_path, field="export")
+                            f"(PyTorch) and {len(out)} (ONNX Runtime) rows agree", path=_name(onnx_path, path),
+                             field="export")
     return diff, scale, agreement
 
 
@@ -258,20 +301,38 @@ def run_engine(engine_path: str | Path, inputs: dict[str, np.ndarray]) -> list[n
         runner.close()
 
 
+# An engine against PyTorch: fp16 (and TF32 in fp32 builds) rounds differently, by amounts not yet measured on a
+# GPU here, so only a gross mismatch (a wrong decode, a dropped layer) is refused; int8 is checked for finite
+# outputs only.
+ENGINE_TOLERANCE = {"box_atol": 1.0, "box_rtol": 0.02, "score_atol": 0.05}
+
+
 def verify_engine(det: Detector, engine_path: str | Path, imgsz: int, nms: NmsSpec | None = None,
-                  batch: int = 1, seed: int = 0) -> tuple[float, float | None]:
+                  batch: int = 1, seed: int = 0, precision: str = "fp16") -> tuple[float, float | None]:
     """TensorRT engine vs PyTorch on a random batch: max abs diff, and with TensorRT NMS the agreement.
 
-    Decoded exports compare the whole `[B, N, 5 + nc]` output. EfficientNMS exports compare the detections
-    of the images whose count agrees (agreement: the share of such images; near-ties may flip in fp16).
+    Decoded exports compare the whole `[B, N, 5 + nc]` output and refuse a non-finite one, or (fp32, fp16)
+    one beyond ENGINE_TOLERANCE. EfficientNMS exports compare the detections of the images whose count
+    agrees (agreement: the share of such images; near-ties may flip in fp16).
     """
+    if nms is not None and nms.op != "trt":
+        raise DetforgeError("an engine is built from a decoded or EfficientNMS export; the ONNX NonMaxSuppression "
+                            "output has a data-dependent shape TensorRT cannot bind (use --nms-op trt)",
+                            path=engine_path, field="engine")
     x = _random_images(det, imgsz, batch, seed)
     outs = run_engine(engine_path, {"images": x.numpy()})
-    model = copy.deepcopy(det).eval().float()
+    if not all(np.isfinite(o).all() for o in outs):
+        raise DetforgeError("the engine's outputs are not finite (NaN or inf) on the check batch",
+                            path=engine_path, field="engine")
+    model = copy.deepcopy(det).eval().float().cpu()
     with torch.no_grad():
-        if nms is None or nms.op != "trt":
+        if nms is None:
             ref = model(x)[0].numpy()
-            return float(np.abs(outs[0] - ref).max()), None
+            if precision == "int8":
+                return float(np.abs(outs[0] - ref).max()), None
+            box, score = check_decoded_close(ref, outs[0], engine_path, field="engine",
+                                             what="the engine does not match PyTorch", **ENGINE_TOLERANCE)
+            return max(box, score), None
         num, boxes, scores, classes = (t.float().numpy() for t in EfficientNmsOutput(model, nms)(x))
     same = [b for b in range(batch) if int(outs[0][b, 0]) == int(num[b, 0])]
     diffs = []  # nan when no image's count agrees: nothing was compared

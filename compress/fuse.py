@@ -28,11 +28,12 @@ def fuse_detector(det: Detector, imgsz: int | None = None, *, check_imgsz: int |
     size = check_imgsz or 2 * max(det.strides)
     src = copy.deepcopy(det).eval()
     implicit = _implicit_layers(src)
-    fused = (src.deploy() if src.form == "training" else copy.deepcopy(src)).eval()
+    device = next(src.parameters()).device
+    # deploy() builds the new model on the CPU: it goes where the source is, so a GPU model is checked there
+    fused = (src.deploy() if src.form == "training" else copy.deepcopy(src)).to(device).eval()
     counts = _fusable(fused)
     fused.fuse()
 
-    device = next(src.parameters()).device
     x = torch.rand(2, det.arch.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     ref, out = src(x)[0].float(), fused(x)[0].float()
     diff = max(check_decoded_close(ref.cpu().numpy(), out.cpu().numpy(), field="fuse",

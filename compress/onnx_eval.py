@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from latency_tables.onnx_utils import check_onnx
+from search_spaces.errors import DetforgeError
 from trainer.evaluate import EvalResult, evaluate
 
 from .export import ort_session
@@ -23,6 +24,11 @@ class OnnxDetector(nn.Module):
         self.path = str(path)
         self.session = ort_session(Path(path), threads)
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        if len(self.session.get_outputs()) != 1 or len(out.shape) != 3:  # an end-to-end (--nms) export
+            shapes = [o.shape for o in self.session.get_outputs()]
+            raise DetforgeError(f"evaluating needs the decoded output [batch, boxes, 5 + classes]; this model puts "
+                                f"out {shapes} (an export with in-graph NMS): export it without --nms",
+                                path=path, field="model")
         self.input_name = inp.name
         dims = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
         self.imgsz = dims[-1] if len(dims) == 4 and dims[-1] == dims[-2] else None  # None: dynamic

@@ -6,6 +6,7 @@ import argparse
 from nas.output import emit, format_table
 from search_spaces import list_models, load_model, resolve_arch, save_model
 from search_spaces.convert import load_official_into, read_official_checkpoint
+from search_spaces.errors import ConfigError
 from search_spaces.model import Detector
 from search_spaces.stats import model_stats
 
@@ -86,10 +87,14 @@ def run_export(args: argparse.Namespace) -> None:
     det = load_model(args.model)
     nms = NmsSpec(iou=args.nms_iou, conf=args.nms_conf, max_det=args.max_det, op=args.nms_op) \
         if args.nms or args.nms_op == "trt" else None
+    if args.engine and nms is not None and nms.op != "trt":
+        raise ConfigError("an engine needs a decoded export or --nms-op trt: the ONNX NonMaxSuppression output has "
+                          "a data-dependent shape TensorRT cannot bind", field="engine")
     report = export_detector(det, args.out, args.imgsz, fuse=args.fuse, opset=args.opset, nms=nms)
     if args.engine:
         engine = build_trt_engine(args.out, args.engine, precision=args.engine_precision, max_batch=args.max_batch)
-        diff, agree = verify_engine(det, engine, report.imgsz, nms=nms, batch=args.max_batch)
+        diff, agree = verify_engine(det, engine, report.imgsz, nms=nms, batch=args.max_batch,
+                                    precision=args.engine_precision)
         report.engine, report.engine_precision = str(engine), args.engine_precision
         report.engine_max_abs_diff, report.engine_agreement = diff, agree
     emit(report.to_dict(), args.json)

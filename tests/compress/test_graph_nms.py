@@ -75,6 +75,21 @@ def test_end_to_end_export_matches_pytorch(tmp_path, capsys):
     assert (dets[:, 3] >= dets[:, 1]).all() and (dets[:, 4] >= dets[:, 2]).all()
     _, counts = np.unique(dets[:, [0, 6]], axis=0, return_counts=True)
     assert counts.max() <= 5
+    from compress.onnx_eval import OnnxDetector
+
+    with pytest.raises(DetforgeError, match="without --nms"):  # its 7 columns are no decoded output of 2 classes
+        OnnxDetector(out)
+    decoded = tmp_path / "decoded.onnx"
+    assert main(["export", str(model), "--imgsz", "64", "--out", str(decoded)]) == 0
+    assert OnnxDetector(decoded).nc == 3
+    capsys.readouterr()
+    # an engine cannot bind the ONNX operator's data-dependent output: refused before anything is written
+    engine = tmp_path / "e2e.engine"
+    assert main(["export", str(model), "--imgsz", "64", "--nms", "--engine", str(engine),
+                 "--out", str(tmp_path / "other.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--nms-op trt" in err
+    assert not engine.exists() and not (tmp_path / "other.onnx").exists()
 
 
 def test_bad_spec_is_a_config_error():
@@ -163,6 +178,29 @@ def test_an_nms_export_of_other_weights_is_refused(tmp_path):
     assert verify_detections(DetectionsOutput(exported.eval(), spec), onnx_path, 64)[2] >= 0.5
     with pytest.raises(DetforgeError, match="detections do not match"):
         verify_detections(DetectionsOutput(other.eval(), spec), onnx_path, 64)
+    with pytest.raises(DetforgeError, match="does not match"):
+        verify_nms_inputs(other, onnx_path, 64)  # the boxes and scores the ONNX operator takes
     trt_path = export_detector(exported, tmp_path / "trt.onnx", 64, nms=NmsSpec(op="trt", max_det=5)).path
     with pytest.raises(DetforgeError, match="does not match"):
         verify_nms_inputs(other, trt_path, 64)
+
+
+def test_an_nms_export_with_no_detections_on_the_check_batch_still_compares_its_inputs(tmp_path, monkeypatch):
+    from compress import export
+
+    det = load_model("yolov7-tiny", form="deploy", nc=3)
+    randomize(det, seed=0)
+    spec = NmsSpec(conf=0.999, max_det=5)  # nothing scores that high on random images
+    rep = export.export_detector(det, tmp_path / "e2e.onnx", 64, nms=spec)
+    assert rep.nms_agreement is None  # no detection on either side: nothing to agree on...
+    assert 0 < rep.max_abs_output and rep.max_abs_diff <= 1e-3 * rep.max_abs_output  # ...the NMS inputs compared
+    # a failed check leaves the file that was there before: the export is written only once verified
+    before = (tmp_path / "e2e.onnx").read_bytes()
+    monkeypatch.setattr(export, "verify_nms_inputs", _refuse)
+    with pytest.raises(DetforgeError, match="refused"):
+        export.export_detector(det, tmp_path / "e2e.onnx", 64, nms=NmsSpec(conf=0.5, max_det=5))
+    assert (tmp_path / "e2e.onnx").read_bytes() == before
+
+
+def _refuse(*args, **kwargs):
+    raise DetforgeError("refused by the test")
