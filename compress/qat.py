@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from torch.ao.quantization import (
 )
 from torch.overrides import TorchFunctionMode
 
-from search_spaces.errors import ConfigError
+from search_spaces.errors import CheckpointError, ConfigError
 from search_spaces.io import atomic_torch_save, atomic_write_bytes
 from search_spaces.model import Detector
 from search_spaces.modes import temporary_mode
@@ -300,8 +301,26 @@ class FreezeObservers(Callback):
             self._freeze(trainer)
 
 
+QAT_RUN_KEYS = ("model", "data", "imgsz", "epochs", "batch")  # a QAT run resumes only the same run
+
+
 class QatTrainer(Trainer):
     """The Trainer on a fake-quantized model, whose checkpoints are last.pt only."""
+
+    def model_identity(self) -> dict[str, Any]:
+        # its learning rate too: `--qat-lr-scale` is not a TrainConfig field
+        return {**super().model_identity(), "qat_lr0": self.hyp.lr0}
+
+    def check_resume(self, checkpoint: Mapping[str, Any], path: Path) -> None:
+        """Refuse a last.pt of a QAT run with another model, data, size, schedule or learning rate."""
+        theirs, mine = checkpoint.get("config") or {}, self.cfg.to_dict()
+        diff = [k for k in QAT_RUN_KEYS if theirs.get(k) != mine.get(k)]
+        lr0 = checkpoint.get("qat_lr0")
+        if lr0 is not None and not math.isclose(lr0, self.hyp.lr0, rel_tol=1e-9):
+            diff.append("qat_lr_scale")
+        if diff:
+            raise CheckpointError(f"holds an interrupted QAT run with other settings ({', '.join(diff)}): remove it "
+                                  "or choose another --out", path=path, field=diff[0])
 
     def save_checkpoint(self, epoch: int) -> None:
         # a fake-quantized model is not an architecture + weights pair; its deliverable is the QDQ ONNX

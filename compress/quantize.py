@@ -95,12 +95,12 @@ def calibration_images(source: str | Path, imgsz: int, n: int = 256, seed: int =
 
 
 def _readable(path: Path) -> bool:
-    """True if PIL can identify and verify the file (cheap: no full decode)."""
+    """True if PIL decodes the whole file (verify() alone passes a truncated JPEG, which fails in calibration)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.load()
         return True
     except (OSError, SyntaxError, ValueError):  # PIL's ways of saying "not an image" / "corrupt"
         return False

@@ -294,12 +294,10 @@ def _backend(backend: Any, threads: int | None, measure_config: Any) -> Any:
     """A latency backend from a name (None: no measurement)."""
     if backend is None or not isinstance(backend, str):
         return backend
-    from latency_tables.backends import get_backend
+    from latency_tables.table import make_backend
 
-    kw: dict[str, Any] = {"threads": threads}
-    if measure_config is not None:
-        kw["config"] = measure_config
-    return get_backend(backend, **kw)
+    kw: dict[str, Any] = {} if measure_config is None else {"config": measure_config}
+    return make_backend(backend, threads=threads, **kw)
 
 
 def front_table(entries: Sequence[FrontEntry]) -> list[dict[str, Any]]:

@@ -151,13 +151,15 @@ class PipelineConfig:
                     "search.bn_batches": self.search.bn_batches, "latency.min_runs": self.latency.min_runs,
                     "synthetic.classes": self.synthetic.classes, "synthetic.imgsz": self.synthetic.imgsz,
                     "search.val_batches": 1 if self.search.val_batches is None else self.search.val_batches,
-                    "baselines.epochs": 1 if self.baselines.epochs is None else self.baselines.epochs}
+                    "baselines.epochs": 1 if self.baselines.epochs is None else self.baselines.epochs,
+                    # every compression step trains (the Trainer needs an epoch); a step is skipped by disabling it
+                    "finetune.epochs": self.finetune.epochs, "prune.finetune_epochs": self.prune.finetune_epochs,
+                    "distill.epochs": self.distill.epochs}
         for key, v in positive.items():
             if v < 1:
                 raise ConfigError(f"must be >= 1, got {v}", path=path, field=key)
         counts = {"workers": self.workers, "supernet.n_random": self.supernet.n_random,
-                  "finetune.epochs": self.finetune.epochs, "prune.finetune_epochs": self.prune.finetune_epochs,
-                  "distill.epochs": self.distill.epochs, "latency.fit_models": self.latency.fit_models}
+                  "latency.fit_models": self.latency.fit_models}
         for key, v in counts.items():
             if v < 0:
                 raise ConfigError(f"must be >= 0, got {v}", path=path, field=key)

@@ -30,7 +30,8 @@ def data(p: Pipeline) -> dict[str, Any]:
 
 def latency_table(p: Pipeline, d: dict[str, Any]) -> dict[str, Any]:
     """Load the configured table, or build one for the space on this device (resumable)."""
-    from latency_tables import LatencyTable, MeasurementConfig, get_backend
+    from latency_tables import LatencyTable, MeasurementConfig
+    from latency_tables.table import make_backend
 
     c = p.cfg
     if c.latency.table:
@@ -41,7 +42,7 @@ def latency_table(p: Pipeline, d: dict[str, Any]) -> dict[str, Any]:
         space = load_space(c.space).with_nc(d["nc"])
         protocol = MeasurementConfig(min_runs=c.latency.min_runs, max_runs=max(1000, c.latency.min_runs),
                                      max_time_s=c.latency.max_time_s, warmup=min(10, c.latency.min_runs))
-        backend = get_backend(c.latency.backend, threads=c.latency.threads, config=protocol)
+        backend = make_backend(c.latency.backend, threads=c.latency.threads, config=protocol)
         table = LatencyTable.build(space, backend, c.imgsz, path, fit_models=c.latency.fit_models)
     return {"path": str(path), "entries": len(table), "backend": table.backend, "files": [str(path)]}
 

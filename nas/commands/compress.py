@@ -37,8 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quantize", help="INT8 QDQ ONNX (ONNX Runtime static quantization) calibrated on real images")
     q.add_argument("model", help="an FP32 .onnx, or a model (exported fused to ONNX first)")
     q.add_argument("--data", help="calibration images: an image directory, list file or data.yaml (train split)")
-    q.add_argument("--calib", type=int, default=256, help="calibration images (default 256)")
-    q.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="entropy")
+    q.add_argument("--calib", type=int, default=256,
+                   help="calibration images (default 256; QAT calibrates on 8 training batches instead)")
+    q.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="entropy",
+                   help="calibration method of post-training quantization (QAT observes min/max ranges)")
     q.add_argument("--target", choices=["cpu", "trt"], default="cpu",
                    help="cpu: uint8 activations (ORT kernels); trt: symmetric int8 (TensorRT)")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
@@ -52,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--qat-epochs", type=int, default=0,
                    help="quantization-aware finetuning for this many epochs on --data instead of PTQ "
                         "(MODEL must be a model, not an .onnx)")
-    q.add_argument("--qat-lr-scale", type=float, default=0.1, help="QAT learning rate / the training lr0")
+    q.add_argument("--qat-lr-scale", type=float, default=0.1, help="QAT learning rate / the training lr0 (an "
+                   "interrupted QAT run at --out resumes only with the same model, data, size, epochs and rate)")
     q.add_argument("--batch", type=int, default=16, help="QAT batch size")
     q.add_argument("--device", default="auto", help="QAT device")
     q.add_argument("--out", required=True, help="output .onnx")
@@ -76,6 +79,9 @@ def run_prune(args: argparse.Namespace) -> None:
         from latency_tables import LatencyTable
 
         table = LatencyTable.load(args.table)
+        if table.imgsz != imgsz:  # the budget would hold at the table's size, not the model's
+            raise ConfigError(f"the table is measured at {table.imgsz} px and the model prunes for {imgsz} px "
+                              "(give --imgsz or a table of that size)", path=args.table, field="imgsz")
 
         def predict(arch: Any) -> float:  # widths the table lacks are measured once and kept in it
             return table.predict(arch, measure_missing=True)
@@ -173,12 +179,20 @@ def _run_qat(args: argparse.Namespace, out: Path) -> None:
     if Path(args.model).suffix == ".onnx":
         raise ConfigError("QAT trains the model: give a model directory or zoo name, not an .onnx",
                           path=args.model, field="qat_epochs")
+    # what post-training quantization takes and QAT does not do (its export is ORT CPU's uint8 QDQ)
+    unsupported = {"target": args.target != "cpu", "engine": bool(args.engine), "per_tensor": args.per_tensor,
+                   "sensitive": bool(args.sensitive)}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
+        raise ConfigError(f"{flags} apply to post-training quantization; --qat-epochs exports per-channel QDQ "
+                          "for ONNX Runtime on the CPU (leave --qat-epochs out to use them)", field=bad[0])
     det = load_model(args.model)
     imgsz = args.imgsz or det.arch.imgsz
     run_dir = out.with_name(out.name.removesuffix(".onnx") + "_qat")
     cfg = TrainConfig(model=str(args.model), data=args.data, out=str(run_dir), epochs=args.qat_epochs, imgsz=imgsz,
                       batch=args.batch, device=args.device, resume=(run_dir / "last.pt").is_file())
-    qat, report = qat_finetune(det, cfg, lr_scale=args.qat_lr_scale)
+    qat, report = qat_finetune(det, cfg, lr_scale=args.qat_lr_scale, exclude=args.exclude)
     export_qat(qat.cpu(), out, imgsz)
     result = {"path": str(out), "method": "qat", "run": str(run_dir), **report.to_dict(),
               "qdq": qdq_counts(load_onnx_model(out))}

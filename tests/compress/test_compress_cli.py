@@ -30,6 +30,22 @@ def test_prune_cli_errors(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
 
 
+def test_prune_to_a_latency_refuses_a_table_of_another_size(tmp_path, capsys):
+    from latency_tables import LatencyTable
+    from latency_tables.backends import get_backend
+
+    det = build(AUX)
+    save_model(det, tmp_path / "m")
+    be = get_backend("ort-cpu", threads=2)
+    table = LatencyTable(fingerprint=be.fingerprint(1), backend=be.name, imgsz=2 * det.arch.imgsz, batch=1,
+                         precision="fp32", threads=2, fused=True).save(tmp_path / "t.json")
+    out = tmp_path / "o"
+    assert main(["prune", str(tmp_path / "m"), "--latency-ms", "3", "--table", str(table), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "imgsz" in err and str(table) in err
+    assert not out.exists()
+
+
 def test_quantize_cli_from_a_model_dir(tmp_path, capsys):
     save_model(build(AUX), tmp_path / "m")
     write_images(tmp_path / "images", 3)

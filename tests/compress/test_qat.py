@@ -96,6 +96,18 @@ def test_cli_qat_finetunes_and_exports(det, tmp_path, capsys):
     assert y.shape[-1] == 5 + 3 and np.isfinite(y).all()
     assert main(["quantize", str(out), "--data", str(data), "--qat-epochs", "1", "--out",
                  str(tmp_path / "x.onnx")]) == 2
+    capsys.readouterr()
+    before = out.read_bytes()
+    # the run at this --out resumes only itself: another learning rate is refused, not continued
+    assert main(["quantize", str(model), "--data", str(data), "--qat-epochs", "1", "--imgsz", "64", "--batch", "4",
+                 "--device", "cpu", "--qat-lr-scale", "0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "qat_lr_scale" in err and "q_qat" in err
+    # flags of post-training quantization are refused, not ignored
+    assert main(["quantize", str(model), "--data", str(data), "--qat-epochs", "1", "--target", "trt",
+                 "--out", str(out)]) == 2
+    assert "--target" in capsys.readouterr().err
+    assert out.read_bytes() == before
 
 
 def test_each_tensor_is_quantized_once_where_it_is_made(det):

@@ -40,6 +40,21 @@ def images(tmp_path_factory):
     return folder
 
 
+def test_calibration_skips_a_truncated_jpeg(tmp_path):
+    import io
+
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    write_images(folder, 3)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (folder / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # a copy cut short
+    calib = calibration_images(folder, IMGSZ, n=10)
+    assert len(calib) == 3 and calib.skipped == 1  # it passes PIL's verify(), but cannot be decoded
+    assert all(calib[i].shape == (1, 3, IMGSZ, IMGSZ) for i in range(len(calib)))
+
+
 def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {out: n for n in model.graph.node for out in n.output}
 

@@ -106,6 +106,8 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path):
     ({"latency": {"min_runs": 0}}, "latency.min_runs"), ({"baselines": {"epochs": 0}}, "baselines.epochs"),
     ({"latency": {"fit_models": -1}}, "latency.fit_models"),
     ({"synthetic": {"classes": 0}}, "synthetic.classes"),
+    ({"finetune": {"epochs": 0}}, "finetune.epochs"),  # the Trainer would refuse it after the search
+    ({"prune": {"enabled": True, "finetune_epochs": 0}}, "prune.finetune_epochs"),
 ])
 def test_bad_config_fails_before_any_work(over, field, tmp_path, capsys):
     cfg = _config(tmp_path, **over)
@@ -262,3 +264,15 @@ def test_the_report_depends_on_this_runs_stages_not_an_earlier_configs(tmp_path,
     p.records["model:zzz"] = StageRecord("model:zzz", "0" * 16, {}, 1.0)  # a model an earlier front chose
     p.run()
     assert reports == [1]  # nothing this run depends on changed: the report is not written again
+
+
+def test_a_tensorrt_table_on_a_machine_without_it_is_one_error_line(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    if torch.cuda.is_available():
+        pytest.skip("this machine may run TensorRT: the stage would measure, not fail")
+    cfg = _config(tmp_path, latency={"backend": "tensorrt", "threads": 1, "min_runs": 3, "max_time_s": 0.5})
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()  # the data stage's progress bar, then the error
+    # the backend is made as a table records it (TensorRT takes no thread count): no TypeError traceback
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("detforge: error: backend:") and "TensorRT" in last, err
