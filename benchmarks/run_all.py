@@ -16,6 +16,7 @@ HERE = Path(__file__).parent
 FULL = [
     ["zoo_stats.py"],
     ["predict_speed.py"],
+    ["table_build_speed.py"],
     ["latency_validate.py"],
     ["train_synthetic.py", "--model", "yolov7-tiny", "--imgsz", "320", "--minutes", "30"],
     ["compress_synthetic.py", "--model", "runs/bench/train_synthetic/model", "--finetune-epochs", "1"],
@@ -36,6 +37,7 @@ FULL = [
 QUICK = [
     ["zoo_stats.py"],
     ["predict_speed.py", "--n", "20", "--repeats", "1"],
+    ["table_build_speed.py", "--imgsz", "64", "--fit-models", "2"],
     ["train_synthetic.py", "--train", "64", "--val", "16", "--imgsz", "128", "--minutes", "1", "--epochs", "2",
      "--data-dir", "runs/bench/quick-data", "--out", "runs/bench/quick-train"],
     ["compress_synthetic.py", "--model", "runs/bench/quick-train/model", "--data", "runs/bench/quick-data/data.yaml",
