@@ -152,6 +152,8 @@ class Architecture:
 
     def with_nc(self, nc: int) -> Architecture:
         """The same architecture for another number of classes."""
+        if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+            raise ConfigError(f"must be an integer >= 1, got {nc!r}", field="nc")
         arch = self.copy()
         arch.nc = nc
         return arch
@@ -207,10 +209,14 @@ class Architecture:
 
     def validate(self, path: str | None = None) -> None:
         """Check block arguments, references, resolutions and the head (raises ConfigError)."""
+        for name, v in (("imgsz", self.imgsz), ("in_channels", self.in_channels)):
+            if v < 1:
+                raise ConfigError(f"must be >= 1, got {v}", path=path, field=name)
         for i, layer in enumerate(self.layers):
             validate_block_args(layer.block, layer.args, where=self._where(i), path=path)
             if layer.act is not None and layer.act not in ACTIVATIONS:
                 raise ConfigError(f"unknown activation '{layer.act}'", path=path, field=self._where(i) + ".act")
+            _check_geometry(layer.block, layer.args, self._where(i), path)
         strides = self.strides(path)
         lead, aux = self.head_indices(path)
         hs = [strides[i] for i in lead]
@@ -235,6 +241,11 @@ class Architecture:
             if any(len(a) != len(anchors[0]) or len(a) % 2 or not a for a in anchors):
                 raise ConfigError("each level needs the same even number of values (w,h pairs)", path=path,
                                   field="head.anchors")
+            if any(v <= 0 for a in anchors for v in a):
+                raise ConfigError("anchor sizes must be > 0 (pixels)", path=path, field="head.anchors")
+        if self.imgsz % max(hs):  # the feature maps of the levels would not line up at concat
+            raise ConfigError(f"must be a multiple of the largest head stride {int(max(hs))}, got {self.imgsz}",
+                              path=path, field="imgsz")
 
     # ---- forms -------------------------------------------------------------------------------------------
     def deploy_layers(self) -> list[int]:
@@ -297,6 +308,20 @@ def _name_implicit_refs(src: Architecture, dst: Architecture, keep: list[int], p
         target = dst.layers[new_pos[prev]]
         target.name = target.name or f"layer{prev}"
         layer.inputs = [target.name]
+
+
+def _check_geometry(block: str, args: dict[str, Any], where: str, path: str | None) -> None:
+    """Kernels and pools that keep the size `strides()` assumes: out = in / stride exactly (a concat needs it)."""
+    if block in ("conv", "repconv", "ghostconv") and args.get("p") is None:
+        for key in ("k", "dw_k"):  # padded by k // 2: an even kernel grows the map by one
+            if key in args and args[key] % 2 == 0:
+                raise ConfigError(f"an even kernel ({args[key]}) changes the feature size (padding k // 2); use "
+                                  "an odd one, or give p", path=path, field=f"{where}.{key}")
+    if block == "maxpool":
+        k, s = args.get("k", 2), args.get("s", 2)
+        if not (k == s or (s == 1 and k % 2)):  # padded only at stride 1 (by k // 2)
+            raise ConfigError(f"maxpool k={k} s={s} does not divide the feature size by {s}: use k = s, or s = 1 "
+                              "with an odd k", path=path, field=f"{where}.k")
 
 
 def _block_stride(layer: LayerSpec) -> float:

@@ -46,6 +46,18 @@ def map_official_state_dict(sd: dict[str, Tensor], det: Detector) -> tuple[dict[
     return mapped, unexpected, missing
 
 
+def checkpoint_nc(sd: dict[str, Tensor], det: Detector) -> int | None:
+    """The class count of an official state dict, from its first lead output conv (na x (5 + nc) outputs)."""
+    layer_map = official_layer_map(det)
+    for key, value in sd.items():
+        m = _OFFICIAL_KEY.match(key)
+        prefix = layer_map.get(int(m.group(1))) if m else None
+        if prefix and f"{prefix}.{m.group(2)}" == "head.m.0.weight":
+            rows, na = int(value.shape[0]), det.head.na
+            return rows // na - 5 if rows % na == 0 and rows // na > 5 else None
+    return None
+
+
 def load_official_into(det: Detector, sd: dict[str, Tensor], source: str = "checkpoint") -> Detector:
     """Load an official state dict into `det`, failing clearly on any unmapped or missing key."""
     mapped, unexpected, missing = map_official_state_dict(sd, det)
@@ -55,6 +67,10 @@ def load_official_into(det: Detector, sd: dict[str, Tensor], source: str = "chec
             detail.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
         if missing:
             detail.append(f"{len(missing)} missing (first: {missing[0]})")
+        theirs = checkpoint_nc(sd, det)
+        if theirs is not None and theirs != det.nc:  # the usual cause: a model trained on another dataset
+            raise CheckpointError(f"was trained for nc={theirs} classes, {det.arch.name} is built for {det.nc}: "
+                                  f"pass --nc {theirs}", path=source, field="nc")
         raise CheckpointError(f"does not match {det.arch.name} ({det.form} form): " + ", ".join(detail),
                               path=source)
     det.load_state_dict(mapped, strict=True)

@@ -33,7 +33,7 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
     fused.weight.copy_(w)
     fused.bias.copy_(b)
-    return fused.to(conv.weight.device)
+    return fused.to(device=conv.weight.device, dtype=conv.weight.dtype)  # a half model stays half
 
 
 @torch.no_grad()

@@ -867,7 +867,8 @@ def _parse_stages(raw: Any, section: str, stages: list[str], downs: tuple[str, .
     checks: dict[str, Callable[[Any], str | None]] = {
         "block": _one_of(ELAN_BLOCKS), "depth": _pos_int, "tap": _pos_int, "width": _fraction,
         "down": _one_of(downs), "out": _even_channels,
-        "mid": lambda v: None if v == "width" or not _fraction(v) else "expected 'width' or a fraction",
+        # 'width' only as the whole value (handled below): as one choice among fractions it is no channel ratio
+        "mid": lambda v: None if not _fraction(v) else "expected 'width' (alone) or fractions",
     }
     defaults = {"block": "elan", "depth": 2, "tap": 1, "width": 0.5, "mid": "width"}
     for stage in stages:

@@ -108,7 +108,7 @@ class RepConv(nn.Module):
         conv = nn.Conv2d(self.c1, self.out_channels, self.k, self.s, self.k // 2, groups=self.g, bias=True)
         conv.weight.copy_(w)
         conv.bias.copy_(b)
-        self.rbr_reparam = conv.to(w.device)
+        self.rbr_reparam = conv.to(device=w.device, dtype=self.rbr_dense[0].weight.dtype)  # a half model stays half
         self.rbr_dense = None
         self.rbr_1x1 = None
         self.rbr_identity = None

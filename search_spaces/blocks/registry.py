@@ -56,6 +56,10 @@ def validate_block_args(block: str, args: dict[str, Any], *, where: str, path: s
         if not type_ok(value, hint):
             raise ConfigError(f"expected {type_name(hint)}, got {type(value).__name__} {value!r}", path=path,
                               field=f"{where}.{key}")
+        low = 0 if key == "p" else 1  # sizes, strides, kernels, groups, scales: a 0 divides by zero downstream
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and v < low:
+                raise ConfigError(f"must be >= {low}, got {value!r}", path=path, field=f"{where}.{key}")
     for key, p in entry.params.items():
         if p.default is inspect.Parameter.empty and key not in args:
             raise ConfigError(f"missing required argument of block '{block}'", path=path, field=f"{where}.{key}")

@@ -83,6 +83,7 @@ INVALID = [  # (key to change, new value, field the error must name)
     ("head.type", ["iauxdetect"], "head.type"),
     ("nc", 0, "nc"),
     ("spp.block", "spp", "spp.block"),
+    ("neck.mid", ["width", 0.5], "neck.mid"),  # 'width' is the whole value or nothing: a TypeError before
 ]
 
 

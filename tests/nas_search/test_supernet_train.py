@@ -453,13 +453,13 @@ def test_a_budget_pins_the_input_size_to_the_tables(shared, tmp_path):
     from search_spaces.space import Decision
 
     space = load_space("tiny")  # a space whose input sizes do not include the table's (as the default at 128)
-    space = dataclasses.replace(space, decisions={**space.decisions, "imgsz": Decision("imgsz", (96, 160), "imgsz")})
+    space = dataclasses.replace(space, decisions={**space.decisions, "imgsz": Decision("imgsz", (128, 192), "imgsz")})
     region = FeasibleRegion.from_table(shared.table, space, 1e9, nc=NC)
     tr = SupernetTrainer(_cfg(shared, tmp_path, epochs=1), model=Supernet(space, nc=NC), region=region)
     roles = tr.sandwich()
     assert {d["imgsz"] for _, d in roles} == {IMGSZ} and tr.arch(roles[-1][1]).imgsz == IMGSZ
     with pytest.raises(ConfigError, match="imgsz"):
-        SupernetTrainer(TrainConfig(data=str(shared.data), out=str(tmp_path), imgsz=96, batch=8, workers=0),
+        SupernetTrainer(TrainConfig(data=str(shared.data), out=str(tmp_path), imgsz=128, batch=8, workers=0),
                         model=Supernet(space, nc=NC), region=region)
 
 

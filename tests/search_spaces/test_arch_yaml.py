@@ -60,11 +60,32 @@ def _edit_top_key(d):
     d["depth_multiple"] = 0.33
 
 
+def _edit_pool_geometry(d):
+    d["backbone"][3].update(k=3, s=2)  # unpadded at stride 2: 80 -> 39, not the 40 the strides assume
+
+
+def _edit_even_kernel(d):
+    d["backbone"][1]["k"] = 4  # padded by 2: the map grows by one and the concats no longer line up
+
+
+def _edit_zero_scale(d):
+    d["neck"][2]["scale"] = 0  # a ZeroDivisionError in the stride bookkeeping before
+
+
+def _edit_imgsz(d):
+    d["imgsz"] = 650  # a RuntimeError in the first concat before (80 vs 81)
+
+
+def _edit_anchor_size(d):
+    d["head"]["anchors"][0][0] = 0
+
+
 @pytest.mark.parametrize("edit, field", [
     (_edit_unknown_block, "backbone[2].block"), (_edit_wrong_type, "backbone[0].out"),
     (_edit_groups, "backbone[1]"), (_edit_missing_field, "backbone[2].width"), (_edit_unknown_ref, "neck[3].from"),
     (_edit_bad_head, "head.type"), (_edit_anchor_levels, "head.anchors"), (_edit_resolution, "neck[4].from"),
-    (_edit_top_key, "depth_multiple"),
+    (_edit_top_key, "depth_multiple"), (_edit_pool_geometry, "backbone[3].k"), (_edit_even_kernel, "backbone[1].k"),
+    (_edit_zero_scale, "neck[2].scale"), (_edit_imgsz, "imgsz"), (_edit_anchor_size, "head.anchors"),
 ])
 def test_malformed_yaml_fails_with_one_line(edit, field, tmp_path, capsys):
     d = _tiny()

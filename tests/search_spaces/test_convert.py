@@ -14,7 +14,7 @@ from torch import nn
 from nas.cli import main
 from search_spaces import load_model
 from search_spaces.convert import load_official_into, map_official_state_dict, read_official_checkpoint
-from search_spaces.errors import CheckpointError
+from search_spaces.errors import CheckpointError, ConfigError
 
 from ..conftest import ZOO
 
@@ -118,6 +118,16 @@ def test_checkpoint_of_another_model_fails_clearly(reference):
     sd = torch.load(reference / "yolov7-tiny_deploy_random.pt", weights_only=True)
     with pytest.raises(CheckpointError, match="does not match yolov7"):
         load_official_into(load_model("yolov7", form="deploy"), sd)
+
+
+def test_a_checkpoint_of_another_class_count_names_it(reference, tmp_path, capsys):
+    sd = torch.load(reference / "yolov7-tiny_deploy_random.pt", weights_only=True)
+    det = load_model("yolov7-tiny", form="deploy")
+    with pytest.raises(CheckpointError, match=r"nc=80 classes.*pass --nc 80") as e:
+        load_official_into(load_model("yolov7-tiny", form="deploy", nc=20), sd)
+    assert e.value.field == "nc" and det.nc == 80
+    with pytest.raises(ConfigError, match="nc"):  # refused before the head is built (an IndexError before)
+        det.arch.with_nc(0)
 
 
 def test_truncated_checkpoint_fails_clearly(tmp_path, reference):

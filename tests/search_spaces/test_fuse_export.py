@@ -81,3 +81,14 @@ def test_export_verification_fails_on_a_model_that_does_not_match(tmp_path):
     randomize(other, seed=5)  # other BN statistics: the file no longer matches this model
     with pytest.raises(DetforgeError, match="does not match PyTorch"):
         verify_onnx(other, tmp_path / "m.onnx", 64)
+
+
+def test_a_half_precision_model_fuses_to_half_precision():
+    det = load_model("yolov7", form="training").eval()
+    randomize(det, seed=1)
+    half = copy.deepcopy(det).half()
+    half.fuse()  # Conv+BN, RepConv and implicit layers folded into new convs: they keep the model's dtype
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    det.fuse()
+    for (name, a), (_, b) in zip(det.state_dict().items(), half.state_dict().items()):
+        assert a.shape == b.shape and torch.allclose(a.half().float(), b.float(), rtol=1e-2, atol=1e-3), name
