@@ -106,14 +106,17 @@ class Pipeline:
         from . import stages
 
         c = self.cfg
-        data = self.stage("data", {"data": c.data, "synthetic": vars(c.synthetic)}, lambda: stages.data(self))
+        data = self.stage("data", {"data": c.data, "synthetic": vars(c.synthetic), **_contents(data=c.data)},
+                          lambda: stages.data(self))
         table = self.stage("latency", {"latency": vars(c.latency), "space": c.space, "imgsz": c.imgsz,
-                                       "nc": data["nc"]}, lambda: stages.latency_table(self, data))
+                                       "nc": data["nc"], **_contents(table=c.latency.table)},
+                           lambda: stages.latency_table(self, data))
         budget = stages.check_budget(self, table)
         region = budget if c.supernet.scope == "budget" else None  # the architectures the supernet trains
         sup = self.stage("supernet", {"supernet": vars(c.supernet), "data": self.digest("data"), "space": c.space,
                                       "imgsz": c.imgsz, "seed": c.seed, "budget": region,
-                                      "latency": self.digest("latency") if region else None},
+                                      "latency": self.digest("latency") if region else None,
+                                      **_contents(teacher=c.supernet.teacher)},
                          lambda: stages.supernet(self, data, table, region))
         search = self.stage("search", {"search": vars(c.search), "budget": budget, "supernet": self.digest("supernet"),
                                        "latency": self.digest("latency")},
@@ -124,7 +127,8 @@ class Pipeline:
         for mid in front["chosen"]:
             models[mid] = self.stage(f"model:{mid}", {
                 "pareto": self.digest("pareto"), "finetune": vars(c.finetune), "prune": vars(c.prune),
-                "distill": vars(c.distill), "quantize": vars(c.quantize)},
+                "distill": vars(c.distill), "quantize": vars(c.quantize),
+                **_contents(distill_teacher=c.distill.teacher if c.distill.enabled else None)},
                 lambda mid=mid: stages.compress_model(self, data, front, mid, table))
         baselines = self.stage("baselines", {"baselines": vars(c.baselines), "data": self.digest("data"),
                                              "epochs": c.supernet.epochs + c.finetune.epochs, "imgsz": c.imgsz,
@@ -135,3 +139,21 @@ class Pipeline:
         summary = self.stage("report", {k: self.digest(k) for k in ran},  # not an earlier config's stale records
                              lambda: stages.report(self, data, table, front, models, baselines, budget))
         return summary
+
+
+def _contents(**paths: str | None) -> dict[str, str]:
+    """Content digests of the files a config names (a table, a teacher, a data.yaml), keyed `<name>_content`.
+
+    The same path may hold new content (a table rebuilt in place, a teacher trained further): a stage that
+    reads it must run again. Paths that are not set add nothing, so such runs keep their digests.
+    """
+    from .search import file_digest
+
+    out = {}
+    for name, path in paths.items():
+        if not path or not Path(path).exists():
+            continue
+        p = Path(path)
+        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]  # a model dir: its files
+        out[f"{name}_content"] = ",".join(f"{f.name}:{file_digest(str(f))}" for f in files)
+    return out

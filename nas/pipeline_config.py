@@ -216,6 +216,22 @@ class PipelineConfig:
             if name not in list_models() and not Path(name).exists():
                 raise ConfigError(f"{name!r} is neither a zoo model ({', '.join(list_models())}) nor a file",
                                   path=path, field="baselines.models")
+        from trainer.distributed import resolve_device
+
+        try:  # before the table is built: `device: gpu`, or cuda on a CPU machine, fails in seconds, not hours
+            resolve_device(self.device)
+        except ConfigError as e:
+            raise ConfigError(e.message, path=path, field="device") from None
+        if self.latency.table:
+            from latency_tables import LatencyTable
+
+            try:
+                table = LatencyTable.load(self.latency.table, check_device=False)
+            except ConfigError as e:
+                raise ConfigError(e.line(), path=path, field="latency.table") from None
+            if table.imgsz != self.imgsz:  # its predictions would be for another input size
+                raise ConfigError(f"{self.latency.table} is measured at {table.imgsz} px, the run is at {self.imgsz}",
+                                  path=path, field="latency.table")
         from .search import check_storage
 
         if self.search.storage is not None:

@@ -43,19 +43,19 @@ def latency_table(p: Pipeline, d: dict[str, Any]) -> dict[str, Any]:
         protocol = MeasurementConfig(min_runs=c.latency.min_runs, max_runs=max(1000, c.latency.min_runs),
                                      max_time_s=c.latency.max_time_s, warmup=min(10, c.latency.min_runs))
         backend = make_backend(c.latency.backend, threads=c.latency.threads, config=protocol)
-        table = LatencyTable.build(space, backend, c.imgsz, path, fit_models=c.latency.fit_models)
+        # a table this stage left unfinished continues; one of other settings (threads, protocol) is measured anew
+        table = LatencyTable.build(space, backend, c.imgsz, path, fit_models=c.latency.fit_models,
+                                   resume=p.resume_from(path))
     return {"path": str(path), "entries": len(table), "backend": table.backend, "files": [str(path)]}
 
 
 def check_budget(p: Pipeline, t: dict[str, Any]) -> float | None:
     """The search budget; an impossible one (below the smallest architecture of the space) fails here."""
-    from latency_tables import LatencyTable
-
     b = p.cfg.search.budget_ms
     if b is None:
         return None
-    space = load_space(p.cfg.space).with_nc(_nc(p))
-    smallest = LatencyTable.load(t["path"], check_device=False).predict(space.smallest())
+    predict, space = _table_predictor(p, t)
+    smallest = predict(space.smallest())
     if b < smallest:
         raise ConfigError(f"impossible latency budget {b} ms: the smallest architecture of space '{space.name}' "
                           f"is predicted at {smallest:.2f} ms", field="search.budget_ms")
@@ -158,7 +158,8 @@ def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: s
                           device=c.device, workers=c.workers, seed=c.seed, resume=p.resume_from(out / "last.pt"))
         res = Trainer(cfg, model=model, callbacks=list(callbacks)).train()
         trained = load_model(out / "model")
-        return trained, res.last.metrics.map if res.last else float("nan")
+        m = res.final("map")  # also when a resume found the training finished (nothing validated this run)
+        return trained, float("nan") if m is None else m
 
     det, m = train(det, "finetuned", c.finetune.epochs)
     steps.append({"step": "finetune", "map": m, **_size(det, c.imgsz)})
@@ -196,9 +197,7 @@ def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: s
     lat = measure_latency_ms(lat_models, c.imgsz, threads=c.latency.threads)
     for key, ms in zip(verify, lat):
         verify[key]["latency_ms"] = ms
-    from latency_tables import LatencyTable
-
-    predicted = LatencyTable.load(t["path"], check_device=False).predict(fused.arch) if not c.prune.enabled else None
+    predicted = _table_predictor(p, t)[0](fused.arch) if not c.prune.enabled else None
     result = {"steps": steps, "verify": verify, "predicted_ms": predicted, "files": files}
     atomic_write_json(root / "metrics.json", result)
     return result
@@ -223,8 +222,7 @@ def baselines(p: Pipeline, d: dict[str, Any], t: dict[str, Any]) -> dict[str, An
         det = load_model(run / "model").eval().fuse()
         onnx = run / "model.onnx"
         export_detector(det, onnx, c.imgsz)
-        out[name] = {"map": res.last.metrics.map if res.last else None,
-                     "map50": res.last.metrics.map50 if res.last else None,
+        out[name] = {"map": res.final("map"), "map50": res.final("map50"),
                      "latency_ms": measure_latency_ms([onnx], c.imgsz, threads=c.latency.threads)[0],
                      "epochs": epochs}
     return out
@@ -241,6 +239,17 @@ def report(p: Pipeline, d, t, front, models, base, budget) -> dict[str, Any]:
 # ---- small helpers -------------------------------------------------------------------------------------------
 def _nc(p: Pipeline) -> int:
     return int(p.records["data"].outputs["nc"])
+
+
+def _table_predictor(p: Pipeline, t: dict[str, Any]) -> tuple[Any, Any]:
+    """The table's prediction for the space's architectures at the dataset's classes, and that space.
+
+    As in the search: a table built for the space's own nc (`detforge latency build`) predicts the heads there.
+    """
+    from .budget import space_predictor, table_predictor
+
+    predict, _ = table_predictor(t["path"], p.cfg.imgsz)
+    return space_predictor(predict, load_space(p.cfg.space), _nc(p), p.cfg.imgsz, table=t["path"])
 
 
 def _size(det: Any, imgsz: int) -> dict[str, Any]:

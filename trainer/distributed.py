@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from search_spaces.errors import ConfigError
+
 
 def world_size() -> int:
     """Number of processes (1 without torchrun)."""
@@ -25,10 +27,19 @@ def is_main() -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
-    """auto -> cuda if available, else cpu; anything else as torch spells it."""
+    """auto -> cuda if available, else cpu; anything else as torch spells it (a ConfigError if it cannot run here)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{device!r} is not a device (auto, cpu, cuda or cuda:N)", field="device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{device!r}: CUDA is not available here (torch.cuda.is_available() is False)",
+                          field="device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)", field="device")
+    return dev
 
 
 def setup(device: str) -> torch.device:

@@ -42,6 +42,12 @@ class TrainResult:
     last: EvalResult | None
     rows: list[dict[str, Any]] = field(default_factory=list)
 
+    def final(self, key: str = "map") -> float | None:
+        """The last validation's `key` (map, map50): this run's, or the resumed run's when nothing was left to train."""
+        if self.last is not None:
+            return float(getattr(self.last.metrics, key))
+        return next((float(r[key]) for r in reversed(self.rows) if r.get(key) is not None), None)
+
 
 def default_hyp_name(det: Detector) -> str:
     """YOLOv7's hyp file for a model: tiny for small P5 models, p6 for four levels, else p5."""

@@ -108,6 +108,8 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path):
     ({"synthetic": {"classes": 0}}, "synthetic.classes"),
     ({"finetune": {"epochs": 0}}, "finetune.epochs"),  # the Trainer would refuse it after the search
     ({"prune": {"enabled": True, "finetune_epochs": 0}}, "prune.finetune_epochs"),
+    ({"device": "gpu"}, "device"),  # a RuntimeError traceback after the table build, before
+    ({"latency": {"table": "no/such/table.json"}}, "latency.table"),
 ])
 def test_bad_config_fails_before_any_work(over, field, tmp_path, capsys):
     cfg = _config(tmp_path, **over)
@@ -116,6 +118,20 @@ def test_bad_config_fails_before_any_work(over, field, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and field in err and str(cfg) in err
     assert not out.exists()
+
+
+def test_a_table_of_another_size_is_refused_before_any_work(tmp_path, capsys):
+    from latency_tables import LatencyTable
+    from latency_tables.backends import get_backend
+
+    be = get_backend("ort-cpu", threads=1)
+    table = LatencyTable(fingerprint=be.fingerprint(1), backend=be.name, imgsz=128, batch=1, precision="fp32",
+                         threads=1, fused=True).save(tmp_path / "t128.json")
+    cfg = _config(tmp_path, latency={"table": str(table)})  # the run is at 64 px
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "latency.table" in err and "128" in err and not out.exists()
 
 
 def test_existing_run_needs_resume(tmp_path, capsys):
@@ -276,3 +292,91 @@ def test_a_tensorrt_table_on_a_machine_without_it_is_one_error_line(tmp_path, ca
     # the backend is made as a table records it (TensorRT takes no thread count): no TypeError traceback
     last = err.splitlines()[-1]
     assert "Traceback" not in err and last.startswith("detforge: error: backend:") and "TensorRT" in last, err
+
+
+def test_the_report_says_what_was_measured_where_and_times_this_runs_stages(tmp_path):
+    from nas.pipeline import Pipeline, StageRecord
+    from nas.pipeline_config import PipelineConfig
+    from nas.report import write_report
+
+    p = Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path)), tmp_path / "run")
+    for name in ("data", "latency", "model:aaa", "model:zzz"):  # zzz: a model an earlier config chose
+        p.records[name] = StageRecord(name, "0" * 16, {}, 1.5)
+    (tmp_path / "t.json").write_text(json.dumps({"device": {"gpu_name": "H100"}}))
+    front = {"front": [{"arch_id": "aaa", "map": 0.2, "map50": 0.4, "predicted_ms": 3.0, "measured_ms": 9.0}]}
+    models = {"aaa": {"steps": [{"step": "finetune", "map": 0.25, "params": 1000, "gflops": 0.1}],
+                      "verify": {"fp32": {"map": 0.25, "latency_ms": 9.0}}, "predicted_ms": 3.0}}
+    base = {"yolov7-tiny": {"epochs": 2, "map": 0.1, "map50": 0.2, "latency_ms": 12.0}}
+    text = write_report(p, {"yaml": "d.yaml", "nc": 2}, {"path": str(tmp_path / "t.json"), "backend": "tensorrt"},
+                        front, models, base, 4.0).read_text()
+    # the CPU measurement (9 ms) says nothing about a TensorRT budget of 4 ms: the table's 3 ms does
+    assert "Meets the budget: yes (by the table's prediction" in text and "ort-cpu" in text
+    assert "1 supernet + 1 finetune epochs" in text  # the budget the chosen models had, not "the same"
+    times = text.split("## Stage times")[1]
+    assert "| model:aaa | 1.5 |" in times and "model:zzz" not in times
+
+
+def test_a_table_built_at_the_spaces_own_nc_predicts_the_budget_check_for_the_datasets_classes(tmp_path):
+    from latency_tables import LatencyTable
+    from nas import stages
+    from nas.pipeline import Pipeline, StageRecord
+    from nas.pipeline_config import PipelineConfig
+    from search_spaces.space import load_space
+
+    from ..latency_table import SizeBackend
+
+    space = load_space(str(SPACE))  # nc 80, as `detforge latency build --space` measures it
+    path = tmp_path / "t80.json"
+    LatencyTable.build(space, SizeBackend(), 64, path, progress=False, fit_models=0)
+    p = Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, latency={"table": str(path)})), tmp_path / "run")
+    p.records["data"] = StageRecord("data", "0" * 16, {"nc": 2}, 0.0)  # the dataset has 2 classes
+    with pytest.warns(UserWarning, match="nc=80"):  # heads predicted at the table's nc, as the search does
+        assert stages.check_budget(p, {"path": str(path)}) == 100.0
+
+
+def test_a_latency_stage_with_other_settings_measures_a_new_table(tmp_path):
+    from latency_tables import LatencyTable
+    from latency_tables.backends import get_backend
+    from nas import stages
+    from nas.pipeline import Pipeline, StageRecord
+    from nas.pipeline_config import PipelineConfig
+
+    cfg = _config(tmp_path, latency={"backend": "ort-cpu", "threads": 1, "min_runs": 1, "max_time_s": 0.2,
+                                     "fit_models": 0})
+    p = Pipeline.open(PipelineConfig.from_yaml(cfg), tmp_path / "run")
+    old = p.out / "latency" / "ort-cpu-64.json"  # an earlier config's table, measured with 2 threads
+    old.parent.mkdir(parents=True)
+    be = get_backend("ort-cpu", threads=2)
+    LatencyTable(fingerprint=be.fingerprint(1), backend=be.name, imgsz=64, batch=1, precision="fp32", threads=2,
+                 fused=True).save(old)
+    p.records["data"] = StageRecord("data", "0" * 16, {"nc": 2}, 0.0)
+    out = stages.latency_table(p, {"nc": 2})  # the README's promise: changed inputs start afresh, no error
+    table = LatencyTable.load(out["path"])
+    assert table.threads == 1 and len(table) == out["entries"] > 0
+
+
+def test_a_table_rebuilt_in_place_reruns_the_stages_that_read_it(tmp_path, monkeypatch):
+    from latency_tables import LatencyTable
+    from latency_tables.backends import get_backend
+    from nas import stages
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+
+    ran: list[str] = []
+    for name in ("data", "latency_table", "supernet", "search", "pareto", "baselines", "report"):
+        result = {"yaml": "d.yaml", "nc": 2} if name == "data" else {"chosen": []} if name == "pareto" else {}
+        monkeypatch.setattr(stages, name, lambda *a, name=name, result=result: ran.append(name) or result)
+    monkeypatch.setattr(stages, "check_budget", lambda p, t: 100.0)
+    be = get_backend("ort-cpu", threads=1)
+    table = LatencyTable(fingerprint=be.fingerprint(1), backend=be.name, imgsz=64, batch=1, precision="fp32",
+                         threads=1, fused=True)
+    path = table.save(tmp_path / "t.json")
+    cfg = PipelineConfig.from_yaml(_config(tmp_path, latency={"table": str(path)}))
+    Pipeline.open(cfg, tmp_path / "run").run()
+    ran.clear()
+    Pipeline.open(cfg, tmp_path / "run", resume=True).run()
+    assert ran == []  # nothing changed
+    table.info["rebuilt"] = True  # the same path, new content
+    table.save(path)
+    Pipeline.open(cfg, tmp_path / "run", resume=True).run()
+    assert "latency_table" in ran and "supernet" in ran and "data" not in ran

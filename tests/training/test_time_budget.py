@@ -65,6 +65,10 @@ def test_resume_with_more_epochs_extends_a_finished_run(small_data, tmp_path):
     # the rows of the first run are kept, and the extension's learning rate follows the new schedule
     assert result.rows[0] == first.rows[0]
     assert result.rows[-1]["lr"] < result.rows[1]["lr"]
+    # resumed once more with nothing left to train: no validation this run, the finished run's metrics stand
+    done = _trainer(small_data, tmp_path, epochs=3, seed=2, resume=True).train()
+    assert done.last is None and done.final("map") == result.final("map") == result.last.metrics.map
+    assert done.final("map50") == result.last.metrics.map50
 
 
 class StopAtEpoch(Callback):
