@@ -48,7 +48,7 @@ import yaml
 
 from latency_tables import LatencyTable, get_backend
 from latency_tables.measurement import MeasurementConfig
-from latency_tables.table import TABLES_DIR, table_name
+from latency_tables.table import BUILD_PROTOCOL, TABLES_DIR, table_name
 from nas.budget import FeasibleRegion
 from nas.pareto import FrontEntry, export_front, feasible, scored_trials
 from nas.search import SearchConfig, default_storage, load_study, run_search
@@ -83,10 +83,8 @@ def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Na
                       progress=False, resume=(out / "last.pt").is_file(), max_time_s=max_s,
                       fit_epochs_to_time=max_s is not None)
     result = Trainer(cfg, model=model).train()
-    if result.last is not None:
-        return float(result.last.metrics.map), result.epochs_done
-    m = float(result.rows[-1].get("map", float("nan"))) if result.rows else float("nan")
-    return m, result.epochs_done
+    m = result.final("map")
+    return (float("nan") if m is None else m), result.epochs_done
 
 
 def _scratch_dir(out: Path, arch_id: str, epochs: int, max_s: float | None) -> Path:
@@ -312,7 +310,9 @@ def stage_table(ctx: BenchContext) -> dict[str, Any]:
     if args.table:
         table = LatencyTable.load(ctx.table_path, check_device=False)
     else:
-        backend = get_backend("ort-cpu", threads=args.threads, config=_protocol(args.latency_protocol))
+        # a table's protocol is `latency build`'s (as the shipped tables were measured): a seeded build resumes one
+        config = _protocol("quick") if args.latency_protocol == "quick" else BUILD_PROTOCOL
+        backend = get_backend("ort-cpu", threads=args.threads, config=config)
         shipped = TABLES_DIR / table_name(backend.fingerprint(1), args.imgsz)
         if not ctx.table_path.is_file() and not args.no_shipped_table and shipped.is_file() \
                 and LatencyTable.load(shipped, check_device=False).space == ctx.space.name:

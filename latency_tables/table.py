@@ -48,6 +48,9 @@ FIT_SEED = 1234  # a different stream from validate()'s default seed 0, so fit a
 # sum).
 BUILD_PROTOCOL = MeasurementConfig(warmup=5, warmup_s=0.1, min_runs=15, max_runs=300, max_time_s=8.0,
                                    target_rel_ci=0.02)
+# The protocol settings that shape a measured median (not the load-retry policy): a resumed table keeps them.
+STATISTIC_SETTINGS = ("warmup", "warmup_s", "min_runs", "max_runs", "max_time_s", "target_rel_ci", "confidence",
+                      "outlier_k", "repeats")
 QUIET_WINDOW_S = 1.0  # how long the machine is watched before a group is measured
 REALTIME_PRIORITY = 10  # SCHED_FIFO priority of timed runs with realtime=True (low among real-time tasks)
 
@@ -501,6 +504,13 @@ class LatencyTable:
                                   "devices' timings in one table (use another --out, or --no-resume)",
                                   path=out, field="device")
             check_fingerprint(table.fingerprint, here, what=f"the table being resumed ({out})")
+            mine = asdict(be.config)  # a --quick table resumed by a full build would mix rough entries in
+            differ = [k for k in STATISTIC_SETTINGS if k in table.protocol and table.protocol[k] != mine[k]]
+            if differ:
+                was = ", ".join(f"{k}={table.protocol[k]!r}" for k in differ)
+                now = ", ".join(f"{k}={mine[k]!r}" for k in differ)
+                raise ConfigError(f"was measured with another protocol ({was}; this build: {now}): use the same "
+                                  "settings, another --out, or --no-resume", path=out, field="protocol")
         if table is None:
             table = cls(fingerprint=be.fingerprint(batch), backend=be.name, imgsz=imgsz, batch=batch,
                         precision=be.precision, threads=be.threads, fused=fuse,

@@ -182,6 +182,15 @@ def test_resume_refuses_other_settings(micro, backend, built, tmp_path):
     other = get_backend("ort-cpu", threads=1, config=backend.config)
     with pytest.raises(ConfigError, match="threads"):
         LatencyTable.build(micro, other, MICRO_IMGSZ, path, progress=False, fit_models=0)
+    quick = SizeBackend()
+    sized = LatencyTable.build(micro, quick, MICRO_IMGSZ, tmp_path / "quick.json", progress=False, fit_models=0)
+    sized.entries.pop(next(iter(sized.entries)))
+    sized.save()  # unfinished, from a rough protocol (as `latency build --quick`)
+    full = SizeBackend()
+    full.config = replace(full.config, min_runs=full.config.min_runs + 1)
+    with pytest.raises(ConfigError, match="min_runs") as e:  # its entries would mix with the rough ones
+        LatencyTable.build(micro, full, MICRO_IMGSZ, tmp_path / "quick.json", progress=False, fit_models=0)
+    assert e.value.field == "protocol"
     for size in (0, -32):  # refused before a file is written (a 0-px table would not load again)
         with pytest.raises(ConfigError) as e:
             LatencyTable.build(micro, SizeBackend(), size, tmp_path / "zero.json", progress=False)
