@@ -171,8 +171,10 @@ def check_onnx(src: OnnxSource, *, full_check: bool = True, path: str | Path | N
     An error names `path` (the file bytes are meant for), else `src` where it is a file.
     """
     model = load_onnx_model(src)
+    # the checker takes bytes (or a file) as they are; a ModelProto it serializes again (seconds for large models)
+    raw = src if isinstance(src, bytes) else str(src) if isinstance(src, (str, Path)) else model
     try:
-        onnx.checker.check_model(model, full_check=full_check)
+        onnx.checker.check_model(raw, full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         where = path if path is not None else (src if isinstance(src, (str, Path)) else None)
         raise DetforgeError(f"ONNX model fails onnx.checker: {str(e).splitlines()[0]}", path=where) from None
