@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from nas.output import emit, format_table
 from search_spaces import list_models, load_model, resolve_arch, save_model
@@ -92,9 +94,15 @@ def run_export(args: argparse.Namespace) -> None:
                           "a data-dependent shape TensorRT cannot bind", field="engine")
     report = export_detector(det, args.out, args.imgsz, fuse=args.fuse, opset=args.opset, nms=nms)
     if args.engine:
-        engine = build_trt_engine(args.out, args.engine, precision=args.engine_precision, max_batch=args.max_batch)
-        diff, agree = verify_engine(det, engine, report.imgsz, nms=nms, batch=args.max_batch,
-                                    precision=args.engine_precision)
+        # built beside its destination and moved there once verified: a failed check keeps an earlier engine
+        engine, unverified = Path(args.engine), Path(f"{args.engine}.unverified")
+        try:
+            build_trt_engine(args.out, unverified, precision=args.engine_precision, max_batch=args.max_batch)
+            diff, agree = verify_engine(det, unverified, report.imgsz, nms=nms, batch=args.max_batch,
+                                        precision=args.engine_precision)
+            os.replace(unverified, engine)
+        finally:
+            unverified.unlink(missing_ok=True)
         report.engine, report.engine_precision = str(engine), args.engine_precision
         report.engine_max_abs_diff, report.engine_agreement = diff, agree
     emit(report.to_dict(), args.json)
