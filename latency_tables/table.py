@@ -539,9 +539,10 @@ class LatencyTable:
             table.measure_signatures(todo, be, group=group, progress=progress, after_group=save,
                                      callback=callback, realtime=realtime)
             limit = be.config.max_other_load
+            fresh = {s.key() for s in todo}  # what this build measured: a rerun of a finished table retries nothing
             for _ in range(retry_loaded if limit is not None else 0):
                 loaded = [sigs[k] for k, m in table.entries.items()
-                          if k in sigs and m.other_load is not None and m.other_load > limit]
+                          if k in fresh and m.other_load is not None and m.other_load > limit]
                 if not loaded:
                     break
                 work = True

@@ -164,6 +164,22 @@ def test_resume_keeps_finished_entries(micro, tmp_path):
     assert not third and path.read_bytes() == before
 
 
+def test_a_finished_table_is_not_measured_again_for_its_old_loaded_entries(micro, tmp_path):
+    path = tmp_path / "t.json"
+    LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=0)
+    doc = json.loads(path.read_text())
+    for m in doc["entries"].values():
+        m["other_load"] = 0.9  # measured under load by an earlier build, which retried them then
+    path.write_text(json.dumps(doc))
+    before = path.read_bytes()
+    strict = SizeBackend()
+    strict.config = replace(strict.config, max_other_load=0.1)
+    again: list[str] = []
+    LatencyTable.build(micro, strict, MICRO_IMGSZ, path, progress=False, fit_models=0,
+                       callback=lambda k, m: again.append(k))
+    assert again == [] and path.read_bytes() == before  # a study that recorded its digest still accepts it
+
+
 def test_a_space_smaller_than_the_fit_is_fitted_on_all_of_it_once(tmp_path):
     yaml_text = MICRO_YAML.replace("depth: [1, 2]", "depth: [1]").replace("{out: [16, 32]}", "{out: 16}")
     (tmp_path / "two.yaml").write_text(yaml_text)
