@@ -41,6 +41,7 @@ MODEL_GROUP = 4  # whole models measured interleaved together (where the backend
 MODEL_PASSES = 3  # passes over the whole models of a fit or a validation; each model's fastest pass counts
 FIT_MODELS = 16  # whole models the overhead is fitted on (three coefficients: a few models per coefficient)
 SAVE_EVERY_S = 10.0  # a build saves at most this often (a save re-reads, merges and rewrites the whole file)
+FIT_PASSES = "fit_passes"  # info key: the overhead fit's finished passes (medians per model), until it is fitted
 FIT_SEED = 1234  # a different stream from validate()'s default seed 0, so fit and validation models differ
 
 # The protocol `detforge latency build` uses: thousands of blocks, so each stops at a 2 % CI of the median or
@@ -449,17 +450,35 @@ class LatencyTable:
         return self.overhead
 
     def fit_space(self, space: Any, backend: Backend, n: int = FIT_MODELS, seed: int = FIT_SEED, *,
-                  progress: bool = False, realtime: bool = False, remeasure: bool = False) -> OverheadModel:
-        """Fit the overhead on `n` architectures of `space`, measuring those the stored fit lacks (or all)."""
+                  progress: bool = False, realtime: bool = False, remeasure: bool = False,
+                  after_pass: Callable[[], None] | None = None) -> OverheadModel:
+        """Fit the overhead on `n` architectures of `space`, measuring those the stored fit lacks (or all).
+
+        Each model is measured in MODEL_PASSES passes and its fastest counts (see fastest_pass). The finished
+        passes are kept in `info["fit_passes"]` and `after_pass` runs after each (build saves there), so a
+        killed fit continues at the pass it was in.
+        """
         # The space's smallest and largest first (they pin the line's ends), then seeded random ones; a
         # model's end-to-end latency does not depend on the entries, so earlier fit measurements are reused.
         archs = sample_architectures(space, n, seed, extremes=True)
         points = [] if remeasure else self.overhead.points
         known = {_arch_key(p["arch"]): p["measured_ms"] for p in points if p.get("arch")}
-        todo = [a for a in archs if _arch_key(a.to_dict()) not in known]
-        measured = measure_architectures(todo, backend, self.imgsz, batch=self.batch, fuse=self.fused,
-                                         progress=progress, desc="overhead fit", realtime=realtime)
-        known.update({_arch_key(a.to_dict()): m.median_ms for a, m in zip(todo, measured)})
+        todo = {_arch_key(a.to_dict()): a for a in archs if _arch_key(a.to_dict()) not in known}
+        passes = {} if remeasure else {k: list(v) for k, v in self.info.get(FIT_PASSES, {}).items() if k in todo}
+        for p in range(MODEL_PASSES):
+            due = [k for k in todo if len(passes.get(k, [])) <= p]
+            if not due:
+                continue
+            measured = measure_architectures([todo[k] for k in due], backend, self.imgsz, batch=self.batch,
+                                             fuse=self.fused, progress=progress, realtime=realtime, passes=1,
+                                             desc=f"overhead fit (pass {p + 1}/{MODEL_PASSES})")
+            for k, m in zip(due, measured):
+                passes.setdefault(k, []).append(m.median_ms)
+            self.info[FIT_PASSES] = passes
+            if after_pass is not None:
+                after_pass()
+        known.update({k: min(v) for k, v in passes.items()})  # each model's fastest pass
+        self.info.pop(FIT_PASSES, None)
         return self.fit(archs, [known[_arch_key(a.to_dict())] for a in archs])
 
     def refit(self) -> OverheadModel:
@@ -554,7 +573,8 @@ class LatencyTable:
             n_fit = len(sample_architectures(space, fit_models, seed, extremes=True)) if fit_models > 0 else 0
             if n_fit and (todo or om.method == "identity" or len(om.points) < n_fit):
                 work = True
-                table.fit_space(space, be, fit_models, seed, progress=progress, realtime=realtime)
+                table.fit_space(space, be, fit_models, seed, progress=progress, realtime=realtime,
+                                after_pass=lambda: save(force=True))
             if work:
                 table.info["updated"] = _now()
                 if realtime:

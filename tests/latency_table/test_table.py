@@ -180,6 +180,32 @@ def test_a_finished_table_is_not_measured_again_for_its_old_loaded_entries(micro
     assert again == [] and path.read_bytes() == before  # a study that recorded its digest still accepts it
 
 
+def test_a_fit_killed_after_its_first_pass_continues_at_the_second(micro, tmp_path, monkeypatch):
+    import latency_tables.table as table_mod
+
+    real, calls, on_disk = table_mod.measure_architectures, [], []
+    path = tmp_path / "t.json"
+
+    def killed_in_the_second_pass(*args, **kw):
+        calls.append(kw.get("desc"))
+        if len(calls) == 2:  # what a kill -9 here would leave: the file as saved after the first pass
+            on_disk.append(json.loads(path.read_text())["info"].get("fit_passes"))
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(table_mod, "measure_architectures", killed_in_the_second_pass)
+    with pytest.raises(KeyboardInterrupt):
+        LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=3)
+    monkeypatch.setattr(table_mod, "measure_architectures", real)
+    assert on_disk[0] is not None and len(on_disk[0]) == 3  # one median per fit model, saved before pass 2
+    saved = json.loads(path.read_text())
+    assert len(saved["info"]["fit_passes"]) == 3 and saved["overhead"]["method"] == "identity"
+    again = SizeBackend()
+    table = LatencyTable.build(micro, again, MICRO_IMGSZ, path, progress=False, fit_models=3)
+    assert again.prepared == 2 * 3  # the blocks are all there: only passes 2 and 3 of the 3 fit models
+    assert len(table.overhead.points) == 3 and "fit_passes" not in table.info
+
+
 def test_a_space_smaller_than_the_fit_is_fitted_on_all_of_it_once(tmp_path):
     yaml_text = MICRO_YAML.replace("depth: [1, 2]", "depth: [1]").replace("{out: [16, 32]}", "{out: 16}")
     (tmp_path / "two.yaml").write_text(yaml_text)
