@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from .pipeline_config import PipelineConfig
 
 STATE = "stages.json"
 RUNNING = "stages_running.json"  # stage -> input digest of the attempt in progress (a kill leaves it there)
+RUN_ID = "run.id"  # names this run's study in a shared storage
 
 
 @dataclass
@@ -89,6 +91,13 @@ class Pipeline:
     def resume_from(self, checkpoint: Path) -> bool:
         """Whether the running stage may continue from `checkpoint`: it exists and was written with its inputs."""
         return self.resuming and checkpoint.is_file()
+
+    def run_id(self) -> str:
+        """A random id of this run directory, made once: a new directory (even at the same path) gets another."""
+        path = self.out / RUN_ID
+        if not path.is_file():
+            atomic_write_text(path, uuid.uuid4().hex[:8])
+        return path.read_text().strip()
 
     def attempt_id(self) -> str:
         """A short id of the running stage's inputs (names a study, so a change of inputs starts a new one)."""

@@ -380,3 +380,29 @@ def test_a_table_rebuilt_in_place_reruns_the_stages_that_read_it(tmp_path, monke
     table.save(path)
     Pipeline.open(cfg, tmp_path / "run", resume=True).run()
     assert "latency_table" in ran and "supernet" in ran and "data" not in ran
+
+
+def test_runs_sharing_a_storage_search_their_own_studies(tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    import nas.search
+    from nas import stages
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+
+    studies: list[str] = []
+    monkeypatch.setattr(nas.search, "run_search",
+                        lambda cfg: studies.append(cfg.study) or SimpleNamespace(study_name=cfg.study, trials=[]))
+    for name in ("data", "latency_table", "supernet", "pareto", "baselines", "report"):
+        result = {"yaml": "d.yaml", "nc": 2} if name == "data" else {"chosen": []} if name == "pareto" else \
+            {"path": "t.json"} if name == "latency_table" else {"weights": "s.pt"} if name == "supernet" else {}
+        monkeypatch.setattr(stages, name, lambda *a, result=result: result)
+    monkeypatch.setattr(stages, "check_budget", lambda p, t: 100.0)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    cfg = PipelineConfig.from_yaml(_config(tmp_path, search={"trials": 3, "budget_ms": 100.0, "storage": storage}))
+    Pipeline.open(cfg, tmp_path / "a").run()
+    Pipeline.open(cfg, tmp_path / "b").run()
+    shutil.rmtree(tmp_path / "a")  # and run again there: a new supernet would not match the old study's
+    Pipeline.open(cfg, tmp_path / "a").run()
+    assert len(set(studies)) == 3 and all(s.startswith("micro-") for s in studies)
