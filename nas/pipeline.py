@@ -56,7 +56,10 @@ class Pipeline:
         if state.is_file() and not resume:
             raise ConfigError("run directory already has a run; pass --resume to continue it or choose --out",
                               path=out)
+        fresh = not state.is_file()
         out.mkdir(parents=True, exist_ok=True)
+        if fresh and not (out / RUN_ID).is_file():
+            atomic_write_text(out / RUN_ID, uuid.uuid4().hex[:8])
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
         p = cls(cfg, out, log)
         if state.is_file():
@@ -93,11 +96,10 @@ class Pipeline:
         return self.resuming and checkpoint.is_file()
 
     def run_id(self) -> str:
-        """A random id of this run directory, made once: a new directory (even at the same path) gets another."""
+        """This run directory's random id, made with it (a new one at the same path gets another); "" for a run
+        begun before run ids, whose stage digests and study names stay as they were."""
         path = self.out / RUN_ID
-        if not path.is_file():
-            atomic_write_text(path, uuid.uuid4().hex[:8])
-        return path.read_text().strip()
+        return path.read_text().strip() if path.is_file() else ""
 
     def attempt_id(self) -> str:
         """A short id of the running stage's inputs (names a study, so a change of inputs starts a new one)."""
@@ -112,20 +114,25 @@ class Pipeline:
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """All stages in order; returns the summary written to `summary.json`."""
+        from trainer.distributed import resolve_device
+
         from . import stages
 
         c = self.cfg
-        data = self.stage("data", {"data": c.data, "synthetic": vars(c.synthetic), **_contents(data=c.data)},
-                          lambda: stages.data(self))
+        resolve_device(c.device)  # this machine can run it: cuda without a GPU fails now, not after the table
+        # files the config names are digested by content too (rebuilt in place: their stages run again); a run
+        # begun before that keeps its digests, or resuming it would redo every stage
+        contents = _contents if self.run_id() else (lambda **paths: {})
+        data = self.stage("data", {"data": c.data, "synthetic": vars(c.synthetic)}, lambda: stages.data(self))
         table = self.stage("latency", {"latency": vars(c.latency), "space": c.space, "imgsz": c.imgsz,
-                                       "nc": data["nc"], **_contents(table=c.latency.table)},
+                                       "nc": data["nc"], **contents(table=c.latency.table)},
                            lambda: stages.latency_table(self, data))
         budget = stages.check_budget(self, table)
         region = budget if c.supernet.scope == "budget" else None  # the architectures the supernet trains
         sup = self.stage("supernet", {"supernet": vars(c.supernet), "data": self.digest("data"), "space": c.space,
                                       "imgsz": c.imgsz, "seed": c.seed, "budget": region,
                                       "latency": self.digest("latency") if region else None,
-                                      **_contents(teacher=c.supernet.teacher)},
+                                      **contents(teacher=c.supernet.teacher)},
                          lambda: stages.supernet(self, data, table, region))
         search = self.stage("search", {"search": vars(c.search), "budget": budget, "supernet": self.digest("supernet"),
                                        "latency": self.digest("latency")},
@@ -137,7 +144,7 @@ class Pipeline:
             models[mid] = self.stage(f"model:{mid}", {
                 "pareto": self.digest("pareto"), "finetune": vars(c.finetune), "prune": vars(c.prune),
                 "distill": vars(c.distill), "quantize": vars(c.quantize),
-                **_contents(distill_teacher=c.distill.teacher if c.distill.enabled else None)},
+                **contents(distill_teacher=c.distill.teacher if c.distill.enabled else None)},
                 lambda mid=mid: stages.compress_model(self, data, front, mid, table))
         baselines = self.stage("baselines", {"baselines": vars(c.baselines), "data": self.digest("data"),
                                              "epochs": c.supernet.epochs + c.finetune.epochs, "imgsz": c.imgsz,
@@ -151,7 +158,7 @@ class Pipeline:
 
 
 def _contents(**paths: str | None) -> dict[str, str]:
-    """Content digests of the files a config names (a table, a teacher, a data.yaml), keyed `<name>_content`.
+    """Content digests of the files a config names (a table, a teacher model dir), keyed `<name>_content`.
 
     The same path may hold new content (a table rebuilt in place, a teacher trained further): a stage that
     reads it must run again. Paths that are not set add nothing, so such runs keep their digests.

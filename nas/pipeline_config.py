@@ -152,9 +152,11 @@ class PipelineConfig:
                     "synthetic.classes": self.synthetic.classes, "synthetic.imgsz": self.synthetic.imgsz,
                     "search.val_batches": 1 if self.search.val_batches is None else self.search.val_batches,
                     "baselines.epochs": 1 if self.baselines.epochs is None else self.baselines.epochs,
-                    # every compression step trains (the Trainer needs an epoch); a step is skipped by disabling it
-                    "finetune.epochs": self.finetune.epochs, "prune.finetune_epochs": self.prune.finetune_epochs,
-                    "distill.epochs": self.distill.epochs}
+                    # every compression step trains (the Trainer needs an epoch); prune and distill are skipped by
+                    # disabling them
+                    "finetune.epochs": self.finetune.epochs,
+                    "prune.finetune_epochs": self.prune.finetune_epochs if self.prune.enabled else 1,
+                    "distill.epochs": self.distill.epochs if self.distill.enabled else 1}
         for key, v in positive.items():
             if v < 1:
                 raise ConfigError(f"must be >= 1, got {v}", path=path, field=key)
@@ -218,8 +220,8 @@ class PipelineConfig:
                                   path=path, field="baselines.models")
         from trainer.distributed import resolve_device
 
-        try:  # before the table is built: `device: gpu`, or cuda on a CPU machine, fails in seconds, not hours
-            resolve_device(self.device)
+        try:  # a device string torch cannot read fails here; one this machine lacks when the run starts (not --dry-run)
+            resolve_device(self.device, available=False)
         except ConfigError as e:
             raise ConfigError(e.message, path=path, field="device") from None
         if self.latency.table:

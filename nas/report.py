@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from search_spaces.errors import DetforgeError
 from search_spaces.io import atomic_path, atomic_write_text, read_json
 
 # The backend every latency the pipeline measures runs on (export_front's default and
@@ -82,6 +83,19 @@ def _fmt(v: Any, nd: int = 4) -> str:
     return str(v)
 
 
+def _measured_like(fp: dict[str, Any], backend: str, threads: int) -> bool:
+    """Whether this machine's measurements (MEASURED_ON, `threads`) time what the table describes."""
+    from latency_tables.fingerprint import DeviceFingerprint
+
+    if backend != MEASURED_ON or fp.get("threads") != threads:
+        return False
+    try:  # a probe table of another CPU is ort-cpu too
+        theirs = DeviceFingerprint.from_dict(fp)
+    except (DetforgeError, TypeError):  # no readable fingerprint: it cannot vouch for this machine
+        return False
+    return theirs.same_device(DeviceFingerprint.collect(backend=backend, threads=threads, precision="fp32"))
+
+
 def write_report(p: Pipeline, d: dict, t: dict, front: dict, models: dict, base: dict, budget: float | None) -> Path:
     """Write report.md, front.png and latency.png into the run directory."""
     out = p.out
@@ -91,6 +105,7 @@ def write_report(p: Pipeline, d: dict, t: dict, front: dict, models: dict, base:
     _plot_latency(out / "latency.png", pairs)
     table_json = read_json(t["path"])
     fp = table_json.get("device", {})
+    measured_here = _measured_like(fp, t["backend"], p.cfg.latency.threads)
     lines = [f"# detforge run `{p.cfg.name}`", "",
              (f"Dataset: `{d['yaml']}` ({d['nc']} classes). Space: `{p.cfg.space}` at {p.cfg.imgsz} px. "
               f"Latency budget: {budget if budget is not None else 'none'} ms on `{t['backend']}`. Measured "
@@ -119,12 +134,14 @@ def write_report(p: Pipeline, d: dict, t: dict, front: dict, models: dict, base:
         for k, v in m["verify"].items():
             name = "model.onnx" if k == "fp32" else "model.int8.onnx"
             lines.append(f"| {name} ({k.upper()}) | {_fmt(v['map'])} | {_fmt(v['latency_ms'], 2)} |")
-        if t["backend"] == MEASURED_ON:
+        if measured_here:
             meets, how = budget is None or any(v["latency_ms"] <= budget for v in m["verify"].values()), ""
         else:  # the measurements are on another backend than the budget: only the table speaks for it
             pred = m.get("predicted_ms")
             meets = budget is None or (pred is not None and pred <= budget)
-            how = f" (by the table's prediction: the measured latencies are {MEASURED_ON}, not `{t['backend']}`)"
+            how = (f" (by the table's prediction: the measured latencies are {MEASURED_ON} on this machine, the "
+                   f"table is `{t['backend']}` on {fp.get('gpu_name') or fp.get('cpu_model')}, "
+                   f"{fp.get('threads')} threads)")
         lines += ["", (f"Predicted (table): {_fmt(m.get('predicted_ms'), 2)} ms. Meets the budget: "
                        f"{'yes' if meets else 'no'}{how}."), ""]
     lines += ["## Device", "", "```", json.dumps(fp, indent=1), "```", "",

@@ -26,14 +26,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda if available, else cpu; anything else as torch spells it (a ConfigError if it cannot run here)."""
+def resolve_device(device: str, *, available: bool = True) -> torch.device:
+    """auto -> cuda if available, else cpu; anything else as torch spells it (a ConfigError if it is no device, or
+    with `available`, if it cannot run here)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(f"{device!r} is not a device (auto, cpu, cuda or cuda:N)", field="device") from None
+    if not available:
+        return dev
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{device!r}: CUDA is not available here (torch.cuda.is_available() is False)",
                           field="device")

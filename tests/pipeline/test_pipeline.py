@@ -107,7 +107,7 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path):
     ({"latency": {"fit_models": -1}}, "latency.fit_models"),
     ({"synthetic": {"classes": 0}}, "synthetic.classes"),
     ({"finetune": {"epochs": 0}}, "finetune.epochs"),  # the Trainer would refuse it after the search
-    ({"prune": {"enabled": True, "finetune_epochs": 0}}, "prune.finetune_epochs"),
+    ({"prune": {"enabled": True, "finetune_epochs": 0}}, "prune.finetune_epochs"),  # disabled, 0 is fine
     ({"device": "gpu"}, "device"),  # a RuntimeError traceback after the table build, before
     ({"latency": {"table": "no/such/table.json"}}, "latency.table"),
 ])
@@ -314,6 +314,18 @@ def test_the_report_says_what_was_measured_where_and_times_this_runs_stages(tmp_
     assert "1 supernet + 1 finetune epochs" in text  # the budget the chosen models had, not "the same"
     times = text.split("## Stage times")[1]
     assert "| model:aaa | 1.5 |" in times and "model:zzz" not in times
+    # an ort-cpu table of this machine at the run's threads: the measurements (9 ms > 4 ms) decide...
+    from dataclasses import asdict, replace
+
+    from latency_tables.fingerprint import DeviceFingerprint
+
+    here = DeviceFingerprint.collect(backend="ort-cpu", threads=1, precision="fp32")
+    for device, verdict in ((here, "Meets the budget: no."), (replace(here, cpu_model="Raspberry Pi 5"),
+                                                               "Meets the budget: yes (by the table's prediction")):
+        (tmp_path / "t.json").write_text(json.dumps({"device": asdict(device)}))
+        text = write_report(p, {"yaml": "d.yaml", "nc": 2}, {"path": str(tmp_path / "t.json"), "backend": "ort-cpu"},
+                            front, models, base, 4.0).read_text()
+        assert verdict in text, device  # ...but a probe table of another CPU is judged by its prediction
 
 
 def test_a_table_built_at_the_spaces_own_nc_predicts_the_budget_check_for_the_datasets_classes(tmp_path):
@@ -406,3 +418,20 @@ def test_runs_sharing_a_storage_search_their_own_studies(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "a")  # and run again there: a new supernet would not match the old study's
     Pipeline.open(cfg, tmp_path / "a").run()
     assert len(set(studies)) == 3 and all(s.startswith("micro-") for s in studies)
+    (tmp_path / "b" / "run.id").unlink()  # a run begun before run ids: its study name stays NAME-<inputs id>
+    more = PipelineConfig.from_yaml(_config(tmp_path, search={"trials": 4, "budget_ms": 100.0, "storage": storage}))
+    Pipeline.open(more, tmp_path / "b", resume=True).run()
+    assert studies[-1].count("-") == 1 and not (tmp_path / "b" / "run.id").exists()
+
+
+def test_a_cuda_config_plans_anywhere_and_runs_only_where_cuda_is(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the run would start")
+    cfg = _config(tmp_path, device="cuda")
+    assert main(["run", str(cfg), "--dry-run"]) == 0  # a plan for the GPU machine, made on a laptop
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CUDA is not available" in err
+    assert not (out / "stages.json").exists()  # before the data stage, not after the latency table
