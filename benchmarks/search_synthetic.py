@@ -314,7 +314,9 @@ def stage_table(ctx: BenchContext) -> dict[str, Any]:
         config = _protocol("quick") if args.latency_protocol == "quick" else BUILD_PROTOCOL
         backend = get_backend("ort-cpu", threads=args.threads, config=config)
         shipped = TABLES_DIR / table_name(backend.fingerprint(1), args.imgsz)
-        if not ctx.table_path.is_file() and not args.no_shipped_table and shipped.is_file() \
+        # a quick run measures with a rough protocol: it does not finish a shipped table measured with the full one
+        if not ctx.table_path.is_file() and not args.no_shipped_table and args.latency_protocol != "quick" \
+                and shipped.is_file() \
                 and LatencyTable.load(shipped, check_device=False).space == ctx.space.name:
             # this machine's shipped table for the space: the build then measures only what it lacks (the
             # heads at this class count) and refits the overhead on models of this class count

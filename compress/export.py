@@ -12,12 +12,12 @@ from torch import Tensor, nn
 
 from latency_tables.onnx_utils import (
     DEFAULT_OPSET,
-    OnnxSource,
     check_onnx,
     export_onnx,
     input_specs,
     load_onnx_model,
     resolve_shapes,
+    source_name,
 )
 from search_spaces.errors import DetforgeError
 from search_spaces.io import atomic_write_bytes
@@ -100,11 +100,6 @@ def _device(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _name(onnx: OnnxSource, path: str | Path | None) -> str | Path | None:
-    """The file an error names: `path`, else the ONNX source itself where it is a file."""
-    return path if path is not None else (onnx if isinstance(onnx, (str, Path)) else None)
-
-
 # ONNX Runtime against PyTorch, both FP32: measured differences are up to ~3e-6 on scores and up to ~1.5e-5
 # of the box scale (a supernet-extracted subnet of `make demo`: 0.0088 px on boxes up to 568 px); a wrong
 # decode, fusion or weight differs by orders of magnitude more
@@ -142,7 +137,7 @@ def verify_onnx(det: Detector, onnx_path: str | Path | bytes, imgsz: int, batch:
     the ONNX file checked.
     """
     ref, out = _torch_and_onnx(det, onnx_path, _random_images(det, imgsz, batch, seed))
-    return max(check_decoded_close(ref, out, _name(onnx_path, path))), float(np.abs(ref).max())
+    return max(check_decoded_close(ref, out, source_name(onnx_path, path))), float(np.abs(ref).max())
 
 
 def export_detector(det: Detector, out: str | Path, imgsz: int | None = None, fuse: bool = False,
@@ -197,6 +192,8 @@ def export_detector(det: Detector, out: str | Path, imgsz: int | None = None, fu
 
 
 NMS_NODES = ("EfficientNMS_TRT", "NonMaxSuppression")  # TensorRT's plugin; the ONNX operator
+ENGINE_NEEDS_FIXED_OUTPUTS = ("an engine needs a decoded export or --nms-op trt: the ONNX NonMaxSuppression output "
+                              "has a data-dependent shape TensorRT cannot bind")
 
 
 def verify_nms_inputs(det: Detector, onnx_path: str | Path | bytes, imgsz: int, batch: int = 2,
@@ -209,7 +206,7 @@ def verify_nms_inputs(det: Detector, onnx_path: str | Path | bytes, imgsz: int, 
     """
     import onnx
 
-    where = _name(onnx_path, path)
+    where = source_name(onnx_path, path)
     model = load_onnx_model(onnx_path)
     k = next((i for i, n in enumerate(model.graph.node) if n.op_type in NMS_NODES), None)
     if k is None:
@@ -262,7 +259,7 @@ def verify_detections(wrapped: DetectionsOutput, onnx_path: str | Path | bytes, 
     agreement = float(matched.sum()) / n
     if agreement < NMS_MIN_AGREEMENT and n - int(matched.sum()) > NMS_MAX_TIES:
         raise DetforgeError(f"the export's detections do not match PyTorch's: {agreement:.0%} of {len(ref)} "
-                            f"(PyTorch) and {len(out)} (ONNX Runtime) rows agree", path=_name(onnx_path, path),
+                            f"(PyTorch) and {len(out)} (ONNX Runtime) rows agree", path=source_name(onnx_path, path),
                              field="export")
     return diff, scale, agreement
 
@@ -316,9 +313,7 @@ def verify_engine(det: Detector, engine_path: str | Path, imgsz: int, nms: NmsSp
     agrees (agreement: the share of such images; near-ties may flip in fp16).
     """
     if nms is not None and nms.op != "trt":
-        raise DetforgeError("an engine is built from a decoded or EfficientNMS export; the ONNX NonMaxSuppression "
-                            "output has a data-dependent shape TensorRT cannot bind (use --nms-op trt)",
-                            path=engine_path, field="engine")
+        raise DetforgeError(ENGINE_NEEDS_FIXED_OUTPUTS, path=engine_path, field="engine")
     x = _random_images(det, imgsz, batch, seed)
     outs = run_engine(engine_path, {"images": x.numpy()})
     if not all(np.isfinite(o).all() for o in outs):

@@ -222,7 +222,8 @@ def prepare_qat(det: Detector, exclude: Iterable[str] = ()) -> Detector:
     """A fused copy of `det` with fake-quantized convs and activations; those named in `exclude` stay float.
 
     An excluded conv keeps float weights and output; its readers still get quantized inputs, as ONNX
-    Runtime's `nodes_to_exclude` keeps a node float but not the tensors around it.
+    Runtime's `nodes_to_exclude` keeps a node float but not the tensors around it. Names are the fused
+    model's conv module names (`layers.1.conv`); another name is a ConfigError.
     """
     if any(isinstance(m, FakeQuantize) for m in det.modules()):
         raise ConfigError("the model is already fake-quantized (prepare_qat was applied)", field="model")
@@ -231,6 +232,11 @@ def prepare_qat(det: Detector, exclude: Iterable[str] = ()) -> Detector:
         model = model.deploy()
     model.fuse()
     skip = set(exclude)
+    convs = {n for n, m in model.named_modules() if type(m) is nn.Conv2d}
+    unknown = sorted(skip - convs)
+    if unknown:  # e.g. ONNX node names (PTQ's --exclude): nothing would stay float, silently
+        raise ConfigError(f"{unknown[0]!r} is not a conv of the fused model; QAT takes module names such as "
+                          f"{min(convs)!r}", field="exclude")
     replaced = 0
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):

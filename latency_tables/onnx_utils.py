@@ -165,6 +165,11 @@ def load_onnx_model(src: OnnxSource) -> onnx.ModelProto:
         raise DetforgeError(f"not a valid ONNX model ({e})", path=where) from None
 
 
+def source_name(src: OnnxSource, path: str | Path | None = None) -> str | Path | None:
+    """The file an error about `src` names: `path` (where bytes are meant to go), else `src` where it is a file."""
+    return path if path is not None else (src if isinstance(src, (str, Path)) else None)
+
+
 def check_onnx(src: OnnxSource, *, full_check: bool = True, path: str | Path | None = None) -> onnx.ModelProto:
     """Run onnx.checker (with shape inference when full_check) and return the parsed model.
 
@@ -176,8 +181,8 @@ def check_onnx(src: OnnxSource, *, full_check: bool = True, path: str | Path | N
     try:
         onnx.checker.check_model(raw, full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        where = path if path is not None else (src if isinstance(src, (str, Path)) else None)
-        raise DetforgeError(f"ONNX model fails onnx.checker: {str(e).splitlines()[0]}", path=where) from None
+        raise DetforgeError(f"ONNX model fails onnx.checker: {str(e).splitlines()[0]}",
+                            path=source_name(src, path)) from None
     return model
 
 

@@ -211,7 +211,7 @@ def import_results(results: str | Path, out: str | Path = "table.json") -> Laten
     gaps = [f"{missing} block signature(s) of the bundle were not measured"] if missing else []
     if not names and archs:
         gaps.append("the whole-model passes did not finish, so the overhead is not fitted")
-    failed = doc.get("failed") or {}
+    failed = {k.split(":", 1)[1] for k in doc.get("failed") or {}}  # a fit model fails once per pass
     if failed:  # a rerun does not help these: the device's onnxruntime could not load or run them
         gaps.append(f"{len(failed)} model(s) failed on the device (the results' 'failed' lists why)")
     if gaps:  # run the runner again with the same --out to finish, then import again

@@ -558,7 +558,9 @@ class LatencyTable:
             table.measure_signatures(todo, be, group=group, progress=progress, after_group=save,
                                      callback=callback, realtime=realtime)
             limit = be.config.max_other_load
-            fresh = {s.key() for s in todo}  # what this build measured: a rerun of a finished table retries nothing
+            # a build that measured anything retries every loaded entry (a resumed one: its first session's
+            # too); a rerun on a finished table measures nothing and retries nothing, so its file stays as it was
+            fresh = set(sigs) if todo else set()
             for _ in range(retry_loaded if limit is not None else 0):
                 loaded = [sigs[k] for k, m in table.entries.items()
                           if k in fresh and m.other_load is not None and m.other_load > limit]

@@ -892,7 +892,7 @@ def _parse_stages(raw: Any, section: str, stages: list[str], downs: tuple[str, .
                 value, fld = defaults[key], f"{section}.{key}"
             else:
                 raise ConfigError("missing required key", path=path, field=f"{section}.{key}")
-            if key == "mid" and value == "width":
+            if key == "mid" and value in ("width", ["width"]):
                 continue  # chain width = hidden width: not a decision
             add(f"{section}.{stage}.{key}", value, fld, checks[key])
 

@@ -194,6 +194,8 @@ def measure_groups(items: list, kind: str, doc: dict, args: argparse.Namespace, 
                 try:
                     model = Model(it, args, manifest, Path(scratch))
                     store[it[key]] = measure_callable(model, cfg).to_dict()
+                except (MemoryError, OSError):  # this machine's trouble (memory, a full disk): a rerun retries
+                    raise
                 except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common base but Exception
                     reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
                     failed[f"{kind}:{it[key]}"] = reason

@@ -83,15 +83,14 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from compress.export import build_trt_engine, export_detector, verify_engine
+    from compress.export import ENGINE_NEEDS_FIXED_OUTPUTS, build_trt_engine, export_detector, verify_engine
     from compress.graph_nms import NmsSpec
 
     det = load_model(args.model)
     nms = NmsSpec(iou=args.nms_iou, conf=args.nms_conf, max_det=args.max_det, op=args.nms_op) \
         if args.nms or args.nms_op == "trt" else None
     if args.engine and nms is not None and nms.op != "trt":
-        raise ConfigError("an engine needs a decoded export or --nms-op trt: the ONNX NonMaxSuppression output has "
-                          "a data-dependent shape TensorRT cannot bind", field="engine")
+        raise ConfigError(ENGINE_NEEDS_FIXED_OUTPUTS, field="engine")
     report = export_detector(det, args.out, args.imgsz, fuse=args.fuse, opset=args.opset, nms=nms)
     if args.engine:
         # built beside its destination and moved there once verified: a failed check keeps an earlier engine

@@ -53,8 +53,10 @@ def test_every_conv_is_fake_quantized(det):
     kept = prepare_qat(det, exclude=["layers.1.conv"])
     assert type(kept.layers[1].conv) is nn.Conv2d  # excluded: stays float
     with pytest.raises(ConfigError, match="no convolution"):
-        prepare_qat(det, exclude=[n for n, m in det.named_modules() if isinstance(m, nn.Conv2d)] +
-                    [n for n, m in prepare_qat(det).named_modules() if isinstance(m, nn.Conv2d)])
+        prepare_qat(det, exclude=[n for n, m in prepare_qat(det).named_modules() if isinstance(m, nn.Conv2d)])
+    with pytest.raises(ConfigError, match="not a conv") as e:  # an ONNX node name, as PTQ's --exclude takes
+        prepare_qat(det, exclude=["/layers.1/conv/Conv"])
+    assert e.value.field == "exclude"
 
 
 def test_fake_quant_stays_close_to_float(det):

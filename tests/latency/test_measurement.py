@@ -80,17 +80,18 @@ def test_noisy_timings_run_to_max_runs():
     assert m.ci_rel > 0.001
 
 
-def test_the_collector_is_off_while_timing_and_no_full_collection_runs():
+def test_the_collector_is_off_while_timing_and_no_full_collection_runs(monkeypatch):
     import gc
 
-    seen = []
+    seen, asked = [], []
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda generation=2: asked.append(generation) or collect(min(generation, 1)))
     r = Scripted(lambda i: seen.append(gc.isenabled()) or 1.0)
-    full_before = gc.get_stats()[2]["collections"]
     measure_callable(r, min_runs=5, max_runs=5, **QUIET)
     assert seen and not any(seen)  # no collection can land inside a timed run
     assert gc.isenabled()  # and it is back on afterwards
     # a full collection walks every object (about 70 ms per block with torch loaded) for no timing benefit
-    assert gc.get_stats()[2]["collections"] == full_before
+    assert asked and max(asked) < 2
 
 
 def test_max_time_stops_a_slow_candidate():

@@ -233,10 +233,10 @@ def test_resume_refuses_other_settings(micro, backend, built, tmp_path):
     with pytest.raises(ConfigError, match="min_runs") as e:  # its entries would mix with the rough ones
         LatencyTable.build(micro, full, MICRO_IMGSZ, tmp_path / "quick.json", progress=False, fit_models=0)
     assert e.value.field == "protocol"
-    for size in (0, -32):  # refused before a file is written (a 0-px table would not load again)
-        with pytest.raises(ConfigError) as e:
-            LatencyTable.build(micro, SizeBackend(), size, tmp_path / "zero.json", progress=False)
-        assert e.value.field == "imgsz" and not (tmp_path / "zero.json").exists()
+    for size, batch, fld in ((0, 1, "imgsz"), (-32, 1, "imgsz"), (MICRO_IMGSZ, 0, "batch")):
+        with pytest.raises(ConfigError) as e:  # refused before a file is written (it would not load again)
+            LatencyTable.build(micro, SizeBackend(), size, tmp_path / "zero.json", batch=batch, progress=False)
+        assert e.value.field == fld and not (tmp_path / "zero.json").exists()
 
 
 def test_concurrent_saves_merge_entries(built, tmp_path):

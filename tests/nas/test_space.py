@@ -98,6 +98,14 @@ def test_invalid_yaml_names_the_field(tmp_path, key, value, fld):
     assert e.value.field == fld and e.value.path == str(path), e.value.line()
 
 
+def test_mid_width_in_a_one_item_list_is_the_width(tmp_path):
+    raw = _raw("default")
+    _set(raw, "neck.mid", ["width"])  # as `mid: width`: the chain width is the hidden width, no decision
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert not [n for n in SearchSpace.from_yaml(path).decisions if n.startswith("neck.") and n.endswith(".mid")]
+
+
 def test_not_a_mapping_and_missing_file(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("- 1\n")
