@@ -225,15 +225,12 @@ class PipelineConfig:
         except ConfigError as e:
             raise ConfigError(e.message, path=path, field="device") from None
         if self.latency.table:
-            from latency_tables import LatencyTable
+            from .budget import table_predictor
 
-            try:
-                table = LatencyTable.load(self.latency.table, check_device=False)
+            try:  # it loads, and it predicts at the run's input size
+                table_predictor(self.latency.table, self.imgsz)
             except ConfigError as e:
                 raise ConfigError(e.line(), path=path, field="latency.table") from None
-            if table.imgsz != self.imgsz:  # its predictions would be for another input size
-                raise ConfigError(f"{self.latency.table} is measured at {table.imgsz} px, the run is at {self.imgsz}",
-                                  path=path, field="latency.table")
         from .search import check_storage
 
         if self.search.storage is not None:

@@ -98,8 +98,9 @@ def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any], t: dict[str, Any
     c = p.cfg
     storage = c.search.storage or f"sqlite:///{(p.out / 'study.db').resolve()}"
     name = f"{c.name}-{p.attempt_id()}"  # other inputs, another study: a finished one would not search again
-    if c.search.storage and p.run_id():  # shared with other runs: this run's own study, also after `rm -rf` there
-        name += f"-{p.run_id()}"
+    run_id = p.run_id()
+    if c.search.storage and run_id:  # shared with other runs: this run's own study, also after `rm -rf` there
+        name += f"-{run_id}"
     cfg = SearchConfig(space=c.space, supernet=sup["weights"], table=t["path"], data=d["yaml"], budget_ms=budget,
                        trials=c.search.trials, storage=storage, study=name, out=str(p.out / "search"),
                        sampler=c.search.sampler, seed=c.seed, bn_batches=c.search.bn_batches,
