@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,13 +68,21 @@ class Pipeline:
         return p
 
     # ---- stage bookkeeping ------------------------------------------------------------------------------
-    def stage(self, name: str, inputs: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run `fn` unless a record with the same input digest exists; record and return its outputs."""
-        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def recorded(self, name: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """The outputs of a finished stage recorded with these inputs whose files all exist, else None."""
         rec = self.records.get(name)
-        if rec is not None and rec.digest == digest and all(Path(p).exists() for p in rec.outputs.get("files", [])):
+        if rec is not None and rec.digest == _digest(inputs) and all(Path(f).exists() for f in
+                                                                     rec.outputs.get("files", [])):
             self.log(f"[skip] {name} (inputs unchanged)")
             return rec.outputs
+        return None
+
+    def stage(self, name: str, inputs: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run `fn` unless a record with the same input digest exists; record and return its outputs."""
+        done = self.recorded(name, inputs)
+        if done is not None:
+            return done
+        digest = _digest(inputs)
         # A stage's checkpoints (a trainer's last.pt) belong to one set of inputs: they are resumed only after a
         # kill of an attempt with these inputs, never after a finished run or a change of config.
         running = read_json(self.out / RUNNING) if (self.out / RUNNING).is_file() else {}
@@ -106,6 +114,12 @@ class Pipeline:
         if self.current is None:
             raise RuntimeError("attempt_id() outside a stage")
         return self.current[1][:8]
+
+    def stage_names(self, models: Iterable[str]) -> list[str]:
+        """This config's stages in order, for the chosen `models` (an earlier config's records are not among them)."""
+        per_model = ["finetune", *(s for s in ("prune", "distill") if getattr(self.cfg, s).enabled)]
+        return ["data", "latency", "supernet", "search", "pareto",
+                *(f"{s}:{m}" for m in models for s in [*per_model, "model"]), "baselines"]
 
     def digest(self, name: str) -> str:
         """The input digest a finished stage was recorded with (chains stages together)."""
@@ -139,22 +153,47 @@ class Pipeline:
                             lambda: stages.search(self, data, sup, table, budget))
         front = self.stage("pareto", {"search": self.digest("search"), "select": vars(c.select)},
                            lambda: stages.pareto(self, sup, search, table, budget))
-        models = {}
-        for mid in front["chosen"]:
-            models[mid] = self.stage(f"model:{mid}", {
-                "pareto": self.digest("pareto"), "finetune": vars(c.finetune), "prune": vars(c.prune),
-                "distill": vars(c.distill), "quantize": vars(c.quantize),
-                **contents(distill_teacher=c.distill.teacher if c.distill.enabled else None)},
-                lambda mid=mid: stages.compress_model(self, data, front, mid, table))
+        models = {mid: self._compress(mid, data, table, contents) for mid in front["chosen"]}
         baselines = self.stage("baselines", {"baselines": vars(c.baselines), "data": self.digest("data"),
                                              "epochs": c.supernet.epochs + c.finetune.epochs, "imgsz": c.imgsz,
                                              "seed": c.seed, "batch": c.finetune.batch,
                                              "threads": c.latency.threads},
                                lambda: stages.baselines(self, data, table))
-        ran = ["data", "latency", "supernet", "search", "pareto", *(f"model:{m}" for m in models), "baselines"]
+        ran = [k for k in self.stage_names(models) if k in self.records]
         summary = self.stage("report", {k: self.digest(k) for k in ran},  # not an earlier config's stale records
                              lambda: stages.report(self, data, table, front, models, baselines, budget))
         return summary
+
+    def _compress(self, mid: str, data: dict[str, Any], table: dict[str, Any],
+                  contents: Callable[..., dict[str, str]]) -> dict[str, Any]:
+        """A chosen front model's steps, each its own stage: a change of quantize settings reruns only the
+        export, one of distill settings the distillation and export, and so on."""
+        from . import stages
+
+        c = self.cfg
+        legacy = self.recorded(f"model:{mid}", {  # one stage for all steps, in runs begun before the split
+            "pareto": self.digest("pareto"), "finetune": vars(c.finetune), "prune": vars(c.prune),
+            "distill": vars(c.distill), "quantize": vars(c.quantize),
+            **contents(distill_teacher=c.distill.teacher if c.distill.enabled else None)})
+        if legacy is not None:
+            return legacy
+        steps = [self.stage(f"finetune:{mid}", {"pareto": self.digest("pareto"), "finetune": vars(c.finetune)},
+                            lambda: stages.finetune(self, data, mid))]
+        if c.prune.enabled:
+            steps.append(self.stage(f"prune:{mid}", {"up": self.digest(f"finetune:{mid}"), "prune": vars(c.prune)},
+                                    lambda: stages.prune(self, data, mid, steps[-1])))
+        if c.distill.enabled:
+            up = f"prune:{mid}" if c.prune.enabled else f"finetune:{mid}"
+            steps.append(self.stage(f"distill:{mid}", {"up": self.digest(up), "distill": vars(c.distill),
+                                                       **contents(distill_teacher=c.distill.teacher)},
+                                    lambda: stages.distill(self, data, mid, steps[-1])))
+        ups = {s["step"]: self.digest(f"{s['step']}:{mid}") for s in steps}
+        return self.stage(f"model:{mid}", {"up": ups, "quantize": vars(c.quantize), "threads": c.latency.threads},
+                          lambda: stages.deploy(self, data, mid, steps, table))
+
+
+def _digest(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _contents(**paths: str | None) -> dict[str, str]:

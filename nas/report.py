@@ -146,7 +146,7 @@ def write_report(p: Pipeline, d: dict, t: dict, front: dict, models: dict, base:
                        f"{'yes' if meets else 'no'}{how}."), ""]
     lines += ["## Device", "", "```", json.dumps(fp, indent=1), "```", "",
               "## Stage times", "", "| stage | seconds |", "|---|---|"]
-    for name in ["data", "latency", "supernet", "search", "pareto", *(f"model:{m}" for m in models), "baselines"]:
+    for name in p.stage_names(models):
         if name in p.records:  # this config's stages, not an earlier one's records in the same run directory
             lines.append(f"| {name} | {p.records[name].seconds} |")
     lines += ["", "## Reproduce", "", "```bash", f"detforge run {p.out / 'config.yaml'} --out {p.out} --resume",

@@ -1,6 +1,7 @@
 """The stages of `detforge run`, each a function of the Pipeline that returns its JSON outputs."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,48 +140,46 @@ def choose(entries: list[Any], k: int, budgets: list[float]) -> list[str]:
     return [e.arch_id for e in sorted(entries, key=lambda e: -e.map)[:k]]
 
 
-def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: str, t: dict[str, Any]
-                   ) -> dict[str, Any]:
-    """finetune -> prune -> distill -> fuse -> ONNX FP32 -> INT8 -> verify (mAP, measured latency)."""
+def finetune(p: Pipeline, d: dict[str, Any], mid: str) -> dict[str, Any]:
+    """Train a chosen front model further from its inherited weights (resumes from its last.pt)."""
+    return _train_step(p, d, load_model(p.out / "pareto" / mid), mid, "finetune", p.cfg.finetune.epochs)
+
+
+def prune(p: Pipeline, d: dict[str, Any], mid: str, prev: dict[str, Any]) -> dict[str, Any]:
+    """Structured pruning of the previous step's model to `prune.macs`, then finetuning."""
+    from compress.prune import prune_detector
+
+    c = p.cfg
+    pruned, rep = prune_detector(load_model(prev["model"]), c.prune.macs, backend=c.prune.backend, imgsz=c.imgsz)
+    return {**_train_step(p, d, pruned, mid, "prune", c.prune.finetune_epochs), "changes": rep.changes[:5]}
+
+
+def distill(p: Pipeline, d: dict[str, Any], mid: str, prev: dict[str, Any]) -> dict[str, Any]:
+    """Distillation of the previous step's model from the configured teacher."""
+    from compress.distill import DistillConfig, Distiller, load_teacher
+
+    c = p.cfg
+    student = load_model(prev["model"])
+    teacher = load_teacher(c.distill.teacher, c.distill.teacher_model)
+    return _train_step(p, d, student, mid, "distill", c.distill.epochs, [Distiller(teacher, student, DistillConfig())])
+
+
+def deploy(p: Pipeline, d: dict[str, Any], mid: str, steps: list[dict[str, Any]], t: dict[str, Any]
+           ) -> dict[str, Any]:
+    """The last trained step's model -> fuse -> ONNX FP32 -> INT8 -> verify (mAP, measured latency)."""
     from compress.export import export_detector
     from compress.fuse import fuse_detector
     from compress.onnx_eval import evaluate_onnx
     from compress.report import measure_latency_ms
-    from trainer.config import TrainConfig
     from trainer.datasets import val_loader
-    from trainer.trainer import Trainer
 
     c = p.cfg
     root = p.out / "models" / mid
-    steps: list[dict[str, Any]] = []
-    det = load_model(p.out / "pareto" / mid)
-
-    def train(model, name: str, epochs: int, callbacks=()):
-        out = root / name
-        cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=epochs, imgsz=c.imgsz, batch=c.finetune.batch,
-                          device=c.device, workers=c.workers, seed=c.seed, resume=p.resume_from(out / "last.pt"))
-        res = Trainer(cfg, model=model, callbacks=list(callbacks)).train()
-        trained = load_model(out / "model")
-        m = res.final("map")  # also when a resume found the training finished (nothing validated this run)
-        return trained, float("nan") if m is None else m
-
-    det, m = train(det, "finetuned", c.finetune.epochs)
-    steps.append({"step": "finetune", "map": m, **_size(det, c.imgsz)})
-    if c.prune.enabled:
-        from compress.prune import prune_detector
-
-        pruned, rep = prune_detector(det, c.prune.macs, backend=c.prune.backend, imgsz=c.imgsz)
-        det, m = train(pruned, "pruned", c.prune.finetune_epochs)
-        steps.append({"step": "prune", "map": m, **_size(det, c.imgsz), "changes": rep.changes[:5]})
-    if c.distill.enabled:
-        from compress.distill import DistillConfig, Distiller, load_teacher
-
-        teacher = load_teacher(c.distill.teacher, c.distill.teacher_model)
-        det, m = train(det, "distilled", c.distill.epochs, [Distiller(teacher, det, DistillConfig())])
-        steps.append({"step": "distill", "map": m, **_size(det, c.imgsz)})
-    fused, rep = fuse_detector(det)
+    last = steps[-1]["model"]
+    steps = [{k: v for k, v in s.items() if k not in ("model", "files")} for s in steps]
+    fused, _ = fuse_detector(load_model(last))
     save_model(fused, root / "fused")
-    steps.append({"step": "fuse", "map": m, **_size(fused, c.imgsz)})
+    steps.append({"step": "fuse", "map": steps[-1]["map"], **_size(fused, c.imgsz)})
     onnx_fp32 = root / "model.onnx"
     export_detector(fused, onnx_fp32, c.imgsz)
     files = [str(onnx_fp32)]
@@ -204,6 +203,26 @@ def compress_model(p: Pipeline, d: dict[str, Any], front: dict[str, Any], mid: s
     result = {"steps": steps, "verify": verify, "predicted_ms": predicted, "files": files}
     atomic_write_json(root / "metrics.json", result)
     return result
+
+
+STEP_DIRS = {"finetune": "finetuned", "prune": "pruned", "distill": "distilled"}  # models/<mid>/<dir>/
+
+
+def _train_step(p: Pipeline, d: dict[str, Any], model: Any, mid: str, step: str, epochs: int,
+                callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """One training step of a chosen model: its mAP, size and trained model directory."""
+    from trainer.config import TrainConfig
+    from trainer.trainer import Trainer
+
+    c = p.cfg
+    out = p.out / "models" / mid / STEP_DIRS[step]
+    cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=epochs, imgsz=c.imgsz, batch=c.finetune.batch,
+                      device=c.device, workers=c.workers, seed=c.seed, resume=p.resume_from(out / "last.pt"))
+    res = Trainer(cfg, model=model, callbacks=list(callbacks)).train()
+    trained = load_model(out / "model")
+    m = res.final("map")  # also when a resume found the training finished (nothing validated this run)
+    return {"step": step, "map": float("nan") if m is None else m, **_size(trained, c.imgsz),
+            "model": str(out / "model"), "files": [str(out / "model" / "weights.pt")]}
 
 
 def baselines(p: Pipeline, d: dict[str, Any], t: dict[str, Any]) -> dict[str, Any]:
@@ -269,5 +288,5 @@ def _train_images(d: dict[str, Any]) -> Path:
     return train[0] if isinstance(train, list) else train
 
 
-__all__ = ["baselines", "check_budget", "choose", "compress_model", "data", "latency_table", "pareto", "report",
-           "search", "supernet"]
+__all__ = ["baselines", "check_budget", "choose", "data", "deploy", "distill", "finetune", "latency_table", "pareto",
+           "prune", "report", "search", "supernet"]

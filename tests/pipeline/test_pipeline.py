@@ -270,7 +270,8 @@ def test_the_report_depends_on_this_runs_stages_not_an_earlier_configs(tmp_path,
     reports = []
     fakes = {"data": lambda p: {"yaml": None, "nc": 2}, "latency_table": lambda p, d: {"path": None},
              "check_budget": lambda p, t: None, "supernet": lambda *a: {}, "search": lambda *a: {},
-             "pareto": lambda *a: {"chosen": ["a"]}, "compress_model": lambda *a: {}, "baselines": lambda *a: {},
+             "pareto": lambda *a: {"chosen": ["a"]}, "finetune": lambda *a: {"step": "finetune"},
+             "deploy": lambda *a: {}, "baselines": lambda *a: {},
              "report": lambda *a: reports.append(1) or {}}
     for name, fn in fakes.items():
         monkeypatch.setattr(stages, name, fn)
@@ -280,6 +281,71 @@ def test_the_report_depends_on_this_runs_stages_not_an_earlier_configs(tmp_path,
     p.records["model:zzz"] = StageRecord("model:zzz", "0" * 16, {}, 1.0)  # a model an earlier front chose
     p.run()
     assert reports == [1]  # nothing this run depends on changed: the report is not written again
+
+
+def _fake_stages(monkeypatch, ran: list[str]) -> None:
+    """Every stage of `detforge run` replaced by a recorder of its name (two front models chosen)."""
+    from nas import stages
+
+    results = {"data": {"yaml": "d.yaml", "nc": 2}, "latency_table": {"path": "t.json"},
+               "supernet": {"weights": "s.pt"}, "pareto": {"chosen": ["a", "b"]}}
+    for name in ("data", "latency_table", "supernet", "search", "pareto", "finetune", "prune", "distill", "deploy",
+                 "baselines", "report"):
+        result = results.get(name, {"step": name, "model": "m"})
+        monkeypatch.setattr(stages, name, lambda *a, name=name, result=result: ran.append(name) or result)
+    monkeypatch.setattr(stages, "check_budget", lambda p, t: 100.0)
+
+
+@pytest.mark.parametrize("change, rerun", [
+    ({"quantize": {"enabled": True, "calib": 8, "method": "minmax"}}, ["deploy"]),
+    ({"latency": {"backend": "ort-cpu", "threads": 2, "min_runs": 3, "max_time_s": 0.5, "fit_models": 4}},
+     ["latency_table", "supernet", "search", "pareto", "finetune", "prune", "distill", "deploy", "baselines"]),
+    ({"distill": {"enabled": True, "epochs": 2}}, ["distill", "deploy"]),
+    ({"prune": {"enabled": True, "macs": 0.5, "finetune_epochs": 1}}, ["prune", "distill", "deploy"]),
+    ({"finetune": {"epochs": 2, "batch": 8}}, ["finetune", "prune", "distill", "deploy", "baselines"]),  # epoch budget
+])
+def test_a_changed_compression_step_reruns_only_itself_and_the_steps_after_it(change, rerun, tmp_path, monkeypatch):
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+    from search_spaces import Detector
+    from search_spaces.loading import save_model
+    from search_spaces.space import load_space
+
+    ran: list[str] = []
+    _fake_stages(monkeypatch, ran)
+    teacher = str(save_model(Detector(load_space(str(SPACE)).with_nc(2).largest()), tmp_path / "teacher"))
+    steps = {"prune": {"enabled": True, "macs": 0.7, "finetune_epochs": 1},
+             "distill": {"enabled": True, "epochs": 1, "teacher": teacher}}
+    if "distill" in change:
+        change["distill"]["teacher"] = teacher
+    Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, **steps)), tmp_path / "run").run()
+    ran.clear()
+    Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, **{**steps, **change})), tmp_path / "run",
+                  resume=True).run()
+    per_model = [s for s in rerun if s in ("finetune", "prune", "distill", "deploy")]
+    before = [s for s in rerun if s in ("latency_table", "supernet", "search", "pareto")]
+    after = [s for s in rerun if s == "baselines"] + ["report"]
+    assert ran == before + per_model * 2 + after  # both models' steps from the changed one on; nothing before it
+
+
+def test_a_run_recorded_before_the_steps_were_split_keeps_its_models(tmp_path, monkeypatch):
+    from nas.pipeline import Pipeline, StageRecord, _digest
+    from nas.pipeline_config import PipelineConfig
+
+    ran: list[str] = []
+    _fake_stages(monkeypatch, ran)
+    cfg = PipelineConfig.from_yaml(_config(tmp_path))
+    p = Pipeline.open(cfg, tmp_path / "run")
+    p.run()
+    for mid in ("a", "b"):  # as the single model stage recorded it
+        for step in ("finetune", "model"):
+            del p.records[f"{step}:{mid}"]
+        legacy = {"pareto": p.digest("pareto"), "finetune": vars(cfg.finetune), "prune": vars(cfg.prune),
+                  "distill": vars(cfg.distill), "quantize": vars(cfg.quantize)}
+        p.records[f"model:{mid}"] = StageRecord(f"model:{mid}", _digest(legacy), {"steps": []}, 1.0)
+    ran.clear()
+    p.run()
+    assert ran == ["report"]  # the report depends on other stage records now; no model is trained again
 
 
 def test_a_tensorrt_table_on_a_machine_without_it_is_one_error_line(tmp_path, capsys):
