@@ -128,6 +128,7 @@ class Pipeline:
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """All stages in order; returns the summary written to `summary.json`."""
+        from trainer.datasets import dataset_key
         from trainer.distributed import resolve_device
 
         from . import stages
@@ -137,7 +138,8 @@ class Pipeline:
         # files the config names are digested by content too (rebuilt in place: their stages run again); a run
         # begun before that keeps its digests, or resuming it would redo every stage
         contents = _contents if self.run_id() else (lambda **paths: {})
-        data = self.stage("data", {"data": c.data, "synthetic": vars(c.synthetic)}, lambda: stages.data(self))
+        files = {"data_content": dataset_key(c.data)} if c.data and self.run_id() else {}  # labels fixed in place
+        data = self.stage("data", {"data": c.data, "synthetic": vars(c.synthetic), **files}, lambda: stages.data(self))
         table = self.stage("latency", {"latency": vars(c.latency), "space": c.space, "imgsz": c.imgsz,
                                        "nc": data["nc"], **contents(table=c.latency.table)},
                            lambda: stages.latency_table(self, data))

@@ -60,6 +60,7 @@ __all__ = [
     "YoloDataset",
     "build_dataloader",
     "collate_fn",
+    "dataset_key",
     "img2label_path",
     "list_images",
     "load_data_config",
@@ -331,6 +332,18 @@ def _stat_key(paths: Iterable[str | Path]) -> str:
         except OSError:
             h.update(f"{p}|-\n".encode())
     return h.hexdigest()
+
+
+def dataset_key(cfg: DataConfig | str | Path) -> str:
+    """A hash of a data.yaml and the names, sizes and mtimes of its splits' image and label files."""
+    if not isinstance(cfg, DataConfig):
+        cfg = load_data_config(cfg)
+    files = [str(cfg.yaml_path)] if cfg.yaml_path else []
+    for source in (cfg.train, cfg.val, cfg.test):
+        if source is not None:
+            images = [str(p) for p in list_images(source)]
+            files += images + [str(img2label_path(p)) for p in images]
+    return _stat_key(files)
 
 
 # ----------------------------------------------------------------------------------------------- cache

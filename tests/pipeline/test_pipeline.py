@@ -348,6 +348,25 @@ def test_a_run_recorded_before_the_steps_were_split_keeps_its_models(tmp_path, m
     assert ran == ["report"]  # the report depends on other stage records now; no model is trained again
 
 
+def test_a_dataset_edited_in_place_reruns_the_stages_that_read_it(tmp_path, monkeypatch):
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+    from trainer.synthetic import generate
+
+    data = generate(tmp_path / "data", train=4, val=2, imgsz=64, classes=2, seed=0, progress=False)
+    ran: list[str] = []
+    _fake_stages(monkeypatch, ran)
+    cfg = PipelineConfig.from_yaml(_config(tmp_path, data=str(data)))
+    Pipeline.open(cfg, tmp_path / "run").run()
+    ran.clear()
+    Pipeline.open(cfg, tmp_path / "run", resume=True).run()
+    assert ran == []  # nothing changed
+    label = min((tmp_path / "data" / "labels" / "train").glob("*.txt"))
+    label.write_text(label.read_text() + "1 0.5 0.5 0.2 0.2\n")  # a label fixed by hand, same path
+    Pipeline.open(cfg, tmp_path / "run", resume=True).run()
+    assert ran[:3] == ["data", "supernet", "search"]  # the table depends on the class count only
+
+
 def test_a_tensorrt_table_on_a_machine_without_it_is_one_error_line(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     if torch.cuda.is_available():

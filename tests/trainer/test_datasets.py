@@ -447,3 +447,21 @@ def test_cli_data_check(tmp_path, capsys):
     assert result["splits"]["val"]["dropped_labels"] == 1 and result["problems"] == 1
     assert main(["data", "check", str(tmp_path / "ds"), "--strict"]) == 2
     assert "val/b.txt: line 3: expected 5 columns" in capsys.readouterr().err
+
+
+def test_dataset_key_changes_with_any_image_or_label_and_only_then(tmp_path):
+    from trainer.datasets import dataset_key
+    from trainer.synthetic import generate
+
+    yaml_path = generate(tmp_path / "d", train=3, val=2, imgsz=64, classes=2, seed=0)
+    key = dataset_key(yaml_path)
+    assert dataset_key(tmp_path / "d") == key  # the directory names the same data.yaml
+    label = min((tmp_path / "d" / "labels" / "val").glob("*.txt"))
+    label.write_text(label.read_text() + "0 0.5 0.5 0.1 0.1\n")
+    assert dataset_key(yaml_path) != key
+    key = dataset_key(yaml_path)
+    extra = tmp_path / "d" / "images" / "train" / "extra.jpg"
+    Image.new("RGB", (64, 64)).save(extra)
+    assert dataset_key(yaml_path) != key
+    extra.unlink()
+    assert dataset_key(yaml_path) == key  # back as it was
