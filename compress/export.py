@@ -285,7 +285,8 @@ def build_trt_engine(onnx_path: str | Path, engine_path: str | Path, *, precisio
 
 
 def run_engine(engine_path: str | Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The outputs of a TensorRT engine on one batch of inputs (by name), as float32 host arrays (GPU)."""
+    """The outputs of a TensorRT engine on one batch of inputs (by name), as float32 host arrays (GPU); a
+    non-finite output (NaN or inf) is refused."""
     from latency_tables.backends.tensorrt import TrtRunner
 
     if not torch.cuda.is_available():
@@ -293,9 +294,13 @@ def run_engine(engine_path: str | Path, inputs: dict[str, np.ndarray]) -> list[n
     runner = TrtRunner(Path(engine_path).read_bytes(), {k: v.shape for k, v in inputs.items()}, meta={},
                        device=torch.device("cuda"), inputs=inputs)
     try:
-        return runner.outputs()
+        outs = runner.outputs()
     finally:
         runner.close()
+    if not all(np.isfinite(o).all() for o in outs):
+        raise DetforgeError("the engine's outputs are not finite (NaN or inf) on the check batch",
+                            path=engine_path, field="engine")
+    return outs
 
 
 # An engine against PyTorch: fp16 (and TF32 in fp32 builds) rounds differently, by amounts not yet measured on a
@@ -316,9 +321,6 @@ def verify_engine(det: Detector, engine_path: str | Path, imgsz: int, nms: NmsSp
         raise DetforgeError(ENGINE_NEEDS_FIXED_OUTPUTS, path=engine_path, field="engine")
     x = _random_images(det, imgsz, batch, seed)
     outs = run_engine(engine_path, {"images": x.numpy()})
-    if not all(np.isfinite(o).all() for o in outs):
-        raise DetforgeError("the engine's outputs are not finite (NaN or inf) on the check batch",
-                            path=engine_path, field="engine")
     model = copy.deepcopy(det).eval().float().cpu()
     with torch.no_grad():
         if nms is None:

@@ -486,6 +486,25 @@ def build_trt_int8_engine(qdq_onnx: str | Path, engine_path: str | Path, *, max_
                             workspace_gb=workspace_gb)
 
 
+def verify_trt_int8_engine(qdq_onnx: str | Path, engine_path: str | Path, images: Sequence[np.ndarray]) -> float:
+    """An int8 engine against ONNX Runtime on the QDQ model it was built from, on real images: the worst max abs
+    diff; non-finite outputs and a gross mismatch (ENGINE_TOLERANCE: a wrong scale, a dropped layer) are refused."""
+    from .export import ENGINE_TOLERANCE, check_decoded_close, run_engine
+
+    if not images:
+        raise DetforgeError("no images to check the engine on", path=engine_path, field="engine")
+    sess = ort_session(qdq_onnx)
+    name = sess.get_inputs()[0].name
+    worst = 0.0
+    for x in images:
+        got = run_engine(engine_path, {name: x})[0]
+        box, score = check_decoded_close(sess.run(None, {name: x})[0], got, engine_path, field="engine",
+                                         what="the int8 engine does not match ONNX Runtime on its QDQ model",
+                                         **ENGINE_TOLERANCE)
+        worst = max(worst, box, score)
+    return worst
+
+
 def _activation_zero_point_types(model: onnx.ModelProto) -> set[int]:
     """Element types of the zero points of QuantizeLinear nodes (uint8 = asymmetric activations)."""
     inits = {t.name: t.data_type for t in model.graph.initializer}
@@ -512,4 +531,5 @@ __all__ = [
     "float_tail_ok",
     "qdq_counts",
     "quantize_onnx",
+    "verify_trt_int8_engine",
 ]

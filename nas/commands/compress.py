@@ -7,6 +7,7 @@ from typing import Any
 
 from nas.output import emit, format_mapping
 from search_spaces.errors import ConfigError, DataError
+from search_spaces.io import atomic_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -131,7 +132,12 @@ def _finetuner(args: argparse.Namespace, imgsz: int):
 
 def run_quantize(args: argparse.Namespace) -> None:
     from compress.export import export_detector
-    from compress.quantize import build_trt_int8_engine, calibration_images, quantize_onnx
+    from compress.quantize import (
+        build_trt_int8_engine,
+        calibration_images,
+        quantize_onnx,
+        verify_trt_int8_engine,
+    )
     from latency_tables.onnx_utils import input_specs
     from search_spaces import load_model
     from search_spaces.io import atomic_write_json
@@ -160,7 +166,10 @@ def run_quantize(args: argparse.Namespace) -> None:
                            measure_latency=args.measure)
     result = report.to_dict()
     if args.engine:
-        result["engine"] = str(build_trt_int8_engine(out, args.engine))
+        with atomic_path(args.engine) as tmp:  # moved into place once verified: a failed check keeps an earlier one
+            build_trt_int8_engine(out, tmp)
+            diff = verify_trt_int8_engine(out, tmp, [calib[i] for i in range(min(4, len(calib)))])
+        result["engine"], result["engine_max_abs_diff"] = args.engine, diff
     atomic_write_json(out.with_suffix(".json"), result)
     brief = {k: result[k] for k in ("path", "fp32_path", "method", "target", "calib_images", "excluded_sensitive",
                                     "latency_ms_fp32", "latency_ms_int8")}

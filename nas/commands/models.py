@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 from nas.output import emit, format_table
 from search_spaces import list_models, load_model, resolve_arch, save_model
 from search_spaces.convert import load_official_into, read_official_checkpoint
 from search_spaces.errors import ConfigError
+from search_spaces.io import atomic_path
 from search_spaces.model import Detector
 from search_spaces.stats import model_stats
 
@@ -93,16 +92,11 @@ def run_export(args: argparse.Namespace) -> None:
         raise ConfigError(ENGINE_NEEDS_FIXED_OUTPUTS, field="engine")
     report = export_detector(det, args.out, args.imgsz, fuse=args.fuse, opset=args.opset, nms=nms)
     if args.engine:
-        # built beside its destination and moved there once verified: a failed check keeps an earlier engine
-        engine, unverified = Path(args.engine), Path(f"{args.engine}.unverified")
-        try:
-            build_trt_engine(args.out, unverified, precision=args.engine_precision, max_batch=args.max_batch)
-            diff, agree = verify_engine(det, unverified, report.imgsz, nms=nms, batch=args.max_batch,
+        with atomic_path(args.engine) as tmp:  # moved into place once verified: a failed check keeps an earlier one
+            build_trt_engine(args.out, tmp, precision=args.engine_precision, max_batch=args.max_batch)
+            diff, agree = verify_engine(det, tmp, report.imgsz, nms=nms, batch=args.max_batch,
                                         precision=args.engine_precision)
-            os.replace(unverified, engine)
-        finally:
-            unverified.unlink(missing_ok=True)
-        report.engine, report.engine_precision = str(engine), args.engine_precision
+        report.engine, report.engine_precision = args.engine, args.engine_precision
         report.engine_max_abs_diff, report.engine_agreement = diff, agree
     emit(report.to_dict(), args.json)
 

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import onnx
+import pytest
+import torch
 
 from nas.cli import main
 from search_spaces import load_model, save_model
@@ -75,3 +79,62 @@ def test_prune_cli_taylor_rounds_with_finetuning(tmp_path, capsys):
     assert main(["prune", str(tmp_path / "m"), "--macs", "0.5", "--importance", "taylor",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine_ok", [True, False])
+def test_quantize_engine_is_moved_into_place_only_once_verified(engine_ok, tmp_path, capsys, monkeypatch):
+    import compress.export
+    import compress.quantize
+    from compress.export import ort_session
+
+    save_model(build(AUX), tmp_path / "m")
+    write_images(tmp_path / "images", 3)
+    out, engine = tmp_path / "m.int8.onnx", tmp_path / "m.engine"
+    engine.write_bytes(b"earlier")
+    built: list[Path] = []
+
+    def fake_build(qdq, path, **kw):  # what TensorRT would write (no GPU here)
+        built.append(Path(path))
+        Path(path).write_bytes(b"new")
+        return Path(path)
+
+    def fake_run(path, inputs):  # the engine's outputs: ORT's on the QDQ model, or off by 0.5 in every score
+        assert Path(path).read_bytes() == b"new"  # the engine just built, not the earlier one
+        ref = ort_session(out).run(None, inputs)[0]
+        return [ref if engine_ok else np.concatenate([ref[..., :4], ref[..., 4:] + 0.5], -1)]
+
+    monkeypatch.setattr(compress.quantize, "build_trt_int8_engine", fake_build)
+    monkeypatch.setattr(compress.export, "run_engine", fake_run)
+    rc = main(["quantize", str(tmp_path / "m"), "--data", str(tmp_path / "images"), "--calib", "3", "--target", "trt",
+               "--out", str(out), "--engine", str(engine), "--json"])
+    assert built and built[0] != engine  # built beside it, not over it
+    if engine_ok:
+        assert rc == 0 and engine.read_bytes() == b"new"
+        assert json.loads(capsys.readouterr().out)["engine_max_abs_diff"] < 1e-6
+    else:
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and "does not match ONNX Runtime" in err
+        assert engine.read_bytes() == b"earlier"  # a refused engine keeps the earlier one
+    assert sorted(p.name for p in tmp_path.glob(".m.engine*")) == []  # no temporary file left
+
+
+def test_an_engine_with_non_finite_outputs_is_refused(tmp_path, monkeypatch):
+    import latency_tables.backends.tensorrt as trt_backend
+    from compress.export import run_engine
+    from search_spaces.errors import DetforgeError
+
+    class NanRunner:  # a TensorRT runner whose engine produces NaN (no GPU here)
+        def __init__(self, *a, **kw):
+            pass
+
+        def outputs(self):
+            return [np.array([[1.0, np.nan]], np.float32)]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(trt_backend, "TrtRunner", NanRunner)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (tmp_path / "m.engine").write_bytes(b"x")
+    with pytest.raises(DetforgeError, match="not finite"):
+        run_engine(tmp_path / "m.engine", {"images": np.zeros((1, 3, 8, 8), np.float32)})
