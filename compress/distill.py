@@ -20,6 +20,7 @@ from search_spaces.convert import load_official_into, read_official_checkpoint
 from search_spaces.errors import ConfigError
 from search_spaces.loading import load_model, resolve_arch
 from search_spaces.model import Detector
+from search_spaces.zoo import list_models
 from trainer.callbacks import Callback
 from trainer.ema import unwrap
 from trainer.loss import iou_boxes
@@ -68,6 +69,11 @@ def check_teacher(ref: str, official_model: str | None = None, random_ok: bool =
     except ConfigError as e:
         raise ConfigError(e.message, **where) from None
     if weights is None and not random_ok:
+        if ref in list_models():  # the likely intent: this zoo model's official weights
+            raise ConfigError(f"{ref!r} is a zoo architecture with no trained weights, so the teacher would be "
+                              f"random: give its official checkpoint and name ({ref}.pt with teacher_model / "
+                              f"--teacher-model {ref}), or a trained model directory (arch.yaml + weights.pt)",
+                              **where)
         raise ConfigError(f"{ref!r} names no trained weights, so the teacher would be random: give a model "
                           "directory (arch.yaml + weights.pt), or an official checkpoint with its zoo model name "
                           "(teacher_model, --teacher-model)", **where)

@@ -9,8 +9,9 @@ from search_spaces import load_model
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="train a student with knowledge distillation from a teacher")
-    p.add_argument("--teacher", default="yolov7-e6",
-                   help="model dir (arch.yaml + weights.pt), or an official .pt with --teacher-model")
+    p.add_argument("--teacher", required=True,
+                   help="a trained model dir (arch.yaml + weights.pt), or an official checkpoint with --teacher-model "
+                        "(e.g. yolov7-e6.pt --teacher-model yolov7-e6)")
     p.add_argument("--teacher-model", default=None, help="zoo name of an official teacher checkpoint")
     p.add_argument("--teacher-scale", type=float, default=1.0, help="teacher input size / student input size")
     p.add_argument("--student", default="yolov7-tiny")

@@ -126,6 +126,10 @@ def test_a_teacher_without_trained_weights_is_refused(tmp_path, capsys):
     assert main(["distill", "--teacher", "yolov7-e6", "--out", str(tmp_path / "kd")]) == 2
     err = capsys.readouterr().err.strip()
     assert "teacher" in err and "random" in err and len(err.splitlines()) == 1
+    assert "yolov7-e6.pt" in err and "--teacher-model yolov7-e6" in err  # what to pass instead
+    with pytest.raises(SystemExit) as e:  # no default teacher: a zoo name can only be a random one
+        main(["distill", "--out", str(tmp_path / "kd")])
+    assert e.value.code == 2 and "--teacher" in capsys.readouterr().err
     assert not (tmp_path / "kd").exists()  # refused before anything was written
     with pytest.raises(ConfigError, match="distill.teacher"):
         PipelineConfig.from_dict({"distill": {"enabled": True, "teacher": "yolov7-e6"}})
