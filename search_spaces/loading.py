@@ -41,7 +41,9 @@ def resolve_arch(ref: str | Path, form: str | None = None, nc: int | None = None
             raise ConfigError("saved training-form weights: load with form='training' and call .deploy()", path=p)
         arch = arch.deploy_form()[0]
     elif form == "training" and arch.head.type == "detect" and zp is None:
-        raise ConfigError("this model is in deploy form; it has no training form", path=ref_s)
+        raise ConfigError("its head is a plain 'detect' (a fused deploy form, or an architecture written without "
+                          "implicit layers): it has no other training form, load it without form='training'",
+                          path=ref_s, field="form")
     if nc is not None and nc != arch.nc:
         if weights is not None:
             raise ConfigError(f"weights are for nc={arch.nc}, asked for nc={nc}", path=ref_s)

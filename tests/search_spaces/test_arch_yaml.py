@@ -134,3 +134,15 @@ def load_model_from_dict(d):
 def test_load_model_forms():
     assert load_model("yolov7-w6", form="deploy").form == "deploy"
     assert load_model("yolov7-w6").head.has_aux
+
+
+def test_a_plain_detect_model_has_no_other_training_form(tmp_path):
+    from search_spaces import save_model
+
+    fused = load_model("yolov7-tiny", form="deploy", nc=2)  # IDetect folded into a plain Detect
+    assert fused.arch.head.type == "detect"
+    model_dir = save_model(fused, tmp_path / "fused")
+    with pytest.raises(ConfigError, match="plain 'detect'") as e:
+        load_model(model_dir, form="training")
+    assert e.value.field == "form"
+    assert load_model(model_dir).arch.head.type == "detect"  # as it is, it loads (and trains)
