@@ -125,6 +125,11 @@ def write_report(p: Pipeline, d: dict, t: dict, front: dict, models: dict, base:
               "| model | epochs | mAP | mAP50 | measured ms |", "|---|---|---|---|---|"]
     for name, b in base.items():
         lines.append(f"| {name} | {b['epochs']} | {_fmt(b['map'])} | {_fmt(b['map50'])} | {_fmt(b['latency_ms'], 2)} |")
+    refit = {n: b["autoanchor"] for n, b in base.items() if (b.get("autoanchor") or {}).get("replaced")}
+    if refit:  # YOLOv7 would have refit them too; the searched models keep the space's anchors
+        lines += ["", "AutoAnchor refit the anchors of " + ", ".join(
+            f"{n} (best possible recall {f['bpr']:.3f} -> {f['new_bpr']:.3f})" for n, f in refit.items())
+            + "; the searched models train with the search space's anchors."]
     lines += ["", "## Predicted vs measured latency", "", "![latency](latency.png)", ""]
     for mid, m in models.items():
         lines += [f"## Model `{mid}`", "", "| step | params | GFLOPs | mAP |", "|---|---|---|---|"]

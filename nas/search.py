@@ -727,12 +727,12 @@ class Searcher:
         net.set_active(arch)
         net.recalibrate_bn(self.bn_batches())
         if cfg.finetune_epochs:
-            return self.train_trial(trial, net.extract(), cfg.finetune_epochs)
+            return self.train_trial(trial, net.extract(), cfg.finetune_epochs, autoanchor=False)  # inherited
         res = evaluate(net, self.val_loader(), self.nc, self.names, device=self.device, max_batches=cfg.val_batches)
         return float(res.metrics.map), float(res.metrics.map50)
 
-    def train_trial(self, trial: Trial, model: Detector, epochs: int,
-                    callbacks: Sequence[Callback] = ()) -> tuple[float, float]:
+    def train_trial(self, trial: Trial, model: Detector, epochs: int, callbacks: Sequence[Callback] = (),
+                    autoanchor: bool = True) -> tuple[float, float]:
         """Train `model` for `epochs` in the trial's run directory: (mAP50-95, mAP50) of its last validation."""
         cfg = self.cfg
         # per study: one storage (and --out) holds several studies, whose trial numbers all start at 0
@@ -740,7 +740,7 @@ class Searcher:
         trial.set_user_attr("run_dir", str(out.resolve()))  # where `detforge pareto` finds the model
         result = train_candidate(model, self.data_arg(), out, epochs, imgsz=self.imgsz, batch=cfg.batch, nbs=cfg.nbs,
                                  device=cfg.device, workers=cfg.workers, seed=cfg.seed, val_batches=cfg.val_batches,
-                                 callbacks=callbacks)
+                                 callbacks=callbacks, autoanchor=autoanchor)
         return float(result.metrics.map), float(result.metrics.map50)
 
     def data_arg(self) -> str | None:
@@ -750,17 +750,19 @@ class Searcher:
 
 def train_candidate(model: Detector, data: str | None, out: str | Path, epochs: int, *, imgsz: int, batch: int = 16,
                     nbs: int = 64, device: str = "auto", workers: int = 0, seed: int = 0,
-                    val_batches: int | None = None, callbacks: Sequence[Callback] = ()) -> EvalResult:
+                    val_batches: int | None = None, callbacks: Sequence[Callback] = (),
+                    autoanchor: bool = True) -> EvalResult:
     """Train a candidate (from its current weights) for `epochs` into `out`; its last validation result.
 
-    Used by scratch-mode trials, finetuned supernet trials and the benchmarks that check them.
+    Used by scratch-mode trials, finetuned supernet trials and the benchmarks that check them. `autoanchor`
+    refits the anchors first where they match the boxes badly (off for inherited weights, trained with them).
     """
     from trainer.config import TrainConfig
     from trainer.trainer import Trainer
 
     tcfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=imgsz, batch=batch,
                        nbs=nbs, device=device, workers=workers, seed=seed, progress=False,
-                       max_val_batches=val_batches)
+                       max_val_batches=val_batches, autoanchor=autoanchor)
     result = Trainer(tcfg, model=model, callbacks=list(callbacks)).train()
     if result.last is None:
         raise DetforgeError("training produced no validation result", field="epochs")

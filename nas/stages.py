@@ -217,7 +217,8 @@ def _train_step(p: Pipeline, d: dict[str, Any], model: Any, mid: str, step: str,
     c = p.cfg
     out = p.out / "models" / mid / STEP_DIRS[step]
     cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=epochs, imgsz=c.imgsz, batch=c.finetune.batch,
-                      device=c.device, workers=c.workers, seed=c.seed, resume=p.resume_from(out / "last.pt"))
+                      device=c.device, workers=c.workers, seed=c.seed, resume=p.resume_from(out / "last.pt"),
+                      autoanchor=False)  # the supernet's weights were trained with the space's anchors
     res = Trainer(cfg, model=model, callbacks=list(callbacks)).train()
     trained = load_model(out / "model")
     m = res.final("map")  # also when a resume found the training finished (nothing validated this run)
@@ -240,13 +241,14 @@ def baselines(p: Pipeline, d: dict[str, Any], t: dict[str, Any]) -> dict[str, An
         cfg = TrainConfig(model=name, data=d["yaml"], out=str(run), epochs=epochs, imgsz=c.imgsz,
                           batch=c.finetune.batch, device=c.device, workers=c.workers, seed=c.seed,
                           resume=p.resume_from(run / "last.pt"))
-        res = Trainer(cfg).train()
+        trainer = Trainer(cfg)
+        res = trainer.train()
         det = load_model(run / "model").eval().fuse()
         onnx = run / "model.onnx"
         export_detector(det, onnx, c.imgsz)
         out[name] = {"map": res.final("map"), "map50": res.final("map50"),
                      "latency_ms": measure_latency_ms([onnx], c.imgsz, threads=c.latency.threads)[0],
-                     "epochs": epochs}
+                     "epochs": epochs, "autoanchor": None if trainer.anchor_fit is None else trainer.anchor_fit.to_dict()}
     return out
 
 

@@ -29,6 +29,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp16 | off
     ema: bool = True
     ema_tau: float = 2000.0
+    autoanchor: bool = True  # refit anchors whose best possible recall is < 0.98 (YOLOv7); off to keep trained ones
     workers: int = 2
     seed: int = 0
     resume: bool = False

@@ -21,6 +21,7 @@ from search_spaces.errors import CheckpointError, ConfigError, DivergedError
 from search_spaces.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_weights
 
 from . import distributed as ddp
+from .autoanchor import MIN_BPR, check_anchors, sync_arch_anchors
 from .callbacks import Callback
 from .config import TrainConfig
 from .datasets import DataConfig, YoloDataset, build_dataloader, load_data_config
@@ -134,9 +135,6 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         base_hyp = hyp or load_hyp(default_hyp_name(self.model) if cfg.hyp == "auto" else cfg.hyp)
         self.hyp = base_hyp
-        self.loss_fn = YoloLoss(HeadInfo.from_detector(self.model), base_hyp.scaled(self.model.head.nl,
-                                                                                      self.model.nc, cfg.imgsz))
-        self.current_loss = self.loss_fn  # the loss of the forward pass in progress (subclasses switch it)
         self.last_terms: dict[str, Tensor] = {}
         self.skipped_steps = 0  # this epoch's optimizer steps skipped for non-finite gradients
         self.nonfinite_run = 0  # consecutive ones, across epochs
@@ -145,6 +143,13 @@ class Trainer:
                                                  strict=cfg.strict_data, cache=cfg.cache, seed=cfg.seed)
         self.val_set = YoloDataset.from_config(self.data_cfg, "val", imgsz=cfg.imgsz, strict=cfg.strict_data,
                                                cache=cfg.cache, seed=cfg.seed)
+        # a resumed run trains with the anchors its checkpoint holds (load_checkpoint), not a new fit
+        self.anchor_fit = check_anchors(unwrap(self.model), self.train_set.shapes, self.train_set.labels, cfg.imgsz,
+                                        thr=base_hyp.anchor_t, seed=cfg.seed) \
+            if cfg.autoanchor and not cfg.resume else None
+        self._log_anchor_fit()
+        self.loss_fn = self.make_loss()
+        self.current_loss = self.loss_fn  # the loss of the forward pass in progress (subclasses switch it)
         sampler = None
         if self.world > 1:
             sampler = torch.utils.data.distributed.DistributedSampler(self.train_set, shuffle=True, seed=cfg.seed,
@@ -176,6 +181,21 @@ class Trainer:
         self.stop_requested = False  # a callback sets it in on_epoch_end to end training after that epoch
         if cfg.resume:
             self.load_checkpoint(self.out / CHECKPOINT)
+
+    def make_loss(self) -> YoloLoss:
+        """The detection loss for the model's head as it is now (its anchors included)."""
+        return YoloLoss(HeadInfo.from_detector(self.model), self.hyp.scaled(self.model.head.nl, self.model.nc,
+                                                                            self.cfg.imgsz))
+
+    def _log_anchor_fit(self) -> None:
+        f = self.anchor_fit
+        if f is None or not self.main or not self.cfg.progress:
+            return
+        if f.replaced:
+            print(f"autoanchor: best possible recall {f.bpr:.3f} < {MIN_BPR} with the model's anchors; refit to "
+                  f"{f.new_bpr:.3f}: {f.anchors}")
+        elif f.new_bpr is not None:
+            print(f"autoanchor: best possible recall {f.bpr:.3f}; a refit reached {f.new_bpr:.3f}, anchors kept")
 
     # ---- set-up helpers -------------------------------------------------------------------------------
     def _amp_dtype(self) -> torch.dtype | None:
@@ -249,6 +269,10 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"cannot resume: checkpoint does not match this run ({str(e)[:200]})",
                                   path=path) from None
+        for m in (unwrap(self.model), self.ema.ema if self.ema is not None else None):
+            if m is not None:
+                sync_arch_anchors(m)  # the anchors the interrupted run fitted (autoanchor) are in its buffers
+        self.loss_fn = self.current_loss = self.make_loss()
         self.nonfinite_run = int(ck.get("nonfinite_run", 0))  # the divergence check counts across a resume
         self.start_epoch = int(ck["epoch"]) + 1
         self.best_map = float(ck["best_map"])

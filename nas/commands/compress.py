@@ -122,7 +122,8 @@ def _finetuner(args: argparse.Namespace, imgsz: int):
     def finetune(det: Any, epochs: int) -> Any:
         rounds[0] += 1
         cfg = TrainConfig(model=str(args.model), data=args.data, out=str(Path(args.out) / f"finetune{rounds[0]}"),
-                          epochs=epochs, imgsz=imgsz, batch=args.batch, device=args.device)
+                          epochs=epochs, imgsz=imgsz, batch=args.batch, device=args.device,
+                          autoanchor=False)  # a trained model's anchors stay
         trainer = Trainer(cfg, model=det)
         trainer.train()
         return trainer.eval_model
@@ -200,7 +201,7 @@ def _run_qat(args: argparse.Namespace, out: Path) -> None:
     imgsz = args.imgsz or det.arch.imgsz
     run_dir = out.with_name(out.name.removesuffix(".onnx") + "_qat")
     cfg = TrainConfig(model=str(args.model), data=args.data, out=str(run_dir), epochs=args.qat_epochs, imgsz=imgsz,
-                      batch=args.batch, device=args.device, resume=(run_dir / "last.pt").is_file())
+                      batch=args.batch, device=args.device, resume=(run_dir / "last.pt").is_file(), autoanchor=False)
     qat, report = qat_finetune(det, cfg, lr_scale=args.qat_lr_scale, exclude=args.exclude)
     export_qat(qat.cpu(), out, imgsz)
     result = {"path": str(out), "method": "qat", "run": str(run_dir), **report.to_dict(),

@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-teacher", action="store_true",
                    help="allow a --teacher without trained weights (a zoo name, a YAML): random weights, for plumbing "
                         "checks only (it teaches nothing)")
+    p.add_argument("--noautoanchor", action="store_true", help="keep the student's anchors (see `detforge train`)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(model=args.student, data=args.data, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
                       batch=args.batch, nbs=args.nbs, seed=args.seed, workers=args.workers, device=args.device,
-                      resume=args.resume)
+                      resume=args.resume, autoanchor=not args.noautoanchor)
     teacher = load_teacher(args.teacher, args.teacher_model, random_ok=args.random_teacher)
     student = load_model(args.student, nc=resolve_data_config(args.data, args.imgsz).nc)
     weights = {k: getattr(args, k) for k in ("w_obj", "w_cls", "w_box", "w_feat") if getattr(args, k) is not None}

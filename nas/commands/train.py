@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--noautoanchor", action="store_true",
+                   help="keep the model's anchors (by default they are refit when their best possible recall on the "
+                        "training boxes is below 0.98, as YOLOv7 does)")
     p.add_argument("--sync-bn", action="store_true")
     p.add_argument("--strict", action="store_true", help="bad data is an error instead of a skipped sample")
     p.add_argument("--val-interval", type=int, default=1, help="validate every N epochs (and after the last)")
@@ -73,6 +76,7 @@ def run_train(args: argparse.Namespace) -> None:
                       batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp,
                       optimizer=args.optimizer, lr_schedule=args.lr_schedule, amp=args.amp, workers=args.workers,
                       seed=args.seed, ema=not args.no_ema, sync_bn=args.sync_bn, strict_data=args.strict,
+                      autoanchor=not args.noautoanchor,
                       max_time_s=args.max_time, fit_epochs_to_time=args.fit_schedule,
                       val_interval=args.val_interval, save_every_s=args.save_every)
     try:

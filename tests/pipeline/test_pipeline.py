@@ -391,9 +391,11 @@ def test_the_report_says_what_was_measured_where_and_times_this_runs_stages(tmp_
     front = {"front": [{"arch_id": "aaa", "map": 0.2, "map50": 0.4, "predicted_ms": 3.0, "measured_ms": 9.0}]}
     models = {"aaa": {"steps": [{"step": "finetune", "map": 0.25, "params": 1000, "gflops": 0.1}],
                       "verify": {"fp32": {"map": 0.25, "latency_ms": 9.0}}, "predicted_ms": 3.0}}
-    base = {"yolov7-tiny": {"epochs": 2, "map": 0.1, "map50": 0.2, "latency_ms": 12.0}}
+    base = {"yolov7-tiny": {"epochs": 2, "map": 0.1, "map50": 0.2, "latency_ms": 12.0,
+                            "autoanchor": {"bpr": 0.957, "new_bpr": 1.0, "replaced": True}}}
     text = write_report(p, {"yaml": "d.yaml", "nc": 2}, {"path": str(tmp_path / "t.json"), "backend": "tensorrt"},
                         front, models, base, 4.0).read_text()
+    assert "AutoAnchor refit the anchors of yolov7-tiny (best possible recall 0.957 -> 1.000)" in text
     # the CPU measurement (9 ms) says nothing about a TensorRT budget of 4 ms: the table's 3 ms does
     assert "Meets the budget: yes (by the table's prediction" in text and "ort-cpu" in text
     assert "1 supernet + 1 finetune epochs" in text  # the budget the chosen models had, not "the same"
