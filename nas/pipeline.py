@@ -146,7 +146,7 @@ class Pipeline:
         budget = stages.check_budget(self, table)
         region = budget if c.supernet.scope == "budget" else None  # the architectures the supernet trains
         sup = self.stage("supernet", {"supernet": vars(c.supernet), "data": self.digest("data"), "space": c.space,
-                                      "imgsz": c.imgsz, "seed": c.seed, "budget": region,
+                                      "imgsz": c.imgsz, "seed": c.seed, "budget": region, **_added(c, "nbs"),
                                       "latency": self.digest("latency") if region else None,
                                       **contents(teacher=c.supernet.teacher)},
                          lambda: stages.supernet(self, data, table, region))
@@ -159,7 +159,7 @@ class Pipeline:
         baselines = self.stage("baselines", {"baselines": vars(c.baselines), "data": self.digest("data"),
                                              "epochs": c.supernet.epochs + c.finetune.epochs, "imgsz": c.imgsz,
                                              "seed": c.seed, "batch": c.finetune.batch,
-                                             "threads": c.latency.threads},
+                                             "threads": c.latency.threads, **_added(c, "nbs")},
                                lambda: stages.baselines(self, data, table))
         ran = [k for k in self.stage_names(models) if k in self.records]
         summary = self.stage("report", {k: self.digest(k) for k in ran},  # not an earlier config's stale records
@@ -179,7 +179,8 @@ class Pipeline:
             **contents(distill_teacher=c.distill.teacher if c.distill.enabled else None)})
         if legacy is not None:
             return legacy
-        steps = [self.stage(f"finetune:{mid}", {"pareto": self.digest("pareto"), "finetune": vars(c.finetune)},
+        steps = [self.stage(f"finetune:{mid}", {"pareto": self.digest("pareto"), "finetune": vars(c.finetune),
+                                                **_added(c, "nbs")},
                             lambda: stages.finetune(self, data, mid))]
         if c.prune.enabled:
             steps.append(self.stage(f"prune:{mid}", {"up": self.digest(f"finetune:{mid}"), "prune": vars(c.prune)},
@@ -192,6 +193,12 @@ class Pipeline:
         ups = {s["step"]: self.digest(f"{s['step']}:{mid}") for s in steps}
         return self.stage(f"model:{mid}", {"up": ups, "quantize": vars(c.quantize), "threads": c.latency.threads},
                           lambda: stages.deploy(self, data, mid, steps, table))
+
+
+def _added(cfg: PipelineConfig, *keys: str) -> dict[str, Any]:
+    """Settings added after runs were recorded, as stage inputs only where they differ from their default: a run
+    recorded before them keeps its digests (resuming it does not redo its stages)."""
+    return {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != getattr(PipelineConfig, k)}
 
 
 def _digest(inputs: dict[str, Any]) -> str:

@@ -119,6 +119,7 @@ class PipelineConfig:
     device: str = "auto"
     workers: int = 2
     seed: int = 0
+    nbs: int = 64  # nominal batch of every training (supernet, finetune, prune, distill, baselines); 16 for short CPU runs
     latency: LatencyCfg = field(default_factory=LatencyCfg)
     supernet: SupernetCfg = field(default_factory=SupernetCfg)
     search: SearchCfg = field(default_factory=SearchCfg)
@@ -143,7 +144,7 @@ class PipelineConfig:
 
     def check(self, path: str | None = None) -> None:
         """Value checks that types cannot express."""
-        positive = {"imgsz": self.imgsz, "supernet.epochs": self.supernet.epochs, "supernet.batch": self.supernet.batch,
+        positive = {"imgsz": self.imgsz, "nbs": self.nbs, "supernet.epochs": self.supernet.epochs, "supernet.batch": self.supernet.batch,
                     "search.trials": self.search.trials, "finetune.batch": self.finetune.batch,
                     "synthetic.train": self.synthetic.train, "synthetic.val": self.synthetic.val,
                     "select.k": self.select.k, "quantize.calib": self.quantize.calib,

@@ -107,6 +107,7 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path):
     ({"latency": {"fit_models": -1}}, "latency.fit_models"),
     ({"synthetic": {"classes": 0}}, "synthetic.classes"),
     ({"finetune": {"epochs": 0}}, "finetune.epochs"),  # the Trainer would refuse it after the search
+    ({"nbs": 0}, "nbs"),
     ({"prune": {"enabled": True, "finetune_epochs": 0}}, "prune.finetune_epochs"),  # disabled, 0 is fine
     ({"device": "gpu"}, "device"),  # a RuntimeError traceback after the table build, before
     ({"latency": {"table": "no/such/table.json"}}, "latency.table"),
@@ -303,6 +304,7 @@ def _fake_stages(monkeypatch, ran: list[str]) -> None:
     ({"distill": {"enabled": True, "epochs": 2}}, ["distill", "deploy"]),
     ({"prune": {"enabled": True, "macs": 0.5, "finetune_epochs": 1}}, ["prune", "distill", "deploy"]),
     ({"finetune": {"epochs": 2, "batch": 8}}, ["finetune", "prune", "distill", "deploy", "baselines"]),  # epoch budget
+    ({"nbs": 16}, ["supernet", "search", "pareto", "finetune", "prune", "distill", "deploy", "baselines"]),
 ])
 def test_a_changed_compression_step_reruns_only_itself_and_the_steps_after_it(change, rerun, tmp_path, monkeypatch):
     from nas.pipeline import Pipeline
@@ -326,6 +328,34 @@ def test_a_changed_compression_step_reruns_only_itself_and_the_steps_after_it(ch
     before = [s for s in rerun if s in ("latency_table", "supernet", "search", "pareto")]
     after = [s for s in rerun if s == "baselines"] + ["report"]
     assert ran == before + per_model * 2 + after  # both models' steps from the changed one on; nothing before it
+
+
+def test_the_nominal_batch_reaches_every_training(tmp_path, monkeypatch):
+    import nas.supernet_train
+    import trainer.trainer
+    from nas import stages
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+
+    seen: list[tuple[str, int]] = []
+
+    class Recorder:  # stands in for the trainers: the configuration each training gets
+        def __init__(self, cfg, **kw):
+            seen.append((type(self).__name__, cfg.nbs))
+
+        def train(self):
+            raise KeyboardInterrupt  # what it would train is all this test needs
+
+    monkeypatch.setattr(nas.supernet_train, "SupernetTrainer", type("SupernetTrainer", (Recorder,), {}))
+    monkeypatch.setattr(trainer.trainer, "Trainer", type("Trainer", (Recorder,), {}))
+    p = Pipeline(PipelineConfig.from_yaml(_config(tmp_path, nbs=16)), tmp_path / "run")
+    monkeypatch.setattr(stages, "load_model", lambda *a, **kw: None)
+    for call in (lambda: stages.supernet(p, {"yaml": None, "nc": 2}, {"path": None}, None),
+                 lambda: stages.finetune(p, {"yaml": None, "nc": 2}, "a"),
+                 lambda: stages.baselines(p, {"yaml": None, "nc": 2}, {})):
+        with pytest.raises(KeyboardInterrupt):
+            call()
+    assert seen == [("SupernetTrainer", 16), ("Trainer", 16), ("Trainer", 16)]
 
 
 def test_a_run_recorded_before_the_steps_were_split_keeps_its_models(tmp_path, monkeypatch):
