@@ -6,6 +6,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from search_spaces import Architecture
 
 SCHEMA = "detforge.latency_table"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a YOLO head level is keyed by its anchor count, not its anchor sizes (1 is read and migrated)
 TABLES_DIR = Path(__file__).resolve().parent / "tables"  # tables shipped with the package
 BLOCK_GROUP = 8  # blocks measured interleaved together
 MODEL_GROUP = 4  # whole models measured interleaved together (where the backend interleaves)
@@ -329,6 +330,27 @@ class Prediction:
         return d
 
 
+# a head level's key before version 2: `head.yolo(anchors=[w,h,...],implicit=...,nc=...,stride=...)|...`
+_OLD_HEAD_KEY = re.compile(r"^head\.yolo\(anchors=(\[[^\]]*\]),(implicit=(?:true|false)),(.*)$")
+
+
+def canonical_key(key: str) -> str:
+    """A signature key as this version writes it: tables before version 2 keyed a YOLO head level by its anchor
+    sizes, which do not change its time (an AutoAnchor refit would have missed every entry)."""
+    m = _OLD_HEAD_KEY.match(key)
+    if m is None:
+        return key
+    return f"head.yolo({m.group(2)},na={len(json.loads(m.group(1))) // 2},{m.group(3)}"
+
+
+def _canonical_signature(d: Any) -> Any:
+    args = d.get("args") if isinstance(d, dict) else None
+    if d.get("block") != "head.yolo" or not isinstance(args, dict) or "anchors" not in args:
+        return d
+    rest = {k: v for k, v in args.items() if k != "anchors"}
+    return {**d, "args": {**rest, "na": len(args["anchors"] or []) // 2}}
+
+
 @dataclass
 class LatencyTable:
     """Block latencies keyed by signature, measured on one device, plus the overhead model fitted on it."""
@@ -347,6 +369,11 @@ class LatencyTable:
     protocol: dict[str, Any] = field(default_factory=dict)  # the MeasurementConfig of the entries
     info: dict[str, Any] = field(default_factory=dict)  # created, updated, build_s, source
     path: Path | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if any(_OLD_HEAD_KEY.match(k) for k in self.entries) or any(_OLD_HEAD_KEY.match(k) for k in self.signatures):
+            self.entries = {canonical_key(k): m for k, m in self.entries.items()}
+            self.signatures = {canonical_key(k): _canonical_signature(v) for k, v in self.signatures.items()}
 
     # ---- container
     # ------------------------------------------------------------------------------------------

@@ -393,12 +393,11 @@ class BlockSignature:
 class HeadLevel(nn.Module):
     """One level of a detection head with its decoding (eval mode returns `(decoded, [raw])`), for timing."""
 
-    def __init__(self, kind: str, c_in: int, *, nc: int, stride: int, act: str = "silu",
-                 anchors: list[float] | None = None, implicit: bool = False, hidden: int = 128,
-                 depth: int = 2):
+    def __init__(self, kind: str, c_in: int, *, nc: int, stride: int, act: str = "silu", na: int = 3,
+                 implicit: bool = False, hidden: int = 128, depth: int = 2):
         super().__init__()
-        if kind == "head.yolo":
-            self.head = YoloHead([c_in], nc, [list(anchors or [])], [stride], implicit=implicit)
+        if kind == "head.yolo":  # anchors of the stride's size: their values do not change the time
+            self.head = YoloHead([c_in], nc, [[float(stride)] * 2 * na], [stride], implicit=implicit)
         else:
             self.head = DecoupledHead([c_in], nc, [stride], hidden=hidden, depth=depth, act=act)
 
@@ -433,8 +432,8 @@ def _head_proto(htype: str, nc: int, c: int, stride: int, anchors: tuple[float, 
     if htype == "decoupled":
         args = {"nc": nc, "stride": stride, "hidden": hidden, "depth": depth}
         kind = "head.decoupled"
-    else:
-        args = {"nc": nc, "stride": stride, "anchors": anchors, "implicit": htype == "idetect"}
+    else:  # its time depends on how many anchors, not their sizes: a refit (AutoAnchor) keeps its table entries
+        args = {"nc": nc, "stride": stride, "na": len(anchors or ()) // 2, "implicit": htype == "idetect"}
         kind = "head.yolo"
     return kind, tuple(sorted((k, _freeze(v)) for k, v in args.items())), ((c, float(stride)),)
 

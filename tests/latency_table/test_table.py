@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from latency_tables import LatencyTable, fit_overhead, validate
 from latency_tables.backends import get_backend
@@ -22,7 +23,7 @@ from . import FAST, MICRO_IMGSZ, MICRO_YAML, TINY_IMGSZ, SizeBackend, micro_spac
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The tiny search space (627 block signatures at 64 px)."""
+    """The tiny search space (607 block signatures at 64 px)."""
     return load_space("tiny")
 
 
@@ -114,7 +115,7 @@ def test_save_load_round_trip(built, tmp_path):
     assert again.entries == built.entries and again.overhead == built.overhead
     assert again.fingerprint == built.fingerprint and again.imgsz == MICRO_IMGSZ
     doc = json.loads(path.read_text())
-    assert doc["schema"] == "detforge.latency_table" and doc["version"] == 1
+    assert doc["schema"] == "detforge.latency_table" and doc["version"] == 2
     assert set(doc) >= {"backend", "threads", "precision", "batch", "imgsz", "device", "overhead", "entries"}
 
 
@@ -319,7 +320,7 @@ def _edit(text: str, change) -> str:
 @pytest.mark.parametrize("damage, field", [
     (lambda text: text[: len(text) // 2], None),
     (lambda text: text.replace('"detforge.latency_table"', '"something.else"'), "schema"),
-    (lambda text: text.replace('"version": 1', '"version": 99'), "version"),
+    (lambda text: _edit(text, lambda d: d.update(version=99)), "version"),
     (lambda text: text.replace('"median_ms"', '"mediane"', 1), "entries."),
     (lambda text: _edit(text, lambda d: d["device"].update(versions="1.0")), "device.versions"),
     (lambda text: _edit(text, lambda d: d["device"].update(threads="two")), "device.threads"),
@@ -381,3 +382,40 @@ def test_realtime_priority_is_restored_and_measure_group_times_real_models(backe
         res = measure_group({"empty": (empty_model(), [(1, 1, 1)])}, backend, realtime=False)
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
     assert res["empty"].median_ms > 0 and res["empty"].backend == "ort-cpu"
+
+
+def test_a_head_level_is_keyed_by_its_anchor_count_so_refit_anchors_keep_their_entries(tiny, sized):
+    from search_spaces.space import BlockSignature
+
+    rng = random.Random(1)
+    arch = next(a for a in (tiny.random(rng) for _ in range(100)) if not a.head.anchor_free)
+    refit = replace(arch, head=replace(arch.head, anchors=[[v * 0.37 for v in level] for level in arch.head.anchors]))
+    assert not sized.missing(refit) and sized.predict(refit) == sized.predict(arch)  # AutoAnchor changes no time
+    head = next(s for s in arch_signatures(arch, TINY_IMGSZ, 1) if s.block == "head.yolo")
+    assert head.kwargs["na"] == len(arch.head.anchors[0]) // 2 and "anchors" not in head.kwargs
+    decoded, _ = head.build_module()(*[torch.zeros(s) for s in head.input_shapes()])
+    assert decoded.shape[-1] == 5 + tiny.nc  # the block builds and decodes from its signature alone
+    assert BlockSignature.from_dict(head.to_dict()).key() == head.key()
+
+
+def test_a_version_1_table_keyed_by_anchor_sizes_is_read_as_this_version(sized, tmp_path):
+    from latency_tables.table import SCHEMA_VERSION, canonical_key
+
+    doc = sized.to_dict()
+    old_entries, old_sigs = {}, {}
+    for k, m in doc["entries"].items():  # written back the way version 1 keyed a head level
+        sig = doc["signatures"][k]
+        if sig["block"] == "head.yolo":
+            na = sig["args"]["na"]
+            anchors = [float(sig["args"]["stride"])] * (2 * na)
+            sig = {**sig, "args": {**{a: v for a, v in sig["args"].items() if a != "na"}, "anchors": anchors}}
+            implicit = json.dumps(sig["args"]["implicit"])
+            k = k.replace(f"head.yolo(implicit={implicit},na={na},",
+                          f"head.yolo(anchors={json.dumps(anchors, separators=(',', ':'))},implicit={implicit},")
+            assert k.startswith("head.yolo(anchors=[") and canonical_key(k) != k
+        old_entries[k], old_sigs[k] = m, sig
+    (tmp_path / "v1.json").write_text(json.dumps({**doc, "version": 1, "entries": old_entries,
+                                                  "signatures": old_sigs}))
+    old = LatencyTable.load(tmp_path / "v1.json", check_device=False)
+    assert set(old.entries) == set(sized.entries) and old.signatures == sized.signatures
+    assert old.save(tmp_path / "v2.json") and json.loads((tmp_path / "v2.json").read_text())["version"] == SCHEMA_VERSION
