@@ -93,7 +93,7 @@ def main() -> None:
                     "data": str(data), "bpr": _bpr_rows(data, args.models, args.sizes, args.classes),
                     "space_bpr": _space_rows(data, args.space, args.sizes), "training": []}
     atomic_write_json(out / "autoanchor.json", report)
-    for seed in args.seeds:
+    for seed in args.seeds if args.train_epochs else []:  # 0: the BPR tables only
         for auto in (False, True):
             run = out / f"{args.train_model}-{args.imgsz}-{'auto' if auto else 'zoo'}-s{seed}"
             cfg = TrainConfig(model=args.train_model, data=str(data), out=str(run), epochs=args.train_epochs,

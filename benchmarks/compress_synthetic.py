@@ -120,7 +120,8 @@ class Bench:
     def finetune(self, det: Detector, name: str, callbacks: list[Any] = ()) -> Detector:
         a = self.args
         cfg = TrainConfig(model=a.model, data=a.data, out=str(self.out / name), epochs=a.finetune_epochs,
-                          imgsz=a.imgsz, batch=a.batch, nbs=a.nbs, device="cpu", progress=False, seed=0)
+                          imgsz=a.imgsz, batch=a.batch, nbs=a.nbs, device="cpu", progress=False, seed=0,
+                          autoanchor=False)  # a trained model's anchors stay
         trainer = Trainer(cfg, model=det, callbacks=callbacks)
         trainer.train()
         return trainer.eval_model

@@ -72,7 +72,7 @@ def _protocol(name: str) -> MeasurementConfig:
 
 
 def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Namespace,
-           max_s: float | None = None, autoanchor: bool = True) -> tuple[float, int]:
+           max_s: float | None = None) -> tuple[float, int]:
     """Train (resuming) and return the final mAP@[.5:.95] and the epochs trained.
 
     With `max_s` the cosine schedule is fitted to the epochs that fit in it (--fit-schedule), so a
@@ -81,7 +81,8 @@ def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Na
     cfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=args.imgsz,
                       batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers, seed=args.seed,
                       progress=False, resume=(out / "last.pt").is_file(), max_time_s=max_s,
-                      fit_epochs_to_time=max_s is not None, autoanchor=autoanchor)
+                      fit_epochs_to_time=max_s is not None,
+                      autoanchor=False)  # every model with the anchors it is searched, extracted and ranked with
     result = Trainer(cfg, model=model).train()
     m = result.final("map")
     return (float("nan") if m is None else m), result.epochs_done
@@ -429,7 +430,7 @@ def stage_vs_yolov7_tiny(ctx: BenchContext, front: list[FrontEntry], budget: flo
              "front_model": max(within, key=lambda e: e.map)}
     for key, e in picks.items():
         ft, ft_done = _train(load_model(out / "pareto" / e.arch_id), ctx.data, out / "finetune" / e.arch_id,
-                             args.finetune_epochs, args, autoanchor=False)  # inherited weights keep their anchors
+                             args.finetune_epochs, args)
         entry = {"arch_id": e.arch_id, "inherited_map": e.map, "finetuned_map": ft,
                  "epochs": f"{args.supernet_epochs} supernet + {ft_done} finetune",
                  "predicted_ms": e.predicted_ms, "params": e.params, "gflops": e.gflops}

@@ -1,8 +1,10 @@
 """Export a Detector to ONNX (decoded output, dynamic batch, opset >= 17) and verify it against PyTorch."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from latency_tables.onnx_utils import (
     source_name,
 )
 from search_spaces.errors import DetforgeError
-from search_spaces.io import atomic_write_bytes
+from search_spaces.io import atomic_path, atomic_write_bytes
 from search_spaces.model import Detector
 
 from .graph_nms import (
@@ -282,6 +284,19 @@ def build_trt_engine(onnx_path: str | Path, engine_path: str | Path, *, precisio
         raise DetforgeError(e.message, path=onnx_path, field=e.field) from None
     atomic_write_bytes(engine_path, engine)
     return Path(engine_path)
+
+
+@contextlib.contextmanager
+def verified_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path`, moved there only when the block succeeds (a refused file keeps an earlier
+    one); an error about the temporary file names `path`."""
+    with atomic_path(path) as tmp:
+        try:
+            yield tmp
+        except DetforgeError as e:
+            if e.path is not None and Path(e.path) == tmp:
+                raise type(e)(e.message, path=path, field=e.field) from None
+            raise
 
 
 def run_engine(engine_path: str | Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

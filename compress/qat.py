@@ -342,7 +342,8 @@ def qat_finetune(det: Detector, cfg: TrainConfig, *, lr_scale: float = 0.1, free
     # small steps from trained weights: no warmup (its bias LR starts at 0.1), a tenth of the LR
     lr = hyp.lr0 * lr_scale
     hyp = dataclasses.replace(hyp, lr0=lr, warmup_epochs=0.0, warmup_bias_lr=lr)
-    trainer = QatTrainer(dataclasses.replace(cfg, min_warmup_iters=0), model=model, hyp=hyp,
+    # trained weights keep the anchors they were trained with
+    trainer = QatTrainer(dataclasses.replace(cfg, min_warmup_iters=0, autoanchor=False), model=model, hyp=hyp,
                          callbacks=[FreezeObservers(freeze_epoch)])
     if trainer.start_epoch == 0:
         batches = (imgs.to(trainer.device).float() / 255.0 for i, (imgs, *_rest) in

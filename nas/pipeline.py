@@ -138,8 +138,11 @@ class Pipeline:
         # files the config names are digested by content too (rebuilt in place: their stages run again); a run
         # begun before that keeps its digests, or resuming it would redo every stage
         contents = _contents if self.run_id() else (lambda **paths: {})
+        data_inputs = {"data": c.data, "synthetic": vars(c.synthetic)}
         files = {"data_content": dataset_key(c.data)} if c.data and self.run_id() else {}  # labels fixed in place
-        data = self.stage("data", {"data": c.data, "synthetic": vars(c.synthetic), **files}, lambda: stages.data(self))
+        # a run recorded before the dataset's files were digested keeps its data digest (and every stage after it)
+        data = (self.recorded("data", data_inputs) if files else None) or \
+            self.stage("data", {**data_inputs, **files}, lambda: stages.data(self))
         table = self.stage("latency", {"latency": vars(c.latency), "space": c.space, "imgsz": c.imgsz,
                                        "nc": data["nc"], **contents(table=c.latency.table)},
                            lambda: stages.latency_table(self, data))
@@ -175,8 +178,8 @@ class Pipeline:
         c = self.cfg
         legacy = self.recorded(f"model:{mid}", {  # one stage for all steps, in runs begun before the split
             "pareto": self.digest("pareto"), "finetune": vars(c.finetune), "prune": vars(c.prune),
-            "distill": vars(c.distill), "quantize": vars(c.quantize),
-            **contents(distill_teacher=c.distill.teacher if c.distill.enabled else None)})
+            "distill": {**vars(c.distill), "teacher": c.distill.teacher or "yolov7-e6"},  # the default then
+            "quantize": vars(c.quantize), **contents(distill_teacher=c.distill.teacher if c.distill.enabled else None)})
         if legacy is not None:
             return legacy
         steps = [self.stage(f"finetune:{mid}", {"pareto": self.digest("pareto"), "finetune": vars(c.finetune),

@@ -87,7 +87,7 @@ class PruneCfg:
 @dataclass
 class DistillCfg:
     enabled: bool = False
-    teacher: str = "yolov7-e6"
+    teacher: str | None = None  # a trained model dir, or an official checkpoint (e.g. yolov7-e6.pt) with teacher_model
     teacher_model: str | None = None  # zoo name when `teacher` is an official checkpoint
     epochs: int = 3
 
@@ -188,6 +188,9 @@ class PipelineConfig:
         if self.supernet.teacher_model is not None and self.supernet.teacher is None:
             raise ConfigError("names the model of a supernet.teacher checkpoint: set supernet.teacher too", path=path,
                               field="supernet.teacher_model")
+        if self.distill.enabled and self.distill.teacher is None:
+            raise ConfigError("distillation needs a trained teacher: a model directory, or an official checkpoint "
+                              "(e.g. yolov7-e6.pt) with distill.teacher_model", path=path, field="distill.teacher")
         teachers = {"distill": self.distill.teacher if self.distill.enabled else None,
                     "supernet": self.supernet.teacher}
         for key, ref in teachers.items():

@@ -335,11 +335,11 @@ def _stat_key(paths: Iterable[str | Path]) -> str:
 
 
 def dataset_key(cfg: DataConfig | str | Path) -> str:
-    """A hash of a data.yaml and the names, sizes and mtimes of its splits' image and label files."""
+    """A hash of a data.yaml and the names, sizes and mtimes of its train and val image and label files."""
     if not isinstance(cfg, DataConfig):
         cfg = load_data_config(cfg)
     files = [str(cfg.yaml_path)] if cfg.yaml_path else []
-    for source in (cfg.train, cfg.val, cfg.test):
+    for source in (cfg.train, cfg.val):  # what training and validation read (not the test split)
         if source is not None:
             images = [str(p) for p in list_images(source)]
             files += images + [str(img2label_path(p)) for p in images]

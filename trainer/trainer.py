@@ -21,7 +21,7 @@ from search_spaces.errors import CheckpointError, ConfigError, DivergedError
 from search_spaces.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_weights
 
 from . import distributed as ddp
-from .autoanchor import MIN_BPR, check_anchors, sync_arch_anchors
+from .autoanchor import MIN_BPR, AnchorFit, check_anchors, set_anchors, sync_arch_anchors
 from .callbacks import Callback
 from .config import TrainConfig
 from .datasets import DataConfig, YoloDataset, build_dataloader, load_data_config
@@ -144,9 +144,8 @@ class Trainer:
         self.val_set = YoloDataset.from_config(self.data_cfg, "val", imgsz=cfg.imgsz, strict=cfg.strict_data,
                                                cache=cfg.cache, seed=cfg.seed)
         # a resumed run trains with the anchors its checkpoint holds (load_checkpoint), not a new fit
-        self.anchor_fit = check_anchors(unwrap(self.model), self.train_set.shapes, self.train_set.labels, cfg.imgsz,
-                                        thr=base_hyp.anchor_t, seed=cfg.seed) \
-            if cfg.autoanchor and not cfg.resume else None
+        resuming = cfg.resume and (self.out / CHECKPOINT).is_file()
+        self.anchor_fit = self._fit_anchors(base_hyp.anchor_t) if cfg.autoanchor and not resuming else None
         self._log_anchor_fit()
         self.loss_fn = self.make_loss()
         self.current_loss = self.loss_fn  # the loss of the forward pass in progress (subclasses switch it)
@@ -187,6 +186,16 @@ class Trainer:
         return YoloLoss(HeadInfo.from_detector(self.model), self.hyp.scaled(self.model.head.nl, self.model.nc,
                                                                             self.cfg.imgsz))
 
+    def _fit_anchors(self, anchor_t: float) -> AnchorFit | None:
+        """AutoAnchor on rank 0; the other ranks take its anchors (as YOLOv7 broadcasts them)."""
+        det = unwrap(self.model)
+        fit = check_anchors(det, self.train_set.shapes, self.train_set.labels, self.cfg.imgsz, thr=anchor_t,
+                            seed=self.cfg.seed) if self.main else None
+        fit = ddp.broadcast_object(fit)
+        if not self.main and fit is not None and fit.replaced:
+            set_anchors(det, np.array(fit.anchors, dtype=np.float64).reshape(-1, 2))
+        return fit
+
     def _log_anchor_fit(self) -> None:
         f = self.anchor_fit
         if f is None or not self.main or not self.cfg.progress:
@@ -222,6 +231,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
             "extra": self.extra_modules.state_dict(), "nonfinite_run": self.nonfinite_run,
+            "anchor_fit": None if self.anchor_fit is None else self.anchor_fit.to_dict(),
         }
 
     def model_identity(self) -> dict[str, Any]:
@@ -274,6 +284,8 @@ class Trainer:
                 sync_arch_anchors(m)  # the anchors the interrupted run fitted (autoanchor) are in its buffers
         self.loss_fn = self.current_loss = self.make_loss()
         self.nonfinite_run = int(ck.get("nonfinite_run", 0))  # the divergence check counts across a resume
+        if ck.get("anchor_fit"):  # what the interrupted run's AutoAnchor found (its anchors are in the weights)
+            self.anchor_fit = AnchorFit(**ck["anchor_fit"])
         self.start_epoch = int(ck["epoch"]) + 1
         self.best_map = float(ck["best_map"])
         self.rows = list(ck["rows"])

@@ -7,7 +7,6 @@ from typing import Any
 
 from nas.output import emit, format_mapping
 from search_spaces.errors import ConfigError, DataError
-from search_spaces.io import atomic_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -132,7 +131,7 @@ def _finetuner(args: argparse.Namespace, imgsz: int):
 
 
 def run_quantize(args: argparse.Namespace) -> None:
-    from compress.export import export_detector
+    from compress.export import export_detector, verified_file
     from compress.quantize import (
         build_trt_int8_engine,
         calibration_images,
@@ -167,7 +166,7 @@ def run_quantize(args: argparse.Namespace) -> None:
                            measure_latency=args.measure)
     result = report.to_dict()
     if args.engine:
-        with atomic_path(args.engine) as tmp:  # moved into place once verified: a failed check keeps an earlier one
+        with verified_file(args.engine) as tmp:
             build_trt_int8_engine(out, tmp)
             diff = verify_trt_int8_engine(out, tmp, [calib[i] for i in range(min(4, len(calib)))])
         result["engine"], result["engine_max_abs_diff"] = args.engine, diff

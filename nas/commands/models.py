@@ -7,7 +7,6 @@ from nas.output import emit, format_table
 from search_spaces import list_models, load_model, resolve_arch, save_model
 from search_spaces.convert import load_official_into, read_official_checkpoint
 from search_spaces.errors import ConfigError
-from search_spaces.io import atomic_path
 from search_spaces.model import Detector
 from search_spaces.stats import model_stats
 
@@ -82,7 +81,13 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from compress.export import ENGINE_NEEDS_FIXED_OUTPUTS, build_trt_engine, export_detector, verify_engine
+    from compress.export import (
+        ENGINE_NEEDS_FIXED_OUTPUTS,
+        build_trt_engine,
+        export_detector,
+        verified_file,
+        verify_engine,
+    )
     from compress.graph_nms import NmsSpec
 
     det = load_model(args.model)
@@ -92,7 +97,7 @@ def run_export(args: argparse.Namespace) -> None:
         raise ConfigError(ENGINE_NEEDS_FIXED_OUTPUTS, field="engine")
     report = export_detector(det, args.out, args.imgsz, fuse=args.fuse, opset=args.opset, nms=nms)
     if args.engine:
-        with atomic_path(args.engine) as tmp:  # moved into place once verified: a failed check keeps an earlier one
+        with verified_file(args.engine) as tmp:
             build_trt_engine(args.out, tmp, precision=args.engine_precision, max_batch=args.max_batch)
             diff, agree = verify_engine(det, tmp, report.imgsz, nms=nms, batch=args.max_batch,
                                         precision=args.engine_precision)

@@ -114,6 +114,7 @@ def test_quantize_engine_is_moved_into_place_only_once_verified(engine_ok, tmp_p
     else:
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and "does not match ONNX Runtime" in err
+        assert err.split(": ")[2] == str(engine)  # the file asked for, not the temporary one it was built as
         assert engine.read_bytes() == b"earlier"  # a refused engine keeps the earlier one
     assert sorted(p.name for p in tmp_path.glob(".m.engine*")) == []  # no temporary file left
 

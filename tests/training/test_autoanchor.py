@@ -75,11 +75,40 @@ def test_the_trainer_trains_saves_and_resumes_with_the_refit_anchors(small_data,
     first.train()
     saved = Architecture.from_yaml(tmp_path / "model" / "arch.yaml")
     assert saved.head.anchors == first.model.arch.head.anchors != load_model("yolov7-tiny").arch.head.anchors
-    again = Trainer(TrainConfig(epochs=2, resume=True, **kw))
-    assert again.anchor_fit is None  # no new fit: the checkpoint's anchors
+    import trainer.trainer
+
+    real = trainer.trainer.check_anchors
+    trainer.trainer.check_anchors = lambda *a, **k: pytest.fail("a resume refit the anchors")
+    try:
+        again = Trainer(TrainConfig(epochs=2, resume=True, **kw))
+    finally:
+        trainer.trainer.check_anchors = real
+    assert again.anchor_fit == first.anchor_fit  # what the first run found, from last.pt (the report states it)
     torch.testing.assert_close(again.model.head.anchors, fitted)
     torch.testing.assert_close(again.loss_fn.head.anchors.to(fitted), fitted)
     assert again.model.arch.head.anchors == saved.head.anchors and again.ema.ema.arch.head.anchors == saved.head.anchors
     kept = Trainer(TrainConfig(epochs=1, autoanchor=False, **{**kw, "out": str(tmp_path / "off")}))
     assert kept.anchor_fit is None
     assert torch.equal(kept.model.head.anchor_grid, load_model("yolov7-tiny", nc=3).head.anchor_grid)
+
+
+def test_resume_without_a_checkpoint_is_a_fresh_run_and_fits(small_data, tmp_path):
+    kw = {"model": "yolov7-tiny", "data": str(small_data), "out": str(tmp_path), "imgsz": 32, "batch": 4,
+          "workers": 0, "device": "cpu", "progress": False}
+    killed_early = Trainer(TrainConfig(epochs=1, resume=True, **kw))  # a kill before the first last.pt
+    assert killed_early.anchor_fit.replaced
+
+
+def test_other_ranks_take_rank_0s_anchors(small_data, tmp_path, monkeypatch):
+    import trainer.trainer
+
+    kw = {"model": "yolov7-tiny", "data": str(small_data), "out": str(tmp_path), "imgsz": 32, "batch": 4,
+          "workers": 0, "device": "cpu", "progress": False}
+    rank0 = Trainer(TrainConfig(epochs=1, **kw))
+    other = Trainer(TrainConfig(epochs=1, autoanchor=False, **{**kw, "out": str(tmp_path / "r1")}))
+    other.main = False  # as rank 1 sees itself
+    monkeypatch.setattr(trainer.trainer, "check_anchors", lambda *a, **k: pytest.fail("rank 1 fitted"))
+    monkeypatch.setattr(trainer.trainer.ddp, "broadcast_object", lambda obj, src=0: rank0.anchor_fit)
+    assert other._fit_anchors(4.0) == rank0.anchor_fit
+    torch.testing.assert_close(other.model.head.anchor_grid, rank0.model.head.anchor_grid, atol=0.006, rtol=0)
+    assert other.model.arch.head.anchors == rank0.model.arch.head.anchors
