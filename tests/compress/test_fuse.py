@@ -79,3 +79,12 @@ def test_fuse_refuses_a_score_error_that_the_box_scale_would_hide(monkeypatch):
     monkeypatch.setattr(type(det), "fuse", fuse_with_a_slip)
     with pytest.raises(DetforgeError, match="scores"):
         fuse_detector(det, stats=False)
+
+
+def test_a_model_of_every_block_family_exports_to_onnx_and_matches(tmp_path):
+    from compress.export import export_detector
+
+    det = build(MIXED)  # E-ELAN with groups, Ghost ELAN, reorg, RepConv, sppcspc, sppcsp_tiny, add, grouped conv
+    randomize(det)
+    report = export_detector(det, tmp_path / "m.onnx", imgsz=128, fuse=True)
+    assert report.max_abs_diff <= 1e-3
