@@ -344,9 +344,10 @@ def canonical_key(key: str) -> str:
 
 
 def _canonical_signature(d: Any) -> Any:
-    args = d.get("args") if isinstance(d, dict) else None
-    if d.get("block") != "head.yolo" or not isinstance(args, dict) or "anchors" not in args:
+    if not isinstance(d, dict) or d.get("block") != "head.yolo" or not isinstance(d.get("args"), dict) \
+            or "anchors" not in d["args"]:
         return d
+    args = d["args"]
     rest = {k: v for k, v in args.items() if k != "anchors"}
     return {**d, "args": {**rest, "na": len(args["anchors"] or []) // 2}}
 
@@ -372,7 +373,12 @@ class LatencyTable:
 
     def __post_init__(self) -> None:
         if any(_OLD_HEAD_KEY.match(k) for k in self.entries) or any(_OLD_HEAD_KEY.match(k) for k in self.signatures):
-            self.entries = {canonical_key(k): m for k, m in self.entries.items()}
+            entries: dict[str, Measurement] = {}
+            for k, m in self.entries.items():  # heads that differed only in anchors: their least disturbed timing
+                new = canonical_key(k)
+                if new not in entries or m.median_ms < entries[new].median_ms:
+                    entries[new] = m
+            self.entries = entries
             self.signatures = {canonical_key(k): _canonical_signature(v) for k, v in self.signatures.items()}
 
     # ---- container

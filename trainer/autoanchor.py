@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 MIN_BPR = 0.98  # YOLOv7 refits below this
 MIN_BOX_PX = 2.0  # boxes smaller than this on both sides are left out of the fit (as YOLOv7 does)
 MAX_FIT_BOXES = 30_000  # a seeded sample of a larger set is fitted (each generation scores every box)
+KMEANS_RESTARTS = 30  # as YOLOv7's kmeans(iter=30)
 MAX_BPR_BOXES = 200_000  # and measured (COCO has 860k boxes; the BPR of a sample this size is within 0.002)
 
 
@@ -70,9 +71,12 @@ def kmean_anchors(wh: np.ndarray, n: int, thr: float = 4.0, generations: int = 1
 
     std = wh.std(0)
     std[std == 0] = 1.0
-    start = wh[rng.choice(len(wh), n, replace=False)] / std  # seeded initial centroids (scipy's own seed API moved)
-    k, _ = kmeans(wh / std, start, iter=30)
-    k = k * std
+    best = None
+    for _ in range(KMEANS_RESTARTS):  # seeded starts (scipy's own seed argument changed name), the best kept
+        k, distortion = kmeans(wh / std, wh[rng.choice(len(wh), n, replace=False)] / std)
+        if best is None or (len(k), -distortion) > (len(best[0]), -best[1]):
+            best = (k, distortion)
+    k = best[0] * std
     if len(k) < n:  # k-means merged clusters (many equal sizes): fill with jittered copies
         k = np.concatenate([k, k[rng.integers(len(k), size=n - len(k))] * rng.uniform(0.9, 1.1, (n - len(k), 2))])
 
@@ -113,6 +117,7 @@ def check_anchors(det: torch.nn.Module, shapes_hw: np.ndarray, labels: Sequence[
     except ValueError as e:  # too few boxes to fit anchors to: keep the model's
         logger.warning("autoanchor: kept the anchors (%s)", e)
         return fit
+    new = np.array(_per_level(new, head.nl), dtype=np.float64).reshape(-1, 2)  # as arch.yaml and other ranks get them
     fit.new_bpr = anchor_match(new, wh, thr)[0]
     if fit.new_bpr > bpr:
         set_anchors(det, new)

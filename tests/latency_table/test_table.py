@@ -419,3 +419,13 @@ def test_a_version_1_table_keyed_by_anchor_sizes_is_read_as_this_version(sized, 
     old = LatencyTable.load(tmp_path / "v1.json", check_device=False)
     assert set(old.entries) == set(sized.entries) and old.signatures == sized.signatures
     assert old.save(tmp_path / "v2.json") and json.loads((tmp_path / "v2.json").read_text())["version"] == SCHEMA_VERSION
+
+
+def test_version_1_heads_that_differed_only_in_anchors_keep_their_least_disturbed_timing(sized):
+    old = "head.yolo(anchors=[{a}],implicit=true,nc=80,stride=16)|384x20x20|-|b1"
+    entries = {old.format(a="12.0,16.0"): fake_measurement(0.72), old.format(a="19.0,27.0"): fake_measurement(0.54),
+               old.format(a="30.0,61.0"): fake_measurement(0.55)}
+    table = LatencyTable(fingerprint=sized.fingerprint, backend="ort-cpu", imgsz=64, entries=entries,
+                         signatures={k: "not a signature" for k in entries})  # left as it is, no AttributeError
+    key = "head.yolo(implicit=true,na=1,nc=80,stride=16)|384x20x20|-|b1"
+    assert list(table.entries) == [key] and table.entries[key].median_ms == 0.54
