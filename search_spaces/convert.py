@@ -74,6 +74,7 @@ def load_official_into(det: Detector, sd: dict[str, Tensor], source: str = "chec
         raise CheckpointError(f"does not match {det.arch.name} ({det.form} form): " + ", ".join(detail),
                               path=source)
     det.load_state_dict(mapped, strict=True)
+    det.sync_arch_anchors()  # a checkpoint trained with AutoAnchor holds its own anchors: arch.yaml says so
     return det
 
 

@@ -1,6 +1,8 @@
 """`Detector`: the one model type (zoo model, searched subnet, pruned model), built from an `Architecture`."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
@@ -84,6 +86,17 @@ class Detector(nn.Module):
         """The feature maps that feed the lead head (for feature distillation)."""
         outs = self._run_layers(x, self._eval_needed)
         return [outs[i] for i in self.lead_inputs]
+
+    def sync_arch_anchors(self) -> None:
+        """Write the head's anchor buffers into `self.arch` where they differ (weights loaded from a checkpoint
+        trained with other anchors, an AutoAnchor refit), so a saved arch.yaml states the anchors it runs with."""
+        if self.head.anchor_free:
+            return
+        pixels = self.head.anchor_grid.detach().cpu().double().reshape(self.head.nl, -1)
+        stated = torch.tensor(self.arch.head.anchors, dtype=torch.float64)
+        if stated.shape != pixels.shape or not torch.allclose(stated, pixels, atol=0.01, rtol=0):  # 0.01 px in YAML
+            anchors = [[round(float(v), 2) for v in level] for level in pixels]
+            self.arch = dataclasses.replace(self.arch, head=dataclasses.replace(self.arch.head, anchors=anchors))
 
     @torch.no_grad()
     def fuse(self) -> Detector:

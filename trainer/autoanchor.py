@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -140,14 +140,9 @@ def set_anchors(det: torch.nn.Module, anchors: np.ndarray) -> None:
 
 
 def sync_arch_anchors(det: torch.nn.Module) -> None:
-    """Write the head's anchor buffers into `det.arch` (a saved arch.yaml then states the anchors it trains with)."""
-    if not _anchor_based(det):
-        return
-    head = det.head
-    pixels = head.anchor_grid.detach().cpu().double().view(-1, 2).numpy()
-    stated = np.array(det.arch.head.anchors, dtype=np.float64).reshape(-1, 2)
-    if stated.shape != pixels.shape or not np.allclose(stated, pixels, atol=0.01):  # arch.yaml rounds to 0.01 px
-        det.arch = replace(det.arch, head=replace(det.arch.head, anchors=_per_level(pixels, head.nl)))
+    """`Detector.sync_arch_anchors` for a model that may not be a Detector (a supernet, a QAT graph: nothing)."""
+    if isinstance(det, Detector):
+        det.sync_arch_anchors()
 
 
 def _anchor_based(det: torch.nn.Module) -> bool:

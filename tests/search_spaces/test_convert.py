@@ -136,3 +136,22 @@ def test_truncated_checkpoint_fails_clearly(tmp_path, reference):
     path.write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match="truncated|corrupt"):
         read_official_checkpoint(path)
+
+
+def test_a_checkpoint_trained_with_its_own_anchors_converts_with_them(tmp_path, reference, capsys):
+    sd = torch.load(reference / "yolov7-tiny_training_random.pt", weights_only=True)
+    grid_key = next(k for k in sd if k.endswith(".anchor_grid"))
+    zoo = load_model("yolov7-tiny").arch.head.anchors
+    sd = {**sd, grid_key: sd[grid_key] * 0.5, grid_key.replace("anchor_grid", "anchors"):
+          sd[grid_key.replace("anchor_grid", "anchors")] * 0.5}  # as AutoAnchor would have refit them
+    det = load_official_into(load_model("yolov7-tiny", form="training"), sd)
+    assert det.arch.head.anchors == [[v * 0.5 for v in level] for level in zoo]
+    out = tmp_path / "converted"
+    assert main(["convert", _fake_official_checkpoint(tmp_path, sd), "--model", "yolov7-tiny", "--form", "training",
+                 "--out", str(out)]) == 0
+    again = load_model(out)
+    assert again.arch.head.anchors == det.arch.head.anchors  # arch.yaml states the checkpoint's anchors
+    assert torch.equal(again.head.anchor_grid, det.head.anchor_grid)
+    same = load_official_into(load_model("yolov7-tiny", form="training"),
+                              torch.load(reference / "yolov7-tiny_training_random.pt", weights_only=True))
+    assert same.arch.head.anchors == zoo  # the zoo's own anchors leave arch.yaml as it was
