@@ -137,9 +137,10 @@ class Pipeline:
         resolve_device(c.device)  # this machine can run it: cuda without a GPU fails now, not after the table
         # files the config names are digested by content too (rebuilt in place: their stages run again); a run
         # begun before that keeps its digests, or resuming it would redo every stage
-        contents = _contents if self.run_id() else (lambda **paths: {})
+        run_id = self.run_id()
+        contents = _contents if run_id else (lambda **paths: {})
         data_inputs = {"data": c.data, "synthetic": vars(c.synthetic)}
-        files = {"data_content": dataset_key(c.data)} if c.data and self.run_id() else {}  # labels fixed in place
+        files = {"data_content": dataset_key(c.data)} if c.data and run_id else {}  # labels fixed in place
         # a run recorded before the dataset's files were digested keeps its data digest (and every stage after it)
         data = (self.recorded("data", data_inputs) if files else None) or \
             self.stage("data", {**data_inputs, **files}, lambda: stages.data(self))

@@ -117,15 +117,16 @@ def check_anchors(det: torch.nn.Module, shapes_hw: np.ndarray, labels: Sequence[
     except ValueError as e:  # too few boxes to fit anchors to: keep the model's
         logger.warning("autoanchor: kept the anchors (%s)", e)
         return fit
-    new = np.array(_per_level(new, head.nl), dtype=np.float64).reshape(-1, 2)  # as arch.yaml and other ranks get them
+    levels = _per_level(new, head.nl)  # rounded as arch.yaml states them and the other ranks receive them
+    new = np.array(levels, dtype=np.float64).reshape(-1, 2)
     fit.new_bpr = anchor_match(new, wh, thr)[0]
     if fit.new_bpr > bpr:
         set_anchors(det, new)
-        fit.replaced, fit.anchors = True, _per_level(new, head.nl)
+        fit.replaced, fit.anchors = True, levels
     return fit
 
 
-def set_anchors(det: torch.nn.Module, anchors: np.ndarray) -> None:
+def set_anchors(det: Detector, anchors: np.ndarray) -> None:
     """Give `det` these anchors [nl * na, 2] (pixels, ascending area: the smallest go to the finest level)."""
     head = det.head
     order = sorted(range(head.nl), key=lambda i: det.strides[i])  # levels from the finest stride up
@@ -136,7 +137,7 @@ def set_anchors(det: torch.nn.Module, anchors: np.ndarray) -> None:
     with torch.no_grad():
         head.anchor_grid.copy_(per_level.view_as(head.anchor_grid).to(head.anchor_grid))
         head.anchors.copy_((per_level / strides).to(head.anchors))
-    sync_arch_anchors(det)
+    det.sync_arch_anchors()
 
 
 def sync_arch_anchors(det: torch.nn.Module) -> None:
