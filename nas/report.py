@@ -126,10 +126,13 @@ def write_report(p: Pipeline, d: dict, t: dict, front: dict, models: dict, base:
     for name, b in base.items():
         lines.append(f"| {name} | {b['epochs']} | {_fmt(b['map'])} | {_fmt(b['map50'])} | {_fmt(b['latency_ms'], 2)} |")
     refit = {n: b["autoanchor"] for n, b in base.items() if (b.get("autoanchor") or {}).get("replaced")}
-    if refit:  # YOLOv7 would have refit them too; the searched models keep the space's anchors
+    sup = p.records["supernet"].outputs if "supernet" in p.records else {}
+    refit.update({f"the supernet's {layout} heads": f for layout, f in (sup.get("autoanchor") or {}).items()
+                  if f.get("replaced")})
+    if refit:  # as YOLOv7 would; the searched models inherit the supernet's anchors
         lines += ["", "AutoAnchor refit the anchors of " + ", ".join(
             f"{n} (best possible recall {f['bpr']:.3f} -> {f['new_bpr']:.3f})" for n, f in refit.items())
-            + "; the searched models train with the search space's anchors."]
+            + "; the searched models keep the anchors their supernet trained with."]
     lines += ["", "## Predicted vs measured latency", "", "![latency](latency.png)", ""]
     for mid, m in models.items():
         lines += [f"## Model `{mid}`", "", "| step | params | GFLOPs | mAP |", "|---|---|---|---|"]

@@ -88,7 +88,8 @@ def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | 
                               attentive=c.supernet.attentive, per_family=c.supernet.per_family, teacher=teacher)
     result = trainer.train()
     weights = out / "supernet.pt"
-    return {"weights": str(weights), "best_map": result.best_map, "files": [str(weights)]}
+    return {"weights": str(weights), "best_map": result.best_map, "autoanchor": trainer.anchor_fit_record(),
+            "files": [str(weights)]}
 
 
 def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any], t: dict[str, Any], budget: float | None
@@ -218,7 +219,7 @@ def _train_step(p: Pipeline, d: dict[str, Any], model: Any, mid: str, step: str,
     out = p.out / "models" / mid / STEP_DIRS[step]
     cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=epochs, imgsz=c.imgsz, batch=c.finetune.batch, nbs=c.nbs,
                       device=c.device, workers=c.workers, seed=c.seed, resume=p.resume_from(out / "last.pt"),
-                      autoanchor=False)  # the supernet's weights were trained with the space's anchors
+                      autoanchor=False)  # inherited weights: trained with these anchors (the supernet's)
     res = Trainer(cfg, model=model, callbacks=list(callbacks)).train()
     trained = load_model(out / "model")
     m = res.final("map")  # also when a resume found the training finished (nothing validated this run)
@@ -248,7 +249,7 @@ def baselines(p: Pipeline, d: dict[str, Any], t: dict[str, Any]) -> dict[str, An
         export_detector(det, onnx, c.imgsz)
         out[name] = {"map": res.final("map"), "map50": res.final("map50"),
                      "latency_ms": measure_latency_ms([onnx], c.imgsz, threads=c.latency.threads)[0],
-                     "epochs": epochs, "autoanchor": None if trainer.anchor_fit is None else trainer.anchor_fit.to_dict()}
+                     "epochs": epochs, "autoanchor": trainer.anchor_fit_record()}
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -628,6 +628,28 @@ class Supernet(nn.Module):
     def active_arch(self) -> Architecture:
         return self._active[0]
 
+    # ---- anchors --------------------------------------------------------------------------------------------
+    def anchor_sizes(self) -> dict[str, list[list[float]]]:
+        """The anchors each layout's anchor-based heads run with (pixels, one list per level)."""
+        return {layout: heads[0].anchor_sizes() for layout in self.space.layouts if (heads := self._yolo_heads(layout))}
+
+    def set_anchors(self, anchors: Mapping[str, Sequence[Sequence[float]]]) -> None:
+        """Give layouts other anchors (an AutoAnchor refit): the space and every anchor-based head of the layout
+        change together; architectures built afterwards state them (activate one again to use them)."""
+        self.space = self.space.with_anchors(anchors)
+        for layout, a in anchors.items():
+            for head in self._yolo_heads(layout):
+                head.set_anchor_sizes(a)
+
+    def sync_space_anchors(self) -> None:
+        """Write the heads' anchors into `self.space` where they differ (weights of a supernet trained with refit
+        anchors), as `Detector.sync_arch_anchors` does for an architecture."""
+        self.space = self.space.with_anchors(self.anchor_sizes())
+
+    def _yolo_heads(self, layout: str) -> list[YoloHead]:
+        heads = (self.heads[_head_key(t, layout)] for t in self.space.decisions["head.type"].choices)
+        return [h for h in heads if isinstance(h, YoloHead)]
+
     @property
     def head(self) -> nn.Module:
         """The active architecture's head module (nl, na, anchors, anchor_free: what the loss reads)."""
@@ -814,6 +836,7 @@ def load_supernet(path: str | Path, space: SearchSpace | str | Path | None = Non
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"weights do not match space '{net.space.name}' ({str(e)[:200]})", path=path,
                               field="state_dict") from None
+    net.sync_space_anchors()  # a supernet trained with refit anchors (AutoAnchor) holds them in its heads
     net.trained_region = doc.get("region")
     return net
 

@@ -44,8 +44,9 @@ from search_spaces.architecture import Architecture
 from search_spaces.errors import CheckpointError, ConfigError
 from search_spaces.io import atomic_torch_save
 from search_spaces.model import Detector
-from search_spaces.space import SearchSpace
+from search_spaces.space import LAYOUTS, SearchSpace
 from trainer import distributed as ddp
+from trainer.autoanchor import MIN_BPR, AnchorFit, fit_anchors
 from trainer.callbacks import Callback
 from trainer.config import TrainConfig
 from trainer.evaluate import EvalResult
@@ -188,6 +189,7 @@ class SupernetTrainer(Trainer):
         self.region = region
         # decisions are built into architectures by the region's space (pinned to the table's imgsz) if any
         self.arch_space = self.space if region is None else region.space
+        self.layout_anchor_fits: dict[str, AnchorFit] = {}  # AutoAnchor's finding per head layout (_fit_anchors)
         self._largest, self._groups = self._ends(region, cfg)
         if teacher is not None:
             self._check_teacher(teacher, self.arch(self._largest).head_strides(), cfg.imgsz)
@@ -212,6 +214,54 @@ class SupernetTrainer(Trainer):
         if imgsz % max(teacher.strides):
             raise ConfigError(f"the teacher's largest stride {max(teacher.strides)} does not divide the input size "
                               f"{imgsz}", field="teacher")
+
+    # ---- AutoAnchor: one fit per head layout ------------------------------------------------------------
+    def _fit_anchors(self, anchor_t: float) -> None:
+        """AutoAnchor for each head layout with anchors (the space's, shared by its anchor-based head types): a
+        layout whose BPR on the training boxes is below MIN_BPR is refit, on rank 0; the other ranks take it."""
+        fits = None
+        if self.main:
+            fits = {layout: fit_anchors(np.array(a, dtype=np.float64).reshape(-1, 2), [2 ** lvl for lvl in LAYOUTS[layout]],
+                                        self.train_set.shapes, self.train_set.labels, self.cfg.imgsz, thr=anchor_t,
+                                        seed=self.cfg.seed)
+                    for layout, a in self.supernet.anchor_sizes().items()}
+        self.layout_anchor_fits = ddp.broadcast_object(fits)
+        # the base's single-head record (anchor_fit) stays None: anchor_fit_record() writes the per-layout one
+        self._use_anchors({layout: f.anchors for layout, f in self.layout_anchor_fits.items() if f.replaced})
+
+    def _use_anchors(self, anchors: Mapping[str, list[list[float]]]) -> None:
+        """Train with these anchors per layout: the supernet's heads (and its EMA copy's), the spaces that build
+        its architectures, and the active architecture change together."""
+        if not anchors:
+            return
+        ema = getattr(self, "ema", None)  # made after the fit (a copy, anchors included); there on resume
+        for net in (self.supernet, *([ema.ema] if ema is not None else [])):
+            net.set_anchors(anchors)
+        self.space = self.supernet.space
+        self.arch_space = self.space if self.region is None else self.region.space.with_anchors(anchors)
+        self.supernet.set_active(self.arch(self._largest))
+
+    def _log_anchor_fit(self) -> None:
+        if not self.main or not self.cfg.progress:
+            return
+        for layout, f in self.layout_anchor_fits.items():
+            if f.replaced:
+                print(f"autoanchor {layout}: best possible recall {f.bpr:.3f} < {MIN_BPR} with the space's anchors; "
+                      f"refit to {f.new_bpr:.3f}: {f.anchors}")
+            elif f.new_bpr is not None:
+                print(f"autoanchor {layout}: best possible recall {f.bpr:.3f}; a refit reached {f.new_bpr:.3f}, "
+                      "anchors kept")
+
+    def anchor_fit_record(self) -> dict[str, Any] | None:
+        return {layout: f.to_dict() for layout, f in self.layout_anchor_fits.items()} or None
+
+    def restore_anchor_fit(self, record: Mapping[str, Any]) -> None:
+        self.layout_anchor_fits = {layout: AnchorFit(**f) for layout, f in record.items()}
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Resume as the base does; the interrupted run's anchors come with its weights, and its spaces adopt them."""
+        super().load_checkpoint(path)
+        self._use_anchors({k: v for k, v in self.supernet.anchor_sizes().items() if v != self.space.anchors.get(k)})
 
     # ---- subnets and their losses ----------------------------------------------------------------------
     def arch(self, decisions: Mapping[str, Any]) -> Architecture:
@@ -410,9 +460,13 @@ class SupernetTrainer(Trainer):
         """Refuse to resume a supernet trained for another budget (or for the whole space)."""
         theirs = (checkpoint.get("supernet") or {}).get("region")
         mine = self.region_record()
+        # the largest by its decisions: its id also states its anchors, which the interrupted run may have refit
+        by_decisions = bool(theirs and "largest_decisions" in theirs)
 
         def key(r: Mapping[str, Any] | None) -> tuple | None:
-            return (r["budget_ms"], r["largest"]) if r else None
+            if not r:
+                return None
+            return r["budget_ms"], sorted(r["largest_decisions"].items()) if by_decisions else r["largest"]
 
         def say(r: Mapping[str, Any] | None) -> str:
             return f"a budget of {r['budget_ms']:g} ms" if r else "the whole space"
@@ -432,4 +486,5 @@ class SupernetTrainer(Trainer):
             return
         atomic_torch_save(self.checkpoint_state(epoch), self.out / CHECKPOINT)
         atomic_torch_save(supernet_document(self.supernet, self.eval_model.state_dict(), epochs=epoch + 1,
-                                            region=self.region_record()), self.out / SUPERNET_FILE)
+                                            region=self.region_record(), anchor_fit=self.anchor_fit_record()),
+                          self.out / SUPERNET_FILE)

@@ -92,10 +92,10 @@ class Detector(nn.Module):
         trained with other anchors, an AutoAnchor refit), so a saved arch.yaml states the anchors it runs with."""
         if self.head.anchor_free:
             return
-        pixels = self.head.anchor_grid.detach().cpu().double().reshape(self.head.nl, -1)
+        anchors = self.head.anchor_sizes()
         stated = torch.tensor(self.arch.head.anchors, dtype=torch.float64)
-        if stated.shape != pixels.shape or not torch.allclose(stated, pixels, atol=0.01, rtol=0):  # 0.01 px in YAML
-            anchors = [[round(float(v), 2) for v in level] for level in pixels]
+        running = torch.tensor(anchors, dtype=torch.float64)
+        if stated.shape != running.shape or not torch.allclose(stated, running, atol=0.01, rtol=0):  # 0.01 px in YAML
             self.arch = dataclasses.replace(self.arch, head=dataclasses.replace(self.arch.head, anchors=anchors))
 
     @torch.no_grad()

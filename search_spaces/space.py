@@ -15,7 +15,7 @@ import itertools
 import json
 import math
 import random as _random
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -98,6 +98,16 @@ class SearchSpace:
         if nc is None or nc == self.nc:
             return self
         return dataclasses.replace(self, nc=nc)  # init=False: the copy starts with an empty cache
+
+    def with_anchors(self, anchors: Mapping[str, Sequence[Sequence[float]]]) -> SearchSpace:
+        """The same space with other anchors for some layouts (pixels, one list per level; an AutoAnchor refit)."""
+        merged = {**self.anchors, **{k: [[float(v) for v in lv] for lv in a] for k, a in anchors.items()}}
+        for layout, a in anchors.items():
+            old = self.anchors.get(layout)
+            if old is None or [len(lv) for lv in a] != [len(lv) for lv in old]:
+                raise ConfigError(f"anchors of {[len(lv) // 2 for lv in a]} per level do not fit layout {layout!r}",
+                                  path=self.source, field=f"head.anchors.{layout}")
+        return self if merged == self.anchors else dataclasses.replace(self, anchors=merged)
 
     # ---- decisions ---------------------------------------------------------------------------------------
     @property

@@ -96,48 +96,59 @@ def kmean_anchors(wh: np.ndarray, n: int, thr: float = 4.0, generations: int = 1
     return k[np.argsort(k.prod(1))]
 
 
-def check_anchors(det: torch.nn.Module, shapes_hw: np.ndarray, labels: Sequence[np.ndarray], imgsz: int,
-                  thr: float = 4.0, seed: int = 0) -> AnchorFit | None:
-    """Refit `det`'s anchors to these boxes if their BPR is below MIN_BPR and the fit is better (head buffers and
-    `det.arch` both change); None for a model without anchors."""
-    if not _anchor_based(det):  # a supernet's heads are the search space's, left alone
-        return None
-    head = det.head
+def fit_anchors(anchors: np.ndarray, strides: Sequence[int], shapes_hw: np.ndarray, labels: Sequence[np.ndarray],
+                imgsz: int, thr: float = 4.0, seed: int = 0) -> AnchorFit:
+    """What AutoAnchor finds for anchors [nl * na, 2] (pixels, level by level) of a head with these strides: their
+    BPR on these boxes and, below MIN_BPR, a refit, `replaced` only if its BPR is higher (a pure function)."""
+    nl = len(strides)
     rng = np.random.default_rng(seed)
     wh = label_sizes(shapes_hw, labels, imgsz, rng)
     if len(wh) > MAX_BPR_BOXES:
         wh = wh[rng.choice(len(wh), MAX_BPR_BOXES, replace=False)]
-    current = head.anchor_grid.detach().cpu().double().view(-1, 2).numpy()
-    bpr, aat = anchor_match(current, wh, thr)
-    fit = AnchorFit(bpr=bpr, anchors_per_target=aat, anchors=_per_level(current, head.nl))
+    bpr, aat = anchor_match(anchors, wh, thr)
+    fit = AnchorFit(bpr=bpr, anchors_per_target=aat, anchors=_rounded(anchors.reshape(nl, -1).tolist()))
     if len(wh) == 0 or bpr >= MIN_BPR:
         return fit
     try:
-        new = kmean_anchors(label_sizes(shapes_hw, labels, imgsz), len(current), thr, seed=seed)
+        new = kmean_anchors(label_sizes(shapes_hw, labels, imgsz), len(anchors), thr, seed=seed)
     except ValueError as e:  # too few boxes to fit anchors to: keep the model's
         logger.warning("autoanchor: kept the anchors (%s)", e)
         return fit
-    levels = _per_level(new, head.nl)  # rounded as arch.yaml states them and the other ranks receive them
-    new = np.array(levels, dtype=np.float64).reshape(-1, 2)
-    fit.new_bpr = anchor_match(new, wh, thr)[0]
+    levels = _rounded(by_stride(new, strides))  # as arch.yaml states them and the other ranks receive them
+    fit.new_bpr = anchor_match(np.array(levels, dtype=np.float64).reshape(-1, 2), wh, thr)[0]
     if fit.new_bpr > bpr:
-        set_anchors(det, new)
         fit.replaced, fit.anchors = True, levels
+    return fit
+
+
+def check_anchors(det: torch.nn.Module, shapes_hw: np.ndarray, labels: Sequence[np.ndarray], imgsz: int,
+                  thr: float = 4.0, seed: int = 0) -> AnchorFit | None:
+    """`fit_anchors` for a model's head, its anchors replaced when the refit is better (head buffers and
+    `det.arch` change together); None for a model without anchors."""
+    if not _anchor_based(det):  # a supernet's heads are the search space's: SupernetTrainer fits those
+        return None
+    current = np.array(det.head.anchor_sizes(), dtype=np.float64).reshape(-1, 2)
+    fit = fit_anchors(current, det.strides, shapes_hw, labels, imgsz, thr, seed)
+    if fit.replaced:
+        set_anchors(det, np.array(fit.anchors, dtype=np.float64).reshape(-1, 2))
     return fit
 
 
 def set_anchors(det: Detector, anchors: np.ndarray) -> None:
     """Give `det` these anchors [nl * na, 2] (pixels, ascending area: the smallest go to the finest level)."""
-    head = det.head
-    order = sorted(range(head.nl), key=lambda i: det.strides[i])  # levels from the finest stride up
-    a = torch.as_tensor(anchors[np.argsort(anchors.prod(1))], dtype=torch.float32).view(head.nl, head.na, 2)
-    per_level = torch.empty_like(a)
-    per_level[order] = a
-    strides = torch.tensor([float(s) for s in det.strides]).view(-1, 1, 1)
-    with torch.no_grad():
-        head.anchor_grid.copy_(per_level.view_as(head.anchor_grid).to(head.anchor_grid))
-        head.anchors.copy_((per_level / strides).to(head.anchors))
+    det.head.set_anchor_sizes(by_stride(anchors, det.strides))
     det.sync_arch_anchors()
+
+
+def by_stride(anchors: np.ndarray, strides: Sequence[int]) -> list[list[float]]:
+    """Anchors [nl * na, 2] (pixels) as one list per level of a head with these strides: by area, the smallest
+    to the finest level."""
+    nl = len(strides)
+    a = anchors[np.argsort(anchors.prod(1))].reshape(nl, -1)
+    order = sorted(range(nl), key=lambda i: strides[i])  # levels from the finest stride up
+    per_level = np.empty_like(a)
+    per_level[order] = a
+    return per_level.tolist()
 
 
 def sync_arch_anchors(det: torch.nn.Module) -> None:
@@ -156,9 +167,9 @@ def _ratio(anchors: np.ndarray, wh: np.ndarray) -> np.ndarray:
     return np.minimum(r, 1 / r).min(2)
 
 
-def _per_level(anchors: np.ndarray, nl: int) -> list[list[float]]:
-    return [[round(float(v), 2) for v in level.reshape(-1)] for level in anchors.reshape(nl, -1, 2)]
+def _rounded(levels: Sequence[Sequence[float]]) -> list[list[float]]:
+    return [[round(float(v), 2) for v in level] for level in levels]
 
 
-__all__ = ["MIN_BPR", "AnchorFit", "anchor_match", "check_anchors", "kmean_anchors", "label_sizes", "set_anchors",
-           "sync_arch_anchors"]
+__all__ = ["MIN_BPR", "AnchorFit", "anchor_match", "by_stride", "check_anchors", "fit_anchors", "kmean_anchors",
+           "label_sizes", "set_anchors", "sync_arch_anchors"]

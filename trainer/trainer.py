@@ -231,8 +231,16 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
             "extra": self.extra_modules.state_dict(), "nonfinite_run": self.nonfinite_run,
-            "anchor_fit": None if self.anchor_fit is None else self.anchor_fit.to_dict(),
+            "anchor_fit": self.anchor_fit_record(),
         }
+
+    def anchor_fit_record(self) -> dict[str, Any] | None:
+        """What AutoAnchor found, as the checkpoint keeps it (subclasses that fit several heads: their record)."""
+        return None if self.anchor_fit is None else self.anchor_fit.to_dict()
+
+    def restore_anchor_fit(self, record: Mapping[str, Any]) -> None:
+        """Take back an interrupted run's `anchor_fit_record` (its anchors are in the weights)."""
+        self.anchor_fit = AnchorFit(**record)
 
     def model_identity(self) -> dict[str, Any]:
         """What the checkpoint records to say which model its weights belong to (subclasses: not an arch)."""
@@ -284,8 +292,8 @@ class Trainer:
                 sync_arch_anchors(m)  # the anchors the interrupted run fitted (autoanchor) are in its buffers
         self.loss_fn = self.current_loss = self.make_loss()
         self.nonfinite_run = int(ck.get("nonfinite_run", 0))  # the divergence check counts across a resume
-        if ck.get("anchor_fit"):  # what the interrupted run's AutoAnchor found (its anchors are in the weights)
-            self.anchor_fit = AnchorFit(**ck["anchor_fit"])
+        if ck.get("anchor_fit"):  # what the interrupted run's AutoAnchor found
+            self.restore_anchor_fit(ck["anchor_fit"])
         self.start_epoch = int(ck["epoch"]) + 1
         self.best_map = float(ck["best_map"])
         self.rows = list(ck["rows"])

@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "official checkpoint with --teacher-model")
     t.add_argument("--teacher-model", default=None, help="zoo name of an official --teacher checkpoint")
     t.add_argument("--nbs", type=int, default=64, help="nominal batch: gradients accumulate to it")
+    t.add_argument("--noautoanchor", action="store_true",
+                   help="keep the space's anchors (default: each head layout's anchors are refit, as `detforge train` "
+                        "does, when their best possible recall on the training boxes is below 0.98)")
     t.add_argument("--table", default=None, help="latency table of the target device: with --budget-ms, train only "
                                                  "the architectures predicted within the budget")
     t.add_argument("--budget-ms", type=float, default=None, help="the search's latency budget (needs --table)")
@@ -135,7 +138,8 @@ def run_supernet_train(args: argparse.Namespace) -> None:
     teacher = load_teacher(args.teacher, args.teacher_model) if args.teacher else None
     cfg = TrainConfig(model=f"supernet:{space.name}", data=args.data, out=args.out, epochs=args.epochs, imgsz=imgsz,
                       batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,
-                      workers=args.workers, seed=args.seed, ema=not args.no_ema, max_time_s=args.max_time)
+                      workers=args.workers, seed=args.seed, ema=not args.no_ema, max_time_s=args.max_time,
+                      autoanchor=not args.noautoanchor)
     try:
         result = SupernetTrainer(cfg, space=space, n_random=args.n_random, kd_weight=args.kd_weight,
                                  region=region, per_head=args.per_head,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +78,22 @@ class YoloHead(nn.Module):
     @property
     def has_aux(self) -> bool:
         return self.m2 is not None
+
+    def anchor_sizes(self) -> list[list[float]]:
+        """The anchors in pixels, one list per level, rounded to the 0.01 px that architecture YAML states."""
+        pixels = self.anchor_grid.detach().cpu().double().reshape(self.nl, -1)
+        return [[round(float(v), 2) for v in level] for level in pixels]
+
+    @torch.no_grad()
+    def set_anchor_sizes(self, anchors: Sequence[Sequence[float]]) -> None:
+        """Replace the anchors (pixels, one list per level in the head's order); both buffers change together."""
+        a = torch.tensor(anchors, dtype=torch.float64)
+        if a.shape != (self.nl, 2 * self.na):
+            raise ValueError(f"anchors of shape {tuple(a.shape)} for a head of {self.nl} levels x {self.na} anchors")
+        a = a.view(self.nl, self.na, 2)
+        strides = torch.tensor(self.strides, dtype=torch.float64).view(-1, 1, 1)
+        self.anchor_grid.copy_(a.view_as(self.anchor_grid).to(self.anchor_grid))
+        self.anchors.copy_((a / strides).to(self.anchors))
 
     @torch.no_grad()
     def _init_biases(self, convs: nn.ModuleList) -> None:

@@ -231,6 +231,38 @@ def test_build_arch_validates_decisions(tiny, tmp_path):
     assert Architecture.from_yaml(path) == arch
 
 
+def test_with_anchors_replaces_a_layouts_anchors_and_nothing_else(tiny):
+    refit = [[4.5, 6.0, 8.25, 12.0, 16.0, 11.5], [15.0, 30.0, 31.0, 22.5, 29.5, 59.5],
+             [58.0, 45.0, 78.0, 99.0, 186.5, 163.0]]
+    new = tiny.with_anchors({"p3-p5": refit})
+    assert new.anchors["p3-p5"] == refit and new.anchors["p3-p4"] == tiny.anchors["p3-p4"]
+    assert tiny.anchors["p3-p5"] != refit  # the original space is unchanged
+    d = {**tiny.smallest_decisions(), "head.layout": "p3-p5", "head.type": "detect"}
+    det = Detector(new.build_arch(d))
+    assert det.arch.head.anchors == det.head.anchor_sizes() == refit
+    assert new.arch_id(d) != tiny.arch_id(d)  # another model: its id differs
+    assert tiny.with_anchors({"p3-p5": tiny.anchors["p3-p5"]}) is tiny
+    with pytest.raises(ConfigError) as e:  # two levels for a three-level layout
+        tiny.with_anchors({"p3-p5": refit[:2]})
+    assert e.value.field == "head.anchors.p3-p5"
+    with pytest.raises(ConfigError):  # two anchors per level where the space has three
+        tiny.with_anchors({"p3-p5": [lv[:4] for lv in refit]})
+
+
+def test_a_heads_anchor_sizes_set_both_buffers(tiny):
+    d = {**tiny.smallest_decisions(), "head.layout": "p3-p4", "head.type": "idetect"}
+    det = Detector(tiny.build_arch(d, nc=2))
+    new = [[5.0, 7.0, 9.0, 11.0, 13.0, 15.0], [20.0, 22.0, 30.0, 40.0, 50.0, 60.0]]
+    det.head.set_anchor_sizes(new)
+    assert det.head.anchor_sizes() == new
+    want = torch.tensor(new).view(2, 3, 2) / torch.tensor([8.0, 16.0]).view(-1, 1, 1)
+    assert torch.allclose(det.head.anchors, want)  # in stride units, as the loss reads them
+    det.sync_arch_anchors()
+    assert det.arch.head.anchors == new
+    with pytest.raises(ValueError, match="levels"):
+        det.head.set_anchor_sizes(new[:1])
+
+
 def test_block_out_channels_matches_detector(tiny):
     archs = [Architecture.from_yaml(zoo_path(m)) for m in list_models()]
     archs += [tiny.random(random.Random(i)) for i in range(10)]

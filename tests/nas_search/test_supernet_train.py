@@ -116,6 +116,49 @@ def test_channel_sorting_reorders_every_epoch_after_the_first_and_resumes_exactl
     assert all(torch.equal(v, b[k]) for k, v in a.items())
 
 
+def test_autoanchor_refits_each_layout_and_the_searched_models_inherit_the_anchors(shared, tmp_path):
+    from trainer.autoanchor import MIN_BPR
+    from trainer.synthetic import generate
+
+    # boxes drawn for 320 px and trained at 64: every layout's anchors are too large for most of them
+    data = generate(tmp_path / "data", train=16, val=8, imgsz=320, classes=NC, seed=0)
+    region = _region(shared)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "a"), epochs=2, imgsz=IMGSZ, batch=8, workers=0,
+                      progress=False, max_time_s=1e-9)  # stops after one epoch: resumed below
+    tr = SupernetTrainer(cfg, space="tiny", region=region)
+    stated = load_space("tiny").anchors
+    fits = tr.layout_anchor_fits
+    assert set(fits) == set(stated) == set(tr.space.layouts)
+    for layout, f in fits.items():
+        assert f.bpr < MIN_BPR and f.new_bpr > f.bpr and f.replaced, layout
+        assert tr.space.anchors[layout] == f.anchors != stated[layout]
+        assert tr.supernet.anchor_sizes()[layout] == f.anchors  # every anchor-based head of the layout
+    largest = tr.arch(tr._largest)
+    assert largest.head.anchors == fits[region.space.complete(tr._largest)["head.layout"]].anchors
+    tr.train()
+    # a resume keeps the interrupted run's anchors and record (no new fit) and accepts its budget's largest
+    again = SupernetTrainer(dataclasses.replace(cfg, resume=True, max_time_s=None), space="tiny",
+                            region=_region(shared, budget_ms=region.budget_ms))
+    assert again.start_epoch == 1 and again.space.anchors == tr.space.anchors
+    assert {k: f.to_dict() for k, f in again.layout_anchor_fits.items()} == {k: f.to_dict() for k, f in fits.items()}
+    assert again.arch(again._largest) == largest
+    # supernet.pt carries the anchors: its space states them, and an extracted model runs with them
+    net = load_supernet(tmp_path / "a" / "supernet.pt").eval()
+    assert net.space.anchors == tr.space.anchors
+    assert torch.load(tmp_path / "a" / "supernet.pt", weights_only=True)["anchor_fit"]["p3-p6"]["replaced"]
+    arch = net.space.build_arch({**net.space.smallest_decisions(), "head.layout": "p3-p6", "head.type": "idetect"},
+                                nc=NC)
+    det = net.extract(arch).eval()
+    assert det.arch.head.anchors == det.head.anchor_sizes() == fits["p3-p6"].anchors
+    net.set_active(arch)
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        assert torch.allclose(net(x)[0], det(x)[0], atol=1e-5)  # decoded boxes: the anchors agree
+    # --noautoanchor keeps the space's
+    off = SupernetTrainer(dataclasses.replace(cfg, out=str(tmp_path / "b"), autoanchor=False), space="tiny")
+    assert off.space.anchors == stated and off.layout_anchor_fits == {} and off.anchor_fit_record() is None
+
+
 def test_cli_trains_and_resumes(shared, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["supernet", "train", "--space", "tiny", "--data", str(shared.data), "--epochs", "1", "--batch", "8",
@@ -125,6 +168,11 @@ def test_cli_trains_and_resumes(shared, tmp_path, capsys):
     assert doc["epochs"] == 1 and doc["supernet"].endswith("supernet.pt")
     ck = torch.load(out / "last.pt", weights_only=True)
     assert ck["supernet"]["space"] == "tiny" and ck["config"]["imgsz"] == 128  # the space's largest imgsz
+    assert ck["config"]["autoanchor"] and ck["anchor_fit"] is not None
+    assert main([*args[:-4], str(tmp_path / "off"), *args[-3:], "--noautoanchor"]) == 0
+    off = torch.load(tmp_path / "off" / "last.pt", weights_only=True)
+    assert not off["config"]["autoanchor"] and off["anchor_fit"] is None
+    capsys.readouterr()
     assert main([*args[:7], "2", *args[8:], "--resume"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 2
     shutil.rmtree(out)

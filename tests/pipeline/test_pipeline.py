@@ -171,6 +171,9 @@ def test_supernet_stage_hands_the_configured_teacher_to_the_trainer(tmp_path, mo
         def train(self):
             return type("Result", (), {"best_map": 0.0})()
 
+        def anchor_fit_record(self):
+            return None
+
     monkeypatch.setattr(nas.supernet_train, "SupernetTrainer", Recorder)
     stages.supernet(Pipeline(cfg, tmp_path / "run"), {"yaml": None, "nc": 2}, {"path": None}, None)
     teacher = seen["teacher"]
@@ -224,6 +227,9 @@ def test_supernet_stage_resumes_its_checkpoint_only_when_the_pipeline_says_so(tm
 
         def train(self):
             return type("Result", (), {"best_map": 0.0})()
+
+        def anchor_fit_record(self):
+            return None
 
     monkeypatch.setattr(nas.supernet_train, "SupernetTrainer", Recorder)
     p = Pipeline(cfg, tmp_path / "run")
@@ -424,6 +430,9 @@ def test_the_report_says_what_was_measured_where_and_times_this_runs_stages(tmp_
     p = Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path)), tmp_path / "run")
     for name in ("data", "latency", "model:aaa", "model:zzz"):  # zzz: a model an earlier config chose
         p.records[name] = StageRecord(name, "0" * 16, {}, 1.5)
+    p.records["supernet"] = StageRecord("supernet", "0" * 16, {"autoanchor": {
+        "p3-p6": {"bpr": 0.887, "new_bpr": 1.0, "replaced": True},
+        "p3-p5": {"bpr": 0.991, "new_bpr": None, "replaced": False}}}, 1.5)
     (tmp_path / "t.json").write_text(json.dumps({"device": {"gpu_name": "H100"}}))
     front = {"front": [{"arch_id": "aaa", "map": 0.2, "map50": 0.4, "predicted_ms": 3.0, "measured_ms": 9.0}]}
     models = {"aaa": {"steps": [{"step": "finetune", "map": 0.25, "params": 1000, "gflops": 0.1}],
@@ -432,7 +441,9 @@ def test_the_report_says_what_was_measured_where_and_times_this_runs_stages(tmp_
                             "autoanchor": {"bpr": 0.957, "new_bpr": 1.0, "replaced": True}}}
     text = write_report(p, {"yaml": "d.yaml", "nc": 2}, {"path": str(tmp_path / "t.json"), "backend": "tensorrt"},
                         front, models, base, 4.0).read_text()
-    assert "AutoAnchor refit the anchors of yolov7-tiny (best possible recall 0.957 -> 1.000)" in text
+    assert ("AutoAnchor refit the anchors of yolov7-tiny (best possible recall 0.957 -> 1.000), the supernet's "
+            "p3-p6 heads (best possible recall 0.887 -> 1.000); the searched models keep") in text
+    assert "p3-p5" not in text
     # the CPU measurement (9 ms) says nothing about a TensorRT budget of 4 ms: the table's 3 ms does
     assert "Meets the budget: yes (by the table's prediction" in text and "ort-cpu" in text
     assert "1 supernet + 1 finetune epochs" in text  # the budget the chosen models had, not "the same"
