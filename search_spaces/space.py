@@ -880,7 +880,13 @@ def _parse_stages(raw: Any, section: str, stages: list[str], downs: tuple[str, .
         "mid": lambda v: None if not _fraction(v) else "expected 'width' (alone) or fractions",
     }
     defaults = {"block": "elan", "depth": 2, "tap": 1, "width": 0.5, "mid": "width"}
-    for stage in stages:
+
+    def check_only(name: str, raw_value: Any, fld: str, check: Callable[[Any], str | None]) -> None:
+        _choices(raw_value, fld, check, path)
+
+    # an optional stage this file's layouts do not use is no decision, but what it states is checked all the same
+    for stage in [*stages, *(s for s in optional if s in per)]:
+        used = stage in stages
         allowed = list(_GROUP_KEYS)
         has_out = stage.startswith("p")
         if has_out:
@@ -890,11 +896,13 @@ def _parse_stages(raw: Any, section: str, stages: list[str], downs: tuple[str, .
         if stage not in per and has_out:
             raise ConfigError("missing required stage", path=path, field=f"{section}.stages.{stage}")
         own = _mapping(per.get(stage) or {}, f"{section}.stages.{stage}", allowed, path)
-        if has_out and "out" not in own:
+        if used and has_out and "out" not in own:
             raise ConfigError("missing required key", path=path, field=f"{section}.stages.{stage}.out")
         for key in allowed:
             if key in own:
                 value, fld = own[key], f"{section}.stages.{stage}.{key}"
+            elif not used:
+                continue  # the group's values are checked where a used stage takes them
             elif key in group:
                 value, fld = group[key], f"{section}.{key}"
             elif key in defaults:
@@ -903,7 +911,7 @@ def _parse_stages(raw: Any, section: str, stages: list[str], downs: tuple[str, .
                 raise ConfigError("missing required key", path=path, field=f"{section}.{key}")
             if key == "mid" and value in ("width", ["width"]):
                 continue  # chain width = hidden width: not a decision
-            add(f"{section}.{stage}.{key}", value, fld, checks[key])
+            (add if used else check_only)(f"{section}.{stage}.{key}", value, fld, checks[key])
 
 
 # P6 stages may stay in a file whose head.layout has no p3-p6 (then they are unused)

@@ -98,6 +98,26 @@ def test_invalid_yaml_names_the_field(tmp_path, key, value, fld):
     assert e.value.field == fld and e.value.path == str(path), e.value.line()
 
 
+@pytest.mark.parametrize("section,stage,value,fld", [
+    ("backbone", "p6", {"out": [256], "depth": "two"}, "backbone.stages.p6.depth"),
+    ("backbone", "p6", {"out": [256], "colour": 1}, "backbone.stages.p6.colour"),
+    ("neck", "p6", {"out": [33]}, "neck.stages.p6.out"),
+    ("neck", "td5", {"block": "resnet"}, "neck.stages.td5.block"),
+])
+def test_an_unused_p6_stage_is_still_checked(tmp_path, section, stage, value, fld):
+    raw = _raw("default")
+    raw["head"]["layout"] = ["p3-p5", "p3-p4"]  # no P6 layout: the P6 stages build nothing
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    space = SearchSpace.from_yaml(path)  # as shipped, they load and make no decision
+    assert not any(".p6." in n or ".td5." in n for n in space.decisions)
+    raw[section]["stages"][stage] = value
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        SearchSpace.from_yaml(path)
+    assert e.value.field == fld and e.value.path == str(path), e.value.line()
+
+
 def test_mid_width_in_a_one_item_list_is_the_width(tmp_path):
     raw = _raw("default")
     _set(raw, "neck.mid", ["width"])  # as `mid: width`: the chain width is the hidden width, no decision
