@@ -40,7 +40,7 @@ from .table import (
 )
 
 MANIFEST_SCHEMA = "detforge.probe"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: a YOLO head level is keyed by its anchor count (table version 2), 1: by its anchors
 RESULTS_SCHEMA = "detforge.probe_results"
 BUNDLE_DIR = "detforge-probe"  # the top-level folder inside the tar.gz
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -173,6 +173,11 @@ def read_results(path: str | Path) -> dict[str, Any]:
             v = doc[key].get(name)
             if not isinstance(v, typ) or isinstance(v, bool):
                 raise ConfigError(f"missing or not a {typ.__name__}: {v!r}", path=p, field=f"{key}.{name}")
+    made_by = doc["bundle"].get("version", 1)  # results written before the runner copied it: a version-1 bundle
+    if not isinstance(made_by, int) or isinstance(made_by, bool) or made_by > MANIFEST_VERSION:
+        raise ConfigError(f"results of a bundle of version {made_by!r}; this detforge reads versions up to "
+                          f"{MANIFEST_VERSION} (import them with the detforge that packed the bundle, or a newer one)",
+                          path=p, field="bundle.version")
     if not doc["entries"]:
         raise ConfigError("no block was measured yet (did the runner stop early?)", path=p, field="entries")
     return doc

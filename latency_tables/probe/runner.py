@@ -239,8 +239,8 @@ def main(argv: list | None = None) -> int:
         return 2
     doc = previous or {
         "schema": RESULTS_SCHEMA, "version": RESULTS_VERSION, "bundle_id": bundle_id, "setup": setup,
-        "bundle": {k: manifest[k] for k in ("imgsz", "batch", "precision", "fused", "space", "opset",
-                                            "torch")},
+        "bundle": {**{k: manifest[k] for k in ("imgsz", "batch", "precision", "fused", "space", "opset", "torch")},
+                   "version": manifest.get("version", 1)},  # how its keys are written: importers refuse newer ones
         "protocol": protocol, "signatures": {b["key"]: b["signature"] for b in manifest["blocks"]},
         "model_archs": {m["name"]: m["arch"] for m in manifest["models"]},
         "entries": {}, "models": {}, "empty": None, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -144,6 +144,27 @@ def test_results_without_the_runners_settings_name_the_missing_field(results, tm
     assert not (tmp_path / "t.json").exists()
 
 
+def test_results_state_their_bundles_key_version_and_newer_ones_are_refused(results, tmp_path):
+    from latency_tables.probe import MANIFEST_VERSION
+
+    doc = json.loads(results.read_text())
+    assert doc["bundle"]["version"] == MANIFEST_VERSION == 2  # head levels keyed by anchor count
+    for version, ok in ((MANIFEST_VERSION + 1, False), ("2", False), (None, True), (1, True)):
+        other = json.loads(json.dumps(doc))
+        if version is None:
+            del other["bundle"]["version"]  # written by an earlier runner: a version-1 bundle
+        else:
+            other["bundle"]["version"] = version
+        path = tmp_path / "results.json"
+        path.write_text(json.dumps(other))
+        if ok:
+            assert len(import_results(path, tmp_path / "t.json").entries) == len(doc["entries"])
+        else:
+            with pytest.raises(ConfigError) as e:
+                import_results(path, tmp_path / "t.json")
+            assert e.value.field == "bundle.version" and str(path) in str(e.value)
+
+
 def test_runner_refuses_to_overwrite_results_of_other_settings(bundle, results, tmp_path):
     copy = tmp_path / "mine.json"
     copy.write_text(results.read_text())
