@@ -484,8 +484,10 @@ class LatencyTable:
 
     def fit_space(self, space: Any, backend: Backend, n: int = FIT_MODELS, seed: int = FIT_SEED, *,
                   progress: bool = False, realtime: bool = False, remeasure: bool = False,
-                  after_pass: Callable[[], None] | None = None) -> OverheadModel:
-        """Fit the overhead on `n` architectures of `space`, measuring those the stored fit lacks (or all).
+                  after_pass: Callable[[], None] | None = None,
+                  archs: Sequence[Architecture] | None = None) -> OverheadModel:
+        """Fit the overhead on `n` architectures of `space` (or on `archs`, drawn so already), measuring those the
+        stored fit lacks (or all).
 
         Each model is measured in MODEL_PASSES passes and its fastest counts (see fastest_pass). The finished
         passes are kept in `info["fit_passes"]` and `after_pass` runs after each (build saves there), so a
@@ -493,7 +495,7 @@ class LatencyTable:
         """
         # The space's smallest and largest first (they pin the line's ends), then seeded random ones; a
         # model's end-to-end latency does not depend on the entries, so earlier fit measurements are reused.
-        archs = sample_architectures(space, n, seed, extremes=True)
+        archs = list(archs) if archs is not None else sample_architectures(space, n, seed, extremes=True)
         points = [] if remeasure else self.overhead.points
         known = {_arch_key(p["arch"]): p["measured_ms"] for p in points if p.get("arch")}
         todo = {_arch_key(a.to_dict()): a for a in archs if _arch_key(a.to_dict()) not in known}
@@ -605,11 +607,11 @@ class LatencyTable:
                 todo += loaded
             om = table.overhead
             # a space with fewer architectures than fit_models has all of them in a finished fit
-            n_fit = len(sample_architectures(space, fit_models, seed, extremes=True)) if fit_models > 0 else 0
-            if n_fit and (todo or om.method == "identity" or len(om.points) < n_fit):
+            fit_archs = sample_architectures(space, fit_models, seed, extremes=True) if fit_models > 0 else []
+            if fit_archs and (todo or om.method == "identity" or len(om.points) < len(fit_archs)):
                 work = True
                 table.fit_space(space, be, fit_models, seed, progress=progress, realtime=realtime,
-                                after_pass=lambda: save(force=True))
+                                after_pass=lambda: save(force=True), archs=fit_archs)
             if work:
                 table.info["updated"] = _now()
                 if realtime:

@@ -1,6 +1,7 @@
 """Resolve a model reference (zoo name, architecture YAML, model directory) and save/load `arch.yaml + weights.pt`."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .architecture import Architecture
@@ -46,7 +47,8 @@ def resolve_arch(ref: str | Path, form: str | None = None, nc: int | None = None
                           path=ref_s, field="form")
     if nc is not None and nc != arch.nc:
         if weights is not None:
-            raise ConfigError(f"weights are for nc={arch.nc}, asked for nc={nc}", path=ref_s)
+            raise ConfigError(f"weights are for nc={arch.nc}, asked for nc={nc} (to finetune them on a dataset of "
+                              f"{nc} classes, `detforge train` transfers them: load_for_classes)", path=ref_s)
         arch = arch.with_nc(nc)
     return arch, weights
 
@@ -60,11 +62,61 @@ def load_model(ref: str | Path, form: str | None = None, nc: int | None = None) 
     return det
 
 
-def load_state(det: Detector, weights: str | Path) -> Detector:
-    """Load a plain state dict into `det`, failing clearly on a checkpoint from another model."""
-    sd = load_weights(weights)
+@dataclass(frozen=True)
+class Transfer:
+    """What `transfer_state` did: how many of the model's `total` tensors it took from `source`, and those it left
+    as initialised (`fresh`; the anchor buffers, which the architecture states, are neither)."""
+
+    source: str
+    loaded: int
+    total: int
+    fresh: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"source": self.source, "loaded": self.loaded, "total": self.total, "fresh": list(self.fresh)}
+
+    def summary(self) -> str:
+        """One line, as YOLOv7 prints it ("Transferred 552/566 items from yolov7.pt")."""
+        mods = sorted({k.rsplit(".", 2)[0] for k in self.fresh})
+        new = f"; new: {', '.join(mods[:4])}{', ...' if len(mods) > 4 else ''}" if mods else ""
+        return f"transferred {self.loaded}/{self.total} tensors from {self.source}{new}"
+
+
+def transfer_state(det: Detector, weights: str | Path) -> Transfer:
+    """Load the tensors of `weights` whose name and shape match `det`'s (YOLOv7's `intersect_dicts`); the others,
+    such as a head's class-dependent outputs for another nc, keep their initialisation, and the anchors the arch's."""
+    sd = _model_state(load_weights(weights))
+    own = det.state_dict()
+    take = {k: v.to(own[k].dtype) for k, v in sd.items()
+            if k in own and tuple(v.shape) == tuple(own[k].shape) and k.rsplit(".", 1)[-1] not in _ANCHOR_BUFFERS}
+    det.load_state_dict(take, strict=False)
+    fresh = tuple(k for k in own if k not in take and k.rsplit(".", 1)[-1] not in _ANCHOR_BUFFERS)
+    return Transfer(str(weights), len(take), len(own), fresh)
+
+
+def load_for_classes(ref: str | Path, nc: int) -> tuple[Detector, Transfer | None]:
+    """The model `ref` for a dataset of `nc` classes: its weights in full where they are for `nc` classes, else
+    the same architecture built for `nc` with the weights transferred (`transfer_state`; finetuning a model
+    trained on another dataset, as YOLOv7's --weights does)."""
+    arch, weights = resolve_arch(ref)
+    if weights is None or arch.nc == nc:
+        return load_model(ref, nc=nc), None
+    det = Detector(arch.with_nc(nc))
+    return det, transfer_state(det, weights)
+
+
+_ANCHOR_BUFFERS = ("anchors", "anchor_grid")  # YOLOv7 leaves them out of a transfer: the architecture states them
+
+
+def _model_state(sd: dict) -> dict:
     if "model" in sd and isinstance(sd["model"], dict):  # a training checkpoint: take the EMA or model weights
         sd = sd.get("ema") or sd["model"]
+    return sd
+
+
+def load_state(det: Detector, weights: str | Path) -> Detector:
+    """Load a plain state dict into `det`, failing clearly on a checkpoint from another model."""
+    sd = _model_state(load_weights(weights))
     own = det.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -88,4 +140,5 @@ def save_model(det: Detector, out_dir: str | Path) -> Path:
     return out
 
 
-__all__ = ["FORMS", "load_model", "load_state", "resolve_arch", "save_model"]
+__all__ = ["FORMS", "Transfer", "load_for_classes", "load_model", "load_state", "resolve_arch", "save_model",
+           "transfer_state"]

@@ -30,6 +30,7 @@ class TrainConfig:
     ema: bool = True
     ema_tau: float = 2000.0
     autoanchor: bool = True  # refit anchors whose best possible recall is < 0.98 (YOLOv7); off to keep trained ones
+    freeze: int = 0  # freeze the first N layers, numbered as YOLOv7 does (its --freeze; 51: yolov7's backbone)
     workers: int = 2
     seed: int = 0
     resume: bool = False
@@ -61,7 +62,7 @@ class TrainConfig:
             raise ConfigError("must be a multiple of 32", field="imgsz")
         if not self.ema_tau > 0:
             raise ConfigError(f"must be > 0, got {self.ema_tau}", field="ema_tau")
-        for key in ("workers", "min_warmup_iters", "grad_clip", "save_every_s"):  # grad_clip 0: no clipping
+        for key in ("workers", "min_warmup_iters", "grad_clip", "save_every_s", "freeze"):  # grad_clip 0: no clipping
             if getattr(self, key) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, key)}", field=key)
 

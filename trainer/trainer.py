@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from search_spaces import Detector, load_model, save_model
+from search_spaces import Detector, save_model
 from search_spaces.errors import CheckpointError, ConfigError, DivergedError
 from search_spaces.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_weights
+from search_spaces.loading import load_for_classes
 
 from . import distributed as ddp
 from .autoanchor import MIN_BPR, AnchorFit, check_anchors, set_anchors, sync_arch_anchors
@@ -27,6 +28,7 @@ from .config import TrainConfig
 from .datasets import DataConfig, YoloDataset, build_dataloader, load_data_config
 from .ema import ModelEMA, unwrap
 from .evaluate import EvalResult, evaluate
+from .freeze import freeze_layers
 from .hyp import Hyp, load_hyp
 from .loss import HeadInfo, YoloLoss
 
@@ -124,13 +126,18 @@ class Trainer:
         self.out = Path(cfg.out)
         seed_everything(cfg.seed)
         self.data_cfg = resolve_data_config(cfg.data, cfg.imgsz, progress=self.main)
-        self.model = model if model is not None else load_model(cfg.model, nc=self.data_cfg.nc)
+        # weights trained for other classes are transferred where they fit (YOLOv7's finetuning on a new dataset)
+        self.model, self.transfer = (model, None) if model is not None else load_for_classes(cfg.model,
+                                                                                             self.data_cfg.nc)
         if self.model.nc != self.data_cfg.nc:
             raise ConfigError(f"model has nc={self.model.nc}, dataset has nc={self.data_cfg.nc}",
                               path=self.data_cfg.yaml_path, field="nc")
+        if self.transfer is not None and self.main and cfg.progress:
+            print(self.transfer.summary())
         # every parameter trains: a model handed over from an earlier run may be its EMA copy, whose
         # parameters are frozen (and pruning re-creates only the ones it cuts), so it would train in part
         self.model.requires_grad_(True).to(self.device)
+        self.frozen = self._freeze(cfg.freeze)
         if cfg.sync_bn and self.world > 1:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         base_hyp = hyp or load_hyp(default_hyp_name(self.model) if cfg.hyp == "auto" else cfg.hyp)
@@ -180,6 +187,17 @@ class Trainer:
         self.stop_requested = False  # a callback sets it in on_epoch_end to end training after that epoch
         if cfg.resume:
             self.load_checkpoint(self.out / CHECKPOINT)
+
+    def _freeze(self, n: int) -> list[str]:
+        """`--freeze`: the first n layers' parameters get no gradient (their names)."""
+        if not n:
+            return []
+        if not isinstance(self.model, Detector):
+            raise ConfigError(f"freezing layers needs a detector, not a {type(self.model).__name__}", field="freeze")
+        frozen = freeze_layers(self.model, n)
+        if self.main and self.cfg.progress:
+            print(f"freeze: the first {n} layers ({len(frozen)} parameter tensors) get no gradient")
+        return frozen
 
     def make_loss(self) -> YoloLoss:
         """The detection loss for the model's head as it is now (its anchors included)."""
@@ -519,5 +537,6 @@ class Trainer:
             atomic_write_json(self.out / "summary.json", {
                 "epochs": len(self.rows), "best_map": self.best_map, "world_size": self.world,
                 "rank_weight_digests": digests, "ddp_weights_identical": len(set(digests)) == 1,
+                "transfer": None if self.transfer is None else self.transfer.to_dict(), "frozen": len(self.frozen),
                 "last": self.rows[-1] if self.rows else None,
             })

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noautoanchor", action="store_true",
                    help="keep the model's anchors (by default they are refit when their best possible recall on the "
                         "training boxes is below 0.98, as YOLOv7 does)")
+    p.add_argument("--freeze", type=int, default=0, metavar="N",
+                   help="train with the first N layers frozen, numbered as YOLOv7 does (its --freeze; "
+                        "--freeze 51 is yolov7's backbone, layers 0-50, and 29 yolov7-tiny's); for finetuning")
     p.add_argument("--sync-bn", action="store_true")
     p.add_argument("--strict", action="store_true", help="bad data is an error instead of a skipped sample")
     p.add_argument("--val-interval", type=int, default=1, help="validate every N epochs (and after the last)")
@@ -76,17 +79,19 @@ def run_train(args: argparse.Namespace) -> None:
                       batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp,
                       optimizer=args.optimizer, lr_schedule=args.lr_schedule, amp=args.amp, workers=args.workers,
                       seed=args.seed, ema=not args.no_ema, sync_bn=args.sync_bn, strict_data=args.strict,
-                      autoanchor=not args.noautoanchor,
+                      autoanchor=not args.noautoanchor, freeze=args.freeze,
                       max_time_s=args.max_time, fit_epochs_to_time=args.fit_schedule,
                       val_interval=args.val_interval, save_every_s=args.save_every)
     try:
-        result = Trainer(cfg).train()
+        trainer = Trainer(cfg)
+        result = trainer.train()
     finally:
         distributed.cleanup()
     if distributed.is_main():
         last = result.last.to_dict() if result.last else {}
         emit({"out": str(result.out), "epochs": result.epochs_done, "best_map": result.best_map,
-              "map": last.get("map"), "map50": last.get("map50")}, args.json)
+              "map": last.get("map"), "map50": last.get("map50"), "frozen": len(trainer.frozen),
+              "transfer": None if trainer.transfer is None else trainer.transfer.to_dict()}, args.json)
 
 
 def run_val(args: argparse.Namespace) -> None:
