@@ -21,7 +21,7 @@ test: install
 	$(BIN)/pytest -q
 
 bench: install
-	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q -m "slow or postgres"
 	$(BIN)/python benchmarks/run_all.py
 
 lint: install
