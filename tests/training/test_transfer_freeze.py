@@ -94,3 +94,17 @@ def test_train_cli_finetunes_other_classes_with_a_frozen_backbone(coco_model, sm
     assert summary["transfer"]["loaded"] == doc["transfer"]["loaded"] and summary["frozen"] == doc["frozen"]
     with pytest.raises(ConfigError):
         TrainConfig(freeze=-1)
+
+
+def test_an_official_checkpoint_converts_then_transfers_to_other_classes(reference, tmp_path):
+    from search_spaces.convert import load_official_into, map_official_state_dict
+
+    official = torch.load(reference / "yolov7-tiny_training_random.pt", weights_only=True)  # COCO's 80 classes
+    det80 = load_official_into(load_model("yolov7-tiny"), official)
+    ref = save_model(det80, tmp_path / "converted")  # what `detforge convert` writes
+    det, t = load_for_classes(ref, 3)
+    mapped, _, _ = map_official_state_dict(official, det80)
+    assert set(t.fresh) == {k for k in mapped if k.startswith(("head.m.", "head.im."))}
+    for k, v in det.state_dict().items():  # every other official tensor arrives unchanged
+        if k not in t.fresh:
+            assert torch.equal(v, mapped[k].to(v.dtype)), k
