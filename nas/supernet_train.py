@@ -215,6 +215,10 @@ class SupernetTrainer(Trainer):
             raise ConfigError(f"the teacher's largest stride {max(teacher.strides)} does not divide the input size "
                               f"{imgsz}", field="teacher")
 
+    def grid_stride(self) -> int:
+        """The space's largest stride (the active subnet's may be smaller): multi-scale sizes fit every subnet."""
+        return self.space.max_stride
+
     # ---- AutoAnchor: one fit per head layout ------------------------------------------------------------
     def _fit_anchors(self, anchor_t: float) -> None:
         """AutoAnchor for each head layout with anchors (the space's, shared by its anchor-based head types): a

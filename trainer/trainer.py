@@ -31,6 +31,7 @@ from .evaluate import EvalResult, evaluate
 from .freeze import freeze_layers
 from .hyp import Hyp, load_hyp
 from .loss import HeadInfo, YoloLoss
+from .multiscale import draw_size, rescale_batch
 
 CHECKPOINT = "last.pt"
 
@@ -187,6 +188,10 @@ class Trainer:
         self.stop_requested = False  # a callback sets it in on_epoch_end to end training after that epoch
         if cfg.resume:
             self.load_checkpoint(self.out / CHECKPOINT)
+
+    def grid_stride(self) -> int:
+        """The largest stride of the model: every input side must be a multiple of it (multi-scale sizes are)."""
+        return max(unwrap(self.model).strides)
 
     def _freeze(self, n: int) -> list[str]:
         """`--freeze`: the first n layers' parameters get no gradient (their names)."""
@@ -432,6 +437,7 @@ class Trainer:
         while epoch + 1 < self.epochs:
             epoch += 1
             torch.manual_seed(cfg.seed + epoch)  # each epoch is a function of (seed, epoch): exact resume
+            sizes = random.Random(f"multi-scale {cfg.seed} {epoch}")  # the same on every rank
             self.train_loader.set_epoch(epoch)
             for cb in self.callbacks:
                 cb.on_epoch_start(self, epoch)
@@ -446,6 +452,9 @@ class Trainer:
                 ni = epoch * nb + i
                 accumulate = self._warmup(ni, nw, epoch + i / nb)
                 imgs = imgs.to(self.device, non_blocking=True).float() / 255.0
+                if cfg.multi_scale:
+                    stride = self.grid_stride()
+                    imgs = rescale_batch(imgs, draw_size(cfg.imgsz, stride, sizes), stride)
                 items = self.train_step(imgs, targets.to(self.device))
                 self.last_terms = items
                 if (i + 1) % accumulate == 0 or i == nb - 1:

@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "official checkpoint with --teacher-model")
     t.add_argument("--teacher-model", default=None, help="zoo name of an official --teacher checkpoint")
     t.add_argument("--nbs", type=int, default=64, help="nominal batch: gradients accumulate to it")
+    t.add_argument("--multi-scale", action="store_true",
+                   help="train each batch at a random size in 0.5-1.5x --imgsz, a multiple of the space's largest "
+                        "stride (YOLOv7's --multi-scale)")
     t.add_argument("--noautoanchor", action="store_true",
                    help="keep the space's anchors (default: each head layout's anchors are refit, as `detforge train` "
                         "does, when their best possible recall on the training boxes is below 0.98)")
@@ -139,7 +142,7 @@ def run_supernet_train(args: argparse.Namespace) -> None:
     cfg = TrainConfig(model=f"supernet:{space.name}", data=args.data, out=args.out, epochs=args.epochs, imgsz=imgsz,
                       batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,
                       workers=args.workers, seed=args.seed, ema=not args.no_ema, max_time_s=args.max_time,
-                      autoanchor=not args.noautoanchor)
+                      autoanchor=not args.noautoanchor, multi_scale=args.multi_scale)
     try:
         result = SupernetTrainer(cfg, space=space, n_random=args.n_random, kd_weight=args.kd_weight,
                                  region=region, per_head=args.per_head,

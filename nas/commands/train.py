@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noautoanchor", action="store_true",
                    help="keep the model's anchors (by default they are refit when their best possible recall on the "
                         "training boxes is below 0.98, as YOLOv7 does)")
+    p.add_argument("--multi-scale", action="store_true",
+                   help="train each batch at a random size in 0.5-1.5x --imgsz, a multiple of the largest stride "
+                        "(YOLOv7's --multi-scale)")
     p.add_argument("--freeze", type=int, default=0, metavar="N",
                    help="train with the first N layers frozen, numbered as YOLOv7 does (its --freeze; "
                         "--freeze 51 is yolov7's backbone, layers 0-50, and 29 yolov7-tiny's); for finetuning")
@@ -79,7 +82,7 @@ def run_train(args: argparse.Namespace) -> None:
                       batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp,
                       optimizer=args.optimizer, lr_schedule=args.lr_schedule, amp=args.amp, workers=args.workers,
                       seed=args.seed, ema=not args.no_ema, sync_bn=args.sync_bn, strict_data=args.strict,
-                      autoanchor=not args.noautoanchor, freeze=args.freeze,
+                      autoanchor=not args.noautoanchor, freeze=args.freeze, multi_scale=args.multi_scale,
                       max_time_s=args.max_time, fit_epochs_to_time=args.fit_schedule,
                       val_interval=args.val_interval, save_every_s=args.save_every)
     try:

@@ -159,6 +159,22 @@ def test_autoanchor_refits_each_layout_and_the_searched_models_inherit_the_ancho
     assert off.space.anchors == stated and off.layout_anchor_fits == {} and off.anchor_fit_record() is None
 
 
+def test_multi_scale_sizes_fit_every_subnet_of_the_space(shared, tmp_path):
+    seen = []
+
+    class Sizes(SupernetTrainer):
+        def train_step(self, imgs, targets):
+            seen.append(tuple(imgs.shape[2:]))
+            return super().train_step(imgs, targets)
+
+    cfg = dataclasses.replace(_cfg(shared, tmp_path, epochs=2, multi_scale=True, autoanchor=False), imgsz=128,
+                              batch=4, val_interval=2)  # 8 steps
+    tr = Sizes(cfg, space="tiny")
+    assert tr.grid_stride() == 64  # the tiny space's P3-P6 layout: its subnets' strides may be smaller
+    tr.train()
+    assert len(set(seen)) > 1 and all(h % 64 == 0 and w % 64 == 0 for h, w in seen)
+
+
 def test_cli_trains_and_resumes(shared, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["supernet", "train", "--space", "tiny", "--data", str(shared.data), "--epochs", "1", "--batch", "8",
