@@ -149,8 +149,9 @@ class Pipeline:
                            lambda: stages.latency_table(self, data))
         budget = stages.check_budget(self, table)
         region = budget if c.supernet.scope == "budget" else None  # the architectures the supernet trains
-        sup = self.stage("supernet", {"supernet": vars(c.supernet), "data": self.digest("data"), "space": c.space,
-                                      "imgsz": c.imgsz, "seed": c.seed, "budget": region, **_added(c, "nbs"),
+        sup = self.stage("supernet", {"supernet": _recorded_keys(c.supernet, "autoanchor"), "data": self.digest("data"),
+                                      "space": c.space, "imgsz": c.imgsz, "seed": c.seed, "budget": region,
+                                      **_added(c, "nbs"), **_added(c.supernet, "autoanchor"),
                                       "latency": self.digest("latency") if region else None,
                                       **contents(teacher=c.supernet.teacher)},
                          lambda: stages.supernet(self, data, table, region))
@@ -199,10 +200,15 @@ class Pipeline:
                           lambda: stages.deploy(self, data, mid, steps, table))
 
 
-def _added(cfg: PipelineConfig, *keys: str) -> dict[str, Any]:
-    """Settings added after runs were recorded, as stage inputs only where they differ from their default: a run
-    recorded before them keeps its digests (resuming it does not redo its stages)."""
-    return {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != getattr(PipelineConfig, k)}
+def _added(cfg: Any, *keys: str) -> dict[str, Any]:
+    """Settings added after runs were recorded (of the config or one of its sections), as stage inputs only where
+    they differ from their default: a run recorded before them keeps its digests (resuming does not redo them)."""
+    return {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != getattr(type(cfg), k)}
+
+
+def _recorded_keys(section: Any, *added: str) -> dict[str, Any]:
+    """A config section's settings without the `added` ones (which `_added` digests)."""
+    return {k: v for k, v in vars(section).items() if k not in added}
 
 
 def _digest(inputs: dict[str, Any]) -> str:

@@ -50,6 +50,7 @@ class SupernetCfg:
     teacher: str | None = None  # a trained model dir whose outputs teach every sandwich member (docs/nas.md)
     teacher_model: str | None = None  # zoo name when `teacher` is an official checkpoint
     scope: str = "budget"  # budget: train only the architectures within search.budget_ms (if set); space: all
+    autoanchor: bool = True  # refit each head layout's anchors below a BPR of 0.98 (docs/nas.md)
 
 
 @dataclass

@@ -78,7 +78,8 @@ def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | 
     teacher = None if c.supernet.teacher is None else load_teacher(c.supernet.teacher, c.supernet.teacher_model)
     out = p.out / "supernet"
     cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=c.supernet.epochs, imgsz=c.imgsz, batch=c.supernet.batch,
-                      nbs=c.nbs, device=c.device, workers=c.workers, seed=c.seed, resume=p.resume_from(out / "last.pt"))
+                      nbs=c.nbs, device=c.device, workers=c.workers, seed=c.seed, resume=p.resume_from(out / "last.pt"),
+                      autoanchor=c.supernet.autoanchor)
     seed_everything(c.seed)  # the initial weights are a function of the seed, as with `supernet train`
     net = Supernet(c.space, nc=d["nc"])
     region = None if budget is None else \

@@ -12,6 +12,7 @@ segment. So the same weights always meet the same feature, whatever the depth, t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -634,17 +635,32 @@ class Supernet(nn.Module):
         return {layout: heads[0].anchor_sizes() for layout in self.space.layouts if (heads := self._yolo_heads(layout))}
 
     def set_anchors(self, anchors: Mapping[str, Sequence[Sequence[float]]]) -> None:
-        """Give layouts other anchors (an AutoAnchor refit): the space and every anchor-based head of the layout
-        change together; architectures built afterwards state them (activate one again to use them)."""
+        """Give layouts other anchors (an AutoAnchor refit): the space, every anchor-based head of the layout and
+        the active architecture change together."""
         self.space = self.space.with_anchors(anchors)
         for layout, a in anchors.items():
             for head in self._yolo_heads(layout):
                 head.set_anchor_sizes(a)
+        arch = self._active[0]
+        if not arch.head.anchor_free and _layout_of(arch) in anchors:
+            self.set_active(dataclasses.replace(arch, head=dataclasses.replace(
+                arch.head, anchors=[list(map(float, lv)) for lv in anchors[_layout_of(arch)]])))
+
+    def changed_anchors(self) -> dict[str, list[list[float]]]:
+        """The layouts whose heads run other anchors than the space states (by more than the 0.01 px of YAML)."""
+        out = {}
+        for layout, running in self.anchor_sizes().items():
+            stated = torch.tensor(self.space.anchors[layout], dtype=torch.float64)
+            if not torch.allclose(stated, torch.tensor(running, dtype=torch.float64), atol=0.01, rtol=0):
+                out[layout] = running
+        return out
 
     def sync_space_anchors(self) -> None:
         """Write the heads' anchors into `self.space` where they differ (weights of a supernet trained with refit
         anchors), as `Detector.sync_arch_anchors` does for an architecture."""
-        self.space = self.space.with_anchors(self.anchor_sizes())
+        changed = self.changed_anchors()
+        if changed:
+            self.set_anchors(changed)
 
     def _yolo_heads(self, layout: str) -> list[YoloHead]:
         heads = (self.heads[_head_key(t, layout)] for t in self.space.decisions["head.type"].choices)
@@ -746,6 +762,9 @@ class Supernet(nn.Module):
         for src, dst in zip(modules, det.layers):
             _copy_weights(src, dst)
         _copy_weights(head, det.head)
+        if isinstance(head, YoloHead):  # the anchors its weights were trained with, whatever the arch stated
+            det.head.set_anchor_sizes(head.anchor_sizes())
+            det.sync_arch_anchors()
         device = next(self.parameters()).device
         return det.to(device).train(self.training)
 

@@ -30,6 +30,7 @@ family then learn from one strong network that no shared weight belongs to. See 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,8 +217,9 @@ class SupernetTrainer(Trainer):
                               f"{imgsz}", field="teacher")
 
     def grid_stride(self) -> int:
-        """The space's largest stride (the active subnet's may be smaller): multi-scale sizes fit every subnet."""
-        return self.space.max_stride
+        """The space's largest stride (the active subnet's may be smaller), and a frozen teacher's: multi-scale
+        sizes fit every subnet and the teacher."""
+        return math.lcm(self.space.max_stride, *([max(self.teacher.strides)] if self.teacher is not None else []))
 
     # ---- AutoAnchor: one fit per head layout ------------------------------------------------------------
     def _fit_anchors(self, anchor_t: float) -> None:
@@ -242,7 +244,7 @@ class SupernetTrainer(Trainer):
         for net in (self.supernet, *([ema.ema] if ema is not None else [])):
             net.set_anchors(anchors)
         self.space = self.supernet.space
-        self.arch_space = self.space if self.region is None else self.region.space.with_anchors(anchors)
+        self.arch_space = self.space if self.region is None else self.arch_space.with_anchors(anchors)
         self.supernet.set_active(self.arch(self._largest))
 
     def _log_anchor_fit(self) -> None:
@@ -256,6 +258,12 @@ class SupernetTrainer(Trainer):
                 print(f"autoanchor {layout}: best possible recall {f.bpr:.3f}; a refit reached {f.new_bpr:.3f}, "
                       "anchors kept")
 
+    def anchor_state(self) -> dict[str, Any]:
+        """The anchors of every space this rank builds architectures from, and of every loss it made."""
+        return {"space": self.space.anchors, "arch_space": self.arch_space.anchors,
+                "losses": {str(k): [round(float(v), 4) for v in loss.head.anchors.flatten()]
+                           for k, loss in sorted(self._losses.items(), key=lambda kv: str(kv[0]))}}
+
     def anchor_fit_record(self) -> dict[str, Any] | None:
         return {layout: f.to_dict() for layout, f in self.layout_anchor_fits.items()} or None
 
@@ -265,7 +273,7 @@ class SupernetTrainer(Trainer):
     def load_checkpoint(self, path: Path) -> None:
         """Resume as the base does; the interrupted run's anchors come with its weights, and its spaces adopt them."""
         super().load_checkpoint(path)
-        self._use_anchors({k: v for k, v in self.supernet.anchor_sizes().items() if v != self.space.anchors.get(k)})
+        self._use_anchors(self.supernet.changed_anchors())
 
     # ---- subnets and their losses ----------------------------------------------------------------------
     def arch(self, decisions: Mapping[str, Any]) -> Architecture:

@@ -1,8 +1,12 @@
 """Resolve a model reference (zoo name, architecture YAML, model directory) and save/load `arch.yaml + weights.pt`."""
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from torch import Tensor
 
 from .architecture import Architecture
 from .errors import CheckpointError, ConfigError
@@ -82,10 +86,11 @@ class Transfer:
         return f"transferred {self.loaded}/{self.total} tensors from {self.source}{new}"
 
 
-def transfer_state(det: Detector, weights: str | Path) -> Transfer:
-    """Load the tensors of `weights` whose name and shape match `det`'s (YOLOv7's `intersect_dicts`); the others,
-    such as a head's class-dependent outputs for another nc, keep their initialisation, and the anchors the arch's."""
-    sd = _model_state(load_weights(weights))
+def transfer_state(det: Detector, weights: str | Path | Mapping[str, Tensor]) -> Transfer:
+    """Load the tensors of `weights` (a file or a state dict) whose name and shape match `det`'s (YOLOv7's
+    `intersect_dicts`); the others, such as a head's class-dependent outputs for another nc, keep their
+    initialisation, and the anchors the arch's."""
+    sd = weights if isinstance(weights, Mapping) else _model_state(load_weights(weights))
     own = det.state_dict()
     take = {k: v.to(own[k].dtype) for k, v in sd.items()
             if k in own and tuple(v.shape) == tuple(own[k].shape) and k.rsplit(".", 1)[-1] not in _ANCHOR_BUFFERS}
@@ -101,8 +106,10 @@ def load_for_classes(ref: str | Path, nc: int) -> tuple[Detector, Transfer | Non
     arch, weights = resolve_arch(ref)
     if weights is None or arch.nc == nc:
         return load_model(ref, nc=nc), None
+    source = load_model(ref)  # the weights must fit their own architecture: a mismatched file fails here, clearly
     det = Detector(arch.with_nc(nc))
-    return det, transfer_state(det, weights)
+    t = transfer_state(det, source.state_dict())
+    return det, dataclasses.replace(t, source=str(weights))
 
 
 _ANCHOR_BUFFERS = ("anchors", "anchor_grid")  # YOLOv7 leaves them out of a transfer: the architecture states them

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import random
 import time
@@ -290,6 +291,10 @@ class Trainer:
         if theirs and theirs != self.cfg.optimizer:  # its state would load, then fail at the first step
             raise CheckpointError(f"cannot resume: the interrupted run trained with --optimizer {theirs}, this one "
                                   f"with {self.cfg.optimizer}", path=path, field="optimizer")
+        frozen = int((ck.get("config") or {}).get("freeze", 0))
+        if frozen != self.cfg.freeze:  # the optimizer holds state for the parameters that trained, and only those
+            raise CheckpointError(f"cannot resume: the interrupted run froze {frozen} layers (--freeze), this one "
+                                  f"{self.cfg.freeze}", path=path, field="freeze")
         extra = ck.get("extra") or {}
         if set(extra) != set(self.extra_modules.state_dict()):
             raise CheckpointError("cannot resume: the callbacks' trainable modules differ from the interrupted run's "
@@ -540,12 +545,21 @@ class Trainer:
         msg = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         tqdm.write(msg)
 
+    def anchor_state(self) -> dict[str, Any]:
+        """The anchors this rank trains with, as its model states them and as its loss assigns with them (DDP
+        buffers are broadcast, so equal weights on every rank do not show that these agree)."""
+        det = unwrap(self.model)
+        stated = det.arch.head.anchors if isinstance(det, Detector) and not det.head.anchor_free else None
+        return {"stated": stated, "loss": [round(float(v), 4) for v in self.loss_fn.head.anchors.flatten()]}
+
     def _finish(self) -> None:
         digests = ddp.gather_strings(ddp.state_digest(unwrap(self.model)))
+        anchors = ddp.gather_strings(json.dumps(self.anchor_state(), sort_keys=True))
         if self.main:
             atomic_write_json(self.out / "summary.json", {
                 "epochs": len(self.rows), "best_map": self.best_map, "world_size": self.world,
                 "rank_weight_digests": digests, "ddp_weights_identical": len(set(digests)) == 1,
+                "ddp_anchors_identical": len(set(anchors)) == 1,
                 "transfer": None if self.transfer is None else self.transfer.to_dict(), "frozen": len(self.frozen),
                 "last": self.rows[-1] if self.rows else None,
             })

@@ -149,7 +149,7 @@ def test_results_state_their_bundles_key_version_and_newer_ones_are_refused(resu
 
     doc = json.loads(results.read_text())
     assert doc["bundle"]["version"] == MANIFEST_VERSION == 2  # head levels keyed by anchor count
-    for version, ok in ((MANIFEST_VERSION + 1, False), ("2", False), (None, True), (1, True)):
+    for version, ok in ((MANIFEST_VERSION + 1, False), ("2", False), (0, False), (None, True), (1, True)):
         other = json.loads(json.dumps(doc))
         if version is None:
             del other["bundle"]["version"]  # written by an earlier runner: a version-1 bundle

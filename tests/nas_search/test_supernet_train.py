@@ -139,7 +139,7 @@ def test_autoanchor_refits_each_layout_and_the_searched_models_inherit_the_ancho
     # a resume keeps the interrupted run's anchors and record (no new fit) and accepts its budget's largest
     again = SupernetTrainer(dataclasses.replace(cfg, resume=True, max_time_s=None), space="tiny",
                             region=_region(shared, budget_ms=region.budget_ms))
-    assert again.start_epoch == 1 and again.space.anchors == tr.space.anchors
+    assert again.start_epoch == 1 and again.space.anchors == tr.space.anchors == again.eval_model.space.anchors
     assert {k: f.to_dict() for k, f in again.layout_anchor_fits.items()} == {k: f.to_dict() for k, f in fits.items()}
     assert again.arch(again._largest) == largest
     # supernet.pt carries the anchors: its space states them, and an extracted model runs with them
@@ -150,6 +150,11 @@ def test_autoanchor_refits_each_layout_and_the_searched_models_inherit_the_ancho
                                 nc=NC)
     det = net.extract(arch).eval()
     assert det.arch.head.anchors == det.head.anchor_sizes() == fits["p3-p6"].anchors
+    stale = load_space("tiny").build_arch(arch_decisions := {**net.space.smallest_decisions(), "head.layout": "p3-p6",
+                                                               "head.type": "idetect"}, nc=NC)
+    assert stale.head.anchors == stated["p3-p6"]  # built from the space file: the anchors before the refit
+    assert net.extract(stale).head.anchor_sizes() == fits["p3-p6"].anchors  # the model runs the trained ones
+    assert net.space.arch_id(arch_decisions) != load_space("tiny").arch_id(arch_decisions)
     net.set_active(arch)
     x = torch.rand(1, 3, IMGSZ, IMGSZ)
     with torch.no_grad():
@@ -157,6 +162,33 @@ def test_autoanchor_refits_each_layout_and_the_searched_models_inherit_the_ancho
     # --noautoanchor keeps the space's
     off = SupernetTrainer(dataclasses.replace(cfg, out=str(tmp_path / "b"), autoanchor=False), space="tiny")
     assert off.space.anchors == stated and off.layout_anchor_fits == {} and off.anchor_fit_record() is None
+
+
+def test_anchors_within_yaml_precision_are_not_rewritten(shared):
+    space = load_space("tiny")
+    fine = [[v + 0.004 for v in lv] for lv in space.anchors["p3-p5"]]  # more decimals than 0.01 px
+    net = Supernet(space.with_anchors({"p3-p5": fine}), nc=NC)
+    before = net.space
+    assert net.changed_anchors() == {}
+    net.sync_space_anchors()
+    assert net.space is before and net.space.anchors["p3-p5"] == fine
+
+
+def test_multi_scale_with_a_p6_teacher_draws_sizes_it_accepts(shared, tmp_path):
+    import yaml
+
+    from search_spaces import Detector
+    from search_spaces.space import SPACES_DIR, SearchSpace
+
+    raw = yaml.safe_load((SPACES_DIR / "tiny.yaml").read_text())
+    raw["head"]["layout"] = ["p3-p5", "p3-p4"]
+    p5 = SearchSpace.from_dict(raw)
+    assert p5.max_stride == 32
+    tiny = load_space("tiny")
+    teacher = Detector(tiny.build_arch({**tiny.smallest_decisions(), "head.layout": "p3-p6"}, nc=NC))
+    tr = SupernetTrainer(_cfg(shared, tmp_path, epochs=1, multi_scale=True, autoanchor=False), space=p5,
+                         teacher=teacher)
+    assert tr.grid_stride() == 64  # sizes the teacher's P6 level accepts
 
 
 def test_multi_scale_sizes_fit_every_subnet_of_the_space(shared, tmp_path):
@@ -224,7 +256,10 @@ def test_ddp_two_cpu_processes_train_one_supernet(shared, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     # every step leaves inactive choices without gradient: DDP must allow that, and the ranks stay equal
     assert summary["world_size"] == 2 and summary["ddp_weights_identical"]
-    assert load_supernet(out / "supernet.pt").space.name == "tiny"
+    net = load_supernet(out / "supernet.pt")
+    assert net.space.name == "tiny"
+    # rank 0 refit P3-P6 on this set; rank 1 trained with the same anchors in its spaces and losses
+    assert net.space.anchors["p3-p6"] != load_space("tiny").anchors["p3-p6"] and summary["ddp_anchors_identical"]
 
 
 # ---- a supernet for one budget (nas.budget.FeasibleRegion) ------------------------------------------------------

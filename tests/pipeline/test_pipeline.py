@@ -570,3 +570,30 @@ def test_a_cuda_config_plans_anywhere_and_runs_only_where_cuda_is(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "CUDA is not available" in err
     assert not (out / "stages.json").exists()  # before the data stage, not after the latency table
+
+
+def test_the_supernets_autoanchor_setting_reaches_it_and_its_default_keeps_recorded_digests(tmp_path, monkeypatch):
+    import nas.supernet_train
+    from nas import stages
+    from nas.pipeline import Pipeline, _added, _recorded_keys
+    from nas.pipeline_config import PipelineConfig
+
+    seen: list[bool] = []
+
+    class Recorder:
+        def __init__(self, cfg, **kw):
+            seen.append(cfg.autoanchor)
+
+        def train(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(nas.supernet_train, "SupernetTrainer", Recorder)
+    for value in (True, False):
+        cfg = PipelineConfig.from_yaml(_config(tmp_path, supernet={"epochs": 1, "autoanchor": value}))
+        with pytest.raises(KeyboardInterrupt):
+            stages.supernet(Pipeline(cfg, tmp_path / f"run{value}"), {"yaml": None, "nc": 2}, {"path": None}, None)
+        # the supernet stage's inputs: the setting appears only when it is not the default (runs recorded
+        # before it existed keep their digest)
+        inputs = {"supernet": _recorded_keys(cfg.supernet, "autoanchor"), **_added(cfg.supernet, "autoanchor")}
+        assert "autoanchor" not in inputs["supernet"] and inputs.get("autoanchor", True) is value
+    assert seen == [True, False]

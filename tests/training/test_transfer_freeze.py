@@ -9,9 +9,11 @@ import torch
 from nas.cli import main
 from search_spaces import ConfigError, load_model, save_model
 from search_spaces.convert import official_layer_map
+from search_spaces.errors import CheckpointError
 from search_spaces.loading import load_for_classes, transfer_state
 from trainer.config import TrainConfig
 from trainer.freeze import freeze_layers
+from trainer.trainer import Trainer
 
 
 @pytest.fixture
@@ -108,3 +110,21 @@ def test_an_official_checkpoint_converts_then_transfers_to_other_classes(referen
     for k, v in det.state_dict().items():  # every other official tensor arrives unchanged
         if k not in t.fresh:
             assert torch.equal(v, mapped[k].to(v.dtype)), k
+
+
+def test_weights_that_do_not_fit_their_own_arch_are_refused_not_transferred(coco_model, tmp_path):
+    _, ref = coco_model
+    bad = save_model(load_model("yolov7"), tmp_path / "bad")  # yolov7's weights ...
+    (bad / "arch.yaml").write_text((ref / "arch.yaml").read_text())  # ... beside yolov7-tiny's arch
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_for_classes(bad, 3)
+
+
+def test_a_resume_needs_the_same_freeze(small_data, tmp_path):
+    kw = {"model": "yolov7-tiny", "data": str(small_data), "out": str(tmp_path), "imgsz": 64, "batch": 4,
+          "workers": 0, "device": "cpu", "progress": False, "autoanchor": False}
+    Trainer(TrainConfig(epochs=1, freeze=29, **kw)).train()
+    with pytest.raises(CheckpointError) as e:
+        Trainer(TrainConfig(epochs=2, resume=True, **kw))
+    assert e.value.field == "freeze"
+    assert Trainer(TrainConfig(epochs=2, resume=True, freeze=29, **kw)).start_epoch == 1
