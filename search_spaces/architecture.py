@@ -243,6 +243,7 @@ class Architecture:
                                   field="head.anchors")
             if any(v <= 0 for a in anchors for v in a):
                 raise ConfigError("anchor sizes must be > 0 (pixels)", path=path, field="head.anchors")
+            check_anchor_order(anchors, path, "head.anchors")
         if self.imgsz % max(hs):  # the feature maps of the levels would not line up at concat
             raise ConfigError(f"must be a multiple of the largest head stride {int(max(hs))}, got {self.imgsz}",
                               path=path, field="imgsz")
@@ -284,6 +285,15 @@ class Architecture:
             raise ConfigError(f"unknown layer '{ref}' (layers can only read named layers defined before them)",
                               path=path, field=where)
         return index[ref]
+
+
+def check_anchor_order(anchors: list[list[float]], path: str | None, field: str) -> None:
+    """Refuse anchors listed coarsest level first: YOLOv7's `check_anchor_order` compares the first and the last
+    anchor's areas and silently reverses such a list; a detforge file states what runs, so it is an error."""
+    areas = [a[k] * a[k + 1] for a in anchors for k in range(0, len(a) - 1, 2)]
+    if len(anchors) > 1 and areas[-1] < areas[0]:
+        raise ConfigError("anchors are listed coarsest level first: list them from the finest level (the "
+                          "smallest stride) up, as YOLOv7's files do", path=path, field=field)
 
 
 def _ancestors(plan: list[list[int]], roots: list[int]) -> set[int]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .architecture import Architecture, HeadSpec, LayerSpec, _block_stride
+from .architecture import Architecture, HeadSpec, LayerSpec, _block_stride, check_anchor_order
 from .blocks import ACTIVATIONS, BLOCKS, DecoupledHead, YoloHead
 from .blocks.elan import elan_taps
 from .errors import ConfigError
@@ -941,6 +941,7 @@ def _parse_anchors(raw: Any, layouts: tuple[str, ...], types: tuple[str, ...], p
             raise ConfigError(f"expected {len(LAYOUTS[layout])} lists of the same even number of positive "
                               "w, h values (pixels)", path=path, field=fld)
         out[layout] = [[float(v) for v in lv] for lv in a]
+        check_anchor_order(out[layout], path, fld)
     return out
 
 

@@ -77,6 +77,7 @@ INVALID = [  # (key to change, new value, field the error must name)
     ("backbone.down", ["avgpool"], "backbone.down"),
     ("head.layout", ["p2-p5"], "head.layout"),
     ("head.anchors.p3-p5", [[10, 13, 16, 30]], "head.anchors.p3-p5"),
+    ("head.anchors.p3-p4", [[142, 110, 192, 243, 459, 401], [10, 13, 16, 30, 33, 23]], "head.anchors.p3-p4"),
     ("head.anchors", _DELETE, "head.anchors"),
     ("imgsz", [320, 352], "imgsz"),  # P6 needs multiples of 64
     ("act", "gelu", "act"),

@@ -80,8 +80,12 @@ def _edit_anchor_size(d):
     d["head"]["anchors"][0][0] = 0
 
 
+def _edit_anchor_order(d):
+    d["head"]["anchors"] = d["head"]["anchors"][::-1]  # coarsest level first: YOLOv7 would silently reverse it
+
+
 @pytest.mark.parametrize("edit, field", [
-    (_edit_unknown_block, "backbone[2].block"), (_edit_wrong_type, "backbone[0].out"),
+    (_edit_anchor_order, "head.anchors"), (_edit_unknown_block, "backbone[2].block"), (_edit_wrong_type, "backbone[0].out"),
     (_edit_groups, "backbone[1]"), (_edit_missing_field, "backbone[2].width"), (_edit_unknown_ref, "neck[3].from"),
     (_edit_bad_head, "head.type"), (_edit_anchor_levels, "head.anchors"), (_edit_resolution, "neck[4].from"),
     (_edit_top_key, "depth_multiple"), (_edit_pool_geometry, "backbone[3].k"), (_edit_even_kernel, "backbone[1].k"),
