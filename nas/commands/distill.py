@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from nas.output import emit
-from search_spaces import load_model
+from search_spaces.loading import load_for_classes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,10 +47,13 @@ def run(args: argparse.Namespace) -> None:
                       batch=args.batch, nbs=args.nbs, seed=args.seed, workers=args.workers, device=args.device,
                       resume=args.resume, autoanchor=not args.noautoanchor)
     teacher = load_teacher(args.teacher, args.teacher_model, random_ok=args.random_teacher)
-    student = load_model(args.student, nc=resolve_data_config(args.data, args.imgsz).nc)
+    # a student trained for other classes (a converted COCO checkpoint) starts from its transferred weights
+    student, transfer = load_for_classes(args.student, resolve_data_config(args.data, args.imgsz).nc)
+    if transfer is not None and not args.json:
+        print(transfer.summary())
     weights = {k: getattr(args, k) for k in ("w_obj", "w_cls", "w_box", "w_feat") if getattr(args, k) is not None}
     kd = Distiller(teacher, student, DistillConfig(teacher_scale=args.teacher_scale, **weights))
     result = Trainer(cfg, model=student, callbacks=[kd]).train()
     last = result.last.to_dict() if result.last else {}
     emit({"out": str(result.out), "epochs": result.epochs_done, "map": last.get("map"), "map50": last.get("map50"),
-          "level_pairs": kd.pairs}, args.json)
+          "level_pairs": kd.pairs, "transfer": None if transfer is None else transfer.to_dict()}, args.json)

@@ -128,3 +128,15 @@ def test_a_resume_needs_the_same_freeze(small_data, tmp_path):
         Trainer(TrainConfig(epochs=2, resume=True, **kw))
     assert e.value.field == "freeze"
     assert Trainer(TrainConfig(epochs=2, resume=True, freeze=29, **kw)).start_epoch == 1
+
+
+def test_distill_transfers_a_student_trained_for_other_classes(coco_model, small_data, tmp_path, capsys):
+    _, ref = coco_model
+    teacher = save_model(load_model("yolov7-tiny", nc=3), tmp_path / "teacher")  # "trained" on the data's classes
+    assert main(["distill", "--teacher", str(teacher), "--student", str(ref), "--data", str(small_data),
+                 "--epochs", "1", "--imgsz", "64", "--batch", "4", "--workers", "0", "--device", "cpu",
+                 "--noautoanchor", "--out", str(tmp_path / "kd"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["transfer"]["loaded"] > 0 and set(doc["transfer"]["fresh"]) == {
+        k for k in load_model("yolov7-tiny", nc=3).state_dict() if k.startswith(("head.m.", "head.im."))}
+    assert load_model(tmp_path / "kd" / "model").nc == 3
