@@ -7,7 +7,9 @@ own input size pairs with the student level of the same resolution.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +182,12 @@ class Distiller(Callback):
 
     def modules(self) -> list[nn.Module]:
         return [self.adapters] if self.cfg.w_feat > 0 else []
+
+    def input_stride(self) -> int:
+        """Student input sides must be multiples of it for the teacher to see a multiple of its largest stride."""
+        scale = Fraction(self.cfg.teacher_scale).limit_denominator(1000)
+        need = max(self.teacher.strides) * scale.denominator
+        return need // math.gcd(scale.numerator, need)
 
     def on_train_start(self, trainer: Any) -> None:
         size = trainer.cfg.imgsz * self.cfg.teacher_scale

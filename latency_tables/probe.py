@@ -174,8 +174,10 @@ def read_results(path: str | Path) -> dict[str, Any]:
             if not isinstance(v, typ) or isinstance(v, bool):
                 raise ConfigError(f"missing or not a {typ.__name__}: {v!r}", path=p, field=f"{key}.{name}")
     made_by = doc["bundle"].get("version", 1)  # results written before the runner copied it: a version-1 bundle
-    if not isinstance(made_by, int) or isinstance(made_by, bool) or not 1 <= made_by <= MANIFEST_VERSION:
-        raise ConfigError(f"results of a bundle of version {made_by!r}; this detforge reads versions up to "
+    if not isinstance(made_by, int) or isinstance(made_by, bool) or made_by < 1:
+        raise ConfigError(f"expected a bundle version >= 1, got {made_by!r}", path=p, field="bundle.version")
+    if made_by > MANIFEST_VERSION:
+        raise ConfigError(f"results of a bundle of version {made_by}; this detforge reads versions up to "
                           f"{MANIFEST_VERSION} (import them with the detforge that packed the bundle, or a newer one)",
                           path=p, field="bundle.version")
     if not doc["entries"]:

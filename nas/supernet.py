@@ -763,7 +763,9 @@ class Supernet(nn.Module):
             _copy_weights(src, dst)
         _copy_weights(head, det.head)
         if isinstance(head, YoloHead):  # the anchors its weights were trained with, whatever the arch stated
-            det.head.set_anchor_sizes(head.anchor_sizes())
+            with torch.no_grad():
+                det.head.anchor_grid.copy_(head.anchor_grid)
+                det.head.anchors.copy_(head.anchors)
             det.sync_arch_anchors()
         device = next(self.parameters()).device
         return det.to(device).train(self.training)

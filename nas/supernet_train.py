@@ -216,7 +216,7 @@ class SupernetTrainer(Trainer):
             raise ConfigError(f"the teacher's largest stride {max(teacher.strides)} does not divide the input size "
                               f"{imgsz}", field="teacher")
 
-    def grid_stride(self) -> int:
+    def model_stride(self) -> int:
         """The space's largest stride (the active subnet's may be smaller), and a frozen teacher's: multi-scale
         sizes fit every subnet and the teacher."""
         return math.lcm(self.space.max_stride, *([max(self.teacher.strides)] if self.teacher is not None else []))

@@ -16,6 +16,10 @@ class Callback:
         """Extra trainable modules (e.g. distillation adapters): optimised and checkpointed with the model."""
         return []
 
+    def input_stride(self) -> int:
+        """A number every input side must be a multiple of for this callback's own network (a teacher's); 1: none."""
+        return 1
+
     def on_train_start(self, trainer: Trainer) -> None:
         """Called once the model, data and optimizer exist (after a resume has been loaded)."""
 

@@ -191,7 +191,12 @@ class Trainer:
             self.load_checkpoint(self.out / CHECKPOINT)
 
     def grid_stride(self) -> int:
-        """The largest stride of the model: every input side must be a multiple of it (multi-scale sizes are)."""
+        """What every input side must be a multiple of (multi-scale sizes are): the model's largest stride and
+        what a callback's own network needs (a distillation teacher's)."""
+        return math.lcm(self.model_stride(), *(cb.input_stride() for cb in self.callbacks))
+
+    def model_stride(self) -> int:
+        """The model's largest stride."""
         return max(unwrap(self.model).strides)
 
     def _freeze(self, n: int) -> list[str]:

@@ -172,6 +172,11 @@ def test_anchors_within_yaml_precision_are_not_rewritten(shared):
     assert net.changed_anchors() == {}
     net.sync_space_anchors()
     assert net.space is before and net.space.anchors["p3-p5"] == fine
+    net.eval()
+    det = net.extract({**net.space.smallest_decisions(), "head.layout": "p3-p5", "head.type": "detect"}).eval()
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():  # the extracted model runs the exact anchors, not YAML's rounding of them
+        assert torch.allclose(net(x)[0], det(x)[0], atol=1e-5, rtol=0)
 
 
 def test_multi_scale_with_a_p6_teacher_draws_sizes_it_accepts(shared, tmp_path):

@@ -71,3 +71,19 @@ def test_cli_flag(small_data, tmp_path, capsys):
     import json
 
     assert json.loads((tmp_path / "r" / "config.json").read_text())["multi_scale"] is True
+
+
+def test_sizes_also_fit_a_distillation_teachers_largest_stride(small_data, tmp_path):
+    from compress.distill import DistillConfig, Distiller
+    from search_spaces import Detector, load_model
+    from search_spaces.space import load_space
+
+    tiny = load_space("tiny")
+    teacher = Detector(tiny.build_arch({**tiny.smallest_decisions(), "head.layout": "p3-p6"}, nc=3))  # stride 64
+    student = load_model("yolov7-tiny", nc=3)  # stride 32
+    assert Distiller(teacher, student).input_stride() == 64
+    assert Distiller(teacher, student, DistillConfig(teacher_scale=2.0)).input_stride() == 32
+    assert Distiller(teacher, student, DistillConfig(teacher_scale=0.5)).input_stride() == 128  # it sees 64
+    tr = Trainer(_cfg(small_data, tmp_path, epochs=1, multi_scale=True), model=student,
+                 callbacks=[Distiller(teacher, student)])
+    assert tr.model_stride() == 32 and tr.grid_stride() == 64

@@ -140,3 +140,4 @@ def test_distill_transfers_a_student_trained_for_other_classes(coco_model, small
     assert doc["transfer"]["loaded"] > 0 and set(doc["transfer"]["fresh"]) == {
         k for k in load_model("yolov7-tiny", nc=3).state_dict() if k.startswith(("head.m.", "head.im."))}
     assert load_model(tmp_path / "kd" / "model").nc == 3
+    assert json.loads((tmp_path / "kd" / "summary.json").read_text())["transfer"] == doc["transfer"]
