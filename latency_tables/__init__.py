@@ -21,6 +21,7 @@ from .table import (
     sample_architectures,
     shipped_tables,
     table_name,
+    table_predictor,
     whole_model,
 )
 from .validate import ValidationReport, validate
@@ -31,5 +32,5 @@ __all__ = [
     "TensorRTBackend", "TorchBackend", "ValidationReport", "bundle_manifest", "check_fingerprint",
     "decoded_model", "fit_overhead", "get_backend", "import_results", "measure_architectures",
     "measure_callable", "measure_each_alone", "measure_interleaved", "pack", "realtime_priority", "sample_architectures",
-    "shipped_tables", "table_name", "validate", "whole_model",
+    "shipped_tables", "table_name", "table_predictor", "validate", "whole_model",
 ]

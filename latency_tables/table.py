@@ -791,6 +791,19 @@ def file_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def table_predictor(path: str | Path, imgsz: int | None = None, *, measure_missing: bool = False,
+                    check_device: bool = False) -> tuple[Callable[[Architecture], float], int]:
+    """The latency table at `path` as a predictor (ms of an architecture) and its input size; another `imgsz` is
+    refused, since a budget would then hold at the table's size, not the model's. The table describes the target
+    device, usually not this machine: no fingerprint warning unless `check_device`. `measure_missing`: blocks the
+    table lacks (a pruned model's widths) are measured here once and kept in it."""
+    table = LatencyTable.load(path, check_device=check_device)
+    if imgsz is not None and imgsz != table.imgsz:
+        raise ConfigError(f"the latency table was measured at imgsz {table.imgsz}, this run asks for {imgsz} (give "
+                          "--imgsz or a table of that size)", path=path, field="imgsz")
+    return (lambda arch: table.predict(arch, table.imgsz, measure_missing=measure_missing)), table.imgsz
+
+
 def sample_architectures(space: Any, n: int, seed: int, *, extremes: bool = False) -> list[Architecture]:
     """`n` distinct random architectures of `space` (seeded); `extremes`: its smallest and largest first."""
     import random

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from latency_tables.table import table_predictor
 from search_spaces.architecture import Architecture
 from search_spaces.errors import ConfigError
 from search_spaces.space import Decision, SearchSpace
@@ -32,18 +33,6 @@ def pinned_space(space: SearchSpace, imgsz: int) -> SearchSpace:
     if dec.choices == (imgsz,):
         return space
     return dataclasses.replace(space, decisions={**space.decisions, "imgsz": Decision("imgsz", (imgsz,), dec.field)})
-
-
-def table_predictor(path: str | Path, imgsz: int | None = None) -> tuple[PredictMs, int]:
-    """The latency table's prediction (ms) of an architecture, and the table's input size."""
-    from latency_tables import LatencyTable
-
-    # the table describes the target device, not this machine: no fingerprint warning
-    table = LatencyTable.load(path, check_device=False)
-    if imgsz is not None and imgsz != table.imgsz:
-        raise ConfigError(f"the latency table was measured at imgsz {table.imgsz}, this run asks for {imgsz}",
-                          path=path, field="imgsz")
-    return (lambda arch: table.predict(arch, table.imgsz)), table.imgsz
 
 
 def nc_fallback(predictor: PredictMs, space: SearchSpace, table_nc: int, path: str | Path) -> PredictMs:

@@ -70,19 +70,21 @@ class Pipeline:
     # ---- stage bookkeeping ------------------------------------------------------------------------------
     def recorded(self, name: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
         """The outputs of a finished stage recorded with these inputs whose files all exist, else None."""
+        return self._recorded(name, _digest(inputs))
+
+    def _recorded(self, name: str, digest: str) -> dict[str, Any] | None:
         rec = self.records.get(name)
-        if rec is not None and rec.digest == _digest(inputs) and all(Path(f).exists() for f in
-                                                                     rec.outputs.get("files", [])):
+        if rec is not None and rec.digest == digest and all(Path(f).exists() for f in rec.outputs.get("files", [])):
             self.log(f"[skip] {name} (inputs unchanged)")
             return rec.outputs
         return None
 
     def stage(self, name: str, inputs: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run `fn` unless a record with the same input digest exists; record and return its outputs."""
-        done = self.recorded(name, inputs)
+        digest = _digest(inputs)
+        done = self._recorded(name, digest)
         if done is not None:
             return done
-        digest = _digest(inputs)
         # A stage's checkpoints (a trainer's last.pt) belong to one set of inputs: they are resumed only after a
         # kill of an attempt with these inputs, never after a finished run or a change of config.
         running = read_json(self.out / RUNNING) if (self.out / RUNNING).is_file() else {}

@@ -76,15 +76,10 @@ def run_prune(args: argparse.Namespace) -> None:
     if args.latency_ms is not None:
         if not args.table:
             raise ConfigError("--latency-ms needs --table (a latency table for the target device)", field="table")
-        from latency_tables import LatencyTable
+        from latency_tables.table import table_predictor
 
-        table = LatencyTable.load(args.table)
-        if table.imgsz != imgsz:  # the budget would hold at the table's size, not the model's
-            raise ConfigError(f"the table is measured at {table.imgsz} px and the model prunes for {imgsz} px "
-                              "(give --imgsz or a table of that size)", path=args.table, field="imgsz")
-
-        def predict(arch: Any) -> float:  # widths the table lacks are measured once and kept in it
-            return table.predict(arch, measure_missing=True)
+        # widths the table lacks are measured once and kept in it
+        predict, _ = table_predictor(args.table, imgsz, measure_missing=True, check_device=True)
     if (args.finetune_epochs or args.sensitivity or args.importance == "taylor") and not args.data:
         raise DataError("finetuning, Taylor importance and the sensitivity scan need real data: give --data",
                         field="data")
