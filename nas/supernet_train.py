@@ -53,7 +53,7 @@ from trainer.config import TrainConfig
 from trainer.evaluate import EvalResult
 from trainer.hyp import Hyp, load_hyp
 from trainer.loss import HeadInfo, YoloLoss
-from trainer.trainer import CHECKPOINT, Trainer, resolve_data_config, seed_everything
+from trainer.trainer import CHECKPOINT, Trainer, seed_everything, training_data
 
 from .budget import FeasibleRegion
 from .search import calibration_batches
@@ -154,7 +154,7 @@ class SupernetTrainer(Trainer):
             if space is None:
                 raise ConfigError("give a Supernet or a search space", field="space")
             ddp.setup(cfg.device)  # before the data: under torchrun rank 0 makes the synthetic set, the rest wait
-            nc = resolve_data_config(cfg.data, cfg.imgsz).nc
+            nc = training_data(cfg).nc
             seed_everything(cfg.seed)  # the initial weights are a function of the seed
             model = Supernet(space, nc=nc)
         if not isinstance(model, Supernet):

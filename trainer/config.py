@@ -30,6 +30,7 @@ class TrainConfig:
     ema: bool = True
     ema_tau: float = 2000.0
     autoanchor: bool = True  # refit anchors whose best possible recall is < 0.98 (YOLOv7); off to keep trained ones
+    single_cls: bool = False  # train (and validate) every class of the data as one (YOLOv7's --single-cls)
     multi_scale: bool = False  # each batch at a random size in 0.5-1.5x imgsz, a multiple of the stride (YOLOv7)
     freeze: int = 0  # freeze the first N layers, numbered as YOLOv7 does (its --freeze; 51: yolov7's backbone)
     workers: int = 2

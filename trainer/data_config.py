@@ -1,7 +1,7 @@
 """Reading a YOLO `data.yaml` (the Ultralytics / YOLOv7 dataset description)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,14 @@ class DataConfig:
     names: list[str]
     yaml_path: Path | None = None
     test: ImageSource | None = None
+    label_nc: int | None = None  # the classes the label files hold, where training merges them (single_class)
+
+    def single_class(self) -> DataConfig:
+        """Every class trained and evaluated as one (YOLOv7's --single-cls): nc 1, named 'item' unless the
+        dataset has one class already; the label files are still checked against their own classes."""
+        if self.label_nc is not None:
+            return self
+        return replace(self, nc=1, names=self.names if self.nc == 1 else ["item"], label_nc=self.nc)
 
 
 def load_data_config(path: str | Path) -> DataConfig:

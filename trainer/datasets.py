@@ -445,6 +445,11 @@ class DetectionDataset(Dataset):
         """Number of classes."""
         return len(self.names)
 
+    def merge_classes(self, name: str = "item") -> None:
+        """Make every box of class 0, named `name` (single-class training and evaluation)."""
+        self.labels = [np.concatenate([np.zeros_like(lb[:, :1]), lb[:, 1:]], 1) for lb in self.labels]
+        self.names = [name]
+
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of an epoch (called by `EpochDataLoader`)."""
         self.epoch = int(epoch)
@@ -628,7 +633,11 @@ class YoloDataset(DetectionDataset):
         if source is None:
             raise DataError(f"no {split!r} split", path=cfg.yaml_path, field=split)
         augment = split == "train" if augment is None else augment
-        return cls(source, imgsz=imgsz, augment=augment, hyp=hyp, nc=cfg.nc, names=cfg.names, **kw)
+        if cfg.label_nc is None:
+            return cls(source, imgsz=imgsz, augment=augment, hyp=hyp, nc=cfg.nc, names=cfg.names, **kw)
+        ds = cls(source, imgsz=imgsz, augment=augment, hyp=hyp, nc=cfg.label_nc, **kw)  # checked as written
+        ds.merge_classes(cfg.names[0])
+        return ds
 
 
 def _scan_one_yolo(im_file: str, lb_file: str, nc: int | None):

@@ -103,6 +103,12 @@ def resolve_data_config(data: str | Path | None, imgsz: int = 320, progress: boo
     return load_data_config(SYNTHETIC_ROOT / "data.yaml")
 
 
+def training_data(cfg: TrainConfig, progress: bool = False) -> DataConfig:
+    """The dataset a training run sees: `cfg.data` (or the synthetic set), its classes merged with `single_cls`."""
+    data = resolve_data_config(cfg.data, cfg.imgsz, progress=progress)
+    return data.single_class() if cfg.single_cls else data
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch."""
     random.seed(seed)
@@ -127,7 +133,7 @@ class Trainer:
         self.main = self.rank == 0
         self.out = Path(cfg.out)
         seed_everything(cfg.seed)
-        self.data_cfg = resolve_data_config(cfg.data, cfg.imgsz, progress=self.main)
+        self.data_cfg = training_data(cfg, progress=self.main)
         # weights trained for other classes are transferred where they fit (YOLOv7's finetuning on a new dataset)
         self.model, self.transfer = (model, None) if model is not None else load_for_classes(cfg.model,
                                                                                              self.data_cfg.nc)

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--multi-scale", action="store_true",
                    help="train each batch at a random size in 0.5-1.5x --imgsz, a multiple of the largest stride "
                         "(YOLOv7's --multi-scale)")
+    p.add_argument("--single-cls", action="store_true",
+                   help="train every class of the data as one, 'item' (YOLOv7's --single-cls): a 1-class model")
     p.add_argument("--freeze", type=int, default=0, metavar="N",
                    help="train with the first N layers frozen, numbered as YOLOv7 does (its --freeze; "
                         "--freeze 51 is yolov7's backbone, layers 0-50, and 29 yolov7-tiny's); for finetuning")
@@ -60,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iou", type=float, default=0.65)
     p.add_argument("--device", default="auto")
     p.add_argument("--strict", action="store_true")
+    p.add_argument("--single-cls", action="store_true", help="score every class of the data as one (a model "
+                                                              "trained with --single-cls)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_val)
 
@@ -83,6 +87,7 @@ def run_train(args: argparse.Namespace) -> None:
                       optimizer=args.optimizer, lr_schedule=args.lr_schedule, amp=args.amp, workers=args.workers,
                       seed=args.seed, ema=not args.no_ema, sync_bn=args.sync_bn, strict_data=args.strict,
                       autoanchor=not args.noautoanchor, freeze=args.freeze, multi_scale=args.multi_scale,
+                      single_cls=args.single_cls,
                       max_time_s=args.max_time, fit_epochs_to_time=args.fit_schedule,
                       val_interval=args.val_interval, save_every_s=args.save_every)
     try:
@@ -115,6 +120,8 @@ def run_val(args: argparse.Namespace) -> None:
         device = resolve_device(args.device)
         model = model.to(device)
     cfg = resolve_data_config(args.data, args.imgsz)
+    if args.single_cls:
+        cfg = cfg.single_class()
     loader = val_loader(cfg, args.imgsz, args.batch, strict=args.strict)
     if model.nc is not None and model.nc != cfg.nc:
         raise ConfigError(f"the model has {model.nc} classes, the dataset {cfg.nc}", path=args.weights, field="nc")
