@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from search_spaces.errors import DataError, DetforgeError
+from search_spaces.errors import ConfigError, DataError, DetforgeError
 from search_spaces.io import atomic_path
 
 from .augment import (
@@ -439,11 +439,31 @@ class DetectionDataset(Dataset):
         self.problems: list[Problem] = []
         self.stats: dict[str, int] = {}
         self._broken: set[int] = set()  # images that failed to load after the scan (this process)
+        self.item_shapes: list[tuple[int, int]] | None = None  # per item (h, w) letterbox shape: rect_batches
 
     @property
     def nc(self) -> int:
         """Number of classes."""
         return len(self.names)
+
+    def rect_batches(self, batch: int, stride: int, pad: float = 0.5) -> None:
+        """YOLOv7's rectangular evaluation: order the items by aspect ratio and letterbox each batch of `batch`
+        to its own shape, the smallest multiple of `stride` (plus `pad` of one) holding its images at `imgsz`,
+        instead of a square. For a loader in this order (no shuffling, no augmentation)."""
+        if self.augment:
+            raise ConfigError("rectangular batches are for evaluation: this dataset augments", field="rect")
+        ar = self.shapes[:, 0] / self.shapes[:, 1]  # h / w
+        order = np.argsort(ar, kind="stable")
+        self.im_files = [self.im_files[i] for i in order]
+        self.labels = [self.labels[i] for i in order]
+        self.shapes, self.ids, ar = self.shapes[order], self.ids[order], ar[order]
+        self._broken = set()  # indices changed; images found broken are found again
+        shapes = []
+        for b in range(0, len(ar), batch):
+            lo, hi = float(ar[b:b + batch].min()), float(ar[b:b + batch].max())
+            shapes.append((hi, 1.0) if hi < 1 else (1.0, 1 / lo) if lo > 1 else (1.0, 1.0))
+        sides = np.ceil(np.array(shapes) * self.imgsz / stride + pad).astype(int) * stride
+        self.item_shapes = [(int(sides[i // batch][0]), int(sides[i // batch][1])) for i in range(len(ar))]
 
     def merge_classes(self, name: str = "item") -> None:
         """Make every box of class 0, named `name` (single-class training and evaluation)."""
@@ -541,9 +561,9 @@ class DetectionDataset(Dataset):
             items.append((img, self._pixel_labels(j, img.shape[1], img.shape[0])))
         return mosaic4(items, self.imgsz, rng, self.hyp)
 
-    def _item(self, index: int):
+    def _item(self, index: int, shape: tuple[int, int] | None = None):
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        hyp, s = self.hyp, self.imgsz
+        hyp, s = self.hyp, shape or self.imgsz
         h0, w0 = (int(v) for v in self.shapes[index])
         if self.augment and hyp.mosaic > 0 and rng.random() < hyp.mosaic:
             img, labels = self._mosaic(index, rng)
@@ -575,8 +595,8 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int):
         """One item (see the module docstring); an image that became unreadable is replaced by the next one."""
         while True:  # terminates: every failure adds an image to `_broken`, and `_readable` raises when none is left
-            try:
-                return self._item(self._readable(index))
+            try:  # a replacement for a broken image takes the batch's shape (rect_batches), so the batch stacks
+                return self._item(self._readable(index), None if self.item_shapes is None else self.item_shapes[index])
             except _BadImage:
                 continue
             except DetforgeError as e:
@@ -894,7 +914,10 @@ def build_dataloader(
 
 
 def val_loader(cfg: DataConfig | str | Path, imgsz: int, batch: int = 16, workers: int = 0,
-               strict: bool = True) -> EpochDataLoader:
-    """An evaluation loader over the val split of a data.yaml (no augmentation, fixed order)."""
-    return build_dataloader(YoloDataset.from_config(cfg, "val", imgsz=imgsz, strict=strict), batch, workers,
-                            shuffle=False)
+               strict: bool = True, rect_stride: int | None = None) -> EpochDataLoader:
+    """An evaluation loader over the val split of a data.yaml (no augmentation, fixed order); with `rect_stride`
+    (the model's largest stride) each batch is letterboxed to its own rectangle (`rect_batches`)."""
+    ds = YoloDataset.from_config(cfg, "val", imgsz=imgsz, strict=strict)
+    if rect_stride is not None:
+        ds.rect_batches(batch, rect_stride)
+    return build_dataloader(ds, batch, workers, shuffle=False)

@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true")
     p.add_argument("--single-cls", action="store_true", help="score every class of the data as one (a model "
                                                               "trained with --single-cls)")
+    p.add_argument("--rect", action="store_true",
+                   help="letterbox each batch to its own rectangle, images ordered by aspect ratio (YOLOv7's test.py "
+                        "default): less padding than squares; not for an exported .onnx")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_val)
 
@@ -111,6 +114,10 @@ def run_val(args: argparse.Namespace) -> None:
     if Path(args.weights).suffix == ".onnx":  # an exported file (FP32 or INT8 QDQ), run by ONNX Runtime
         from compress.onnx_eval import OnnxDetector
 
+        if args.rect:
+            raise ConfigError("an exported file has a fixed input shape: rectangular batches need the model",
+                              path=args.weights, field="rect")
+
         model, device = OnnxDetector(args.weights), "cpu"
         if model.imgsz is not None and model.imgsz != args.imgsz:
             raise ConfigError(f"the ONNX input is {model.imgsz} px: pass --imgsz {model.imgsz}",
@@ -122,7 +129,8 @@ def run_val(args: argparse.Namespace) -> None:
     cfg = resolve_data_config(args.data, args.imgsz)
     if args.single_cls:
         cfg = cfg.single_class()
-    loader = val_loader(cfg, args.imgsz, args.batch, strict=args.strict)
+    stride = max(model.strides) if args.rect else None
+    loader = val_loader(cfg, args.imgsz, args.batch, strict=args.strict, rect_stride=stride)
     if model.nc is not None and model.nc != cfg.nc:
         raise ConfigError(f"the model has {model.nc} classes, the dataset {cfg.nc}", path=args.weights, field="nc")
     res = evaluate(model, loader, cfg.nc, cfg.names, args.conf, args.iou, device)
