@@ -53,7 +53,7 @@ from trainer.config import TrainConfig
 from trainer.evaluate import EvalResult
 from trainer.hyp import Hyp, load_hyp
 from trainer.loss import HeadInfo, YoloLoss
-from trainer.trainer import CHECKPOINT, Trainer, seed_everything, training_data
+from trainer.trainer import CHECKPOINT, Trainer, resolve_data_config, seed_everything
 
 from .budget import FeasibleRegion
 from .search import calibration_batches
@@ -154,13 +154,15 @@ class SupernetTrainer(Trainer):
             if space is None:
                 raise ConfigError("give a Supernet or a search space", field="space")
             ddp.setup(cfg.device)  # before the data: under torchrun rank 0 makes the synthetic set, the rest wait
-            nc = training_data(cfg).nc
+            nc = resolve_data_config(cfg.data, cfg.imgsz).nc
             seed_everything(cfg.seed)  # the initial weights are a function of the seed
             model = Supernet(space, nc=nc)
         if not isinstance(model, Supernet):
             raise ConfigError(f"SupernetTrainer trains a Supernet, got {type(model).__name__}", field="model")
         if cfg.sync_bn:
             raise ConfigError("SyncBN is not supported for a supernet (its BatchNorms are elastic)", field="sync_bn")
+        if cfg.single_cls:  # the search and the Pareto export score at the data's classes
+            raise ConfigError("a supernet trains at the data's classes (the search scores them so)", field="single_cls")
         if n_random < 0:
             raise ConfigError(f"must be >= 0, got {n_random}", field="n_random")
         if kd_temperature <= 0:

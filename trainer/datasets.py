@@ -440,6 +440,7 @@ class DetectionDataset(Dataset):
         self.stats: dict[str, int] = {}
         self._broken: set[int] = set()  # images that failed to load after the scan (this process)
         self.item_shapes: list[tuple[int, int]] | None = None  # per item (h, w) letterbox shape: rect_batches
+        self.rect_batch = 0  # the batch size those shapes were made for
 
     @property
     def nc(self) -> int:
@@ -452,6 +453,9 @@ class DetectionDataset(Dataset):
         instead of a square. For a loader in this order (no shuffling, no augmentation)."""
         if self.augment:
             raise ConfigError("rectangular batches are for evaluation: this dataset augments", field="rect")
+        if batch < 1:
+            raise ConfigError(f"must be >= 1, got {batch}", field="batch")
+        self.rect_batch = batch
         ar = self.shapes[:, 0] / self.shapes[:, 1]  # h / w
         order = np.argsort(ar, kind="stable")
         self.im_files = [self.im_files[i] for i in order]
@@ -735,6 +739,11 @@ class CocoDataset(DetectionDataset):
 
         self._adopt(_cached_scan(cache_path, key, scan), str(json_path))
 
+    def merge_classes(self, name: str = "item") -> None:
+        """Refused: its evaluation maps classes back to the JSON's categories, which stay apart."""
+        raise ConfigError("single-class training reads YOLO-format labels; a COCO JSON keeps its categories",
+                          path=self.json_path, field="single_cls")
+
     @property
     def image_ids(self) -> list[int]:
         """COCO image id of each item (for evaluation against the JSON)."""
@@ -898,6 +907,10 @@ def build_dataloader(
     pin_memory: bool | None = None,
 ) -> EpochDataLoader:
     """A seeded loader with `collate_fn`; pass a `DistributedSampler` for DDP (then `shuffle` is its job)."""
+    if getattr(dataset, "item_shapes", None) is not None and (shuffle or sampler is not None
+                                                              or batch != dataset.rect_batch):
+        raise ConfigError(f"rectangular batches were made for batches of {dataset.rect_batch} in order: load them "
+                          "so (no shuffling, no sampler)", field="rect")
     return EpochDataLoader(
         dataset,
         seed=seed,

@@ -302,6 +302,11 @@ class Trainer:
         if theirs and theirs != self.cfg.optimizer:  # its state would load, then fail at the first step
             raise CheckpointError(f"cannot resume: the interrupted run trained with --optimizer {theirs}, this one "
                                   f"with {self.cfg.optimizer}", path=path, field="optimizer")
+        merged = bool((ck.get("config") or {}).get("single_cls", False))
+        if merged != self.cfg.single_cls:  # another class count: another head
+            raise CheckpointError(f"cannot resume: the interrupted run trained {'with' if merged else 'without'} "
+                                  f"--single-cls, this one {'with' if self.cfg.single_cls else 'without'}", path=path,
+                                  field="single_cls")
         frozen = int((ck.get("config") or {}).get("freeze", 0))
         if frozen != self.cfg.freeze:  # the optimizer holds state for the parameters that trained, and only those
             raise CheckpointError(f"cannot resume: the interrupted run froze {frozen} layers (--freeze), this one "

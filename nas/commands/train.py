@@ -115,8 +115,8 @@ def run_val(args: argparse.Namespace) -> None:
         from compress.onnx_eval import OnnxDetector
 
         if args.rect:
-            raise ConfigError("an exported file has a fixed input shape: rectangular batches need the model",
-                              path=args.weights, field="rect")
+            raise ConfigError("an exported file is scored at one square input size: rectangular batches need the "
+                              "model directory", path=args.weights, field="rect")
 
         model, device = OnnxDetector(args.weights), "cpu"
         if model.imgsz is not None and model.imgsz != args.imgsz:
@@ -132,7 +132,9 @@ def run_val(args: argparse.Namespace) -> None:
     stride = max(model.strides) if args.rect else None
     loader = val_loader(cfg, args.imgsz, args.batch, strict=args.strict, rect_stride=stride)
     if model.nc is not None and model.nc != cfg.nc:
-        raise ConfigError(f"the model has {model.nc} classes, the dataset {cfg.nc}", path=args.weights, field="nc")
+        hint = " (a model trained with --single-cls: pass --single-cls)" if model.nc == 1 else ""
+        raise ConfigError(f"the model has {model.nc} classes, the dataset {cfg.nc}{hint}", path=args.weights,
+                          field="nc")
     res = evaluate(model, loader, cfg.nc, cfg.names, args.conf, args.iou, device)
     d = res.to_dict()
     rows = [{"class": n, "ap": a, "ap50": a50} for n, a, a50 in zip(cfg.names, d["per_class"], d["per_class_ap50"])]

@@ -47,11 +47,19 @@ def test_batches_share_a_stride_multiple_shape_that_fits_their_images(mixed):
             got = xywhn_to_xyxy(targets[:, 2:].numpy(), w, h)
             back = unletterbox_boxes(got, ratio, pad, hw0)
             np.testing.assert_allclose(back, boxes[path], atol=1.0)
-    wide, tall = ds.item_shapes[-1], ds.item_shapes[0]
-    assert wide[0] > wide[1] and tall[0] < tall[1]  # the tallest batch is tall, the widest wide
+    tall, wide = ds.item_shapes[-1], ds.item_shapes[0]
+    assert tall[0] > tall[1] and wide[0] < wide[1]  # the last batch (largest h / w) is tall, the first wide
     aug = YoloDataset.from_config(mixed, "train", imgsz=64)
     with pytest.raises(ConfigError):
         aug.rect_batches(2, 32)
+    # the shapes hold for batches of 2 in this order only: a loader that would mix them is refused
+    from trainer.datasets import build_dataloader
+
+    for kw in ({"batch": 3, "shuffle": False}, {"batch": 2, "shuffle": True}):
+        with pytest.raises(ConfigError) as e:
+            build_dataloader(ds, **kw)
+        assert e.value.field == "rect"
+    assert len(list(build_dataloader(ds, 2, shuffle=False))) == 4
 
 
 def test_val_cli_rect_scores_the_model_on_rectangles(mixed, tmp_path, capsys, monkeypatch):
@@ -76,4 +84,4 @@ def test_val_cli_rect_scores_the_model_on_rectangles(mixed, tmp_path, capsys, mo
     onnx.write_bytes(b"")
     assert main(["val", "--weights", str(onnx), "--data", str(mixed), "--imgsz", "64", "--rect"]) == 2
     err = capsys.readouterr().err
-    assert ": rect: " in err and "fixed input shape" in err
+    assert ": rect: " in err and "square input size" in err

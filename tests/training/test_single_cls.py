@@ -37,7 +37,7 @@ def test_training_and_validation_with_single_cls(small_data, tmp_path, capsys):
     assert load_model(model).nc == 1
     base = ["val", "--weights", str(model), "--data", str(small_data), "--imgsz", "64", "--device", "cpu", "--json"]
     assert main(base) == 2  # a 1-class model on the 3-class data: named as such
-    assert "nc" in capsys.readouterr().err
+    assert "pass --single-cls" in capsys.readouterr().err
     assert main([*base, "--single-cls"]) == 0
     assert json.loads(capsys.readouterr().out)["names"] == ["item"]
 
@@ -47,3 +47,21 @@ def test_train_cli_flag(small_data, tmp_path, capsys):
                  "0", "--device", "cpu", "--noautoanchor", "--single-cls", "--out", str(tmp_path / "r"), "--json"]) == 0
     assert load_model(tmp_path / "r" / "model").nc == 1
     assert json.loads((tmp_path / "r" / "config.json").read_text())["single_cls"] is True
+
+
+def test_a_resume_needs_the_same_single_cls_and_a_supernet_refuses_it(small_data, tmp_path):
+    import pytest
+
+    from nas.supernet_train import SupernetTrainer
+    from search_spaces import ConfigError
+    from search_spaces.errors import CheckpointError
+
+    kw = {"data": str(small_data), "out": str(tmp_path / "r"), "imgsz": 64, "batch": 4, "workers": 0,
+          "device": "cpu", "progress": False, "autoanchor": False}
+    Trainer(TrainConfig(epochs=1, single_cls=True, **kw)).train()
+    with pytest.raises(CheckpointError) as e:
+        Trainer(TrainConfig(epochs=2, resume=True, **kw))
+    assert e.value.field == "single_cls"
+    with pytest.raises(ConfigError) as e:
+        SupernetTrainer(TrainConfig(epochs=1, single_cls=True, **{**kw, "out": str(tmp_path / "s")}), space="tiny")
+    assert e.value.field == "single_cls"
