@@ -39,7 +39,7 @@ from search_spaces.blocks import (
 )
 from search_spaces.blocks.conv import make_bn
 from search_spaces.blocks.elan import elan_taps
-from search_spaces.blocks.heads import _to_levels
+from search_spaces.blocks.heads import _to_levels, anchors_differ
 from search_spaces.errors import ConfigError
 from search_spaces.model import Detector
 from search_spaces.modes import temporary_mode
@@ -648,12 +648,8 @@ class Supernet(nn.Module):
 
     def changed_anchors(self) -> dict[str, list[list[float]]]:
         """The layouts whose heads run other anchors than the space states (by more than the 0.01 px of YAML)."""
-        out = {}
-        for layout, running in self.anchor_sizes().items():
-            stated = torch.tensor(self.space.anchors[layout], dtype=torch.float64)
-            if not torch.allclose(stated, torch.tensor(running, dtype=torch.float64), atol=0.01, rtol=0):
-                out[layout] = running
-        return out
+        return {layout: running for layout, running in self.anchor_sizes().items()
+                if anchors_differ(self.space.anchors[layout], running)}
 
     def sync_space_anchors(self) -> None:
         """Write the heads' anchors into `self.space` where they differ (weights of a supernet trained with refit

@@ -238,8 +238,8 @@ class SupernetTrainer(Trainer):
         self._use_anchors({layout: f.anchors for layout, f in self.layout_anchor_fits.items() if f.replaced})
 
     def _use_anchors(self, anchors: Mapping[str, list[list[float]]]) -> None:
-        """Train with these anchors per layout: the supernet's heads (and its EMA copy's), the spaces that build
-        its architectures, and the active architecture change together."""
+        """Train with these anchors per layout: the supernet's heads and active architecture (and its EMA copy's,
+        `Supernet.set_anchors`) and the spaces that build its architectures change together."""
         if not anchors:
             return
         ema = getattr(self, "ema", None)  # made after the fit (a copy, anchors included); there on resume
@@ -247,7 +247,6 @@ class SupernetTrainer(Trainer):
             net.set_anchors(anchors)
         self.space = self.supernet.space
         self.arch_space = self.space if self.region is None else self.arch_space.with_anchors(anchors)
-        self.supernet.set_active(self.arch(self._largest))
 
     def _log_anchor_fit(self) -> None:
         if not self.main or not self.cfg.progress:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .architecture import Architecture, _ancestors
 from .blocks import BLOCKS, DecoupledHead, YoloHead
+from .blocks.heads import anchors_differ
 from .errors import ConfigError
 from .fusion import fold_implicit
 from .modes import temporary_mode
@@ -93,9 +94,7 @@ class Detector(nn.Module):
         if self.head.anchor_free:
             return
         anchors = self.head.anchor_sizes()
-        stated = torch.tensor(self.arch.head.anchors, dtype=torch.float64)
-        running = torch.tensor(anchors, dtype=torch.float64)
-        if stated.shape != running.shape or not torch.allclose(stated, running, atol=0.01, rtol=0):  # 0.01 px in YAML
+        if anchors_differ(self.arch.head.anchors, anchors):
             self.arch = dataclasses.replace(self.arch, head=dataclasses.replace(self.arch.head, anchors=anchors))
 
     @torch.no_grad()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from search_spaces.blocks.heads import yaml_anchors
 from search_spaces.model import Detector
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def fit_anchors(anchors: np.ndarray, strides: Sequence[int], shapes_hw: np.ndarr
     if len(wh) > MAX_BPR_BOXES:
         wh = wh[rng.choice(len(wh), MAX_BPR_BOXES, replace=False)]
     bpr, aat = anchor_match(anchors, wh, thr)
-    fit = AnchorFit(bpr=bpr, anchors_per_target=aat, anchors=_rounded(anchors.reshape(nl, -1).tolist()))
+    fit = AnchorFit(bpr=bpr, anchors_per_target=aat, anchors=yaml_anchors(anchors.reshape(nl, -1).tolist()))
     if len(wh) == 0 or bpr >= MIN_BPR:
         return fit
     try:
@@ -114,7 +115,7 @@ def fit_anchors(anchors: np.ndarray, strides: Sequence[int], shapes_hw: np.ndarr
     except ValueError as e:  # too few boxes to fit anchors to: keep the model's
         logger.warning("autoanchor: kept the anchors (%s)", e)
         return fit
-    levels = _rounded(by_stride(new, strides))  # as arch.yaml states them and the other ranks receive them
+    levels = yaml_anchors(by_stride(new, strides))  # as arch.yaml states them and the other ranks receive them
     fit.new_bpr = anchor_match(np.array(levels, dtype=np.float64).reshape(-1, 2), wh, thr)[0]
     if fit.new_bpr > bpr:
         fit.replaced, fit.anchors = True, levels
@@ -165,10 +166,6 @@ def _ratio(anchors: np.ndarray, wh: np.ndarray) -> np.ndarray:
     """[N, K]: for each box and anchor, the worse of the w and h ratios (min(r, 1/r), 1 = equal)."""
     r = wh[:, None] / anchors[None]
     return np.minimum(r, 1 / r).min(2)
-
-
-def _rounded(levels: Sequence[Sequence[float]]) -> list[list[float]]:
-    return [[round(float(v), 2) for v in level] for level in levels]
 
 
 __all__ = ["MIN_BPR", "AnchorFit", "anchor_match", "by_stride", "check_anchors", "fit_anchors", "kmean_anchors",

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from search_spaces import Detector, save_model
 from search_spaces.errors import CheckpointError, ConfigError, DivergedError
 from search_spaces.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_weights
-from search_spaces.loading import load_for_classes
+from search_spaces.loading import Transfer, load_for_classes
 
 from . import distributed as ddp
 from .autoanchor import MIN_BPR, AnchorFit, check_anchors, set_anchors, sync_arch_anchors
@@ -125,7 +125,7 @@ class Trainer:
     max_nonfinite_steps: int = 10
 
     def __init__(self, cfg: TrainConfig, model: Detector | None = None, callbacks: Sequence[Callback] = (),
-                 hyp: Hyp | None = None):
+                 hyp: Hyp | None = None, transfer: Transfer | None = None):
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.device = ddp.setup(cfg.device)
@@ -134,9 +134,10 @@ class Trainer:
         self.out = Path(cfg.out)
         seed_everything(cfg.seed)
         self.data_cfg = training_data(cfg, progress=self.main)
-        # weights trained for other classes are transferred where they fit (YOLOv7's finetuning on a new dataset)
-        self.model, self.transfer = (model, None) if model is not None else load_for_classes(cfg.model,
-                                                                                             self.data_cfg.nc)
+        # weights trained for other classes are transferred where they fit (YOLOv7's finetuning on a new dataset);
+        # a caller that built the model (distillation) passes the transfer it made
+        self.model, self.transfer = (model, transfer) if model is not None else load_for_classes(cfg.model,
+                                                                                                 self.data_cfg.nc)
         if self.model.nc != self.data_cfg.nc:
             raise ConfigError(f"model has nc={self.model.nc}, dataset has nc={self.data_cfg.nc}",
                               path=self.data_cfg.yaml_path, field="nc")
@@ -452,6 +453,7 @@ class Trainer:
             raise ConfigError("the training set has fewer images than one batch", path=self.data_cfg.yaml_path,
                               field="batch")
         nw = self._warmup_iters(nb)
+        stride = self.grid_stride() if cfg.multi_scale else 0  # fixed for the run: the model's and its callbacks'
         t_start, last = time.time(), None
         saved_at = t_start
         epoch = self.start_epoch - 1
@@ -474,7 +476,6 @@ class Trainer:
                 accumulate = self._warmup(ni, nw, epoch + i / nb)
                 imgs = imgs.to(self.device, non_blocking=True).float() / 255.0
                 if cfg.multi_scale:
-                    stride = self.grid_stride()
                     imgs = rescale_batch(imgs, draw_size(cfg.imgsz, stride, sizes), stride)
                 items = self.train_step(imgs, targets.to(self.device))
                 self.last_terms = items

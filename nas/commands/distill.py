@@ -51,11 +51,7 @@ def run(args: argparse.Namespace) -> None:
     student, transfer = load_for_classes(args.student, resolve_data_config(args.data, args.imgsz).nc)
     weights = {k: getattr(args, k) for k in ("w_obj", "w_cls", "w_box", "w_feat") if getattr(args, k) is not None}
     kd = Distiller(teacher, student, DistillConfig(teacher_scale=args.teacher_scale, **weights))
-    trainer = Trainer(cfg, model=student, callbacks=[kd])
-    trainer.transfer = transfer  # summary.json records it, as for `detforge train`
-    if transfer is not None and trainer.main and not args.json:
-        print(transfer.summary())
-    result = trainer.train()
+    result = Trainer(cfg, model=student, callbacks=[kd], transfer=transfer).train()
     last = result.last.to_dict() if result.last else {}
     emit({"out": str(result.out), "epochs": result.epochs_done, "map": last.get("map"), "map50": last.get("map50"),
           "level_pairs": kd.pairs, "transfer": None if transfer is None else transfer.to_dict()}, args.json)

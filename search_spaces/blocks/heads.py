@@ -10,6 +10,19 @@ from torch import Tensor, nn
 from ..fusion import fold_implicit
 from .conv import Conv
 
+ANCHOR_PX = 0.01  # architecture YAML states anchors to 0.01 px
+
+
+def yaml_anchors(levels: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Anchors (pixels, one list per level) as architecture YAML states them: rounded to ANCHOR_PX."""
+    return [[round(float(v), 2) for v in level] for level in levels]
+
+
+def anchors_differ(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> bool:
+    """Whether two anchor lists (pixels, per level) differ in shape or by more than YAML's ANCHOR_PX."""
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return ta.shape != tb.shape or not torch.allclose(ta, tb, atol=ANCHOR_PX, rtol=0)
+
 HEAD_TYPES = ("detect", "idetect", "iauxdetect", "decoupled")
 
 
@@ -81,8 +94,7 @@ class YoloHead(nn.Module):
 
     def anchor_sizes(self) -> list[list[float]]:
         """The anchors in pixels, one list per level, rounded to the 0.01 px that architecture YAML states."""
-        pixels = self.anchor_grid.detach().cpu().double().reshape(self.nl, -1)
-        return [[round(float(v), 2) for v in level] for level in pixels]
+        return yaml_anchors(self.anchor_grid.detach().cpu().double().reshape(self.nl, -1).tolist())
 
     @torch.no_grad()
     def set_anchor_sizes(self, anchors: Sequence[Sequence[float]]) -> None:
