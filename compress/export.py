@@ -172,14 +172,7 @@ def export_detector(det: Detector, out: str | Path, imgsz: int | None = None, fu
             data = export_onnx(wrapped, shape, opset=opset, input_names=["images"], output_names=["detections"],
                                output_axes={"detections": {0: "detections"}}, check=False)
         check_onnx(data, path=out)
-        diff, scale = nan, nan
-        if verify:
-            # The detections alone may be empty on the check batch (a trained model finds nothing in noise),
-            # so what feeds the NMS is compared too.
-            diff, scale = verify_nms_inputs(model, data, imgsz, path=out)
-            det_diff, det_scale, agreement = verify_detections(wrapped, data, imgsz, path=out)
-            if not np.isnan(agreement):  # there were detections to compare
-                diff, scale, agree = max(diff, det_diff), max(scale, det_scale), agreement
+        diff, scale, agree = verify_nms_export(wrapped, data, imgsz, path=out) if verify else (nan, nan, None)
         outputs = ["K", len(OUTPUT_COLUMNS)]
     else:
         data = export_onnx(DecodedOutput(model), shape, opset=opset, input_names=["images"],
@@ -198,6 +191,35 @@ ENGINE_NEEDS_FIXED_OUTPUTS = ("an engine needs a decoded export or --nms-op trt:
                               "has a data-dependent shape TensorRT cannot bind")
 
 
+def _expose_nms_inputs(onnx_path: str | Path | bytes, *, keep_nms: bool, where: str | Path) -> tuple[bytes, str]:
+    """The graph with the boxes and scores its NMS node takes as extra outputs (after its own, or, with
+    `keep_nms=False`, cut just before the NMS: TensorRT's plugin cannot run in ONNX Runtime); and the node's op."""
+    import onnx
+
+    model = load_onnx_model(onnx_path)
+    k = next((i for i, n in enumerate(model.graph.node) if n.op_type in NMS_NODES), None)
+    if k is None:
+        raise DetforgeError(f"no NMS node ({' or '.join(NMS_NODES)}) in the graph", path=where)
+    node = model.graph.node[k]
+    if not keep_nms:
+        del model.graph.node[k:]  # topological order: the nodes before the NMS make its inputs, none depends on it
+        del model.graph.output[:]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in node.input[:2])
+    return model.SerializeToString(), node.op_type
+
+
+def _check_nms_inputs(ref: tuple[Tensor, Tensor], boxes: np.ndarray, scores: np.ndarray, op: str,
+                      where: str | Path) -> tuple[float, float]:
+    """Max diff and scale of ONNX Runtime's NMS inputs against PyTorch's (boxes, scores); raise beyond FP32 noise."""
+    ref_np = [t.float().cpu().numpy() for t in ref]
+    if op == "NonMaxSuppression":
+        scores = scores.transpose(0, 2, 1)  # the operator takes scores class-major: [B, nc, N]
+    # boxes [B, N, 4] and scores [B, N, nc]: checked as the decoded output is
+    diff = max(check_decoded_close(np.concatenate(ref_np, -1), np.concatenate([boxes, scores], -1), where))
+    return diff, max(float(np.abs(r).max()) for r in ref_np)
+
+
 def verify_nms_inputs(det: Detector, onnx_path: str | Path | bytes, imgsz: int, batch: int = 2,
                       seed: int = 0, *, path: str | Path | None = None) -> tuple[float, float]:
     """Max abs diff between ONNX Runtime and PyTorch at the boxes and scores an in-graph NMS takes, and their scale.
@@ -206,29 +228,14 @@ def verify_nms_inputs(det: Detector, onnx_path: str | Path | bytes, imgsz: int, 
     ONNX Runtime cannot run TensorRT's plugin (TensorRT verifies it when the engine is built; see
     verify_engine), and the ONNX operator's detections may be empty on a random batch (verify_detections).
     """
-    import onnx
-
     where = source_name(onnx_path, path)
-    model = load_onnx_model(onnx_path)
-    k = next((i for i, n in enumerate(model.graph.node) if n.op_type in NMS_NODES), None)
-    if k is None:
-        raise DetforgeError(f"no NMS node ({' or '.join(NMS_NODES)}) in the graph", path=where)
-    node = model.graph.node[k]
-    cut = copy.deepcopy(model)
-    del cut.graph.node[k:]  # topological order: the nodes before the NMS make its inputs, none depends on it
-    del cut.graph.output[:]
-    cut.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                            for n in node.input[:2])
+    cut, op = _expose_nms_inputs(onnx_path, keep_nms=False, where=where)
     x = _random_images(det, imgsz, batch, seed)
     with torch.no_grad():
-        ref = [t.float().cpu().numpy() for t in boxes_and_scores(det.eval(), x.to(_device(det)))]
-    sess = ort_session(cut.SerializeToString())
+        ref = boxes_and_scores(det.eval(), x.to(_device(det)))
+    sess = ort_session(cut)
     boxes, scores = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-    if node.op_type == "NonMaxSuppression":
-        scores = scores.transpose(0, 2, 1)  # the operator takes scores class-major: [B, nc, N]
-    # boxes [B, N, 4] and scores [B, N, nc]: checked as the decoded output is
-    diff = max(check_decoded_close(np.concatenate(ref, -1), np.concatenate([boxes, scores], -1), where))
-    return diff, max(float(np.abs(r).max()) for r in ref)
+    return _check_nms_inputs(ref, boxes, scores, op, where)
 
 
 def _sorted_rows(d: np.ndarray) -> np.ndarray:
@@ -236,17 +243,9 @@ def _sorted_rows(d: np.ndarray) -> np.ndarray:
     return d[np.lexsort((-d[:, 5], d[:, 6], d[:, 0]))] if len(d) else d
 
 
-def verify_detections(wrapped: DetectionsOutput, onnx_path: str | Path | bytes, imgsz: int, batch: int = 2,
-                      seed: int = 0, *, path: str | Path | None = None) -> tuple[float, float, float]:
-    """ONNX Runtime's vs PyTorch's detections on a random batch: max abs diff of matched rows, scale, agreement.
-
-    Agreement is the share of rows (of the larger set) that the other side has too, within 1e-3 of the
-    output scale. Below 1 only where scores nearly tie (an untrained model): fused and reference outputs
-    differ by ~1e-5 and NMS may then keep a different one of two equal boxes. Below NMS_MIN_AGREEMENT, with
-    more than NMS_MAX_TIES rows differing, no tie explains it and the export is refused. Where neither side
-    detects anything, nothing was compared: all three are NaN.
-    """
-    ref, out = _torch_and_onnx(wrapped, onnx_path, _random_images(wrapped.det, imgsz, batch, seed))
+def _compare_detections(ref: np.ndarray, out: np.ndarray, where: str | Path) -> tuple[float, float, float]:
+    """Max abs diff of matched rows, scale and agreement of two detection sets `[K, 7]`; raise on a mismatch
+    no near-tie explains (see verify_detections); NaNs where neither side detected anything."""
     ref, out = _sorted_rows(ref), _sorted_rows(out)
     if len(ref) == 0 and len(out) == 0:
         return float("nan"), float("nan"), float("nan")
@@ -261,9 +260,42 @@ def verify_detections(wrapped: DetectionsOutput, onnx_path: str | Path | bytes, 
     agreement = float(matched.sum()) / n
     if agreement < NMS_MIN_AGREEMENT and n - int(matched.sum()) > NMS_MAX_TIES:
         raise DetforgeError(f"the export's detections do not match PyTorch's: {agreement:.0%} of {len(ref)} "
-                            f"(PyTorch) and {len(out)} (ONNX Runtime) rows agree", path=source_name(onnx_path, path),
-                             field="export")
+                            f"(PyTorch) and {len(out)} (ONNX Runtime) rows agree", path=where, field="export")
     return diff, scale, agreement
+
+
+def verify_detections(wrapped: DetectionsOutput, onnx_path: str | Path | bytes, imgsz: int, batch: int = 2,
+                      seed: int = 0, *, path: str | Path | None = None) -> tuple[float, float, float]:
+    """ONNX Runtime's vs PyTorch's detections on a random batch: max abs diff of matched rows, scale, agreement.
+
+    Agreement is the share of rows (of the larger set) that the other side has too, within 1e-3 of the
+    output scale. Below 1 only where scores nearly tie (an untrained model): fused and reference outputs
+    differ by ~1e-5 and NMS may then keep a different one of two equal boxes. Below NMS_MIN_AGREEMENT, with
+    more than NMS_MAX_TIES rows differing, no tie explains it and the export is refused. Where neither side
+    detects anything, nothing was compared: all three are NaN.
+    """
+    ref, out = _torch_and_onnx(wrapped, onnx_path, _random_images(wrapped.det, imgsz, batch, seed))
+    return _compare_detections(ref, out, source_name(onnx_path, path))
+
+
+def verify_nms_export(wrapped: DetectionsOutput, onnx_path: str | Path | bytes, imgsz: int, batch: int = 2,
+                      seed: int = 0, *, path: str | Path | None = None) -> tuple[float, float, float | None]:
+    """Both checks of an ONNX-NMS export in one PyTorch forward and one ONNX Runtime run: (max diff, scale,
+    agreement). The NMS inputs are always compared, since the detections may be empty on a random batch;
+    the detections too where there are any (agreement None where there were none)."""
+    where = source_name(onnx_path, path)
+    graph, op = _expose_nms_inputs(onnx_path, keep_nms=True, where=where)
+    x = _random_images(wrapped.det, imgsz, batch, seed)
+    with torch.no_grad():
+        ref_inputs = boxes_and_scores(wrapped.det.eval(), x.to(_device(wrapped.det)))
+        ref = wrapped.eval().select(*ref_inputs).float().cpu().numpy()
+    sess = ort_session(graph)
+    out, boxes, scores = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    diff, scale = _check_nms_inputs(ref_inputs, boxes, scores, op, where)
+    det_diff, det_scale, agreement = _compare_detections(ref, out, where)
+    if np.isnan(agreement):  # no detection on either side: nothing to agree on
+        return diff, scale, None
+    return max(diff, det_diff), max(scale, det_scale), agreement
 
 
 # ---- TensorRT engines ---------------------------------------------------------------------------------------

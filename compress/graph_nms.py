@@ -147,7 +147,10 @@ class DetectionsOutput(nn.Module):
         self.spec = spec or NmsSpec()
 
     def forward(self, x: Tensor) -> Tensor:
-        boxes, scores = boxes_and_scores(self.det, x)
+        return self.select(*boxes_and_scores(self.det, x))
+
+    def select(self, boxes: Tensor, scores: Tensor) -> Tensor:
+        """The detections `[K, 7]` the NMS keeps of corner boxes `[B, N, 4]` and class scores `[B, N, nc]`."""
         sel = _NonMaxSuppression.apply(
             boxes, scores.transpose(1, 2).contiguous(), torch.tensor([self.spec.max_det], dtype=torch.int64),
             torch.tensor([self.spec.iou], dtype=torch.float32), torch.tensor([self.spec.conf], dtype=torch.float32))

@@ -168,7 +168,13 @@ def test_tensorrt_engine_matches_pytorch(nms_op, tmp_path, capsys):
 
 
 def test_an_nms_export_of_other_weights_is_refused(tmp_path):
-    from compress.export import DetectionsOutput, export_detector, verify_detections, verify_nms_inputs
+    from compress.export import (
+        DetectionsOutput,
+        export_detector,
+        verify_detections,
+        verify_nms_export,
+        verify_nms_inputs,
+    )
 
     exported, other = (load_model("yolov7-tiny", form="deploy", nc=3) for _ in range(2))
     randomize(exported, seed=0)
@@ -180,6 +186,8 @@ def test_an_nms_export_of_other_weights_is_refused(tmp_path):
         verify_detections(DetectionsOutput(other.eval(), spec), onnx_path, 64)
     with pytest.raises(DetforgeError, match="does not match"):
         verify_nms_inputs(other, onnx_path, 64)  # the boxes and scores the ONNX operator takes
+    with pytest.raises(DetforgeError, match="does not match"):
+        verify_nms_export(DetectionsOutput(other.eval(), spec), onnx_path, 64)  # both checks in one run
     trt_path = export_detector(exported, tmp_path / "trt.onnx", 64, nms=NmsSpec(op="trt", max_det=5)).path
     with pytest.raises(DetforgeError, match="does not match"):
         verify_nms_inputs(other, trt_path, 64)
@@ -194,9 +202,13 @@ def test_an_nms_export_with_no_detections_on_the_check_batch_still_compares_its_
     rep = export.export_detector(det, tmp_path / "e2e.onnx", 64, nms=spec)
     assert rep.nms_agreement is None  # no detection on either side: nothing to agree on...
     assert 0 < rep.max_abs_output and rep.max_abs_diff <= 1e-3 * rep.max_abs_output  # ...the NMS inputs compared
+    other = load_model("yolov7-tiny", form="deploy", nc=3)
+    randomize(other, seed=1)
+    with pytest.raises(DetforgeError, match="does not match"):  # other weights: no detection either, inputs differ
+        export.verify_nms_export(export.DetectionsOutput(other.eval(), spec), tmp_path / "e2e.onnx", 64)
     # a failed check leaves the file that was there before: the export is written only once verified
     before = (tmp_path / "e2e.onnx").read_bytes()
-    monkeypatch.setattr(export, "verify_nms_inputs", _refuse)
+    monkeypatch.setattr(export, "verify_nms_export", _refuse)
     with pytest.raises(DetforgeError, match="refused"):
         export.export_detector(det, tmp_path / "e2e.onnx", 64, nms=NmsSpec(conf=0.5, max_det=5))
     assert (tmp_path / "e2e.onnx").read_bytes() == before
