@@ -80,12 +80,20 @@ def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Na
     """
     cfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=args.imgsz,
                       batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers, seed=args.seed,
-                      progress=False, resume=(out / "last.pt").is_file(), max_time_s=max_s,
+                      **optimizer_settings(args), progress=False, resume=(out / "last.pt").is_file(), max_time_s=max_s,
                       fit_epochs_to_time=max_s is not None,
                       autoanchor=False)  # every model with the anchors it is searched, extracted and ranked with
     result = Trainer(cfg, model=model).train()
     m = result.final("map")
     return (float("nan") if m is None else m), result.epochs_done
+
+
+OPTIMIZER_DEFAULTS = {"optimizer": "sgd", "lr0": None}  # added in session 26: a run's args before lack them
+
+
+def optimizer_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The optimizer of every training of the run (a run recorded before these options trained with SGD)."""
+    return {k: getattr(args, k, default) for k, default in OPTIMIZER_DEFAULTS.items()}
 
 
 def _scratch_dir(out: Path, arch_id: str, epochs: int, max_s: float | None) -> Path:
@@ -177,7 +185,7 @@ def train_supernet(args: argparse.Namespace, space: SearchSpace, data: str, tabl
     the whole space without a table; the run's epochs, batch, nominal batch, device and seed."""
     cfg = TrainConfig(model=f"supernet:{space.name}", data=data, out=str(out), epochs=args.supernet_epochs,
                       imgsz=args.imgsz, batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers,
-                      seed=args.seed, progress=False, resume=(out / "last.pt").is_file())
+                      seed=args.seed, **optimizer_settings(args), progress=False, resume=(out / "last.pt").is_file())
     region = None if table is None else FeasibleRegion.from_table(table, space, budget_ms, nc=space.nc, imgsz=args.imgsz)
     trainer = SupernetTrainer(cfg, space=space, region=region, per_head=per_head, sort_channels=sort_channels,
                               attentive=attentive, per_family=per_family)
@@ -509,6 +517,8 @@ def main() -> None:
                     help="wall-clock cap of each stand-alone (rank fidelity) training, its schedule fitted to it")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--nbs", type=int, default=64, help="nominal batch of every training (16: 4x the optimizer steps)")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="of every training")
+    ap.add_argument("--lr0", type=float, default=None, help="of every training (default: the hyp's, SGD's 0.01)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -537,16 +547,17 @@ def main() -> None:
     # options added after the first runs are recorded only when not at their default, so those runs keep
     # their finished stages
     later = [k for k, default in LATER_SUPERNET_OPTIONS.items() if getattr(args, k) != default]
+    optim = [k for k, default in OPTIMIZER_DEFAULTS.items() if getattr(args, k) != default]  # as `later`, every stage
     stage("supernet", ctx.settings("supernet_epochs", "per_head", "sort_channels", "supernet_scope", "batch", "nbs",
-                                   "seed", *later),
+                                   "seed", *later, *optim),
           lambda: stage_supernet(ctx, budget))
     stage("search", ctx.settings("trials", "sampler", "bn_batches", "val_batches"), lambda: stage_search(ctx, budget))
     study = _study(out)
     stage("front", {}, lambda: stage_front(ctx, study))
     front = [FrontEntry(**e) for e in report["front"]]
-    stage("rank_fidelity", ctx.settings("fidelity_archs", "standalone_epochs", "baseline_epochs", "max_train_s"),
+    stage("rank_fidelity", ctx.settings("fidelity_archs", "standalone_epochs", "baseline_epochs", "max_train_s", *optim),
           lambda: stage_rank_fidelity(ctx, study, front))
-    stage("vs_yolov7_tiny", ctx.settings("finetune_epochs", "baseline_epochs", "no_scratch"),
+    stage("vs_yolov7_tiny", ctx.settings("finetune_epochs", "baseline_epochs", "no_scratch", *optim),
           lambda: stage_vs_yolov7_tiny(ctx, front, budget))
 
     summary = {k: report[k] for k in ("budget_ms", "search", "rank_fidelity", "vs_yolov7_tiny", "wall_s")}

@@ -153,7 +153,7 @@ class Pipeline:
         region = budget if c.supernet.scope == "budget" else None  # the architectures the supernet trains
         sup = self.stage("supernet", {"supernet": _recorded_keys(c.supernet, "autoanchor"), "data": self.digest("data"),
                                       "space": c.space, "imgsz": c.imgsz, "seed": c.seed, "budget": region,
-                                      **_added(c, "nbs"), **_added(c.supernet, "autoanchor"),
+                                      **_added(c, *c.TRAINING_KEYS), **_added(c.supernet, "autoanchor"),
                                       "latency": self.digest("latency") if region else None,
                                       **contents(teacher=c.supernet.teacher)},
                          lambda: stages.supernet(self, data, table, region))
@@ -166,7 +166,7 @@ class Pipeline:
         baselines = self.stage("baselines", {"baselines": vars(c.baselines), "data": self.digest("data"),
                                              "epochs": c.supernet.epochs + c.finetune.epochs, "imgsz": c.imgsz,
                                              "seed": c.seed, "batch": c.finetune.batch,
-                                             "threads": c.latency.threads, **_added(c, "nbs")},
+                                             "threads": c.latency.threads, **_added(c, *c.TRAINING_KEYS)},
                                lambda: stages.baselines(self, data, table))
         ran = [k for k in self.stage_names(models) if k in self.records]
         summary = self.stage("report", {k: self.digest(k) for k in ran},  # not an earlier config's stale records
@@ -187,7 +187,7 @@ class Pipeline:
         if legacy is not None:
             return legacy
         steps = [self.stage(f"finetune:{mid}", {"pareto": self.digest("pareto"), "finetune": vars(c.finetune),
-                                                **_added(c, "nbs")},
+                                                **_added(c, *c.TRAINING_KEYS)},
                             lambda: stages.finetune(self, data, mid))]
         if c.prune.enabled:
             steps.append(self.stage(f"prune:{mid}", {"up": self.digest(f"finetune:{mid}"), "prune": vars(c.prune)},

@@ -121,6 +121,8 @@ class PipelineConfig:
     workers: int = 2
     seed: int = 0
     nbs: int = 64  # nominal batch of every training (supernet, finetune, prune, distill, baselines); 16 for short CPU runs
+    optimizer: str = "sgd"  # of every training, as nbs; adamw learns much faster in short CPU runs (docs/training.md)
+    lr0: float | None = None  # of every training: overrides the hyp's lr0 (0.01, SGD's); about 0.002 with adamw
     latency: LatencyCfg = field(default_factory=LatencyCfg)
     supernet: SupernetCfg = field(default_factory=SupernetCfg)
     search: SearchCfg = field(default_factory=SearchCfg)
@@ -169,6 +171,8 @@ class PipelineConfig:
                 raise ConfigError(f"must be >= 0, got {v}", path=path, field=key)
         if self.imgsz % 32:
             raise ConfigError(f"must be a multiple of 32, got {self.imgsz}", path=path, field="imgsz")
+        if self.lr0 is not None and not self.lr0 > 0:
+            raise ConfigError(f"must be > 0, got {self.lr0}", path=path, field="lr0")
         self._check_references(path)
         b = self.search.budget_ms
         if b is not None and b <= 0:
@@ -197,7 +201,8 @@ class PipelineConfig:
         for key, ref in teachers.items():
             if ref is not None:  # refused here, before any stage runs, rather than when its stage loads it
                 check_teacher(ref, getattr(self, key).teacher_model, field=f"{key}.teacher", path=path)
-        choices = {"search.sampler": (self.search.sampler, ("nsga2", "tpe", "random", "gp")),
+        choices = {"optimizer": (self.optimizer, ("sgd", "adamw")),
+                   "search.sampler": (self.search.sampler, ("nsga2", "tpe", "random", "gp")),
                    "supernet.scope": (self.supernet.scope, ("budget", "space")),
                    "quantize.method": (self.quantize.method, ("minmax", "entropy", "percentile")),
                    "prune.backend": (self.prune.backend, ("torch-pruning", "nni")),
@@ -243,6 +248,13 @@ class PipelineConfig:
                 check_storage(self.search.storage)
             except ConfigError as e:
                 raise ConfigError(e.message, path=path, field="search.storage") from None
+
+    def train_settings(self) -> dict[str, Any]:
+        """The TrainConfig fields every training of the run shares (supernet, finetune, prune, distill, baselines)."""
+        return {"nbs": self.nbs, "optimizer": self.optimizer, "lr0": self.lr0, "device": self.device,
+                "workers": self.workers, "seed": self.seed}
+
+    TRAINING_KEYS: typing.ClassVar[tuple[str, ...]] = ("nbs", "optimizer", "lr0")  # digested where not the default
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -82,6 +82,9 @@ class SearchConfig:
     # after BN recalibration only); E training epochs per trial, what that buys: docs/nas.md
     finetune_epochs: int = 0
     nbs: int = 64  # nominal batch of the trials' trainings (scratch epochs, finetune epochs)
+    optimizer: str = "sgd"  # of the trials' trainings, as nbs (TrainConfig's optimizer, lr_schedule and lr0)
+    lr_schedule: str = "cosine"
+    lr0: float | None = None
     objectives: tuple[str, ...] | None = None  # default (map, latency); scratch mode: (map,)
     imgsz: int | None = None  # default: the table's input size, else the space's largest
     nc: int | None = None  # default: the dataset's
@@ -106,13 +109,16 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         """Validate choices and ranges once (ConfigError naming the field)."""
-        for key, allowed in (("sampler", SAMPLERS), ("mode", MODES), ("pruner", PRUNERS)):
+        for key, allowed in (("sampler", SAMPLERS), ("mode", MODES), ("pruner", PRUNERS),
+                             ("optimizer", ("sgd", "adamw")), ("lr_schedule", ("cosine", "linear"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}", field=key)
         for key in ("trials", "bn_batches", "scratch_epochs", "batch", "nbs", "heartbeat_s", "grace_s",
                     "max_failures"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", field=key)
+        if self.lr0 is not None and not self.lr0 > 0:
+            raise ConfigError(f"must be > 0, got {self.lr0}", field="lr0")
         if self.finetune_epochs < 0:
             raise ConfigError(f"must be >= 0, got {self.finetune_epochs}", field="finetune_epochs")
         if self.finetune_epochs and self.mode != "supernet":
@@ -739,6 +745,7 @@ class Searcher:
         out = Path(cfg.out) / "trials" / _slug(trial.study.study_name) / f"{trial.number:05d}"
         trial.set_user_attr("run_dir", str(out.resolve()))  # where `detforge pareto` finds the model
         result = train_candidate(model, self.data_arg(), out, epochs, imgsz=self.imgsz, batch=cfg.batch, nbs=cfg.nbs,
+                                 optimizer=cfg.optimizer, lr_schedule=cfg.lr_schedule, lr0=cfg.lr0,
                                  device=cfg.device, workers=cfg.workers, seed=cfg.seed, val_batches=cfg.val_batches,
                                  callbacks=callbacks, autoanchor=autoanchor)
         return float(result.metrics.map), float(result.metrics.map50)
@@ -751,7 +758,8 @@ class Searcher:
 def train_candidate(model: Detector, data: str | None, out: str | Path, epochs: int, *, imgsz: int, batch: int = 16,
                     nbs: int = 64, device: str = "auto", workers: int = 0, seed: int = 0,
                     val_batches: int | None = None, callbacks: Sequence[Callback] = (),
-                    autoanchor: bool = True) -> EvalResult:
+                    autoanchor: bool = True, optimizer: str = "sgd", lr_schedule: str = "cosine",
+                    lr0: float | None = None) -> EvalResult:
     """Train a candidate (from its current weights) for `epochs` into `out`; its last validation result.
 
     Used by scratch-mode trials, finetuned supernet trials and the benchmarks that check them. `autoanchor`
@@ -762,7 +770,8 @@ def train_candidate(model: Detector, data: str | None, out: str | Path, epochs: 
 
     tcfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=imgsz, batch=batch,
                        nbs=nbs, device=device, workers=workers, seed=seed, progress=False,
-                       max_val_batches=val_batches, autoanchor=autoanchor)
+                       max_val_batches=val_batches, autoanchor=autoanchor, optimizer=optimizer,
+                       lr_schedule=lr_schedule, lr0=lr0)
     result = Trainer(tcfg, model=model, callbacks=list(callbacks)).train()
     if result.last is None:
         raise DetforgeError("training produced no validation result", field="epochs")
@@ -797,9 +806,21 @@ def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) 
             "imgsz": imgsz, "nc": nc, "trials": cfg.trials, "seed": cfg.seed, "batch": cfg.batch,
             "bn_batches": cfg.bn_batches, "val_batches": cfg.val_batches, "finetune_epochs": cfg.finetune_epochs,
             "scratch_epochs": cfg.scratch_epochs if cfg.mode == "scratch" else None,
-            "nbs": cfg.nbs if cfg.mode == "scratch" or cfg.finetune_epochs else None, "heartbeat_s": cfg.heartbeat_s,
+            **_training_settings(cfg), "heartbeat_s": cfg.heartbeat_s,
             "table_sha": file_digest(cfg.table), "supernet_sha": file_digest(cfg.supernet),
             "data_sha": file_digest(cfg.data)}
+
+
+def _training_settings(cfg: SearchConfig) -> dict[str, Any]:
+    """How the trials train (None where they do not): nbs, and the optimizer where it is not YOLOv7's default,
+    so studies created before these were recorded keep matching."""
+    trains = cfg.mode == "scratch" or cfg.finetune_epochs > 0
+    out: dict[str, Any] = {"nbs": cfg.nbs if trains else None}
+    for key, default in (("optimizer", "sgd"), ("lr_schedule", "cosine"), ("lr0", None)):
+        value = getattr(cfg, key)
+        if trains and value != default:
+            out[key] = value
+    return out
 
 
 NOT_RECORDED = object()  # a setting a study created before it was recorded cannot be compared on
@@ -809,7 +830,7 @@ SETTINGS_BEFORE = {"finetune_epochs": 0, "val_batches": None, "scratch_epochs": 
 # Settings that change a trial's score: workers that differ in one would mix incomparable mAPs into one front.
 # heartbeat_s too: a worker judges the others' trials dead by its own interval and grace.
 SHARED_SETTINGS = ("space", "objectives", "mode", "budget_ms", "imgsz", "nc", "finetune_epochs", "bn_batches",
-                   "val_batches", "batch", "scratch_epochs", "nbs", "heartbeat_s")
+                   "val_batches", "batch", "scratch_epochs", "nbs", "optimizer", "lr_schedule", "lr0", "heartbeat_s")
 SETTINGS_WAIT_S = 30.0  # how long a joining worker waits for the creator to record the study's settings
 
 

@@ -25,6 +25,7 @@ class TrainConfig:
     hyp: str = "auto"  # p5 | p6 | tiny | a YAML path | auto (from the model)
     optimizer: str = "sgd"  # sgd (nesterov) | adamw
     lr_schedule: str = "cosine"  # cosine | linear
+    lr0: float | None = None  # overrides the hyp's lr0 (YOLOv7's 0.01 is SGD's; AdamW wants about 0.001-0.002)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp16 | off
     ema: bool = True
@@ -62,6 +63,8 @@ class TrainConfig:
                 raise ConfigError("must be >= 1", field=key)
         if self.imgsz % 32:
             raise ConfigError("must be a multiple of 32", field="imgsz")
+        if self.lr0 is not None and not self.lr0 > 0:
+            raise ConfigError(f"must be > 0, got {self.lr0}", field="lr0")
         if not self.ema_tau > 0:
             raise ConfigError(f"must be > 0, got {self.ema_tau}", field="ema_tau")
         for key in ("workers", "min_warmup_iters", "grad_clip", "save_every_s", "freeze"):  # grad_clip 0: no clipping

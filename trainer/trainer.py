@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,8 @@ class Trainer:
         if cfg.sync_bn and self.world > 1:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         base_hyp = hyp or load_hyp(default_hyp_name(self.model) if cfg.hyp == "auto" else cfg.hyp)
+        if cfg.lr0 is not None:
+            base_hyp = replace(base_hyp, lr0=cfg.lr0)
         self.hyp = base_hyp
         self.last_terms: dict[str, Tensor] = {}
         self.skipped_steps = 0  # this epoch's optimizer steps skipped for non-finite gradients

@@ -16,3 +16,17 @@ def command_group(subparsers: argparse._SubParsersAction, name: str, help: str,
 
     parser.set_defaults(func=usage)
     return parser, actions
+
+
+def add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    """The optimizer flags every training command shares (`optimizer_settings` reads them back)."""
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                   help="sgd (YOLOv7's, Nesterov) or adamw, which learns much faster in short CPU runs (docs/training.md)")
+    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "linear"])
+    p.add_argument("--lr0", type=float, default=None,
+                   help="initial learning rate, overriding the hyp's lr0 (0.01 is SGD's; use about 0.002 with adamw)")
+
+
+def optimizer_settings(args: argparse.Namespace) -> dict[str, object]:
+    """TrainConfig's optimizer fields from the flags of `add_optimizer_args`."""
+    return {"optimizer": args.optimizer, "lr_schedule": args.lr_schedule, "lr0": args.lr0}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from nas.commands import command_group
+from nas.commands import add_optimizer_args, command_group, optimizer_settings
 from nas.output import emit, format_table
 
 
@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "official checkpoint with --teacher-model")
     t.add_argument("--teacher-model", default=None, help="zoo name of an official --teacher checkpoint")
     t.add_argument("--nbs", type=int, default=64, help="nominal batch: gradients accumulate to it")
+    add_optimizer_args(t)
     t.add_argument("--multi-scale", action="store_true",
                    help="train each batch at a random size in 0.5-1.5x --imgsz, a multiple of the space's largest "
                         "stride (YOLOv7's --multi-scale)")
@@ -80,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="supernet mode: train each inherited subnet this many epochs before validating (default 0)")
     p.add_argument("--nbs", type=int, default=64, help="nominal batch of the trials' trainings (scratch, finetune)")
+    add_optimizer_args(p)
     p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     p.add_argument("--population", type=int, default=None, help="NSGA-II population size")
     p.add_argument("--eval-infeasible", action="store_true", help="also evaluate over-budget candidates")
@@ -142,7 +144,7 @@ def run_supernet_train(args: argparse.Namespace) -> None:
     cfg = TrainConfig(model=f"supernet:{space.name}", data=args.data, out=args.out, epochs=args.epochs, imgsz=imgsz,
                       batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,
                       workers=args.workers, seed=args.seed, ema=not args.no_ema, max_time_s=args.max_time,
-                      autoanchor=not args.noautoanchor, multi_scale=args.multi_scale)
+                      autoanchor=not args.noautoanchor, multi_scale=args.multi_scale, **optimizer_settings(args))
     try:
         result = SupernetTrainer(cfg, space=space, n_random=args.n_random, kd_weight=args.kd_weight,
                                  region=region, per_head=args.per_head,
@@ -169,7 +171,7 @@ def run_search(args: argparse.Namespace) -> None:
                        budget_ms=args.budget_ms, trials=args.trials, storage=args.storage, study=args.study,
                        out=args.out, sampler=args.sampler, seed=args.seed, mode=args.mode, bn_batches=args.bn_batches,
                        val_batches=args.val_batches, scratch_epochs=args.scratch_epochs,
-                       finetune_epochs=args.finetune_epochs, nbs=args.nbs,
+                       finetune_epochs=args.finetune_epochs, nbs=args.nbs, **optimizer_settings(args),
                        objectives=_objectives(args.objectives), imgsz=args.imgsz, batch=args.batch,
                        device=args.device, workers=args.workers, pruner=args.pruner, population=args.population,
                        skip_infeasible=not args.eval_infeasible, heartbeat_s=args.heartbeat, grace_s=args.grace,

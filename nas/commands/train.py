@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nas.commands import add_optimizer_args, optimizer_settings
 from nas.output import emit, format_table
 from search_spaces import load_model
 from search_spaces.errors import ConfigError
@@ -23,8 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--hyp", default="auto", help="p5 | p6 | tiny | path to a hyp YAML")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "linear"])
+    add_optimizer_args(p)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -87,7 +87,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(model=args.model, data=args.data, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
                       batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp,
-                      optimizer=args.optimizer, lr_schedule=args.lr_schedule, amp=args.amp, workers=args.workers,
+                      **optimizer_settings(args), amp=args.amp, workers=args.workers,
                       seed=args.seed, ema=not args.no_ema, sync_bn=args.sync_bn, strict_data=args.strict,
                       autoanchor=not args.noautoanchor, freeze=args.freeze, multi_scale=args.multi_scale,
                       single_cls=args.single_cls,

@@ -335,6 +335,7 @@ def test_malformed_flags_exit_2(shared, tmp_path, capsys, argv, message):
     (["--population", "1"], "population"),
     (["--finetune-epochs", "-1"], "finetune_epochs"),
     (["--nbs", "0"], "nbs"),
+    (["--lr0", "0"], "lr0"),
     (["--enqueue", "yolov9"], "enqueue"),  # no such zoo point
     (["--enqueue", "supernet"], "enqueue"),  # the shared supernet was trained on the whole space
 ])
@@ -377,6 +378,9 @@ def test_joining_a_study_with_other_settings_is_refused(shared, tmp_path):
     with pytest.raises(ConfigError, match="synthetic") as e:  # the built-in set (same nc) against a data file
         _check_settings(study, {**theirs, "data": None, "data_sha": None})
     assert e.value.field == "data"
+    with pytest.raises(ConfigError) as e:  # trials trained with another optimizer: incomparable mAPs
+        _check_settings(study, {**theirs, "optimizer": "adamw"})
+    assert e.value.field == "optimizer"
     other = tmp_path / "other_table.json"  # another device's table: same path rules, different content
     doc = json.loads(Path(shared.table).read_text())
     doc["entries"] = {k: {**v, "median_ms": v["median_ms"] * 2} if isinstance(v, dict) and "median_ms" in v else v
@@ -387,6 +391,17 @@ def test_joining_a_study_with_other_settings_is_refused(shared, tmp_path):
     copy = tmp_path / "same_table.json"  # the same table at another path joins
     shutil.copy(shared.table, copy)
     assert len(run_search(_cfg(shared, tmp_path, trials=2, table=str(copy))).trials) >= 2
+
+
+def test_the_trials_optimizer_is_a_study_setting_only_where_they_train():
+    from nas.search import _training_settings
+
+    sup = {"supernet": "supernet.pt"}
+    assert _training_settings(SearchConfig(**sup, optimizer="adamw", lr0=0.002)) == {"nbs": None}  # inherited only
+    assert _training_settings(SearchConfig(**sup, finetune_epochs=1, optimizer="adamw", lr0=0.002)) == \
+        {"nbs": 64, "optimizer": "adamw", "lr0": 0.002}
+    # YOLOv7's defaults are not written: a study created before they were recorded keeps matching
+    assert _training_settings(SearchConfig(mode="scratch", space="tiny")) == {"nbs": 64}
 
 
 def test_one_worker_search_is_reproducible_from_its_seed(shared, tmp_path):

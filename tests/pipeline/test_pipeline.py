@@ -108,6 +108,7 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path):
     ({"synthetic": {"classes": 0}}, "synthetic.classes"),
     ({"finetune": {"epochs": 0}}, "finetune.epochs"),  # the Trainer would refuse it after the search
     ({"nbs": 0}, "nbs"), ({"distill": {"enabled": True}}, "distill.teacher"),  # no default teacher has weights
+    ({"optimizer": "adam"}, "optimizer"), ({"lr0": 0.0}, "lr0"),
     ({"prune": {"enabled": True, "finetune_epochs": 0}}, "prune.finetune_epochs"),  # disabled, 0 is fine
     ({"device": "gpu"}, "device"),  # a RuntimeError traceback after the table build, before
     ({"latency": {"table": "no/such/table.json"}}, "latency.table"),
@@ -311,6 +312,8 @@ def _fake_stages(monkeypatch, ran: list[str]) -> None:
     ({"prune": {"enabled": True, "macs": 0.5, "finetune_epochs": 1}}, ["prune", "distill", "deploy"]),
     ({"finetune": {"epochs": 2, "batch": 8}}, ["finetune", "prune", "distill", "deploy", "baselines"]),  # epoch budget
     ({"nbs": 16}, ["supernet", "search", "pareto", "finetune", "prune", "distill", "deploy", "baselines"]),
+    ({"optimizer": "adamw", "lr0": 0.002},
+     ["supernet", "search", "pareto", "finetune", "prune", "distill", "deploy", "baselines"]),
 ])
 def test_a_changed_compression_step_reruns_only_itself_and_the_steps_after_it(change, rerun, tmp_path, monkeypatch):
     from nas.pipeline import Pipeline
@@ -336,32 +339,32 @@ def test_a_changed_compression_step_reruns_only_itself_and_the_steps_after_it(ch
     assert ran == before + per_model * 2 + after  # both models' steps from the changed one on; nothing before it
 
 
-def test_the_nominal_batch_reaches_every_training(tmp_path, monkeypatch):
+def test_the_nominal_batch_and_the_optimizer_reach_every_training(tmp_path, monkeypatch):
     import nas.supernet_train
     import trainer.trainer
     from nas import stages
     from nas.pipeline import Pipeline
     from nas.pipeline_config import PipelineConfig
 
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, int, str, float]] = []
 
     class Recorder:  # stands in for the trainers: the configuration each training gets
         def __init__(self, cfg, **kw):
-            seen.append((type(self).__name__, cfg.nbs))
+            seen.append((type(self).__name__, cfg.nbs, cfg.optimizer, cfg.lr0))
 
         def train(self):
             raise KeyboardInterrupt  # what it would train is all this test needs
 
     monkeypatch.setattr(nas.supernet_train, "SupernetTrainer", type("SupernetTrainer", (Recorder,), {}))
     monkeypatch.setattr(trainer.trainer, "Trainer", type("Trainer", (Recorder,), {}))
-    p = Pipeline(PipelineConfig.from_yaml(_config(tmp_path, nbs=16)), tmp_path / "run")
+    p = Pipeline(PipelineConfig.from_yaml(_config(tmp_path, nbs=16, optimizer="adamw", lr0=0.002)), tmp_path / "run")
     monkeypatch.setattr(stages, "load_model", lambda *a, **kw: None)
     for call in (lambda: stages.supernet(p, {"yaml": None, "nc": 2}, {"path": None}, None),
                  lambda: stages.finetune(p, {"yaml": None, "nc": 2}, "a"),
                  lambda: stages.baselines(p, {"yaml": None, "nc": 2}, {})):
         with pytest.raises(KeyboardInterrupt):
             call()
-    assert seen == [("SupernetTrainer", 16), ("Trainer", 16), ("Trainer", 16)]
+    assert seen == [(name, 16, "adamw", 0.002) for name in ("SupernetTrainer", "Trainer", "Trainer")]
 
 
 def test_a_run_recorded_before_the_steps_were_split_keeps_its_models(tmp_path, monkeypatch):
