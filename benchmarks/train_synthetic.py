@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--nbs", type=int, default=64, help="nominal batch (gradient accumulation target)")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    ap.add_argument("--lr0", type=float, default=None, help="initial learning rate (default: the hyp's, SGD's 0.01)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="auto")
     ap.add_argument("--workers", type=int, default=2)
@@ -45,13 +48,13 @@ def main() -> None:
     gen_s = time.time() - t0
     cfg = TrainConfig(model=args.model, data=str(yaml_path), out=args.out, epochs=args.epochs, imgsz=args.imgsz,
                       batch=args.batch, nbs=args.nbs, device=args.device, amp=args.amp, workers=args.workers,
-                      max_time_s=args.minutes * 60, fit_epochs_to_time=True, progress=False,
+                      optimizer=args.optimizer, lr0=args.lr0, seed=args.seed, max_time_s=args.minutes * 60, fit_epochs_to_time=True, progress=False,
                       resume=args.resume)
     t0 = time.time()
     result = Trainer(cfg).train()
     report = {
         "model": args.model, "imgsz": args.imgsz, "device": args.device, "amp": args.amp, "batch": args.batch,
-        "nbs": args.nbs,
+        "nbs": args.nbs, "optimizer": args.optimizer, "lr0": args.lr0, "seed": args.seed,
         "machine": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else None,
         "data_generation_s": round(gen_s, 1), "train_wall_s": round(time.time() - t0, 1),

@@ -13,6 +13,7 @@ from latency_tables.table import FIT_MODELS
 from search_spaces.errors import ConfigError
 from search_spaces.io import read_yaml
 from search_spaces.typecheck import type_name, type_ok
+from trainer.config import OPTIMIZERS
 
 
 @dataclass
@@ -201,7 +202,7 @@ class PipelineConfig:
         for key, ref in teachers.items():
             if ref is not None:  # refused here, before any stage runs, rather than when its stage loads it
                 check_teacher(ref, getattr(self, key).teacher_model, field=f"{key}.teacher", path=path)
-        choices = {"optimizer": (self.optimizer, ("sgd", "adamw")),
+        choices = {"optimizer": (self.optimizer, OPTIMIZERS),
                    "search.sampler": (self.search.sampler, ("nsga2", "tpe", "random", "gp")),
                    "supernet.scope": (self.supernet.scope, ("budget", "space")),
                    "quantize.method": (self.quantize.method, ("minmax", "entropy", "percentile")),

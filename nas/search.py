@@ -41,6 +41,7 @@ from search_spaces.architecture import Architecture
 from search_spaces.errors import ConfigError, DetforgeError
 from search_spaces.space import SearchSpace, load_space
 from trainer.callbacks import Callback
+from trainer.config import LR_SCHEDULES, OPTIMIZERS
 from trainer.distributed import resolve_device
 
 from .budget import PredictMs, pinned_space, space_predictor, table_predictor
@@ -110,7 +111,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         """Validate choices and ranges once (ConfigError naming the field)."""
         for key, allowed in (("sampler", SAMPLERS), ("mode", MODES), ("pruner", PRUNERS),
-                             ("optimizer", ("sgd", "adamw")), ("lr_schedule", ("cosine", "linear"))):
+                             ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}", field=key)
         for key in ("trials", "bn_batches", "scratch_epochs", "batch", "nbs", "heartbeat_s", "grace_s",

@@ -10,6 +10,9 @@ from typing import Any
 from search_spaces.errors import ConfigError
 from search_spaces.typecheck import type_name, type_ok
 
+OPTIMIZERS = ("sgd", "adamw")  # sgd: YOLOv7's (Nesterov); adamw: much faster in short runs (docs/training.md)
+LR_SCHEDULES = ("cosine", "linear")
+
 
 @dataclass
 class TrainConfig:
@@ -51,7 +54,7 @@ class TrainConfig:
     conf_thres: float = 0.001
     iou_thres: float = 0.65
 
-    _CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "linear"),
+    _CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
                 "amp": ("auto", "bf16", "fp16", "off")}
 
     def __post_init__(self) -> None:

@@ -20,9 +20,11 @@ def command_group(subparsers: argparse._SubParsersAction, name: str, help: str,
 
 def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     """The optimizer flags every training command shares (`optimizer_settings` reads them back)."""
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+    from trainer.config import LR_SCHEDULES, OPTIMIZERS
+
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                    help="sgd (YOLOv7's, Nesterov) or adamw, which learns much faster in short CPU runs (docs/training.md)")
-    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "linear"])
+    p.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
     p.add_argument("--lr0", type=float, default=None,
                    help="initial learning rate, overriding the hyp's lr0 (0.01 is SGD's; use about 0.002 with adamw)")
 
