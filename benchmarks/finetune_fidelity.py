@@ -24,7 +24,12 @@ from typing import Any
 
 import torch
 import yaml
-from search_synthetic import _run_arch_yaml, _tau, read_run_or_exit  # the script's directory is on sys.path
+from search_synthetic import (  # the script's directory is on sys.path
+    _run_arch_yaml,
+    _tau,
+    read_run_or_exit,
+    run_optimizer,
+)
 
 from nas.search import calibration_batches, train_candidate
 from nas.supernet import load_supernet
@@ -45,7 +50,8 @@ def _trained(run: Path, epochs: int, model: Any, args: argparse.Namespace, nbs: 
     shutil.rmtree(run, ignore_errors=True)  # an interrupted one starts over: it is a few epochs
     t0 = time.perf_counter()
     res = train_candidate(model(), args.data, run, epochs, imgsz=args.imgsz, batch=args.batch, nbs=nbs,
-                          device=args.device, workers=args.workers, seed=args.seed, val_batches=args.val_batches,
+                          **run_optimizer(args), device=args.device, workers=args.workers, seed=args.seed,
+                          val_batches=args.val_batches,
                           autoanchor=False)  # inherited and scratch arms differ only in their start
     row = {"map": float(res.metrics.map), "map50": float(res.metrics.map50), "wall_s": round(time.perf_counter() - t0, 1)}
     atomic_write_json(run / "proxy.json", row)

@@ -58,7 +58,7 @@ from search_spaces.architecture import Architecture
 from search_spaces.errors import DetforgeError
 from search_spaces.io import atomic_write_json
 from search_spaces.space import SearchSpace, load_space
-from trainer.config import TrainConfig
+from trainer.config import OPTIMIZERS, TrainConfig
 from trainer.synthetic import generate
 from trainer.trainer import Trainer, TrainResult
 
@@ -80,7 +80,7 @@ def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Na
     """
     cfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=args.imgsz,
                       batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers, seed=args.seed,
-                      **optimizer_settings(args), progress=False, resume=(out / "last.pt").is_file(), max_time_s=max_s,
+                      **run_optimizer(args), progress=False, resume=(out / "last.pt").is_file(), max_time_s=max_s,
                       fit_epochs_to_time=max_s is not None,
                       autoanchor=False)  # every model with the anchors it is searched, extracted and ranked with
     result = Trainer(cfg, model=model).train()
@@ -91,7 +91,7 @@ def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Na
 OPTIMIZER_DEFAULTS = {"optimizer": "sgd", "lr0": None}  # added in session 26: a run's args before lack them
 
 
-def optimizer_settings(args: argparse.Namespace) -> dict[str, Any]:
+def run_optimizer(args: argparse.Namespace) -> dict[str, Any]:
     """The optimizer of every training of the run (a run recorded before these options trained with SGD)."""
     return {k: getattr(args, k, default) for k, default in OPTIMIZER_DEFAULTS.items()}
 
@@ -185,7 +185,7 @@ def train_supernet(args: argparse.Namespace, space: SearchSpace, data: str, tabl
     the whole space without a table; the run's epochs, batch, nominal batch, device and seed."""
     cfg = TrainConfig(model=f"supernet:{space.name}", data=data, out=str(out), epochs=args.supernet_epochs,
                       imgsz=args.imgsz, batch=args.batch, nbs=args.nbs, device=args.device, workers=args.workers,
-                      seed=args.seed, **optimizer_settings(args), progress=False, resume=(out / "last.pt").is_file())
+                      seed=args.seed, **run_optimizer(args), progress=False, resume=(out / "last.pt").is_file())
     region = None if table is None else FeasibleRegion.from_table(table, space, budget_ms, nc=space.nc, imgsz=args.imgsz)
     trainer = SupernetTrainer(cfg, space=space, region=region, per_head=per_head, sort_channels=sort_channels,
                               attentive=attentive, per_family=per_family)
@@ -517,7 +517,7 @@ def main() -> None:
                     help="wall-clock cap of each stand-alone (rank fidelity) training, its schedule fitted to it")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--nbs", type=int, default=64, help="nominal batch of every training (16: 4x the optimizer steps)")
-    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="of every training")
+    ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="of every training")
     ap.add_argument("--lr0", type=float, default=None, help="of every training (default: the hyp's, SGD's 0.01)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="auto")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config import OPTIMIZERS, TrainConfig
 from trainer.synthetic import generate
 from trainer.trainer import Trainer
 
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--nbs", type=int, default=64, help="nominal batch (gradient accumulation target)")
-    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
     ap.add_argument("--lr0", type=float, default=None, help="initial learning rate (default: the hyp's, SGD's 0.01)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -48,7 +48,8 @@ def main() -> None:
     gen_s = time.time() - t0
     cfg = TrainConfig(model=args.model, data=str(yaml_path), out=args.out, epochs=args.epochs, imgsz=args.imgsz,
                       batch=args.batch, nbs=args.nbs, device=args.device, amp=args.amp, workers=args.workers,
-                      optimizer=args.optimizer, lr0=args.lr0, seed=args.seed, max_time_s=args.minutes * 60, fit_epochs_to_time=True, progress=False,
+                      optimizer=args.optimizer, lr0=args.lr0, seed=args.seed,
+                      max_time_s=args.minutes * 60, fit_epochs_to_time=True, progress=False,
                       resume=args.resume)
     t0 = time.time()
     result = Trainer(cfg).train()

@@ -58,8 +58,8 @@ class ExportReport:
     max_abs_output: float
     outputs: list[int | str]  # [N, 5 + nc] decoded, or ["K", 7] detections with in-graph NMS
     nms: dict | None = None  # the NmsSpec of an end-to-end export
-    # share of detections ONNX Runtime and PyTorch agree on (verify_detections); None where neither side
-    # detected anything on the check batch (the NMS inputs were compared all the same: verify_nms_inputs)
+    # share of detections ONNX Runtime and PyTorch agree on (verify_nms_export); None where neither side
+    # detected anything on the check batch (the NMS inputs were compared all the same)
     nms_agreement: float | None = None
     engine: str | None = None  # a TensorRT engine built from the ONNX file (build_trt_engine)
     engine_precision: str | None = None
@@ -196,11 +196,13 @@ def _expose_nms_inputs(onnx_path: str | Path | bytes, *, keep_nms: bool, where: 
     `keep_nms=False`, cut just before the NMS: TensorRT's plugin cannot run in ONNX Runtime); and the node's op."""
     import onnx
 
-    model = load_onnx_model(onnx_path)
+    model = copy.deepcopy(load_onnx_model(onnx_path))  # edited below: never the caller's ModelProto
     k = next((i for i, n in enumerate(model.graph.node) if n.op_type in NMS_NODES), None)
     if k is None:
         raise DetforgeError(f"no NMS node ({' or '.join(NMS_NODES)}) in the graph", path=where)
     node = model.graph.node[k]
+    # extra outputs only add graph outputs: ONNX Runtime computes the same nodes (fusions may differ, within
+    # FP32 noise, which is what the check allows)
     if not keep_nms:
         del model.graph.node[k:]  # topological order: the nodes before the NMS make its inputs, none depends on it
         del model.graph.output[:]

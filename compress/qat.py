@@ -339,11 +339,11 @@ def qat_finetune(det: Detector, cfg: TrainConfig, *, lr_scale: float = 0.1, free
     """Fake-quantize `det` and finetune it with the Trainer; returns the QAT model (EMA) and a report."""
     model = prepare_qat(det, exclude)
     hyp = load_hyp(default_hyp_name(det) if cfg.hyp == "auto" else cfg.hyp)
-    # small steps from trained weights: no warmup (its bias LR starts at 0.1), a tenth of the LR
-    lr = hyp.lr0 * lr_scale
+    # small steps from trained weights: no warmup (its bias LR starts at 0.1), a tenth of the run's LR
+    lr = (hyp.lr0 if cfg.lr0 is None else cfg.lr0) * lr_scale
     hyp = dataclasses.replace(hyp, lr0=lr, warmup_epochs=0.0, warmup_bias_lr=lr)
-    # trained weights keep the anchors they were trained with
-    trainer = QatTrainer(dataclasses.replace(cfg, min_warmup_iters=0, autoanchor=False), model=model, hyp=hyp,
+    # trained weights keep the anchors they were trained with; the scaled rate is the hyp's (not cfg.lr0 again)
+    trainer = QatTrainer(dataclasses.replace(cfg, min_warmup_iters=0, autoanchor=False, lr0=None), model=model, hyp=hyp,
                          callbacks=[FreezeObservers(freeze_epoch)])
     if trainer.start_epoch == 0:
         batches = (imgs.to(trainer.device).float() / 255.0 for i, (imgs, *_rest) in

@@ -812,12 +812,15 @@ def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) 
             "data_sha": file_digest(cfg.data)}
 
 
+TRAINING_DEFAULTS = {"optimizer": "sgd", "lr_schedule": "cosine", "lr0": None}  # YOLOv7's; not recorded
+
+
 def _training_settings(cfg: SearchConfig) -> dict[str, Any]:
     """How the trials train (None where they do not): nbs, and the optimizer where it is not YOLOv7's default,
     so studies created before these were recorded keep matching."""
     trains = cfg.mode == "scratch" or cfg.finetune_epochs > 0
     out: dict[str, Any] = {"nbs": cfg.nbs if trains else None}
-    for key, default in (("optimizer", "sgd"), ("lr_schedule", "cosine"), ("lr0", None)):
+    for key, default in TRAINING_DEFAULTS.items():
         value = getattr(cfg, key)
         if trains and value != default:
             out[key] = value
@@ -848,8 +851,9 @@ def _check_settings(study: optuna.Study, mine: dict[str, Any], created: bool = T
     for key in SHARED_SETTINGS:
         recorded = theirs.get(key, SETTINGS_BEFORE.get(key))
         if recorded is not NOT_RECORDED and recorded != mine.get(key):
-            raise ConfigError(f"study {study.study_name!r} was created with {key}={theirs.get(key)!r}, this search "
-                              f"has {mine.get(key)!r}: use another --study", field=key)
+            shown = TRAINING_DEFAULTS.get(key)  # a default optimizer setting is not written (_training_settings)
+            raise ConfigError(f"study {study.study_name!r} was created with {key}={theirs.get(key, shown)!r}, this "
+                              f"search has {mine.get(key, shown)!r}: use another --study", field=key)
     if (theirs.get("data") is None) != (mine.get("data") is None):  # the built-in synthetic set against a file
         raise ConfigError(f"study {study.study_name!r} was searched on {theirs.get('data') or 'the built-in synthetic set'}"
                           f", this search on {mine.get('data') or 'the built-in synthetic set'}: every worker must "

@@ -54,6 +54,10 @@ class TrainResult:
         return next((float(r[key]) for r in reversed(self.rows) if r.get(key) is not None), None)
 
 
+def _lr0_text(lr0: float | None) -> str:
+    return "the hyp's" if lr0 is None else f"{lr0:g}"
+
+
 def default_hyp_name(det: Detector) -> str:
     """YOLOv7's hyp file for a model: tiny for small P5 models, p6 for four levels, else p5."""
     if det.head.nl >= 4:
@@ -305,6 +309,10 @@ class Trainer:
         if theirs and theirs != self.cfg.optimizer:  # its state would load, then fail at the first step
             raise CheckpointError(f"cannot resume: the interrupted run trained with --optimizer {theirs}, this one "
                                   f"with {self.cfg.optimizer}", path=path, field="optimizer")
+        rate = (ck.get("config") or {}).get("lr0")  # None: the hyp's (and in checkpoints from before --lr0)
+        if rate != self.cfg.lr0:  # the schedule would go on at another rate mid-run
+            raise CheckpointError(f"cannot resume: the interrupted run trained with --lr0 {_lr0_text(rate)}, this one "
+                                  f"with {_lr0_text(self.cfg.lr0)}", path=path, field="lr0")
         merged = bool((ck.get("config") or {}).get("single_cls", False))
         if merged != self.cfg.single_cls:  # another class count: another head
             raise CheckpointError(f"cannot resume: the interrupted run trained {'with' if merged else 'without'} "

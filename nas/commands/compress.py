@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from nas.commands import add_optimizer_args, optimizer_settings
 from nas.output import emit, format_mapping
 from search_spaces.errors import ConfigError, DataError
 
@@ -29,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sensitivity", action="store_true", help="scale stage ratios by a measured sensitivity "
                    "scan on --data images")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--nbs", type=int, default=64, help="nominal batch of the finetunes (YOLOv7: 64)")
+    add_optimizer_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--json", action="store_true")
@@ -108,16 +111,20 @@ def run_prune(args: argparse.Namespace) -> None:
 
 def _finetuner(args: argparse.Namespace, imgsz: int):
     """finetune(det, epochs) with the Trainer on --data, one output folder per pruning step."""
+    import dataclasses
+
     from trainer.config import TrainConfig
     from trainer.trainer import Trainer
 
+    # validated now, before any pruning: a bad --nbs or --lr0 is one line, not an error after the work
+    template = TrainConfig(model=str(args.model), data=args.data, out=args.out, epochs=args.finetune_epochs,
+                           imgsz=imgsz, batch=args.batch, nbs=args.nbs, **optimizer_settings(args),
+                           device=args.device, autoanchor=False)  # a trained model's anchors stay
     rounds = [0]
 
     def finetune(det: Any, epochs: int) -> Any:
         rounds[0] += 1
-        cfg = TrainConfig(model=str(args.model), data=args.data, out=str(Path(args.out) / f"finetune{rounds[0]}"),
-                          epochs=epochs, imgsz=imgsz, batch=args.batch, device=args.device,
-                          autoanchor=False)  # a trained model's anchors stay
+        cfg = dataclasses.replace(template, out=str(Path(args.out) / f"finetune{rounds[0]}"), epochs=epochs)
         trainer = Trainer(cfg, model=det)
         trainer.train()
         return trainer.eval_model

@@ -188,6 +188,9 @@ def test_an_nms_export_of_other_weights_is_refused(tmp_path):
         verify_nms_inputs(other, onnx_path, 64)  # the boxes and scores the ONNX operator takes
     with pytest.raises(DetforgeError, match="does not match"):
         verify_nms_export(DetectionsOutput(other.eval(), spec), onnx_path, 64)  # both checks in one run
+    # the same weights with another NMS: the inputs agree, the detections do not
+    with pytest.raises(DetforgeError, match="detections do not match"):
+        verify_nms_export(DetectionsOutput(exported.eval(), NmsSpec(conf=0.0, max_det=5, iou=0.01)), onnx_path, 64)
     trt_path = export_detector(exported, tmp_path / "trt.onnx", 64, nms=NmsSpec(op="trt", max_det=5)).path
     with pytest.raises(DetforgeError, match="does not match"):
         verify_nms_inputs(other, trt_path, 64)

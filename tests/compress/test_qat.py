@@ -112,6 +112,26 @@ def test_cli_qat_finetunes_and_exports(det, tmp_path, capsys):
     assert out.read_bytes() == before
 
 
+def test_qat_finetunes_at_a_tenth_of_the_runs_lr0(det, tmp_path, monkeypatch):
+    from compress import qat
+    from trainer.config import TrainConfig
+
+    seen = []
+
+    def stop(trainer):
+        seen.append((trainer.hyp.lr0, trainer.hyp.warmup_bias_lr, trainer.cfg.lr0))
+        raise KeyboardInterrupt  # the rate it would train at is all this test needs
+
+    monkeypatch.setattr(qat.QatTrainer, "train", stop)
+    data = generate(tmp_path / "d", train=8, val=4, imgsz=64, classes=3, seed=0)
+    for lr0, expected in ((0.002, 0.0002), (None, 0.001)):  # --lr0, else the hyp's (tiny: 0.01)
+        cfg = TrainConfig(model="yolov7-tiny", data=str(data), out=str(tmp_path / f"q{lr0}"), epochs=1, imgsz=64,
+                          batch=4, workers=0, device="cpu", progress=False, lr0=lr0)
+        with pytest.raises(KeyboardInterrupt):
+            qat.qat_finetune(det, cfg, lr_scale=0.1)
+        assert seen[-1] == (pytest.approx(expected), pytest.approx(expected), None)  # not scaled, then replaced
+
+
 def test_each_tensor_is_quantized_once_where_it_is_made(det):
     qat = prepare_qat(det)
     convs = [m for m in qat.modules() if isinstance(m, FakeQuantConv2d)]

@@ -1,4 +1,4 @@
-"""`--optimizer`, `--lr-schedule` and `--lr0` reach every training: train, distill, supernet train, the pipeline."""
+"""`--optimizer`, `--lr-schedule` and `--lr0` reach every training: train, distill, supernet train, prune's finetunes."""
 from __future__ import annotations
 
 import pytest
@@ -28,10 +28,25 @@ def test_lr0_overrides_the_hyps_rate(small_data, tmp_path):
 
 
 @pytest.mark.parametrize("command", [["train"], ["supernet", "train", "--space", "tiny"],
-                                     ["distill", "--teacher", "yolov7-tiny", "--random-teacher"]])
+                                     ["distill", "--teacher", "yolov7-tiny", "--random-teacher"],
+                                     ["prune", "yolov7-tiny", "--macs", "0.5", "--data", "d", "--finetune-epochs", "1"]])
 def test_every_training_command_takes_the_optimizer_flags(command, tmp_path, capsys):
     # a bad --lr0 is refused by TrainConfig, before any work: the flags reach the training's config
     assert main([*command, "--optimizer", "adamw", "--lr0", "-1", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("detforge: error:") and "lr0" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_at_another_lr0_is_refused(small_data, tmp_path):
+    from search_spaces.errors import CheckpointError
+    from tests.training.test_time_budget import StopAfterOneEpoch
+
+    t = _trainer(small_data, tmp_path, optimizer="adamw", lr0=0.002)
+    t.callbacks.append(StopAfterOneEpoch())
+    t.train()
+    for other in (None, 0.001):  # the hyp's 0.01, or another rate: the schedule would go on at it mid-run
+        with pytest.raises(CheckpointError, match="--lr0 0.002") as e:
+            _trainer(small_data, tmp_path, optimizer="adamw", lr0=other, resume=True)
+        assert e.value.field == "lr0"
+    assert _trainer(small_data, tmp_path, optimizer="adamw", lr0=0.002, resume=True).start_epoch == 1
