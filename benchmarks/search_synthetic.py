@@ -88,7 +88,8 @@ def _train(model: Detector, data: str, out: Path, epochs: int, args: argparse.Na
     return (float("nan") if m is None else m), result.epochs_done
 
 
-OPTIMIZER_DEFAULTS = {"optimizer": "sgd", "lr0": None}  # added in session 26: a run's args before lack them
+# added in session 26: a run's args from before lack them (and trained with TrainConfig's defaults)
+OPTIMIZER_DEFAULTS = {k: getattr(TrainConfig, k) for k in ("optimizer", "lr0")}
 
 
 def run_optimizer(args: argparse.Namespace) -> dict[str, Any]:

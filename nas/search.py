@@ -41,7 +41,7 @@ from search_spaces.architecture import Architecture
 from search_spaces.errors import ConfigError, DetforgeError
 from search_spaces.space import SearchSpace, load_space
 from trainer.callbacks import Callback
-from trainer.config import LR_SCHEDULES, OPTIMIZERS
+from trainer.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig
 from trainer.distributed import resolve_device
 
 from .budget import PredictMs, pinned_space, space_predictor, table_predictor
@@ -766,7 +766,6 @@ def train_candidate(model: Detector, data: str | None, out: str | Path, epochs: 
     Used by scratch-mode trials, finetuned supernet trials and the benchmarks that check them. `autoanchor`
     refits the anchors first where they match the boxes badly (off for inherited weights, trained with them).
     """
-    from trainer.config import TrainConfig
     from trainer.trainer import Trainer
 
     tcfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=imgsz, batch=batch,
@@ -812,7 +811,8 @@ def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) 
             "data_sha": file_digest(cfg.data)}
 
 
-TRAINING_DEFAULTS = {"optimizer": "sgd", "lr_schedule": "cosine", "lr0": None}  # YOLOv7's; not recorded
+# YOLOv7's, as TrainConfig states them: not recorded
+TRAINING_DEFAULTS = {k: getattr(TrainConfig, k) for k in ("optimizer", "lr_schedule", "lr0")}
 
 
 def _training_settings(cfg: SearchConfig) -> dict[str, Any]:

@@ -305,20 +305,21 @@ class Trainer:
             return
         ck = load_weights(path)
         self.check_resume(ck, path)
-        theirs = (ck.get("config") or {}).get("optimizer")
+        ran = ck.get("config") or {}  # the interrupted run's TrainConfig
+        theirs = ran.get("optimizer")
         if theirs and theirs != self.cfg.optimizer:  # its state would load, then fail at the first step
             raise CheckpointError(f"cannot resume: the interrupted run trained with --optimizer {theirs}, this one "
                                   f"with {self.cfg.optimizer}", path=path, field="optimizer")
-        rate = (ck.get("config") or {}).get("lr0")  # None: the hyp's (and in checkpoints from before --lr0)
+        rate = ran.get("lr0")  # None: the hyp's (and in checkpoints from before --lr0)
         if rate != self.cfg.lr0:  # the schedule would go on at another rate mid-run
             raise CheckpointError(f"cannot resume: the interrupted run trained with --lr0 {_lr0_text(rate)}, this one "
                                   f"with {_lr0_text(self.cfg.lr0)}", path=path, field="lr0")
-        merged = bool((ck.get("config") or {}).get("single_cls", False))
+        merged = bool(ran.get("single_cls", False))
         if merged != self.cfg.single_cls:  # another class count: another head
             raise CheckpointError(f"cannot resume: the interrupted run trained {'with' if merged else 'without'} "
                                   f"--single-cls, this one {'with' if self.cfg.single_cls else 'without'}", path=path,
                                   field="single_cls")
-        frozen = int((ck.get("config") or {}).get("freeze", 0))
+        frozen = int(ran.get("freeze", 0))
         if frozen != self.cfg.freeze:  # the optimizer holds state for the parameters that trained, and only those
             raise CheckpointError(f"cannot resume: the interrupted run froze {frozen} layers (--freeze), this one "
                                   f"{self.cfg.freeze}", path=path, field="freeze")
