@@ -20,6 +20,11 @@ between the stand-alone mAPs of two seeds (a proxy cannot be expected to rank on
 than another seed of the same training does), and tau between inherited-weight mAP and the seed-mean mAP.
 
     python benchmarks/seed_repeats.py runs/bench/search128d --fidelity --seeds 1
+
+Where the run's rank-fidelity trainings were shorter than its yolov7-tiny's (`--standalone-epochs`), they are
+repeated at their own length, without yolov7-tiny:
+
+    python benchmarks/seed_repeats.py runs/bench/adamw128 --fidelity --seeds 1 --no-baseline
 """
 from __future__ import annotations
 
@@ -131,9 +136,13 @@ def main() -> None:
     if cli.fidelity:
         archs = list(fidelity)
         rf = bench["rank_fidelity"]
-        if rf.get("standalone_epochs") != epochs or rf.get("max_train_s"):
-            ap.error(f"the run's rank-fidelity trainings ({rf.get('standalone_epochs')} epochs, cap "
-                     f"{rf.get('max_train_s')}) differ from its comparison's ({epochs} epochs): no seeds to share")
+        if rf.get("max_train_s"):
+            ap.error(f"the run's rank-fidelity trainings were capped at {rf['max_train_s']} s: a repeat would "
+                     "not be the same training")
+        if rf["standalone_epochs"] != epochs and not cli.no_baseline:
+            ap.error(f"the run's rank-fidelity trainings ({rf['standalone_epochs']} epochs) differ from its "
+                     f"yolov7-tiny's ({epochs} epochs): pass --no-baseline")
+        epochs = rf["standalone_epochs"]
     else:
         archs = cli.archs or list(dict.fromkeys(compared[k]["arch_id"] for k in ("fastest_front_model",
                                                                                   "front_model") if k in compared))

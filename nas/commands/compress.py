@@ -30,8 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sensitivity", action="store_true", help="scale stage ratios by a measured sensitivity "
                    "scan on --data images")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--nbs", type=int, default=64, help="nominal batch of the finetunes (YOLOv7: 64)")
-    add_optimizer_args(p)
+    add_optimizer_args(p, trains="the finetunes")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--json", action="store_true")
@@ -118,7 +117,7 @@ def _finetuner(args: argparse.Namespace, imgsz: int):
 
     # validated now, before any pruning: a bad --nbs or --lr0 is one line, not an error after the work
     template = TrainConfig(model=str(args.model), data=args.data, out=args.out, epochs=args.finetune_epochs,
-                           imgsz=imgsz, batch=args.batch, nbs=args.nbs, **optimizer_settings(args),
+                           imgsz=imgsz, batch=args.batch, **optimizer_settings(args),
                            device=args.device, autoanchor=False)  # a trained model's anchors stay
     rounds = [0]
 

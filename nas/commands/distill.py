@@ -20,8 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--nbs", type=int, default=64, help="nominal batch: gradients accumulate to it (YOLOv7: 64)")
-    add_optimizer_args(p)
+    add_optimizer_args(p, trains="the student's training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", required=True)
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
     from trainer.trainer import Trainer, resolve_data_config
 
     cfg = TrainConfig(model=args.student, data=args.data, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
-                      batch=args.batch, nbs=args.nbs, seed=args.seed, workers=args.workers, device=args.device,
+                      batch=args.batch, seed=args.seed, workers=args.workers, device=args.device,
                       resume=args.resume, autoanchor=not args.noautoanchor, **optimizer_settings(args))
     teacher = load_teacher(args.teacher, args.teacher_model, random_ok=args.random_teacher)
     # a student trained for other classes (a converted COCO checkpoint) starts from its transferred weights

@@ -37,8 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "sandwich member, the largest included (default: the largest teaches the others); or an "
                         "official checkpoint with --teacher-model")
     t.add_argument("--teacher-model", default=None, help="zoo name of an official --teacher checkpoint")
-    t.add_argument("--nbs", type=int, default=64, help="nominal batch: gradients accumulate to it")
-    add_optimizer_args(t)
+    add_optimizer_args(t, trains="the supernet's training")
     t.add_argument("--multi-scale", action="store_true",
                    help="train each batch at a random size in 0.5-1.5x --imgsz, a multiple of the space's largest "
                         "stride (YOLOv7's --multi-scale)")
@@ -80,8 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scratch-epochs", type=int, default=3)
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="supernet mode: train each inherited subnet this many epochs before validating (default 0)")
-    p.add_argument("--nbs", type=int, default=64, help="nominal batch of the trials' trainings (scratch, finetune)")
-    add_optimizer_args(p)
+    add_optimizer_args(p, trains="the trials' trainings (scratch, finetune)")
     p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     p.add_argument("--population", type=int, default=None, help="NSGA-II population size")
     p.add_argument("--eval-infeasible", action="store_true", help="also evaluate over-budget candidates")
@@ -142,7 +140,7 @@ def run_supernet_train(args: argparse.Namespace) -> None:
         raise ConfigError("names the model of a --teacher checkpoint: give --teacher too", field="teacher_model")
     teacher = load_teacher(args.teacher, args.teacher_model) if args.teacher else None
     cfg = TrainConfig(model=f"supernet:{space.name}", data=args.data, out=args.out, epochs=args.epochs, imgsz=imgsz,
-                      batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,
+                      batch=args.batch, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,
                       workers=args.workers, seed=args.seed, ema=not args.no_ema, max_time_s=args.max_time,
                       autoanchor=not args.noautoanchor, multi_scale=args.multi_scale, **optimizer_settings(args))
     try:
@@ -171,7 +169,7 @@ def run_search(args: argparse.Namespace) -> None:
                        budget_ms=args.budget_ms, trials=args.trials, storage=args.storage, study=args.study,
                        out=args.out, sampler=args.sampler, seed=args.seed, mode=args.mode, bn_batches=args.bn_batches,
                        val_batches=args.val_batches, scratch_epochs=args.scratch_epochs,
-                       finetune_epochs=args.finetune_epochs, nbs=args.nbs, **optimizer_settings(args),
+                       finetune_epochs=args.finetune_epochs, **optimizer_settings(args),
                        objectives=_objectives(args.objectives), imgsz=args.imgsz, batch=args.batch,
                        device=args.device, workers=args.workers, pruner=args.pruner, population=args.population,
                        skip_infeasible=not args.eval_infeasible, heartbeat_s=args.heartbeat, grace_s=args.grace,

@@ -18,8 +18,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--batch", type=int, default=16, help="total batch size over all processes")
-    p.add_argument("--nbs", type=int, default=64,
-                   help="nominal batch: gradients accumulate to it (YOLOv7: 64; = --batch for one step per batch)")
     p.add_argument("--out", default="runs/train")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -86,7 +84,7 @@ def run_train(args: argparse.Namespace) -> None:
     from trainer.trainer import Trainer
 
     cfg = TrainConfig(model=args.model, data=args.data, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
-                      batch=args.batch, nbs=args.nbs, resume=args.resume, device=args.device, hyp=args.hyp,
+                      batch=args.batch, resume=args.resume, device=args.device, hyp=args.hyp,
                       **optimizer_settings(args), amp=args.amp, workers=args.workers,
                       seed=args.seed, ema=not args.no_ema, sync_bn=args.sync_bn, strict_data=args.strict,
                       autoanchor=not args.noautoanchor, freeze=args.freeze, multi_scale=args.multi_scale,

@@ -10,12 +10,13 @@ from torch import Tensor, nn
 from ..fusion import fold_implicit
 from .conv import Conv
 
-ANCHOR_PX = 0.01  # architecture YAML states anchors to 0.01 px
+ANCHOR_DECIMALS = 2  # architecture YAML states anchors to 0.01 px
+ANCHOR_PX = 10.0**-ANCHOR_DECIMALS
 
 
 def yaml_anchors(levels: Sequence[Sequence[float]]) -> list[list[float]]:
     """Anchors (pixels, one list per level) as architecture YAML states them: rounded to ANCHOR_PX."""
-    return [[round(float(v), 2) for v in level] for level in levels]
+    return [[round(float(v), ANCHOR_DECIMALS) for v in level] for level in levels]
 
 
 def anchors_differ(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> bool:

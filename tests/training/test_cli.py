@@ -76,3 +76,21 @@ def test_a_model_for_other_classes_names_the_data_yaml(small_data, tmp_path):
     with pytest.raises(ConfigError) as e:
         Trainer(cfg, model=load_model("yolov7-tiny", nc=5))  # the dataset has 3 classes
     assert e.value.path == str(small_data) and e.value.field == "nc"
+
+
+TRAINING_COMMANDS = (["train"], ["distill", "--teacher", "t", "--out", "o"], ["supernet", "train", "--space", "tiny", "--out", "o"],
+                     ["search", "--space", "tiny"], ["prune", "m", "--macs", "0.5", "--out", "o"])
+
+
+@pytest.mark.parametrize("command", TRAINING_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_every_training_command_takes_the_shared_optimizer_flags(command):
+    from nas.cli import build_parser
+    from nas.commands import optimizer_settings
+
+    parser = build_parser()
+    defaults = optimizer_settings(parser.parse_args(command))
+    assert defaults == {k: getattr(TrainConfig, k) for k in ("nbs", "optimizer", "lr_schedule", "lr0")}
+    given = optimizer_settings(parser.parse_args([*command, "--nbs", "16", "--optimizer", "adamw",
+                                                 "--lr-schedule", "linear", "--lr0", "0.003"]))
+    assert given == {"nbs": 16, "optimizer": "adamw", "lr_schedule": "linear", "lr0": 0.003}
+    TrainConfig(**given)  # what every command passes on is a valid training configuration
