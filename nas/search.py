@@ -82,10 +82,10 @@ class SearchConfig:
     # supernet mode: train each inherited subnet this many epochs before validating it (0: inherited weights
     # after BN recalibration only); E training epochs per trial, what that buys: docs/nas.md
     finetune_epochs: int = 0
-    nbs: int = 64  # nominal batch of the trials' trainings (scratch epochs, finetune epochs)
-    optimizer: str = "sgd"  # of the trials' trainings, as nbs (TrainConfig's optimizer, lr_schedule and lr0)
-    lr_schedule: str = "cosine"
-    lr0: float | None = None
+    nbs: int = TrainConfig.nbs  # nominal batch of the trials' trainings (scratch epochs, finetune epochs)
+    optimizer: str = TrainConfig.optimizer  # of the trials' trainings, as nbs (TrainConfig's optimizer, lr_schedule and lr0)
+    lr_schedule: str = TrainConfig.lr_schedule
+    lr0: float | None = TrainConfig.lr0
     objectives: tuple[str, ...] | None = None  # default (map, latency); scratch mode: (map,)
     imgsz: int | None = None  # default: the table's input size, else the space's largest
     nc: int | None = None  # default: the dataset's
@@ -815,16 +815,28 @@ def _study_settings(cfg: SearchConfig, space: SearchSpace, imgsz: int, nc: int) 
 TRAINING_DEFAULTS = {k: getattr(TrainConfig, k) for k in ("optimizer", "lr_schedule", "lr0")}
 
 
+def _trials_train(cfg: SearchConfig) -> bool:
+    """Whether the search's trials train: scratch mode, or inherited weights finetuned before validation."""
+    return cfg.mode == "scratch" or cfg.finetune_epochs > 0
+
+
 def _training_settings(cfg: SearchConfig) -> dict[str, Any]:
     """How the trials train (None where they do not): nbs, and the optimizer where it is not YOLOv7's default,
     so studies created before these were recorded keep matching."""
-    trains = cfg.mode == "scratch" or cfg.finetune_epochs > 0
+    trains = _trials_train(cfg)
     out: dict[str, Any] = {"nbs": cfg.nbs if trains else None}
     for key, default in TRAINING_DEFAULTS.items():
         value = getattr(cfg, key)
         if trains and value != default:
             out[key] = value
     return out
+
+
+def _unused_training_settings(cfg: SearchConfig) -> list[str]:
+    """The training settings set away from their defaults in a search whose trials train nothing."""
+    if _trials_train(cfg):
+        return []
+    return [k for k in ("nbs", *TRAINING_DEFAULTS) if getattr(cfg, k) != getattr(TrainConfig, k)]
 
 
 NOT_RECORDED = object()  # a setting a study created before it was recorded cannot be compared on
@@ -869,6 +881,10 @@ def prepare(cfg: SearchConfig, *, predictor: PredictMs | None = None, supernet: 
     """Load the space, supernet, data and latency predictor of a search (ConfigErrors before any trial)."""
     from trainer.trainer import resolve_data_config
 
+    unused = _unused_training_settings(cfg)
+    if unused:
+        warnings.warn(f"{', '.join(unused)} ignored: in supernet mode the trials train only with finetune_epochs "
+                      "(--finetune-epochs)", RuntimeWarning, stacklevel=2)
     if supernet is None and cfg.mode == "supernet":
         supernet = load_supernet(cfg.supernet, space=cfg.space)
     if supernet is not None and cfg.space and cfg.mode == "supernet":

@@ -22,7 +22,7 @@ import yaml
 from optuna.trial import TrialState
 
 from nas.cli import main
-from nas.search import SearchConfig, Searcher, _PruneReport, load_study, open_storage, run_search
+from nas.search import SearchConfig, Searcher, _PruneReport, load_study, open_storage, prepare, run_search
 from search_spaces.errors import ConfigError, DetforgeError
 
 from . import IMGSZ, ROOT, env, search_args, spawn
@@ -349,7 +349,6 @@ def test_bad_values_are_one_line_errors_with_exit_2(shared, tmp_path, capsys, ar
 
 def test_a_table_built_at_the_spaces_nc_predicts_heads_at_that_nc(shared, tmp_path):
     from latency_tables import LatencyTable
-    from nas.search import prepare
     from search_spaces.space import load_space
     from tests.latency_table import SizeBackend
 
@@ -563,3 +562,12 @@ def test_finetune_mode_trains_each_candidate_from_its_inherited_weights(shared, 
         run_search(_cfg(shared, tmp_path, trials=3, budget_ms=None, sampler="random"))
     with pytest.raises(ConfigError, match="finetune_epochs"):
         _cfg(shared, tmp_path, mode="scratch", space="tiny", supernet=None, finetune_epochs=1, objectives=("map",))
+
+
+def test_training_settings_a_search_does_not_use_warn(shared, tmp_path, recwarn):
+    with pytest.warns(RuntimeWarning, match="nbs, optimizer, lr0 ignored"):
+        prepare(_cfg(shared, tmp_path, nbs=16, optimizer="adamw", lr0=0.002))
+    recwarn.clear()
+    prepare(_cfg(shared, tmp_path, nbs=16, optimizer="adamw", lr0=0.002, finetune_epochs=1))  # they train there
+    prepare(_cfg(shared, tmp_path))
+    assert not [w for w in recwarn if "ignored" in str(w.message)]
