@@ -13,7 +13,7 @@ from latency_tables.table import FIT_MODELS
 from search_spaces.errors import ConfigError
 from search_spaces.io import read_yaml
 from search_spaces.typecheck import type_name, type_ok
-from trainer.config import OPTIMIZERS
+from trainer.config import OPTIMIZERS, TrainConfig
 
 
 @dataclass
@@ -121,9 +121,9 @@ class PipelineConfig:
     device: str = "auto"
     workers: int = 2
     seed: int = 0
-    nbs: int = 64  # nominal batch of every training (supernet, finetune, prune, distill, baselines); 16 for short CPU runs
-    optimizer: str = "sgd"  # of every training, as nbs; adamw learns much faster in short CPU runs (docs/training.md)
-    lr0: float | None = None  # of every training: overrides the hyp's lr0 (0.01, SGD's); about 0.002 with adamw
+    nbs: int = TrainConfig.nbs  # nominal batch of every training (supernet, finetune, prune, distill, baselines); 16 for short CPU runs
+    optimizer: str = TrainConfig.optimizer  # of every training, as nbs; adamw learns much faster in short CPU runs (docs/training.md)
+    lr0: float | None = TrainConfig.lr0  # of every training: overrides the hyp's lr0 (0.01, SGD's); about 0.002 with adamw
     latency: LatencyCfg = field(default_factory=LatencyCfg)
     supernet: SupernetCfg = field(default_factory=SupernetCfg)
     search: SearchCfg = field(default_factory=SearchCfg)

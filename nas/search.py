@@ -757,10 +757,10 @@ class Searcher:
 
 
 def train_candidate(model: Detector, data: str | None, out: str | Path, epochs: int, *, imgsz: int, batch: int = 16,
-                    nbs: int = 64, device: str = "auto", workers: int = 0, seed: int = 0,
+                    nbs: int = TrainConfig.nbs, device: str = "auto", workers: int = 0, seed: int = 0,
                     val_batches: int | None = None, callbacks: Sequence[Callback] = (),
-                    autoanchor: bool = True, optimizer: str = "sgd", lr_schedule: str = "cosine",
-                    lr0: float | None = None) -> EvalResult:
+                    autoanchor: bool = True, optimizer: str = TrainConfig.optimizer,
+                    lr_schedule: str = TrainConfig.lr_schedule, lr0: float | None = TrainConfig.lr0) -> EvalResult:
     """Train a candidate (from its current weights) for `epochs` into `out`; its last validation result.
 
     Used by scratch-mode trials, finetuned supernet trials and the benchmarks that check them. `autoanchor`
