@@ -517,7 +517,7 @@ def main() -> None:
     ap.add_argument("--max-train-s", type=float, default=None,
                     help="wall-clock cap of each stand-alone (rank fidelity) training, its schedule fitted to it")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--nbs", type=int, default=64, help="nominal batch of every training (16: 4x the optimizer steps)")
+    ap.add_argument("--nbs", type=int, default=TrainConfig.nbs, help="nominal batch of every training (16: 4x the optimizer steps)")
     ap.add_argument("--optimizer", default=TrainConfig.optimizer, choices=OPTIMIZERS, help="of every training")
     ap.add_argument("--lr0", type=float, default=None, help="of every training (default: the hyp's, SGD's 0.01)")
     ap.add_argument("--workers", type=int, default=2)

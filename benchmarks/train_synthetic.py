@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=300, help="longest schedule; the epochs that fit --minutes (timed on epoch 1) shorten it")
     ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--nbs", type=int, default=64, help="nominal batch (gradient accumulation target)")
+    ap.add_argument("--nbs", type=int, default=TrainConfig.nbs, help="nominal batch (gradient accumulation target)")
     ap.add_argument("--optimizer", default=TrainConfig.optimizer, choices=OPTIMIZERS)
     ap.add_argument("--lr0", type=float, default=None, help="initial learning rate (default: the hyp's, SGD's 0.01)")
     ap.add_argument("--seed", type=int, default=0)
