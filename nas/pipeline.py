@@ -120,7 +120,7 @@ class Pipeline:
     def stage_names(self, models: Iterable[str]) -> list[str]:
         """This config's stages in order, for the chosen `models` (an earlier config's records are not among them)."""
         per_model = ["finetune", *(s for s in ("prune", "distill") if getattr(self.cfg, s).enabled)]
-        return ["data", "latency", "supernet", "search", "pareto",
+        return ["data", "latency", *([] if self.cfg.search.scratch else ["supernet"]), "search", "pareto",
                 *(f"{s}:{m}" for m in models for s in [*per_model, "model"]), "baselines"]
 
     def digest(self, name: str) -> str:
@@ -150,21 +150,13 @@ class Pipeline:
                                        "nc": data["nc"], **contents(table=c.latency.table)},
                            lambda: stages.latency_table(self, data))
         budget = stages.check_budget(self, table)
-        region = budget if c.supernet.scope == "budget" else None  # the architectures the supernet trains
-        sup = self.stage("supernet", {"supernet": _recorded_keys(c.supernet, "autoanchor"), "data": self.digest("data"),
-                                      "space": c.space, "imgsz": c.imgsz, "seed": c.seed, "budget": region,
-                                      **_added(c, *c.TRAINING_KEYS), **_added(c.supernet, "autoanchor"),
-                                      "latency": self.digest("latency") if region else None,
-                                      **contents(teacher=c.supernet.teacher)},
-                         lambda: stages.supernet(self, data, table, region))
-        search = self.stage("search", {"search": vars(c.search), "budget": budget, "supernet": self.digest("supernet"),
-                                       "latency": self.digest("latency")},
-                            lambda: stages.search(self, data, sup, table, budget))
+        sup = None if c.search.scratch else self._supernet(data, table, budget, contents)
+        search = self.stage("search", self._search_inputs(budget), lambda: stages.search(self, data, sup, table, budget))
         front = self.stage("pareto", {"search": self.digest("search"), "select": vars(c.select)},
                            lambda: stages.pareto(self, sup, search, table, budget))
         models = {mid: self._compress(mid, data, table, contents) for mid in front["chosen"]}
         baselines = self.stage("baselines", {"baselines": vars(c.baselines), "data": self.digest("data"),
-                                             "epochs": c.supernet.epochs + c.finetune.epochs, "imgsz": c.imgsz,
+                                             "epochs": c.front_epochs(), "imgsz": c.imgsz,
                                              "seed": c.seed, "batch": c.finetune.batch,
                                              "threads": c.latency.threads, **_added(c, *c.TRAINING_KEYS)},
                                lambda: stages.baselines(self, data, table))
@@ -172,6 +164,32 @@ class Pipeline:
         summary = self.stage("report", {k: self.digest(k) for k in ran},  # not an earlier config's stale records
                              lambda: stages.report(self, data, table, front, models, baselines, budget))
         return summary
+
+    def _supernet(self, data: dict[str, Any], table: dict[str, Any], budget: float | None,
+                  contents: Callable[..., dict[str, str]]) -> dict[str, Any]:
+        """The supernet stage (supernet mode): trained within the budget, or over the whole space."""
+        from . import stages
+
+        c = self.cfg
+        region = budget if c.supernet.scope == "budget" else None  # the architectures the supernet trains
+        return self.stage("supernet", {"supernet": _recorded_keys(c.supernet, "autoanchor"), "data": self.digest("data"),
+                                       "space": c.space, "imgsz": c.imgsz, "seed": c.seed, "budget": region,
+                                       **_added(c, *c.TRAINING_KEYS), **_added(c.supernet, "autoanchor"),
+                                       "latency": self.digest("latency") if region else None,
+                                       **contents(teacher=c.supernet.teacher)},
+                          lambda: stages.supernet(self, data, table, region))
+
+    def _search_inputs(self, budget: float | None) -> dict[str, Any]:
+        """The search stage's inputs. A supernet study depends on the supernet (which digests the data, space,
+        size, seed and training settings); a scratch study trains on its own, so it digests those itself."""
+        c = self.cfg
+        s = c.search
+        inputs = {"search": {**_recorded_keys(s, *s.ADDED), "sampler": s.resolved_sampler()}, **_added(s, *s.ADDED),
+                  "budget": budget, "latency": self.digest("latency")}
+        if not s.scratch:
+            return {**inputs, "supernet": self.digest("supernet")}
+        return {**inputs, "supernet": None, "data": self.digest("data"), "space": c.space, "imgsz": c.imgsz,
+                "seed": c.seed, "batch": c.finetune.batch, **_added(c, *c.TRAINING_KEYS)}
 
     def _compress(self, mid: str, data: dict[str, Any], table: dict[str, Any],
                   contents: Callable[..., dict[str, str]]) -> dict[str, Any]:

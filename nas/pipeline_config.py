@@ -15,6 +15,8 @@ from search_spaces.io import read_yaml
 from search_spaces.typecheck import type_name, type_ok
 from trainer.config import OPTIMIZERS, TrainConfig
 
+from .search import MODES, PRUNERS, SAMPLERS, SearchConfig, resolve_sampler
+
 
 @dataclass
 class SyntheticCfg:
@@ -56,12 +58,28 @@ class SupernetCfg:
 
 @dataclass
 class SearchCfg:
+    """How candidates are scored: `supernet` (inherited weights, after the supernet stage) or `scratch` (each trained
+    from scratch for `scratch_epochs` with the run's training settings and `finetune.batch`; no supernet stage)."""
+
     trials: int = 40
     budget_ms: float | None = None
-    sampler: str = "nsga2"
+    sampler: str = "auto"  # auto: nsga2 in supernet mode, tpe in scratch mode (mAP alone, pruned by epoch)
     storage: str | None = None  # default: sqlite in the run directory
     bn_batches: int = 8
     val_batches: int | None = None
+    mode: str = "supernet"
+    scratch_epochs: int = SearchConfig.scratch_epochs
+    pruner: str = SearchConfig.pruner  # scratch mode: stops candidates whose epoch mAP trails the others'
+
+    ADDED: typing.ClassVar[tuple[str, ...]] = ("mode", "scratch_epochs", "pruner")  # digested where not the default
+
+    @property
+    def scratch(self) -> bool:
+        return self.mode == "scratch"
+
+    def resolved_sampler(self) -> str:
+        """The sampler the study uses ('auto' resolved for this mode)."""
+        return resolve_sampler(self.sampler, self.mode)
 
 
 @dataclass
@@ -106,7 +124,7 @@ class BaselineCfg:
     """Zoo models trained with the same budget and drawn on the front."""
 
     models: list[str] = field(default_factory=lambda: ["yolov7-tiny"])
-    epochs: int | None = None  # default: supernet epochs + finetune epochs
+    epochs: int | None = None  # default: the front models' (PipelineConfig.front_epochs)
 
 
 @dataclass
@@ -154,6 +172,7 @@ class PipelineConfig:
                     "select.k": self.select.k, "quantize.calib": self.quantize.calib,
                     "latency.threads": self.latency.threads, "supernet.attentive": self.supernet.attentive,
                     "search.bn_batches": self.search.bn_batches, "latency.min_runs": self.latency.min_runs,
+                    "search.scratch_epochs": self.search.scratch_epochs,
                     "synthetic.classes": self.synthetic.classes, "synthetic.imgsz": self.synthetic.imgsz,
                     "search.val_batches": 1 if self.search.val_batches is None else self.search.val_batches,
                     "baselines.epochs": 1 if self.baselines.epochs is None else self.baselines.epochs,
@@ -203,7 +222,8 @@ class PipelineConfig:
             if ref is not None:  # refused here, before any stage runs, rather than when its stage loads it
                 check_teacher(ref, getattr(self, key).teacher_model, field=f"{key}.teacher", path=path)
         choices = {"optimizer": (self.optimizer, OPTIMIZERS),
-                   "search.sampler": (self.search.sampler, ("nsga2", "tpe", "random", "gp")),
+                   "search.sampler": (self.search.sampler, SAMPLERS),
+                   "search.mode": (self.search.mode, MODES), "search.pruner": (self.search.pruner, PRUNERS),
                    "supernet.scope": (self.supernet.scope, ("budget", "space")),
                    "quantize.method": (self.quantize.method, ("minmax", "entropy", "percentile")),
                    "prune.backend": (self.prune.backend, ("torch-pruning", "nni")),
@@ -256,6 +276,11 @@ class PipelineConfig:
                 "workers": self.workers, "seed": self.seed}
 
     TRAINING_KEYS: typing.ClassVar[tuple[str, ...]] = ("nbs", "optimizer", "lr0")  # digested where not the default
+
+    def front_epochs(self) -> int:
+        """Epochs a chosen front model has trained before compression: the supernet's (or, in scratch mode, its
+        search trial's) plus the finetune; the baselines get as many."""
+        return (self.search.scratch_epochs if self.search.scratch else self.supernet.epochs) + self.finetune.epochs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

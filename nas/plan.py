@@ -43,12 +43,18 @@ def plan(cfg: PipelineConfig) -> list[dict[str, Any]]:
          "est_s": 0.02 * (n_train + n_val) if not cfg.data else 0},
         {"stage": "latency", "what": cfg.latency.table or f"build table ({cfg.latency.backend})",
          "est_s": 0 if cfg.latency.table else len(space.block_signatures(cfg.imgsz)) * SECONDS_PER_BLOCK},
-        {"stage": "supernet", "what": f"{cfg.supernet.epochs} epochs, sandwich x{sandwich}",
-         "est_s": cfg.supernet.epochs * n_train * TRAIN_FLOP_FACTOR * (big + (sandwich - 1) * mid) / gfs},
-        {"stage": "search", "what": f"{cfg.search.trials} trials ({cfg.search.sampler})",
-         "est_s": cfg.search.trials * (cfg.search.bn_batches * 16 + n_val) * mid / gfs},
-        {"stage": "pareto", "what": "front, export ONNX, measure", "est_s": 30.0},
     ]
+    s = cfg.search
+    if s.scratch:  # an upper bound: the pruner stops some candidates after their first epochs
+        rows.append({"stage": "search", "what": f"{s.trials} trials ({s.resolved_sampler()}), each trained "
+                     f"{s.scratch_epochs} epochs from scratch", "est_s": s.trials * s.scratch_epochs * (
+                         n_train * TRAIN_FLOP_FACTOR + n_val) * mid / gfs})
+    else:
+        rows += [{"stage": "supernet", "what": f"{cfg.supernet.epochs} epochs, sandwich x{sandwich}",
+                  "est_s": cfg.supernet.epochs * n_train * TRAIN_FLOP_FACTOR * (big + (sandwich - 1) * mid) / gfs},
+                 {"stage": "search", "what": f"{s.trials} trials ({s.resolved_sampler()})",
+                  "est_s": s.trials * (s.bn_batches * 16 + n_val) * mid / gfs}]
+    rows.append({"stage": "pareto", "what": "front, export ONNX, measure", "est_s": 30.0})
     k = len(cfg.select.budgets_ms) or cfg.select.k
     per_model = cfg.finetune.epochs * n_train * TRAIN_FLOP_FACTOR * mid / gfs
     if cfg.prune.enabled:
@@ -57,7 +63,7 @@ def plan(cfg: PipelineConfig) -> list[dict[str, Any]]:
         per_model += cfg.distill.epochs * n_train * TRAIN_FLOP_FACTOR * mid * 3 / gfs
     rows.append({"stage": f"models x{k}", "what": "finetune, prune, distill, fuse, INT8, export, verify",
                  "est_s": k * (per_model + 30.0)})
-    epochs = cfg.baselines.epochs or cfg.supernet.epochs + cfg.finetune.epochs
+    epochs = cfg.baselines.epochs or cfg.front_epochs()
     rows.append({"stage": "baselines", "what": ", ".join(cfg.baselines.models) + f" ({epochs} epochs)",
                  "est_s": len(cfg.baselines.models) * epochs * n_train * TRAIN_FLOP_FACTOR * mid / gfs})
     rows.append({"stage": "report", "what": "report.md, plots", "est_s": 2.0})

@@ -116,7 +116,8 @@ def write_report(p: Pipeline, d: dict, t: dict, front: dict, models: dict, base:
         lines.append(f"| {e['arch_id']} | {_fmt(e['map'])} | {_fmt(e.get('map50'))} | {_fmt(e['predicted_ms'], 2)} | "
                      f"{_fmt(e.get('measured_ms'), 2)} | {_fmt(e.get('params'))} | {_fmt(e.get('gflops'), 3)} |")
     c = p.cfg
-    front_epochs = [f"{c.supernet.epochs} supernet", f"{c.finetune.epochs} finetune"]
+    front_epochs = [f"{c.search.scratch_epochs} search (from scratch)" if c.search.scratch
+                    else f"{c.supernet.epochs} supernet", f"{c.finetune.epochs} finetune"]
     if c.prune.enabled:
         front_epochs.append(f"{c.prune.finetune_epochs} after pruning")
     if c.distill.enabled:

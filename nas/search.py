@@ -60,6 +60,12 @@ STUDY_ATTR = "detforge.search"  # the study's settings, checked by every worker 
 NATIVE_CONSTRAINTS = hasattr(Trial, "set_constraint")
 
 
+def resolve_sampler(sampler: str, mode: str) -> str:
+    """'auto' as a study of `mode` takes it: NSGA-II for supernet studies (two objectives), TPE for scratch ones
+    (mAP alone, pruned by epoch)."""
+    return sampler if sampler != "auto" else ("tpe" if mode == "scratch" else "nsga2")
+
+
 @dataclass
 class SearchConfig:
     """One search (every worker of a study runs the same one). See docs/nas.md for each field."""
@@ -154,8 +160,7 @@ class SearchConfig:
             self.enqueue = (self.enqueue,) if isinstance(self.enqueue, str) else tuple(self.enqueue)
             if self.mode == "scratch" and SUPERNET_POINT in self.enqueue:
                 raise ConfigError(f"'{SUPERNET_POINT}' needs a supernet (supernet mode)", field="enqueue")
-        if self.sampler == "auto":
-            self.sampler = "tpe" if self.mode == "scratch" else "nsga2"
+        self.sampler = resolve_sampler(self.sampler, self.mode)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready)."""

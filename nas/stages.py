@@ -92,9 +92,10 @@ def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | 
             "files": [str(weights)]}
 
 
-def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any], t: dict[str, Any], budget: float | None
+def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any] | None, t: dict[str, Any], budget: float | None
            ) -> dict[str, Any]:
-    """The Optuna search under the budget (the study in the run directory resumes after a kill)."""
+    """The Optuna search under the budget (the study in the run directory resumes after a kill): candidates scored
+    with the supernet's weights (`sup`), or, in scratch mode (`sup` None), each trained from scratch."""
     from .search import SearchConfig, run_search
 
     c = p.cfg
@@ -103,16 +104,20 @@ def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any], t: dict[str, Any
     run_id = p.run_id()
     if c.search.storage and run_id:  # shared with other runs: this run's own study, also after `rm -rf` there
         name += f"-{run_id}"
-    cfg = SearchConfig(space=c.space, supernet=sup["weights"], table=t["path"], data=d["yaml"], budget_ms=budget,
-                       trials=c.search.trials, storage=storage, study=name, out=str(p.out / "search"),
-                       sampler=c.search.sampler, seed=c.seed, bn_batches=c.search.bn_batches,
-                       val_batches=c.search.val_batches, imgsz=c.imgsz, nc=d["nc"], batch=c.supernet.batch,
-                       device=c.device, progress=True)
+    # a scratch trial trains as the chosen models do (the run's training settings and finetune batch); a supernet
+    # trial re-estimates BatchNorm on the supernet's batch size
+    scoring = ({"mode": "scratch", "scratch_epochs": c.search.scratch_epochs, "pruner": c.search.pruner,
+                "batch": c.finetune.batch, **c.train_settings()} if sup is None else
+               {"supernet": sup["weights"], "batch": c.supernet.batch, "seed": c.seed, "device": c.device})
+    cfg = SearchConfig(space=c.space, table=t["path"], data=d["yaml"], budget_ms=budget, trials=c.search.trials,
+                       storage=storage, study=name, out=str(p.out / "search"), sampler=c.search.sampler,
+                       bn_batches=c.search.bn_batches, val_batches=c.search.val_batches, imgsz=c.imgsz, nc=d["nc"],
+                       progress=True, **scoring)
     study = run_search(cfg)
     return {"storage": storage, "study": study.study_name, "trials": len(study.trials), "files": []}
 
 
-def pareto(p: Pipeline, sup: dict[str, Any], s: dict[str, Any], t: dict[str, Any], budget: float | None
+def pareto(p: Pipeline, sup: dict[str, Any] | None, s: dict[str, Any], t: dict[str, Any], budget: float | None
            ) -> dict[str, Any]:
     """The Pareto front, exported as model directories + ONNX; chooses the models that go on."""
     from .pareto import export_front, pareto_front
@@ -122,7 +127,8 @@ def pareto(p: Pipeline, sup: dict[str, Any], s: dict[str, Any], t: dict[str, Any
     study = load_study(s["storage"], s["study"])
     if not pareto_front(study):
         raise ConfigError("the search found no architecture within the budget", field="search.budget_ms")
-    entries = export_front(study, load_supernet(sup["weights"]), p.out / "pareto", data=p.records["data"].outputs["yaml"],
+    supernet = None if sup is None else load_supernet(sup["weights"])  # scratch mode: the trials' trained models
+    entries = export_front(study, supernet, p.out / "pareto", data=p.records["data"].outputs["yaml"],
                            threads=p.cfg.latency.threads, bn_batches=p.cfg.search.bn_batches,
                            batch=p.cfg.supernet.batch, device=p.cfg.device)
     chosen = choose(entries, p.cfg.select.k, p.cfg.select.budgets_ms)
@@ -142,7 +148,8 @@ def choose(entries: list[Any], k: int, budgets: list[float]) -> list[str]:
 
 
 def finetune(p: Pipeline, d: dict[str, Any], mid: str) -> dict[str, Any]:
-    """Train a chosen front model further from its inherited weights (resumes from its last.pt)."""
+    """Train a chosen front model further from its inherited (or, in scratch mode, trial-trained) weights (resumes
+    from its last.pt)."""
     return _train_step(p, d, load_model(p.out / "pareto" / mid), mid, "finetune", p.cfg.finetune.epochs)
 
 
@@ -219,7 +226,7 @@ def _train_step(p: Pipeline, d: dict[str, Any], model: Any, mid: str, step: str,
     out = p.out / "models" / mid / STEP_DIRS[step]
     cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=epochs, imgsz=c.imgsz, batch=c.finetune.batch,
                       **c.train_settings(), resume=p.resume_from(out / "last.pt"),
-                      autoanchor=False)  # inherited weights: trained with these anchors (the supernet's)
+                      autoanchor=False)  # trained weights: they were trained with these anchors (supernet's or trial's)
     res = Trainer(cfg, model=model, callbacks=list(callbacks)).train()
     trained = load_model(out / "model")
     m = res.final("map")  # also when a resume found the training finished (nothing validated this run)
@@ -235,7 +242,7 @@ def baselines(p: Pipeline, d: dict[str, Any], t: dict[str, Any]) -> dict[str, An
     from trainer.trainer import Trainer
 
     c = p.cfg
-    epochs = c.baselines.epochs or (c.supernet.epochs + c.finetune.epochs)
+    epochs = c.baselines.epochs or c.front_epochs()
     out: dict[str, Any] = {}
     for name in c.baselines.models:
         run = p.out / "baselines" / name

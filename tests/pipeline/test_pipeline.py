@@ -112,6 +112,8 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path):
     ({"prune": {"enabled": True, "finetune_epochs": 0}}, "prune.finetune_epochs"),  # disabled, 0 is fine
     ({"device": "gpu"}, "device"),  # a RuntimeError traceback after the table build, before
     ({"latency": {"table": "no/such/table.json"}}, "latency.table"),
+    ({"search": {"mode": "oneshot"}}, "search.mode"), ({"search": {"scratch_epochs": 0}}, "search.scratch_epochs"),
+    ({"search": {"pruner": "asha"}}, "search.pruner"), ({"search": {"sampler": "cmaes"}}, "search.sampler"),
 ])
 def test_bad_config_fails_before_any_work(over, field, tmp_path, capsys):
     cfg = _config(tmp_path, **over)
@@ -314,6 +316,9 @@ def _fake_stages(monkeypatch, ran: list[str]) -> None:
     ({"nbs": 16}, ["supernet", "search", "pareto", "finetune", "prune", "distill", "deploy", "baselines"]),
     ({"optimizer": "adamw", "lr0": 0.002},
      ["supernet", "search", "pareto", "finetune", "prune", "distill", "deploy", "baselines"]),
+    # scratch mode: no supernet; the baselines' epochs follow the front models' (3 scratch + 1 finetune, not 1 + 1)
+    ({"search": {"trials": 3, "budget_ms": 100.0, "mode": "scratch"}},
+     ["search", "pareto", "finetune", "prune", "distill", "deploy", "baselines"]),
 ])
 def test_a_changed_compression_step_reruns_only_itself_and_the_steps_after_it(change, rerun, tmp_path, monkeypatch):
     from nas.pipeline import Pipeline
@@ -600,3 +605,51 @@ def test_the_supernets_autoanchor_setting_reaches_it_and_its_default_keeps_recor
         inputs = {"supernet": _recorded_keys(cfg.supernet, "autoanchor"), **_added(cfg.supernet, "autoanchor")}
         assert "autoanchor" not in inputs["supernet"] and inputs.get("autoanchor", True) is value
     assert seen == [True, False]
+
+
+def test_scratch_mode_searches_without_a_supernet_and_trains_candidates_as_the_run_trains(tmp_path, capsys):
+    import optuna
+
+    search = {"trials": 2, "budget_ms": 100.0, "val_batches": 1, "mode": "scratch", "scratch_epochs": 1}
+    cfg = _config(tmp_path, search=search, optimizer="adamw", lr0=0.002, nbs=8, baselines={"models": ["yolov7-tiny"]},
+                  supernet={"epochs": 3, "batch": 8}, finetune={"epochs": 1, "batch": 4})  # supernet: unused
+    assert main(["run", str(cfg), "--dry-run", "--json"]) == 0
+    plan = [s["stage"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert plan[:4] == ["data", "latency", "search", "pareto"]  # no supernet to train
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out)]) == 0
+    stages = _stages(out)
+    assert "supernet" not in stages and not (out / "supernet").exists()
+    storage = f"sqlite:///{out / 'study.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    settings = optuna.load_study(study_name=name, storage=storage).user_attrs["detforge.search"]
+    # the candidates train with the run's optimizer, nominal batch and finetune batch
+    assert settings["mode"] == "scratch" and settings["supernet"] is None and settings["scratch_epochs"] == 1
+    assert (settings["optimizer"], settings["nbs"], settings["lr0"], settings["batch"]) == ("adamw", 8, 0.002, 4)
+    front = json.loads((out / "pareto" / "front.json").read_text())["entries"]
+    assert front and all((out / "pareto" / e["arch_id"] / "weights.pt").is_file() for e in front)
+    chosen = next(k for k in stages if k.startswith("finetune:")).split(":", 1)[1]
+    assert (out / "models" / chosen / "model.onnx").is_file()
+    base = json.loads((out / "stages.json").read_text())["baselines"]["outputs"]["yolov7-tiny"]
+    assert base["epochs"] == 2  # as many as the front model had: 1 in the search + 1 finetune
+    assert "1 search (from scratch) + 1 finetune epochs" in (out / "report.md").read_text()
+
+
+def test_the_search_settings_added_for_scratch_mode_keep_a_supernet_runs_digest(tmp_path):
+    from nas.pipeline import Pipeline, StageRecord
+    from nas.pipeline_config import PipelineConfig
+
+    search = {"trials": 3, "budget_ms": 100.0, "sampler": "nsga2", "storage": None, "bn_batches": 1,
+              "val_batches": 1}
+    for given in (search, {k: v for k, v in search.items() if k != "sampler"}):  # explicit, or the default 'auto'
+        p = Pipeline(PipelineConfig.from_yaml(_config(tmp_path, search=given)), tmp_path / "run")
+        p.records.update({n: StageRecord(n, n * 2, {}, 1.0) for n in ("data", "latency", "supernet")})
+        # what runs recorded before scratch mode digested: the section as it was, the budget and the upstream stages
+        assert p._search_inputs(100.0) == {"search": search, "budget": 100.0, "supernet": "supernetsupernet",
+                                           "latency": "latencylatency"}
+    p = Pipeline(PipelineConfig.from_yaml(_config(tmp_path, search={**search, "mode": "scratch"}, nbs=8)),
+                 tmp_path / "run")
+    p.records.update({n: StageRecord(n, n * 2, {}, 1.0) for n in ("data", "latency")})
+    inputs = p._search_inputs(100.0)  # a scratch study trains: it digests what its trainings read
+    assert inputs["mode"] == "scratch" and inputs["supernet"] is None and inputs["data"] == "datadata"
+    assert (inputs["nbs"], inputs["batch"], inputs["imgsz"]) == (8, 8, 64)
