@@ -184,12 +184,14 @@ class Pipeline:
         size, seed and training settings); a scratch study trains on its own, so it digests those itself."""
         c = self.cfg
         s = c.search
-        inputs = {"search": {**_recorded_keys(s, *s.ADDED), "sampler": s.resolved_sampler()}, **_added(s, *s.ADDED),
-                  "budget": budget, "latency": self.digest("latency")}
-        if not s.scratch:
-            return {**inputs, "supernet": self.digest("supernet")}
-        return {**inputs, "supernet": None, "data": self.digest("data"), "space": c.space, "imgsz": c.imgsz,
-                "seed": c.seed, "batch": c.finetune.batch, **_added(c, *c.TRAINING_KEYS)}
+        common = {"budget": budget, "latency": self.digest("latency")}
+        if not s.scratch:  # the settings as they were before scratch mode (sampler resolved: 'auto' is nsga2 here)
+            return {"search": {**_recorded_keys(s, *s.ADDED), "sampler": s.resolved_sampler()},
+                    "supernet": self.digest("supernet"), **common}
+        trials = {k: v for k, v in c.scratch_trials().items() if k not in ("device", "workers")}  # what they learn
+        section = {k: v for k, v in vars(s).items() if k != "bn_batches"}  # no BatchNorm re-estimation
+        return {"search": {**section, "sampler": s.resolved_sampler()}, "trials": trials, "data": self.digest("data"),
+                "space": c.space, "imgsz": c.imgsz, **common}
 
     def _compress(self, mid: str, data: dict[str, Any], table: dict[str, Any],
                   contents: Callable[..., dict[str, str]]) -> dict[str, Any]:

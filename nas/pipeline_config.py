@@ -75,6 +75,7 @@ class SearchCfg:
 
     @property
     def scratch(self) -> bool:
+        """Whether candidates train from scratch (no supernet stage)."""
         return self.mode == "scratch"
 
     def resolved_sampler(self) -> str:
@@ -139,7 +140,7 @@ class PipelineConfig:
     device: str = "auto"
     workers: int = 2
     seed: int = 0
-    nbs: int = TrainConfig.nbs  # nominal batch of every training (supernet, finetune, prune, distill, baselines); 16 for short CPU runs
+    nbs: int = TrainConfig.nbs  # nominal batch of every training (supernet or scratch trials, finetune, prune, distill, baselines); 16 for short CPU runs
     optimizer: str = TrainConfig.optimizer  # of every training, as nbs; adamw learns much faster in short CPU runs (docs/training.md)
     lr0: float | None = TrainConfig.lr0  # of every training: overrides the hyp's lr0 (0.01, SGD's); about 0.002 with adamw
     latency: LatencyCfg = field(default_factory=LatencyCfg)
@@ -197,10 +198,11 @@ class PipelineConfig:
         b = self.search.budget_ms
         if b is not None and b <= 0:
             raise ConfigError(f"impossible latency budget {b} ms", path=path, field="search.budget_ms")
-        if self.supernet.attentive > 1 and (b is None or self.supernet.scope == "space"):
+        sup = not self.search.scratch  # a scratch-mode run has no supernet: its section's choices do not matter
+        if sup and self.supernet.attentive > 1 and (b is None or self.supernet.scope == "space"):
             raise ConfigError("attentive sampling ranks draws by predicted latency within the budget: it needs "
                               "search.budget_ms and supernet.scope: budget", path=path, field="supernet.attentive")
-        if self.supernet.per_head and self.supernet.per_family:
+        if sup and self.supernet.per_head and self.supernet.per_family:
             raise ConfigError("a family fixes the head configuration too: set per_head or per_family, not both",
                               path=path, field="supernet.per_family")
         if any(x <= 0 for x in self.select.budgets_ms):
@@ -210,14 +212,14 @@ class PipelineConfig:
                               field="prune.macs")
         from compress.distill import check_teacher
 
-        if self.supernet.teacher_model is not None and self.supernet.teacher is None:
+        if sup and self.supernet.teacher_model is not None and self.supernet.teacher is None:
             raise ConfigError("names the model of a supernet.teacher checkpoint: set supernet.teacher too", path=path,
                               field="supernet.teacher_model")
         if self.distill.enabled and self.distill.teacher is None:
             raise ConfigError("distillation needs a trained teacher: a model directory, or an official checkpoint "
                               "(e.g. yolov7-e6.pt) with distill.teacher_model", path=path, field="distill.teacher")
         teachers = {"distill": self.distill.teacher if self.distill.enabled else None,
-                    "supernet": self.supernet.teacher}
+                    "supernet": self.supernet.teacher if sup else None}
         for key, ref in teachers.items():
             if ref is not None:  # refused here, before any stage runs, rather than when its stage loads it
                 check_teacher(ref, getattr(self, key).teacher_model, field=f"{key}.teacher", path=path)
@@ -271,16 +273,29 @@ class PipelineConfig:
                 raise ConfigError(e.message, path=path, field="search.storage") from None
 
     def train_settings(self) -> dict[str, Any]:
-        """The TrainConfig fields every training of the run shares (supernet, finetune, prune, distill, baselines)."""
+        """The TrainConfig fields every training of the run shares (supernet or scratch search trials, finetune,
+        prune, distill, baselines)."""
         return {"nbs": self.nbs, "optimizer": self.optimizer, "lr0": self.lr0, "device": self.device,
                 "workers": self.workers, "seed": self.seed}
 
     TRAINING_KEYS: typing.ClassVar[tuple[str, ...]] = ("nbs", "optimizer", "lr0")  # digested where not the default
 
+    def front_training(self) -> dict[str, int]:
+        """The epochs a chosen front model trained before compression, by stage: the supernet's (in scratch mode,
+        its search trial's), then the finetune."""
+        first = ("search (from scratch)", self.search.scratch_epochs) if self.search.scratch else \
+            ("supernet", self.supernet.epochs)
+        return dict([first, ("finetune", self.finetune.epochs)])
+
     def front_epochs(self) -> int:
-        """Epochs a chosen front model has trained before compression: the supernet's (or, in scratch mode, its
-        search trial's) plus the finetune; the baselines get as many."""
-        return (self.search.scratch_epochs if self.search.scratch else self.supernet.epochs) + self.finetune.epochs
+        """All of them: the baselines' default epoch budget."""
+        return sum(self.front_training().values())
+
+    def scratch_trials(self) -> dict[str, Any]:
+        """The SearchConfig settings of a scratch-mode search: each candidate trains as the chosen models do (the
+        run's training settings, finetune.batch) for search.scratch_epochs."""
+        return {"mode": "scratch", "scratch_epochs": self.search.scratch_epochs, "pruner": self.search.pruner,
+                "batch": self.finetune.batch, **self.train_settings()}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

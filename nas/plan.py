@@ -45,7 +45,7 @@ def plan(cfg: PipelineConfig) -> list[dict[str, Any]]:
          "est_s": 0 if cfg.latency.table else len(space.block_signatures(cfg.imgsz)) * SECONDS_PER_BLOCK},
     ]
     s = cfg.search
-    if s.scratch:  # an upper bound: the pruner stops some candidates after their first epochs
+    if s.scratch:  # rough either way: pruned trials come on top of `trials`, but stop after their first epochs
         rows.append({"stage": "search", "what": f"{s.trials} trials ({s.resolved_sampler()}), each trained "
                      f"{s.scratch_epochs} epochs from scratch", "est_s": s.trials * s.scratch_epochs * (
                          n_train * TRAIN_FLOP_FACTOR + n_val) * mid / gfs})

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def _plot_front(path: Path, front: list[dict], models: dict[str, Any], base: dict[str, Any],
-                budget: float | None) -> None:
+                budget: float | None, scored: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +27,7 @@ def _plot_front(path: Path, front: list[dict], models: dict[str, Any], base: dic
     xs = [e["predicted_ms"] for e in front]
     ys = [e["map"] for e in front]
     order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ax.plot([xs[i] for i in order], [ys[i] for i in order], "o-", color="C0", label="Pareto front (inherited weights)")
+    ax.plot([xs[i] for i in order], [ys[i] for i in order], "o-", color="C0", label=f"Pareto front ({scored})")
     for mid, m in models.items():
         v = m["verify"]
         ax.scatter([v["fp32"]["latency_ms"]], [v["fp32"]["map"]], marker="s", color="C2", zorder=3,
@@ -100,7 +100,9 @@ def write_report(p: Pipeline, d: dict, t: dict, front: dict, models: dict, base:
     """Write report.md, front.png and latency.png into the run directory."""
     out = p.out
     entries = front["front"]
-    _plot_front(out / "front.png", entries, models, base, budget)
+    s = p.cfg.search
+    scored = f"{s.scratch_epochs} epochs from scratch" if s.scratch else "inherited weights"
+    _plot_front(out / "front.png", entries, models, base, budget, scored)
     pairs = [(e["arch_id"], e["predicted_ms"], e["measured_ms"]) for e in entries if e.get("measured_ms")]
     _plot_latency(out / "latency.png", pairs)
     table_json = read_json(t["path"])
@@ -116,8 +118,7 @@ def write_report(p: Pipeline, d: dict, t: dict, front: dict, models: dict, base:
         lines.append(f"| {e['arch_id']} | {_fmt(e['map'])} | {_fmt(e.get('map50'))} | {_fmt(e['predicted_ms'], 2)} | "
                      f"{_fmt(e.get('measured_ms'), 2)} | {_fmt(e.get('params'))} | {_fmt(e.get('gflops'), 3)} |")
     c = p.cfg
-    front_epochs = [f"{c.search.scratch_epochs} search (from scratch)" if c.search.scratch
-                    else f"{c.supernet.epochs} supernet", f"{c.finetune.epochs} finetune"]
+    front_epochs = [f"{n} {where}" for where, n in c.front_training().items()]
     if c.prune.enabled:
         front_epochs.append(f"{c.prune.finetune_epochs} after pruning")
     if c.distill.enabled:
@@ -127,7 +128,8 @@ def write_report(p: Pipeline, d: dict, t: dict, front: dict, models: dict, base:
     for name, b in base.items():
         lines.append(f"| {name} | {b['epochs']} | {_fmt(b['map'])} | {_fmt(b['map50'])} | {_fmt(b['latency_ms'], 2)} |")
     refit = {n: b["autoanchor"] for n, b in base.items() if (b.get("autoanchor") or {}).get("replaced")}
-    sup = p.records["supernet"].outputs if "supernet" in p.records else {}
+    # not an earlier config's supernet (a run switched to scratch mode keeps its record)
+    sup = p.records["supernet"].outputs if "supernet" in p.records and not c.search.scratch else {}
     refit.update({f"the supernet's {layout} heads": f for layout, f in (sup.get("autoanchor") or {}).items()
                   if f.get("replaced")})
     if refit:  # as YOLOv7 would; the searched models inherit the supernet's anchors

@@ -748,7 +748,7 @@ class Searcher:
         """Train `model` for `epochs` in the trial's run directory: (mAP50-95, mAP50) of its last validation."""
         cfg = self.cfg
         # per study: one storage (and --out) holds several studies, whose trial numbers all start at 0
-        out = Path(cfg.out) / "trials" / _slug(trial.study.study_name) / f"{trial.number:05d}"
+        out = trials_dir(cfg.out, trial.study.study_name) / f"{trial.number:05d}"
         trial.set_user_attr("run_dir", str(out.resolve()))  # where `detforge pareto` finds the model
         result = train_candidate(model, self.data_arg(), out, epochs, imgsz=self.imgsz, batch=cfg.batch, nbs=cfg.nbs,
                                  optimizer=cfg.optimizer, lr_schedule=cfg.lr_schedule, lr0=cfg.lr0,
@@ -793,6 +793,11 @@ def file_digest(path: str | None) -> str | None:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def trials_dir(out: str | Path, study: str) -> Path:
+    """Where a study's trials train under a search's `out`: one directory per trial number."""
+    return Path(out) / "trials" / _slug(study)
 
 
 def _slug(name: str) -> str:

@@ -96,7 +96,7 @@ def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any] | None, t: dict[s
            ) -> dict[str, Any]:
     """The Optuna search under the budget (the study in the run directory resumes after a kill): candidates scored
     with the supernet's weights (`sup`), or, in scratch mode (`sup` None), each trained from scratch."""
-    from .search import SearchConfig, run_search
+    from .search import SearchConfig, run_search, trials_dir
 
     c = p.cfg
     storage = c.search.storage or f"sqlite:///{(p.out / 'study.db').resolve()}"
@@ -104,17 +104,18 @@ def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any] | None, t: dict[s
     run_id = p.run_id()
     if c.search.storage and run_id:  # shared with other runs: this run's own study, also after `rm -rf` there
         name += f"-{run_id}"
-    # a scratch trial trains as the chosen models do (the run's training settings and finetune batch); a supernet
-    # trial re-estimates BatchNorm on the supernet's batch size
-    scoring = ({"mode": "scratch", "scratch_epochs": c.search.scratch_epochs, "pruner": c.search.pruner,
-                "batch": c.finetune.batch, **c.train_settings()} if sup is None else
-               {"supernet": sup["weights"], "batch": c.supernet.batch, "seed": c.seed, "device": c.device})
+    # a supernet trial re-estimates BatchNorm on the supernet's batch size
+    scoring = c.scratch_trials() if sup is None else \
+        {"supernet": sup["weights"], "batch": c.supernet.batch, "seed": c.seed, "device": c.device}
+    out = p.out / "search"
     cfg = SearchConfig(space=c.space, table=t["path"], data=d["yaml"], budget_ms=budget, trials=c.search.trials,
-                       storage=storage, study=name, out=str(p.out / "search"), sampler=c.search.sampler,
+                       storage=storage, study=name, out=str(out), sampler=c.search.sampler,
                        bn_batches=c.search.bn_batches, val_batches=c.search.val_batches, imgsz=c.imgsz, nc=d["nc"],
                        progress=True, **scoring)
     study = run_search(cfg)
-    return {"storage": storage, "study": study.study_name, "trials": len(study.trials), "files": []}
+    # a scratch study's front is exported from its trials' trained models: without them the search runs again
+    files = [str(trials_dir(out, study.study_name))] if sup is None else []
+    return {"storage": storage, "study": study.study_name, "trials": len(study.trials), "files": files}
 
 
 def pareto(p: Pipeline, sup: dict[str, Any] | None, s: dict[str, Any], t: dict[str, Any], budget: float | None
@@ -127,10 +128,12 @@ def pareto(p: Pipeline, sup: dict[str, Any] | None, s: dict[str, Any], t: dict[s
     study = load_study(s["storage"], s["study"])
     if not pareto_front(study):
         raise ConfigError("the search found no architecture within the budget", field="search.budget_ms")
-    supernet = None if sup is None else load_supernet(sup["weights"])  # scratch mode: the trials' trained models
-    entries = export_front(study, supernet, p.out / "pareto", data=p.records["data"].outputs["yaml"],
-                           threads=p.cfg.latency.threads, bn_batches=p.cfg.search.bn_batches,
-                           batch=p.cfg.supernet.batch, device=p.cfg.device)
+    c = p.cfg
+    # scratch mode: the trials' trained models; supernet mode: extracted with BatchNorm re-estimated as the trials did
+    extract = {} if sup is None else {"supernet": load_supernet(sup["weights"]), "bn_batches": c.search.bn_batches,
+                                      "batch": c.supernet.batch, "device": c.device}
+    entries = export_front(study, out_dir=p.out / "pareto", data=p.records["data"].outputs["yaml"],
+                           threads=c.latency.threads, **{"supernet": None, **extract})
     chosen = choose(entries, p.cfg.select.k, p.cfg.select.budgets_ms)
     return {"front": [e.to_dict() for e in entries], "chosen": chosen, "files": []}
 

@@ -641,15 +641,54 @@ def test_the_search_settings_added_for_scratch_mode_keep_a_supernet_runs_digest(
 
     search = {"trials": 3, "budget_ms": 100.0, "sampler": "nsga2", "storage": None, "bn_batches": 1,
               "val_batches": 1}
-    for given in (search, {k: v for k, v in search.items() if k != "sampler"}):  # explicit, or the default 'auto'
+    # the sampler explicit or the default 'auto'; scratch-mode settings, unused here, change nothing
+    for given in (search, {k: v for k, v in search.items() if k != "sampler"},
+                  {**search, "scratch_epochs": 5, "pruner": "hyperband"}):
         p = Pipeline(PipelineConfig.from_yaml(_config(tmp_path, search=given)), tmp_path / "run")
         p.records.update({n: StageRecord(n, n * 2, {}, 1.0) for n in ("data", "latency", "supernet")})
         # what runs recorded before scratch mode digested: the section as it was, the budget and the upstream stages
         assert p._search_inputs(100.0) == {"search": search, "budget": 100.0, "supernet": "supernetsupernet",
                                            "latency": "latencylatency"}
-    p = Pipeline(PipelineConfig.from_yaml(_config(tmp_path, search={**search, "mode": "scratch"}, nbs=8)),
-                 tmp_path / "run")
-    p.records.update({n: StageRecord(n, n * 2, {}, 1.0) for n in ("data", "latency")})
-    inputs = p._search_inputs(100.0)  # a scratch study trains: it digests what its trainings read
-    assert inputs["mode"] == "scratch" and inputs["supernet"] is None and inputs["data"] == "datadata"
-    assert (inputs["nbs"], inputs["batch"], inputs["imgsz"]) == (8, 8, 64)
+
+    def scratch_inputs(search_over: dict | None = None, **over) -> dict:
+        cfg = _config(tmp_path, search={**search, "mode": "scratch", **(search_over or {})}, **over)
+        p = Pipeline(PipelineConfig.from_yaml(cfg), tmp_path / "run")
+        p.records.update({n: StageRecord(n, n * 2, {}, 1.0) for n in ("data", "latency")})
+        return p._search_inputs(100.0)
+
+    inputs = scratch_inputs()  # a scratch study trains: it digests what its trainings read, not a supernet
+    assert "supernet" not in inputs and inputs["data"] == "datadata" and inputs["imgsz"] == 64
+    # what the trials learn from changes the study; BatchNorm batches and the supernet section do not
+    for changed in (scratch_inputs(nbs=8), scratch_inputs(optimizer="adamw"), scratch_inputs({"scratch_epochs": 1}),
+                    scratch_inputs(finetune={"epochs": 1, "batch": 4}), scratch_inputs(seed=1)):
+        assert changed != inputs
+    for same in (scratch_inputs({"bn_batches": 4}), scratch_inputs(supernet={"epochs": 5, "attentive": 2, "scope": "space"})):
+        assert same == inputs  # attentive without a budget's scope is refused in supernet mode only
+
+
+def test_a_scratch_runs_report_names_its_training_not_an_earlier_supernet(tmp_path):
+    from nas.pipeline import Pipeline, StageRecord
+    from nas.pipeline_config import PipelineConfig
+    from nas.report import write_report
+
+    search = {"trials": 3, "budget_ms": 100.0, "mode": "scratch", "scratch_epochs": 2}
+    p = Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, search=search)), tmp_path / "run")
+    for name in ("data", "latency"):
+        p.records[name] = StageRecord(name, "0" * 16, {}, 1.5)
+    p.records["supernet"] = StageRecord("supernet", "0" * 16, {"autoanchor": {  # from the run in supernet mode
+        "p3-p6": {"bpr": 0.887, "new_bpr": 1.0, "replaced": True}}}, 1.5)
+    (tmp_path / "t.json").write_text(json.dumps({"device": {}}))
+    front = {"front": [{"arch_id": "aaa", "map": 0.2, "map50": 0.4, "predicted_ms": 3.0, "measured_ms": 9.0}]}
+    base = {"yolov7-tiny": {"epochs": 3, "map": 0.1, "map50": 0.2, "latency_ms": 12.0}}
+    text = write_report(p, {"yaml": "d.yaml", "nc": 2}, {"path": str(tmp_path / "t.json"), "backend": "ort-cpu"},
+                        front, {}, base, 4.0).read_text()
+    assert "2 search (from scratch) + 1 finetune epochs" in text and "supernet" not in text
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_configs_are_valid(path):
+    from nas.pipeline_config import PipelineConfig, _build
+
+    _build(PipelineConfig, yaml.safe_load(path.read_text()), str(path), "")  # keys and types, in every one
+    if path.name.startswith("demo"):  # everything it names exists here: the whole check
+        assert PipelineConfig.from_yaml(path).name == path.stem
