@@ -71,7 +71,8 @@ class SearchCfg:
     scratch_epochs: int = SearchConfig.scratch_epochs
     pruner: str = SearchConfig.pruner  # scratch mode: stops candidates whose epoch mAP trails the others'
 
-    ADDED: typing.ClassVar[tuple[str, ...]] = ("mode", "scratch_epochs", "pruner")  # digested where not the default
+    # scratch mode's settings: a supernet-mode search stage does not digest them (recorded runs keep their digests)
+    ADDED: typing.ClassVar[tuple[str, ...]] = ("mode", "scratch_epochs", "pruner")
 
     @property
     def scratch(self) -> bool:
