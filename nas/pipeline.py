@@ -151,7 +151,8 @@ class Pipeline:
                            lambda: stages.latency_table(self, data))
         budget = stages.check_budget(self, table)
         sup = None if c.search.scratch else self._supernet(data, table, budget, contents)
-        search = self.stage("search", self._search_inputs(budget), lambda: stages.search(self, data, sup, table, budget))
+        search = self.stage("search", self._search_inputs(budget),
+                            lambda: stages.search(self, data, sup, table, budget))
         front = self.stage("pareto", {"search": self.digest("search"), "select": vars(c.select)},
                            lambda: stages.pareto(self, sup, search, table, budget))
         models = {mid: self._compress(mid, data, table, contents) for mid in front["chosen"]}
@@ -172,8 +173,9 @@ class Pipeline:
 
         c = self.cfg
         region = budget if c.supernet.scope == "budget" else None  # the architectures the supernet trains
-        return self.stage("supernet", {"supernet": _recorded_keys(c.supernet, "autoanchor"), "data": self.digest("data"),
-                                       "space": c.space, "imgsz": c.imgsz, "seed": c.seed, "budget": region,
+        return self.stage("supernet", {"supernet": _recorded_keys(c.supernet, "autoanchor"),
+                                       "data": self.digest("data"), "space": c.space, "imgsz": c.imgsz,
+                                       "seed": c.seed, "budget": region,
                                        **_added(c, *c.TRAINING_KEYS), **_added(c.supernet, "autoanchor"),
                                        "latency": self.digest("latency") if region else None,
                                        **contents(teacher=c.supernet.teacher)},

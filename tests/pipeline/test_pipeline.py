@@ -635,7 +635,7 @@ def test_scratch_mode_searches_without_a_supernet_and_trains_candidates_as_the_r
     assert "1 search (from scratch) + 1 finetune epochs" in (out / "report.md").read_text()
 
 
-def test_the_search_settings_added_for_scratch_mode_keep_a_supernet_runs_digest(tmp_path):
+def test_the_search_stage_digests_what_its_mode_reads_and_recorded_runs_keep_theirs(tmp_path):
     from nas.pipeline import Pipeline, StageRecord
     from nas.pipeline_config import PipelineConfig
 
@@ -662,7 +662,8 @@ def test_the_search_settings_added_for_scratch_mode_keep_a_supernet_runs_digest(
     for changed in (scratch_inputs(nbs=8), scratch_inputs(optimizer="adamw"), scratch_inputs({"scratch_epochs": 1}),
                     scratch_inputs(finetune={"epochs": 1, "batch": 4}), scratch_inputs(seed=1)):
         assert changed != inputs
-    for same in (scratch_inputs({"bn_batches": 4}), scratch_inputs(supernet={"epochs": 5, "attentive": 2, "scope": "space"})):
+    unused = {"epochs": 5, "attentive": 2, "scope": "space"}
+    for same in (scratch_inputs({"bn_batches": 4}), scratch_inputs(supernet=unused)):
         assert same == inputs  # attentive without a budget's scope is refused in supernet mode only
 
 
