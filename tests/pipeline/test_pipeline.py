@@ -153,6 +153,29 @@ def test_dry_run_prints_plan(tmp_path, capsys):
     assert plan["stages"][-1]["stage"] == "total" and plan["stages"][-1]["est_s"] > 0
 
 
+def test_the_plan_times_a_real_training_step_and_scales_it_by_the_work(tmp_path, monkeypatch):
+    from nas import plan as planning
+    from nas.pipeline_config import PipelineConfig
+    from search_spaces import Detector
+    from search_spaces.space import load_space
+
+    det = Detector(load_space(str(SPACE)).largest())
+    s = planning.train_seconds_per_image(det, 64)
+    assert s > 0 and all(p.grad is not None for p in det.parameters() if p.requires_grad)  # it trained: loss, backward
+    monkeypatch.setattr(planning, "train_seconds_per_image", lambda det, imgsz: 1.0)
+
+    def rows(**over) -> dict[str, float]:
+        return {r["stage"]: r["est_s"] for r in planning.plan(PipelineConfig.from_yaml(_config(tmp_path, **over)))}
+
+    one, two = rows(supernet={"epochs": 1}), rows(supernet={"epochs": 2})
+    assert two["supernet"] == pytest.approx(2 * one["supernet"], rel=0.02) and one["supernet"] > 0
+    scratch = {"trials": 3, "budget_ms": 100.0, "mode": "scratch", "scratch_epochs": 1}
+    three, six = rows(search=scratch), rows(search={**scratch, "trials": 6})
+    assert "supernet" not in three and six["search"] == pytest.approx(2 * three["search"], rel=0.02)
+    # 16 training images and 8 validation images at 1 s a training image (a third of that to validate)
+    assert three["search"] == pytest.approx(3 * (16 + 8 / 3), abs=0.1)
+
+
 def test_supernet_stage_hands_the_configured_teacher_to_the_trainer(tmp_path, monkeypatch):
     import nas.supernet_train
     from nas import stages
