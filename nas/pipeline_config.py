@@ -292,6 +292,10 @@ class PipelineConfig:
         """All of them: the baselines' default epoch budget."""
         return sum(self.front_training().values())
 
+    def baseline_epochs(self) -> int:
+        """The epochs each baseline trains: `baselines.epochs`, else as many as the front models had."""
+        return self.baselines.epochs or self.front_epochs()
+
     def scratch_trials(self) -> dict[str, Any]:
         """The SearchConfig settings of a scratch-mode search: each candidate trains as the chosen models do (the
         run's training settings, finetune.batch) for search.scratch_epochs."""

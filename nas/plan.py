@@ -48,6 +48,7 @@ def plan(cfg: PipelineConfig) -> list[dict[str, Any]]:
     n_train = cfg.synthetic.train if not cfg.data else 2000
     n_val = cfg.synthetic.val if not cfg.data else 300
     val = n_val * mid * FORWARD_SHARE
+    epoch = n_train * mid + val  # a searched model's training epoch and its validation
     sandwich = 2 + cfg.supernet.n_random
     rows = [
         {"stage": "data", "what": cfg.data or f"synthetic {cfg.synthetic.train}/{cfg.synthetic.val}",
@@ -59,7 +60,7 @@ def plan(cfg: PipelineConfig) -> list[dict[str, Any]]:
     if s.scratch:  # rough either way: pruned trials come on top of `trials`, but stop after their first epochs
         rows.append({"stage": "search", "what": f"{s.trials} trials ({s.resolved_sampler()}), each trained "
                      f"{s.scratch_epochs} epochs from scratch",
-                     "est_s": s.trials * s.scratch_epochs * (n_train * mid + val)})
+                     "est_s": s.trials * s.scratch_epochs * epoch})
     else:
         rows += [{"stage": "supernet", "what": f"{cfg.supernet.epochs} epochs, sandwich x{sandwich}",
                   "est_s": cfg.supernet.epochs * (n_train * (big + (sandwich - 1) * mid) + val)},
@@ -67,14 +68,14 @@ def plan(cfg: PipelineConfig) -> list[dict[str, Any]]:
                   "est_s": s.trials * (s.bn_batches * 16 * mid * FORWARD_SHARE + val)}]
     rows.append({"stage": "pareto", "what": "front, export ONNX, measure", "est_s": 30.0})
     k = len(cfg.select.budgets_ms) or cfg.select.k
-    per_model = cfg.finetune.epochs * (n_train * mid + val)
+    per_model = cfg.finetune.epochs * epoch
     if cfg.prune.enabled:
-        per_model += cfg.prune.finetune_epochs * (n_train * mid + val)
+        per_model += cfg.prune.finetune_epochs * epoch
     if cfg.distill.enabled:
         per_model += cfg.distill.epochs * (n_train * mid * DISTILL_FACTOR + val)
     rows.append({"stage": f"models x{k}", "what": "finetune, prune, distill, fuse, INT8, export, verify",
                  "est_s": k * (per_model + 30.0)})
-    epochs = cfg.baselines.epochs or cfg.front_epochs()
+    epochs = cfg.baseline_epochs()
     base = sum(train_seconds_per_image(load_model(m), cfg.imgsz) for m in cfg.baselines.models)
     rows.append({"stage": "baselines", "what": ", ".join(cfg.baselines.models) + f" ({epochs} epochs)",
                  "est_s": epochs * (n_train + n_val * FORWARD_SHARE) * base})

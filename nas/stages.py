@@ -129,11 +129,10 @@ def pareto(p: Pipeline, sup: dict[str, Any] | None, s: dict[str, Any], t: dict[s
     if not pareto_front(study):
         raise ConfigError("the search found no architecture within the budget", field="search.budget_ms")
     c = p.cfg
-    # scratch mode: the trials' trained models; supernet mode: extracted with BatchNorm re-estimated as the trials did
-    extract = {} if sup is None else {"supernet": load_supernet(sup["weights"]), "bn_batches": c.search.bn_batches,
-                                      "batch": c.supernet.batch, "device": c.device}
-    entries = export_front(study, out_dir=p.out / "pareto", data=p.records["data"].outputs["yaml"],
-                           threads=c.latency.threads, **{"supernet": None, **extract})
+    supernet = None if sup is None else load_supernet(sup["weights"])  # scratch mode: the trials' trained models
+    entries = export_front(study, supernet, p.out / "pareto", data=p.records["data"].outputs["yaml"],
+                           threads=c.latency.threads, bn_batches=c.search.bn_batches, batch=c.supernet.batch,
+                           device=c.device)
     chosen = choose(entries, p.cfg.select.k, p.cfg.select.budgets_ms)
     return {"front": [e.to_dict() for e in entries], "chosen": chosen, "files": []}
 
@@ -245,7 +244,7 @@ def baselines(p: Pipeline, d: dict[str, Any], t: dict[str, Any]) -> dict[str, An
     from trainer.trainer import Trainer
 
     c = p.cfg
-    epochs = c.baselines.epochs or c.front_epochs()
+    epochs = c.baseline_epochs()
     out: dict[str, Any] = {}
     for name in c.baselines.models:
         run = p.out / "baselines" / name
