@@ -10,13 +10,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-import onnx
-from google.protobuf.message import Error as ProtobufError
-
 from search_spaces.errors import DetforgeError
 from search_spaces.io import atomic_write_bytes
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # onnx is imported where it is used: it costs every CLI command a second to load (ml_dtypes)
+    import onnx
     import torch
 
 OnnxSource: TypeAlias = "bytes | str | Path | onnx.ModelProto"
@@ -34,6 +32,12 @@ def is_torch_module(obj: object) -> bool:
     """True for an nn.Module, without importing torch when nobody else has (ONNX-only probes lack it)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def is_model_proto(obj: object) -> bool:
+    """True for an onnx.ModelProto, without importing onnx when nobody else has (none can exist before)."""
+    onnx = sys.modules.get("onnx")
+    return onnx is not None and isinstance(obj, onnx.ModelProto)
 
 
 def normalize_shapes(input_shape: Sequence[int] | Sequence[Sequence[int]]) -> tuple[Shape, ...]:
@@ -143,7 +147,7 @@ def load_onnx_bytes(src: OnnxSource) -> bytes:
     """Serialized ONNX from bytes, a file path or a ModelProto."""
     if isinstance(src, (bytes, bytearray)):
         return bytes(src)
-    if isinstance(src, onnx.ModelProto):
+    if is_model_proto(src):
         return src.SerializeToString()
     if isinstance(src, (str, Path)):
         p = Path(src)
@@ -155,6 +159,9 @@ def load_onnx_bytes(src: OnnxSource) -> bytes:
 
 def load_onnx_model(src: OnnxSource) -> onnx.ModelProto:
     """Parse an ONNX model; a file that is not ONNX is a DetforgeError naming it."""
+    import onnx
+    from google.protobuf.message import Error as ProtobufError
+
     if isinstance(src, onnx.ModelProto):
         return src
     data = load_onnx_bytes(src)
@@ -175,6 +182,8 @@ def check_onnx(src: OnnxSource, *, full_check: bool = True, path: str | Path | N
 
     An error names `path` (the file bytes are meant for), else `src` where it is a file.
     """
+    import onnx
+
     model = load_onnx_model(src)
     # the checker takes bytes (or a file) as they are; a ModelProto it serializes again (seconds for large models)
     raw = src if isinstance(src, bytes) else str(src) if isinstance(src, (str, Path)) else model

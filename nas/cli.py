@@ -33,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `detforge` console script."""
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*")  # fvcore's tracer, not actionable for users
