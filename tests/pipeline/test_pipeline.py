@@ -634,8 +634,9 @@ def test_scratch_mode_searches_without_a_supernet_and_trains_candidates_as_the_r
     import optuna
 
     search = {"trials": 2, "budget_ms": 100.0, "val_batches": 1, "mode": "scratch", "scratch_epochs": 1}
+    quick = {"backend": "ort-cpu", "threads": 1, "min_runs": 1, "max_time_s": 0.1, "fit_models": 0}  # not the subject
     cfg = _config(tmp_path, search=search, optimizer="adamw", lr0=0.002, nbs=8, baselines={"models": ["yolov7-tiny"]},
-                  supernet={"epochs": 3, "batch": 8}, finetune={"epochs": 1, "batch": 4})  # supernet: unused
+                  supernet={"epochs": 3, "batch": 8}, finetune={"epochs": 1, "batch": 4}, latency=quick)  # supernet: unused
     assert main(["run", str(cfg), "--dry-run", "--json"]) == 0
     plan = [s["stage"] for s in json.loads(capsys.readouterr().out)["stages"]]
     assert plan[:4] == ["data", "latency", "search", "pareto"]  # no supernet to train
