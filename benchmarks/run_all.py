@@ -15,6 +15,7 @@ HERE = Path(__file__).parent
 
 FULL = [
     ["zoo_stats.py"],
+    ["cli_startup.py"],
     ["predict_speed.py"],
     ["table_build_speed.py"],
     ["latency_validate.py"],
@@ -37,6 +38,7 @@ FULL = [
 ]
 QUICK = [
     ["zoo_stats.py"],
+    ["cli_startup.py", "--repeats", "1", "--commands", "train"],
     ["predict_speed.py", "--n", "20", "--repeats", "1"],
     ["table_build_speed.py", "--imgsz", "64", "--fit-models", "2"],
     ["train_synthetic.py", "--train", "64", "--val", "16", "--imgsz", "128", "--minutes", "1", "--epochs", "2",

@@ -211,7 +211,8 @@ def test_worker_records_name_the_pid_namespace():
     assert not _local({**me, "pidns": me["pidns"] + 1})  # same host name, another container: pids not visible
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+# the journal's two-process runs are the kill test's and the reproducibility test's: make bench runs this one
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("journal", marks=pytest.mark.slow)])
 def test_two_worker_processes_share_one_study(shared, tmp_path, kind):
     storage = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else str(tmp_path / "study.journal")
     n = 4
