@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -333,9 +333,11 @@ def verified_file(path: str | Path) -> Iterator[Path]:
             raise
 
 
-def run_engine(engine_path: str | Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The outputs of a TensorRT engine on one batch of inputs (by name), as float32 host arrays (GPU); a
-    non-finite output (NaN or inf) is refused."""
+def run_engine(engine_path: str | Path, inputs: dict[str, np.ndarray],
+               names: Sequence[str] | None = None) -> list[np.ndarray]:
+    """The outputs of a TensorRT engine on one batch of inputs (by name), as float32 host arrays (GPU), in the
+    engine's order or, given `names`, in theirs (TensorRT does not promise the ONNX order); a non-finite output
+    (NaN or inf) is refused."""
     from latency_tables.backends.tensorrt import TrtRunner
 
     if not torch.cuda.is_available():
@@ -344,6 +346,12 @@ def run_engine(engine_path: str | Path, inputs: dict[str, np.ndarray]) -> list[n
                        device=torch.device("cuda"), inputs=inputs)
     try:
         outs = runner.outputs()
+        if names is not None:
+            missing = [n for n in names if n not in runner.output_names]
+            if missing:
+                raise DetforgeError(f"the engine has no output(s) {missing} (it has {runner.output_names})",
+                                    path=engine_path, field="engine")
+            outs = [outs[runner.output_names.index(n)] for n in names]
     finally:
         runner.close()
     if not all(np.isfinite(o).all() for o in outs):
@@ -352,8 +360,8 @@ def run_engine(engine_path: str | Path, inputs: dict[str, np.ndarray]) -> list[n
     return outs
 
 
-# An engine against PyTorch: fp16 (and TF32 in fp32 builds) rounds differently, by amounts not yet measured on a
-# GPU here, so only a gross mismatch (a wrong decode, a dropped layer) is refused; int8 is checked for finite
+# An engine against PyTorch: fp16 rounds differently (fp32 engines are built without TF32), by amounts not yet
+# measured on a GPU here, so only a gross mismatch (a wrong decode, a dropped layer) is refused; int8 is checked for finite
 # outputs only.
 ENGINE_TOLERANCE = {"box_atol": 1.0, "box_rtol": 0.02, "score_atol": 0.05}
 
@@ -369,7 +377,7 @@ def verify_engine(det: Detector, engine_path: str | Path, imgsz: int, nms: NmsSp
     if nms is not None and nms.op != "trt":
         raise DetforgeError(ENGINE_NEEDS_FIXED_OUTPUTS, path=engine_path, field="engine")
     x = _random_images(det, imgsz, batch, seed)
-    outs = run_engine(engine_path, {"images": x.numpy()})
+    outs = run_engine(engine_path, {"images": x.numpy()}, names=None if nms is None else TRT_OUTPUTS)
     model = copy.deepcopy(det).eval().float().cpu()
     with torch.no_grad():
         if nms is None:

@@ -24,6 +24,8 @@ from search_spaces.model import Detector
 OUTPUT_COLUMNS = ("image", "x1", "y1", "x2", "y2", "score", "class")
 TRT_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
 NMS_OPS = ("onnx", "trt")
+# TensorRT's EfficientNMS runs its NMS kernel on the 4096 best-scoring (box, class) pairs of an image
+EFFICIENT_NMS_CANDIDATES = 4096
 
 
 @dataclass(frozen=True)
@@ -79,15 +81,18 @@ class _NonMaxSuppression(torch.autograd.Function):
 def reference_efficient_nms(boxes: Tensor, scores: Tensor, max_det: int, iou: float, conf: float
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """TensorRT EfficientNMS (class-wise, corner boxes) with torchvision: num_dets, boxes, scores, classes."""
-    # boxes [B, N, 4] xyxy, scores [B, N, C]; at most max_det per image by falling score, zero-padded
+    # boxes [B, N, 4] xyxy, scores [B, N, C]; at most max_det per image by falling score, zero-padded. As the
+    # plugin does, scores at the threshold stay and only the EFFICIENT_NMS_CANDIDATES best go into the NMS.
     bsz = scores.shape[0]
     num = torch.zeros((bsz, 1), dtype=torch.int32, device=boxes.device)
     out_boxes = boxes.new_zeros((bsz, max_det, 4))
     out_scores = scores.new_zeros((bsz, max_det))
     out_classes = torch.zeros((bsz, max_det), dtype=torch.int32, device=boxes.device)
     for b in range(bsz):
-        box_idx, cls = torch.nonzero(scores[b] > conf, as_tuple=True)
+        box_idx, cls = torch.nonzero(scores[b] >= conf, as_tuple=True)
         s = scores[b, box_idx, cls]
+        best = torch.argsort(s, descending=True, stable=True)[:EFFICIENT_NMS_CANDIDATES]
+        box_idx, cls, s = box_idx[best], cls[best], s[best]
         keep = batched_nms(boxes[b, box_idx], s, cls, iou)[:max_det]  # sorted by falling score
         k = keep.numel()
         num[b, 0] = k

@@ -271,8 +271,9 @@ def _settings(target: str, activation_type: str | None, reduce_range: bool | Non
                           field="activation_type")
     extra: dict[str, Any] = {"WeightSymmetric": True}
     if target == "trt":
-        # TensorRT only takes zero-point-0 int8 and keeps its own activation fusions
-        extra.update(ActivationSymmetric=True, QDQKeepRemovableActivations=True)
+        # TensorRT only takes zero-point-0 int8 and keeps its own activation fusions; its parser refuses a
+        # DequantizeLinear of int32 (ORT's quantized conv bias), and it quantizes biases itself
+        extra.update(ActivationSymmetric=True, QDQKeepRemovableActivations=True, QuantizeBias=False)
     return {"activation_type": types[act], "weight_type": QuantType.QInt8, "reduce_range": bool(reduce_range),
             "extra_options": extra, "_act": act}
 
@@ -471,7 +472,8 @@ def build_trt_int8_engine(qdq_onnx: str | Path, engine_path: str | Path, *, max_
     """Build a TensorRT engine from a QDQ model (explicit quantization: the Q/DQ scales are used, no calibrator).
 
     Needs an NVIDIA GPU and the `tensorrt` Python package; quantize with `target='trt'` (symmetric int8).
-    Layers left in float run in FP16; a dynamic batch accepts 1..`max_batch`, tuned for `max_batch`.
+    Layers left in float run in FP16 on TensorRT 10 (weak typing); TensorRT 11 builds strongly typed, so they
+    keep the graph's FP32 there. A dynamic batch accepts 1..`max_batch`, tuned for `max_batch`.
     """
     qdq_onnx = Path(qdq_onnx)
     model = load_onnx_model(qdq_onnx)
@@ -482,6 +484,10 @@ def build_trt_int8_engine(qdq_onnx: str | Path, engine_path: str | Path, *, max_
     if onnx.TensorProto.UINT8 in zero_points:
         raise DetforgeError("uint8 activations: TensorRT takes symmetric int8 only; quantize with target='trt'",
                             path=qdq_onnx)
+    int32 = int32_dequantized(model)
+    if int32:
+        raise DetforgeError(f"{len(int32)} DequantizeLinear node(s) of int32 (quantized biases, e.g. {int32[0]!r}): "
+                            "TensorRT's parser refuses them; quantize with target='trt'", path=qdq_onnx)
     return build_trt_engine(qdq_onnx, engine_path, precision="int8", max_batch=max_batch,
                             workspace_gb=workspace_gb)
 
@@ -503,6 +509,12 @@ def verify_trt_int8_engine(qdq_onnx: str | Path, engine_path: str | Path, images
                                          **ENGINE_TOLERANCE)
         worst = max(worst, box, score)
     return worst
+
+
+def int32_dequantized(model: onnx.ModelProto) -> list[str]:
+    """Names of the DequantizeLinear nodes whose input is an int32 initializer (quantized biases)."""
+    int32 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT32}
+    return [n.name for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int32]
 
 
 def _activation_zero_point_types(model: onnx.ModelProto) -> set[int]:

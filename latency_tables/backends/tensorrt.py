@@ -98,6 +98,8 @@ def build_engine(onnx_model: OnnxSource, *, shapes: Mapping[str, Sequence[int]],
         config.set_flag(trt.BuilderFlag.FP16)  # int8 too: layers outside Q/DQ pairs then run in fp16
     if weak_typing and precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: an "fp32" engine would time TF32 tensor cores
 
     net_inputs = [network.get_input(i) for i in range(network.num_inputs)]
     missing = [t.name for t in net_inputs if t.name not in shapes]
@@ -126,6 +128,17 @@ class TrtRunner(Runner):
 
         trt = import_tensorrt()
         self.meta = meta
+        self.device = torch.device(device)
+        # TensorRT binds an engine and its context to the CUDA device current when they are made and run
+        with torch.cuda.device(self.device):
+            self._bind(trt, engine_bytes, shapes, inputs)
+
+    def _bind(self, trt: Any, engine_bytes: bytes, shapes: Mapping[str, tuple[int, ...]],
+              inputs: Mapping[str, np.ndarray] | None) -> None:
+        """Deserialize the engine, set the input shapes and bind device buffers (the device made current)."""
+        import torch
+
+        device = self.device
         self._runtime = trt.Runtime(_logger(trt))  # must outlive the engine
         self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
@@ -166,8 +179,12 @@ class TrtRunner(Runner):
         self._end = torch.cuda.Event(enable_timing=True)
 
     def _enqueue(self) -> None:
-        """Queue one inference on the runner's stream."""
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+        """Queue one inference on the runner's stream (its device current)."""
+        import torch
+
+        with torch.cuda.device(self.device):
+            ok = self.context.execute_async_v3(self.stream.cuda_stream)
+        if not ok:
             raise DetforgeError("TensorRT execute_async_v3 failed (see its log above)", field="model")
 
     def __call__(self) -> None:
@@ -236,7 +253,8 @@ class TensorRTBackend(Backend):
             cache = self.engine_cache_dir / f"{key.hexdigest()[:32]}.engine"
             if cache.is_file():
                 return cache.read_bytes(), shapes
-        engine = build_engine(data, shapes=shapes, precision=self.precision, workspace_gb=self.workspace_gb)
+        with torch.cuda.device(self.device):  # the builder tunes for (and binds to) the current device
+            engine = build_engine(data, shapes=shapes, precision=self.precision, workspace_gb=self.workspace_gb)
         if cache is not None:
             atomic_write_bytes(cache, engine)
         return engine, shapes

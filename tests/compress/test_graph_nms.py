@@ -12,7 +12,13 @@ import torch
 from onnx import TensorProto, helper
 
 from compress.export import ort_session
-from compress.graph_nms import TRT_OUTPUTS, NmsSpec, reference_efficient_nms, reference_nms
+from compress.graph_nms import (
+    EFFICIENT_NMS_CANDIDATES,
+    TRT_OUTPUTS,
+    NmsSpec,
+    reference_efficient_nms,
+    reference_nms,
+)
 from nas.cli import main
 from search_spaces import ConfigError, DetforgeError, load_model, save_model
 
@@ -109,13 +115,29 @@ def test_efficient_nms_reference_by_hand_and_against_onnx_semantics():
     assert torch.allclose(scores, torch.tensor([[0.95, 0.9, 0.7, 0.6]]))
     assert torch.equal(boxes[0], BOXES[0, [1, 0, 2, 3]])
     # with room for every box, it keeps exactly the (box, class) pairs ONNX NonMaxSuppression keeps
-    for conf in (0.0, 0.5):
+    for conf in (0.0, 0.55):
         num, boxes, _, classes = reference_efficient_nms(BOXES, SCORES.transpose(1, 2), 100, 0.45, conf)
         k = int(num[0, 0])
         pairs = {(int(c), int(next(i for i in range(4) if torch.equal(BOXES[0, i], b))))
                  for b, c in zip(boxes[0, :k], classes[0, :k])}
         assert pairs == {(c, i) for _, c, i in reference_nms(BOXES, SCORES, 100, 0.45, conf).tolist()}
         assert (boxes[0, k:] == 0).all()  # zero-padded
+    # but a score at the threshold stays, as in the plugin (ONNX keeps only scores above it): A's 0.5 for class 0
+    num, _, scores, classes = reference_efficient_nms(BOXES, SCORES.transpose(1, 2), 100, 0.45, 0.5)
+    k = int(num[0, 0])
+    assert (0, 0.5) in {(int(c), round(float(s), 2)) for c, s in zip(classes[0, :k], scores[0, :k])}
+    assert not any(float(SCORES[0, c, i]) == 0.5 for _, c, i in reference_nms(BOXES, SCORES, 100, 0.45, 0.5).tolist())
+
+
+def test_efficient_nms_reference_runs_its_nms_on_the_4096_best_candidates_only():
+    # 5000 disjoint boxes, scores falling with the index: NMS removes none, the candidate cap drops the last 904
+    n = 5000
+    xy = torch.arange(n, dtype=torch.float32)[:, None] * 20
+    boxes = torch.cat([xy, xy, xy + 10, xy + 10], 1)[None]
+    scores = torch.linspace(0.99, 0.5, n)[None, :, None]
+    num, out, _, _ = reference_efficient_nms(boxes, scores, n, 0.45, 0.1)
+    assert int(num[0, 0]) == EFFICIENT_NMS_CANDIDATES
+    assert torch.equal(out[0, :EFFICIENT_NMS_CANDIDATES], boxes[0, :EFFICIENT_NMS_CANDIDATES])
 
 
 def _trt_model(tmp_path):

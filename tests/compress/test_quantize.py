@@ -13,6 +13,7 @@ from compress.quantize import (
     _activation_zero_point_types,
     build_trt_int8_engine,
     calibration_images,
+    int32_dequantized,
     quantize_onnx,
 )
 from search_spaces import load_model
@@ -127,12 +128,19 @@ def test_trt_target_is_symmetric_int8_and_engine_build_needs_tensorrt(tiny_onnx,
     report = quantize_onnx(tiny_onnx, out, calibration_images(images, IMGSZ, n=2), method="minmax", target="trt")
     assert report.activation_type == "qint8"
     assert _activation_zero_point_types(onnx.load(str(out))) == {onnx.TensorProto.INT8}
+    assert int32_dequantized(onnx.load(str(out))) == []  # biases stay float: TensorRT quantizes them itself
     if importlib.util.find_spec("tensorrt") is None:
         with pytest.raises(DetforgeError, match="TensorRT is not available"):
             build_trt_int8_engine(out, tmp_path / "m.engine")
     with pytest.raises(DetforgeError, match="uint8 activations"):  # ORT's CPU form is refused before building
         build_trt_int8_engine(quantize_onnx(tiny_onnx, tmp_path / "cpu.onnx", calibration_images(images, IMGSZ, n=2),
                                             method="minmax").path, tmp_path / "m.engine")
+    # int8 activations but ORT's int32 biases (the CPU target's S8S8 form): TensorRT's parser would refuse it
+    s8 = quantize_onnx(tiny_onnx, tmp_path / "s8.onnx", calibration_images(images, IMGSZ, n=2), method="minmax",
+                       activation_type="qint8").path
+    assert int32_dequantized(onnx.load(s8))
+    with pytest.raises(DetforgeError, match="int32"):
+        build_trt_int8_engine(s8, tmp_path / "m.engine")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
