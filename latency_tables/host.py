@@ -16,7 +16,9 @@ from importlib import metadata
 DISTS = {
     "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"),
     "torch": ("torch",),
-    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-libs"),
+    # the -libs wheels are what onnxruntime-gpu's TensorRT provider installs (tensorrt-libs: the 8.6 name)
+    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-cu13-libs",
+                 "tensorrt-cu12-libs", "tensorrt-cu11-libs", "tensorrt-libs"),
     "onnx": ("onnx",),
 }
 
@@ -45,11 +47,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def first_visible_gpu() -> str | None:
+    """nvidia-smi's id of the GPU CUDA numbers 0: the first of CUDA_VISIBLE_DEVICES (an index or a UUID), else
+    "0"; None where that variable hides every GPU (empty, or a negative index)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return "0"  # nvidia-smi ignores CUDA_VISIBLE_DEVICES and numbers GPUs in its own order: it must be told
+    first = visible.split(",")[0].strip()
+    return None if not first or first.startswith("-") else first
+
+
 def nvidia_smi_gpu() -> tuple[str | None, str | None]:
-    """(GPU name, driver version) of GPU 0 as nvidia-smi reports it, else (None, None)."""
-    if shutil.which("nvidia-smi"):
+    """(GPU name, driver version) of the GPU CUDA numbers 0 as nvidia-smi reports it, else (None, None)."""
+    gpu = first_visible_gpu()
+    if gpu is not None and shutil.which("nvidia-smi"):
         try:
-            cmd = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", "--id=0"]
+            cmd = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", f"--id={gpu}"]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
             name, _, driver = out.partition(",")
             if name:
