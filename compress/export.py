@@ -361,8 +361,8 @@ def run_engine(engine_path: str | Path, inputs: dict[str, np.ndarray],
 
 
 # An engine against PyTorch: fp16 rounds differently (fp32 engines are built without TF32), by amounts not yet
-# measured on a GPU here, so only a gross mismatch (a wrong decode, a dropped layer) is refused; int8 is checked for finite
-# outputs only.
+# measured on a GPU here, so only a gross mismatch (a wrong decode, a dropped layer) is refused; int8 is checked
+# for finite outputs only.
 ENGINE_TOLERANCE = {"box_atol": 1.0, "box_rtol": 0.02, "score_atol": 0.05}
 
 

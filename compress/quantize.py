@@ -500,10 +500,10 @@ def verify_trt_int8_engine(qdq_onnx: str | Path, engine_path: str | Path, images
     if not images:
         raise DetforgeError("no images to check the engine on", path=engine_path, field="engine")
     sess = ort_session(qdq_onnx)
-    name = sess.get_inputs()[0].name
+    name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
     worst = 0.0
     for x in images:
-        got = run_engine(engine_path, {name: x})[0]
+        got = run_engine(engine_path, {name: x}, names=[out])[0]  # by name: the engine's order is its own
         box, score = check_decoded_close(sess.run(None, {name: x})[0], got, engine_path, field="engine",
                                          what="the int8 engine does not match ONNX Runtime on its QDQ model",
                                          **ENGINE_TOLERANCE)

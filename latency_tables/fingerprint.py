@@ -42,7 +42,8 @@ def _libs_for(backend: str) -> tuple[str, ...]:
 
 
 def gpu_info() -> tuple[str | None, str | None]:
-    """(GPU name, driver version) of GPU 0 from nvidia-smi, else from torch.cuda; (None, None) without one."""
+    """(GPU name, driver version) of the GPU CUDA numbers 0 from nvidia-smi (host.first_visible_gpu), else from
+    torch.cuda; (None, None) without one."""
     name, driver = nvidia_smi_gpu()
     if name is not None:
         return name, driver

@@ -49,7 +49,11 @@ def cpu_model() -> str:
 
 def first_visible_gpu() -> str | None:
     """nvidia-smi's id of the GPU CUDA numbers 0: the first of CUDA_VISIBLE_DEVICES (an index or a UUID), else
-    "0"; None where that variable hides every GPU (empty, or a negative index)."""
+    "0"; None where that variable hides every GPU (empty, or a negative index).
+
+    An index is nvidia-smi's (PCI bus order), which is CUDA's only with CUDA_DEVICE_ORDER=PCI_BUS_ID: on a host
+    of mixed GPUs without it, CUDA numbers the fastest first. A MIG UUID fails in nvidia-smi, and the caller
+    falls back to torch's name for the device."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return "0"  # nvidia-smi ignores CUDA_VISIBLE_DEVICES and numbers GPUs in its own order: it must be told

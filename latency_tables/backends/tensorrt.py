@@ -62,6 +62,10 @@ def _torch_dtype(trt: Any, dt: Any) -> Any:
     raise DetforgeError(f"TensorRT I/O tensor type {dt} has no torch equivalent here", field="model")
 
 
+# Bumped whenever build_engine changes what it builds (2: fp32 without TF32), to key the engine cache.
+ENGINE_RECIPE = 2
+
+
 def build_engine(onnx_model: OnnxSource, *, shapes: Mapping[str, Sequence[int]], precision: str = "fp16",
                  workspace_gb: float = 4.0, min_batch: int | None = None) -> bytes:
     """Build a serialized TensorRT engine for the input `shapes` (full shapes, batch first, tuned for them).
@@ -246,10 +250,11 @@ class TensorRTBackend(Backend):
 
         cache = None
         if self.engine_cache_dir is not None:
-            # An engine is only valid for the TensorRT version and GPU that built it: both are in the key.
+            # An engine is only valid for the TensorRT version and GPU that built it: both are in the key, and
+            # so is how build_engine builds (ENGINE_RECIPE), so an engine of an older recipe is not reused.
             key = hashlib.sha256(data)
             key.update(repr((self.precision, sorted(shapes.items()), self.trt.__version__, self.workspace_gb,
-                             torch.cuda.get_device_name(self.device))).encode())
+                             torch.cuda.get_device_name(self.device), ENGINE_RECIPE)).encode())
             cache = self.engine_cache_dir / f"{key.hexdigest()[:32]}.engine"
             if cache.is_file():
                 return cache.read_bytes(), shapes

@@ -98,8 +98,9 @@ def test_quantize_engine_is_moved_into_place_only_once_verified(engine_ok, tmp_p
         Path(path).write_bytes(b"new")
         return Path(path)
 
-    def fake_run(path, inputs):  # the engine's outputs: ORT's on the QDQ model, or off by 0.5 in every score
+    def fake_run(path, inputs, names=None):  # the engine's outputs: ORT's on the QDQ model, or 0.5 off in every score
         assert Path(path).read_bytes() == b"new"  # the engine just built, not the earlier one
+        assert names == [ort_session(out).get_outputs()[0].name]  # asked for by name, not the engine's order
         ref = ort_session(out).run(None, inputs)[0]
         return [ref if engine_ok else np.concatenate([ref[..., :4], ref[..., 4:] + 0.5], -1)]
 
@@ -139,3 +140,34 @@ def test_an_engine_with_non_finite_outputs_is_refused(tmp_path, monkeypatch):
     (tmp_path / "m.engine").write_bytes(b"x")
     with pytest.raises(DetforgeError, match="not finite"):
         run_engine(tmp_path / "m.engine", {"images": np.zeros((1, 3, 8, 8), np.float32)})
+
+
+def test_an_engines_outputs_are_returned_in_the_order_asked_by_name(tmp_path, monkeypatch):
+    import latency_tables.backends.tensorrt as trt_backend
+    from compress.export import run_engine
+    from compress.graph_nms import TRT_OUTPUTS
+    from search_spaces.errors import DetforgeError
+
+    engine_order = ["det_scores", "num_dets", "det_classes", "det_boxes"]  # TensorRT keeps its own order
+
+    class Runner:  # a TensorRT runner (no GPU here): each output holds its own index
+        output_names = engine_order
+
+        def __init__(self, *a, **kw):
+            pass
+
+        def outputs(self):
+            return [np.full((1, 1), i, np.float32) for i in range(len(engine_order))]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(trt_backend, "TrtRunner", Runner)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (tmp_path / "m.engine").write_bytes(b"x")
+    feed = {"images": np.zeros((1, 3, 8, 8), np.float32)}
+    outs = run_engine(tmp_path / "m.engine", feed, names=TRT_OUTPUTS)
+    assert [int(o[0, 0]) for o in outs] == [engine_order.index(n) for n in TRT_OUTPUTS]
+    assert [int(o[0, 0]) for o in run_engine(tmp_path / "m.engine", feed)] == [0, 1, 2, 3]  # engine order
+    with pytest.raises(DetforgeError, match="no output"):
+        run_engine(tmp_path / "m.engine", feed, names=["detections"])

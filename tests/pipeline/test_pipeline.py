@@ -90,7 +90,8 @@ def test_pipeline_runs_and_resumes_after_kills(tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["run", str(cfg), "--out", str(out), "--resume"]) == 0  # in this process: no second start-up
-    assert "[run ]" not in capsys.readouterr().out  # nothing left to do
+    log = capsys.readouterr().out
+    assert "[run ]" not in log and "[skip] report" in log  # nothing left to do
 
 
 @pytest.mark.parametrize("over, field", [
