@@ -15,6 +15,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from compress.export import export_detector
@@ -33,26 +34,24 @@ VARIANTS = {  # name: quantize_onnx arguments
 }
 
 
-def score(path: Path, data: str, imgsz: int, batch: int) -> dict[str, float]:
-    """mAP50-95 and mAP50 (%) of an ONNX file on the val split."""
-    cfg = resolve_data_config(data, imgsz)
-    res = evaluate_onnx(path, val_loader(cfg, imgsz, batch), cfg.nc, cfg.names)
-    return {"map": round(100 * res.metrics.map, 3), "map50": round(100 * res.metrics.map50, 3)}
+def measure(model_dir: str, images: Iterable, val: Iterable, nc: int, imgsz: int, work: Path) -> dict:
+    """FP32 and every INT8 variant of one model (calibrated on `images`): mAP on `val` and the quantizer's output
+    error against FP32."""
 
+    def score(path: Path) -> dict[str, float]:
+        res = evaluate_onnx(path, val, nc)
+        return {"map": round(100 * res.metrics.map, 3), "map50": round(100 * res.metrics.map50, 3)}
 
-def measure(model_dir: str, data: str, imgsz: int, calib: int, batch: int, work: Path) -> dict:
-    """FP32 and every INT8 variant of one model: mAP and the quantizer's output error against FP32."""
     det = load_model(model_dir).eval()
     fp32 = work / "fp32.onnx"
     export_detector(det, fp32, imgsz=imgsz, fuse=True)
-    row = {"model": model_dir, "arch": det.arch.name, "head": det.arch.head.type, "fp32": score(fp32, data, imgsz, batch)}
-    images = calibration_images(data, imgsz, n=calib)
+    row = {"model": model_dir, "arch": det.arch.name, "head": det.arch.head.type, "fp32": score(fp32)}
     for name, kw in VARIANTS.items():
         t = time.perf_counter()
         q = quantize_onnx(fp32, work / f"{name}.onnx", images, method="minmax", **kw)
         seconds = round(time.perf_counter() - t, 1)
-        row[name] = {**score(Path(q.path), data, imgsz, batch), "score_mae": q.error["score_mae"],
-                     "box_mae_px": q.error["box_mae_px"], "quantize_s": seconds}
+        row[name] = {**score(Path(q.path)), "score_mae": q.error["score_mae"], "box_mae_px": q.error["box_mae_px"],
+                     "quantize_s": seconds}
     return row
 
 
@@ -66,10 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", default="runs/bench/int8_targets.json")
     args = ap.parse_args(argv)
+    cfg = resolve_data_config(args.data, args.imgsz)  # read once: every file is scored on the same loader
+    val = val_loader(cfg, args.imgsz, args.batch)
+    images = calibration_images(args.data, args.imgsz, n=args.calib)
     rows = []
     for m in args.models:
         with tempfile.TemporaryDirectory(prefix="detforge-int8-") as tmp:
-            rows.append(measure(m, args.data, args.imgsz, args.calib, args.batch, Path(tmp)))
+            rows.append(measure(m, images, val, cfg.nc, args.imgsz, Path(tmp)))
     doc = {"imgsz": args.imgsz, "calib": args.calib, "method": "minmax", "models": rows}
     atomic_write_json(args.out, doc)
     print(json.dumps(doc, indent=1))
