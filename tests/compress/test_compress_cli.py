@@ -120,44 +120,16 @@ def test_quantize_engine_is_moved_into_place_only_once_verified(engine_ok, tmp_p
     assert sorted(p.name for p in tmp_path.glob(".m.engine*")) == []  # no temporary file left
 
 
-def test_an_engine_with_non_finite_outputs_is_refused(tmp_path, monkeypatch):
+def _fake_engine(tmp_path, monkeypatch, results: dict[str, np.ndarray]) -> Path:
+    """An engine file whose TensorRT runner (faked: no GPU here) returns `results` in their order."""
     import latency_tables.backends.tensorrt as trt_backend
-    from compress.export import run_engine
-    from search_spaces.errors import DetforgeError
 
-    class NanRunner:  # a TensorRT runner whose engine produces NaN (no GPU here)
+    class Runner:
         def __init__(self, *a, **kw):
-            pass
+            self.output_names = list(results)
 
         def outputs(self):
-            return [np.array([[1.0, np.nan]], np.float32)]
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(trt_backend, "TrtRunner", NanRunner)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    (tmp_path / "m.engine").write_bytes(b"x")
-    with pytest.raises(DetforgeError, match="not finite"):
-        run_engine(tmp_path / "m.engine", {"images": np.zeros((1, 3, 8, 8), np.float32)})
-
-
-def test_an_engines_outputs_are_returned_in_the_order_asked_by_name(tmp_path, monkeypatch):
-    import latency_tables.backends.tensorrt as trt_backend
-    from compress.export import run_engine
-    from compress.graph_nms import TRT_OUTPUTS
-    from search_spaces.errors import DetforgeError
-
-    engine_order = ["det_scores", "num_dets", "det_classes", "det_boxes"]  # TensorRT keeps its own order
-
-    class Runner:  # a TensorRT runner (no GPU here): each output holds its own index
-        output_names = engine_order
-
-        def __init__(self, *a, **kw):
-            pass
-
-        def outputs(self):
-            return [np.full((1, 1), i, np.float32) for i in range(len(engine_order))]
+            return list(results.values())
 
         def close(self):
             pass
@@ -165,9 +137,29 @@ def test_an_engines_outputs_are_returned_in_the_order_asked_by_name(tmp_path, mo
     monkeypatch.setattr(trt_backend, "TrtRunner", Runner)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     (tmp_path / "m.engine").write_bytes(b"x")
+    return tmp_path / "m.engine"
+
+
+def test_an_engine_with_non_finite_outputs_is_refused(tmp_path, monkeypatch):
+    from compress.export import run_engine
+    from search_spaces.errors import DetforgeError
+
+    engine = _fake_engine(tmp_path, monkeypatch, {"output": np.array([[1.0, np.nan]], np.float32)})
+    with pytest.raises(DetforgeError, match="not finite"):
+        run_engine(engine, {"images": np.zeros((1, 3, 8, 8), np.float32)})
+
+
+def test_an_engines_outputs_are_returned_in_the_order_asked_by_name(tmp_path, monkeypatch):
+    from compress.export import run_engine
+    from compress.graph_nms import TRT_OUTPUTS
+    from search_spaces.errors import DetforgeError
+
+    engine_order = ["det_scores", "num_dets", "det_classes", "det_boxes"]  # TensorRT keeps its own order
+    # each output holds its own index in the engine
+    engine = _fake_engine(tmp_path, monkeypatch, {n: np.full((1, 1), i, np.float32) for i, n in enumerate(engine_order)})
     feed = {"images": np.zeros((1, 3, 8, 8), np.float32)}
-    outs = run_engine(tmp_path / "m.engine", feed, names=TRT_OUTPUTS)
+    outs = run_engine(engine, feed, names=TRT_OUTPUTS)
     assert [int(o[0, 0]) for o in outs] == [engine_order.index(n) for n in TRT_OUTPUTS]
-    assert [int(o[0, 0]) for o in run_engine(tmp_path / "m.engine", feed)] == [0, 1, 2, 3]  # engine order
+    assert [int(o[0, 0]) for o in run_engine(engine, feed)] == [0, 1, 2, 3]  # engine order
     with pytest.raises(DetforgeError, match="no output"):
-        run_engine(tmp_path / "m.engine", feed, names=["detections"])
+        run_engine(engine, feed, names=["detections"])
