@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/detforge run configs/demo.yaml --out runs/demo --resume
 
+# one pytest-xdist worker per logical CPU, each with its share of the threads (tests/conftest.py); a test file
+# stays on one worker, so its module fixtures are built once
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n logical --dist loadfile
 
 bench: install
 	$(BIN)/pytest -q -m "slow or postgres"

@@ -88,7 +88,7 @@ INVALID = [  # (key to change, new value, field the error must name)
 ]
 
 
-@pytest.mark.parametrize("key,value,fld", INVALID, ids=[f"{k}={v}" for k, v, _ in INVALID])
+@pytest.mark.parametrize("key,value,fld", INVALID, ids=[f"{k}={'<deleted>' if v is _DELETE else v}" for k, v, _ in INVALID])
 def test_invalid_yaml_names_the_field(tmp_path, key, value, fld):
     raw = _raw("default")
     _set(raw, key, value)
