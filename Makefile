@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/detforge run configs/demo.yaml --out runs/demo --resume
 
-# one pytest-xdist worker per logical CPU, each with its share of the threads (tests/conftest.py); a test file
-# stays on one worker, so its module fixtures are built once
+# pytest-xdist workers: one per CPU this process may use, at most 8 (each holds torch and its models: ~2.5 GB at
+# the peak); each gets its share of the threads (tests/conftest.py); a test file stays on one worker, so its
+# module fixtures are built once. `make test TEST_WORKERS=0` runs it without workers.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 8 ? n : 8 )))
+
 test: install
-	$(BIN)/pytest -q -n logical --dist loadfile
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(BIN)/pytest -q -m "slow or postgres"

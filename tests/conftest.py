@@ -15,12 +15,13 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (`make test` runs `-n auto`), each worker gets its share of the cores: its torch and
-    every process it starts use cpu_count / workers threads, so the workers never oversubscribe the CPU."""
+    """Under pytest-xdist (`make test` runs one worker per CPU), each worker gets its share of the cores: its torch
+    and every process it starts use CPUs / workers threads, so the workers never oversubscribe the CPU."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers and "OMP_NUM_THREADS" not in os.environ:
         # set before torch is imported (test modules import it after this hook), so torch reads it too
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // int(workers)))
 
 
 @pytest.fixture(scope="session")
