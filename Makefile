@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/detforge run configs/demo.yaml --out runs/demo --resume
 
-# pytest-xdist workers: one per CPU this process may use, at most 8 (each holds torch and its models: ~2.5 GB at
-# the peak); each gets its share of the threads (tests/conftest.py); a test file stays on one worker, so its
+# pytest-xdist workers: one per CPU this process may use, at most 8 (each holds torch and its models in
+# memory); each gets its share of the threads (tests/conftest.py); a test file stays on one worker, so its
 # module fixtures are built once. `make test TEST_WORKERS=0` runs it without workers.
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))")
 
