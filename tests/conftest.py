@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,17 @@ def pytest_configure(config: pytest.Config) -> None:
         # set before torch is imported (test modules import it after this hook), so torch reads it too
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // int(workers)))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that sets torch's process-wide thread count (the PyTorch latency backend does) leaves it as it
+    found it: the next test on that worker would run oversubscribed."""
+    torch = sys.modules.get("torch")  # not imported here: a test that does not use torch need not load it
+    n = torch.get_num_threads() if torch is not None else None
+    yield
+    if n is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
