@@ -22,7 +22,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers and "OMP_NUM_THREADS" not in os.environ:
         # set before torch is imported (test modules import it after this hook), so torch reads it too
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // int(workers)))
+        os.environ["OMP_NUM_THREADS"] = os.environ["DETFORGE_TEST_THREADS"] = str(max(1, cpus // int(workers)))
 
 
 @pytest.fixture(autouse=True)
