@@ -20,7 +20,7 @@ demo: install
 # pytest-xdist workers: one per CPU this process may use, at most 8 (each holds torch and its models in
 # memory); each gets its share of the threads (tests/conftest.py); a test file stays on one worker, so its
 # module fixtures are built once. `make test TEST_WORKERS=0` runs it without workers.
-TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))")
+TEST_WORKERS ?= $(shell $(BIN)/python -c "from latency_tables.host import usable_cores; print(min(8, usable_cores()))")
 
 test: install
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile

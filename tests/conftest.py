@@ -20,8 +20,12 @@ def pytest_configure(config: pytest.Config) -> None:
     and every process it starts use CPUs / workers threads, so the workers never oversubscribe the CPU."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers and "OMP_NUM_THREADS" not in os.environ:
-        # set before torch is imported (test modules import it after this hook), so torch reads it too
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        # set before torch is imported (test modules import it after this hook), so torch reads it too; hence
+        # latency_tables.host.usable_cores' rule written out here: importing that package loads torch
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
         os.environ["OMP_NUM_THREADS"] = os.environ["DETFORGE_TEST_THREADS"] = str(max(1, cpus // int(workers)))
 
 
