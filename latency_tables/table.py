@@ -545,11 +545,17 @@ class LatencyTable:
             raise ConfigError(f"must be >= 1, got {bad[1]}", field=bad[0])
         be = make_backend(backend, config=BUILD_PROTOCOL) if isinstance(backend, str) else backend
         out = Path(out_path)
+        if out.is_dir():
+            raise ConfigError("is a directory: give the table's file path", path=out, field="out")
+        sigs = {s.key(): s for s in space.block_signatures(imgsz, batch)}  # an impossible size fails here
         table = None
-        if not resume:
-            out.unlink(missing_ok=True)  # start over: save() would otherwise merge the old entries back in
-        elif out.is_file():
-            table = cls.load(out, check_device=False)
+        # a table --no-resume starts over is removed at the first save (save() would otherwise merge its
+        # entries back in), so a build that fails before it measured anything leaves the file as it was
+        # anything but a table there is refused, never replaced (an empty file holds nothing to lose)
+        existing = cls.read_existing(out) if out.is_file() and out.stat().st_size else None
+        discard = out if existing is not None and not resume else None
+        if existing is not None and resume:
+            table = existing
             table.check_compatible(be.name, imgsz, batch, be.precision, be.threads, fuse)
             here = be.fingerprint(batch)
             if not table.fingerprint.same_device(here):  # its timings would be saved under the other's name
@@ -578,6 +584,9 @@ class LatencyTable:
             if force or now - clock["saved"] >= save_every_s:
                 table.info["build_s"] = round(float(table.info.get("build_s", 0.0)) + now - clock["start"], 3)
                 clock["start"] = clock["saved"] = now
+                if discard is not None and "discarded" not in clock:
+                    discard.unlink(missing_ok=True)
+                    clock["discarded"] = now
                 table.save()
 
         work = False  # a finished table is left byte for byte as it is: a study checks its digest
@@ -585,7 +594,6 @@ class LatencyTable:
             if table.overhead.call_overhead_ms == 0.0:
                 table.overhead.call_overhead_ms = measure_call_overhead(be, batch, realtime).median_ms
                 work = True
-            sigs = {s.key(): s for s in space.block_signatures(imgsz, batch)}
             todo = [s for k, s in sigs.items() if k not in table.entries]
             work = work or bool(todo)
             if work:
@@ -608,7 +616,10 @@ class LatencyTable:
             om = table.overhead
             # a space with fewer architectures than fit_models has all of them in a finished fit
             fit_archs = sample_architectures(space, fit_models, seed, extremes=True) if fit_models > 0 else []
-            if fit_archs and (todo or om.method == "identity" or len(om.points) < len(fit_archs)):
+            # an unfinished fit's passes (FIT_PASSES) mean a kill came during it, also in a refit of a table
+            # that already had a fit of as many models (a space built into the table of another)
+            if fit_archs and (todo or om.method == "identity" or len(om.points) < len(fit_archs)
+                              or FIT_PASSES in table.info):
                 work = True
                 table.fit_space(space, be, fit_models, seed, progress=progress, realtime=realtime,
                                 after_pass=lambda: save(force=True), archs=fit_archs)
@@ -727,16 +738,21 @@ class LatencyTable:
         where = f"latency table {self.path}" if self.path else "latency table"
         return check_fingerprint(self.fingerprint, here, what=where)
 
+    @classmethod
+    def read_existing(cls, path: Path) -> LatencyTable:
+        """The table at a path about to be written; anything else there is a ConfigError, not overwritten."""
+        try:
+            return cls.from_dict(read_json(path), path)
+        except ConfigError as e:  # saving would overwrite it: another file, or a table damaged by hand
+            raise ConfigError(f"holds something that is not a latency table ({e.message}): use another --out "
+                              "or move it away", path=path, field=e.field) from None
+
     def merge_from(self, path: str | Path) -> int:
         """Add the entries of the table at `path` that this one lacks (same settings only); how many."""
         p = Path(path)
         if not p.is_file() or p.stat().st_size == 0:
             return 0
-        try:
-            other = LatencyTable.from_dict(read_json(p), p)
-        except ConfigError as e:  # saving would overwrite it: another file, or a table damaged by hand
-            raise ConfigError(f"holds something that is not a latency table ({e.message}): use another --out "
-                              "or move it away", path=p, field=e.field) from None
+        other = self.read_existing(p)
         other.check_compatible(self.backend, self.imgsz, self.batch, self.precision, self.threads, self.fused)
         if not self.fingerprint.same_device(other.fingerprint):
             raise ConfigError(f"holds a table of another device ({other.fingerprint.slug()}; this one is "

@@ -18,6 +18,8 @@ from .errors import CheckpointError, ConfigError
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically (temp + fsync + rename)."""
     path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the work of filling the temp file
+        raise ConfigError("is a directory: give a file path", path=path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -207,6 +207,74 @@ def test_a_fit_killed_after_its_first_pass_continues_at_the_second(micro, tmp_pa
     assert len(table.overhead.points) == 3 and "fit_passes" not in table.info
 
 
+def test_a_refit_killed_in_a_finished_table_continues_instead_of_keeping_the_old_fit(micro, tmp_path,
+                                                                                      monkeypatch):
+    import latency_tables.table as table_mod
+
+    path = tmp_path / "t.json"
+    LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=3)
+    doc = json.loads(path.read_text())
+    doc["entries"].pop(next(iter(doc["entries"])))  # a signature the table lacks: the build refits,
+    path.write_text(json.dumps(doc))  # here on other models (another seed, as another space would give)
+    real, calls = table_mod.measure_architectures, []
+
+    def killed_in_the_second_pass(*args, **kw):
+        calls.append(kw.get("desc"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(table_mod, "measure_architectures", killed_in_the_second_pass)
+    with pytest.raises(KeyboardInterrupt):
+        LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=3, seed=7)
+    monkeypatch.setattr(table_mod, "measure_architectures", real)
+    saved = json.loads(path.read_text())
+    new_models = len(saved["info"]["fit_passes"])  # the fit models the first fit did not have
+    assert new_models >= 1 and len(saved["overhead"]["points"]) == 3  # the old fit, beside the unfinished one
+    again = SizeBackend()
+    table = LatencyTable.build(micro, again, MICRO_IMGSZ, path, progress=False, fit_models=3, seed=7)
+    assert again.prepared == 2 * new_models and "fit_passes" not in table.info  # passes 2 and 3, then the fit
+
+
+def test_no_resume_refuses_a_file_that_is_not_a_table_and_leaves_it(micro, tmp_path):
+    path = tmp_path / "results.json"  # e.g. a probe runner's raw results, given as --out by mistake
+    path.write_text(json.dumps({"passes": [[1.0, 2.0]]}))
+    before = path.read_bytes()
+    with pytest.raises(ConfigError) as e:
+        LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=0, resume=False)
+    assert str(path) in str(e.value) and "not a latency table" in str(e.value)
+    assert path.read_bytes() == before
+
+
+def test_no_resume_keeps_the_old_table_until_the_new_build_saves(micro, tmp_path):
+    path = tmp_path / "t.json"
+    LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=0)
+    before = path.read_bytes()
+    with pytest.raises(ConfigError) as e:  # an impossible size fails before anything is measured or removed
+        LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ + 1, path, progress=False, fit_models=0,
+                           resume=False)
+    assert e.value.field is not None and path.read_bytes() == before
+    missing = tmp_path / "none.json"
+    with pytest.raises(ConfigError):
+        LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ + 1, missing, progress=False, fit_models=0)
+    assert not missing.exists()  # no table of no entries left to block the corrected rerun
+    measured: list[str] = []
+    fresh = LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=0,
+                               resume=False, callback=lambda k, m: measured.append(k))
+    assert len(measured) == len(fresh) == len(micro.block_signatures(MICRO_IMGSZ, 1))  # started over
+    assert LatencyTable.load(path).info["created"] == fresh.info["created"]
+
+
+def test_a_directory_as_the_table_path_is_a_config_error(micro, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, tmp_path, progress=False, fit_models=0)
+    assert e.value.field == "out" and str(tmp_path) in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        LatencyTable.from_dict(LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, tmp_path / "t.json",
+                                                  progress=False, fit_models=0).to_dict()).save(tmp_path)
+    assert "directory" in str(e.value) and str(tmp_path) in str(e.value)
+
+
 def test_a_space_smaller_than_the_fit_is_fitted_on_all_of_it_once(tmp_path):
     yaml_text = MICRO_YAML.replace("depth: [1, 2]", "depth: [1]").replace("{out: [16, 32]}", "{out: 16}")
     (tmp_path / "two.yaml").write_text(yaml_text)
