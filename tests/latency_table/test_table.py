@@ -246,10 +246,22 @@ def test_no_resume_refuses_a_file_that_is_not_a_table_and_leaves_it(micro, tmp_p
     assert path.read_bytes() == before
 
 
-def test_no_resume_keeps_the_old_table_until_the_new_build_saves(micro, tmp_path):
+def test_no_resume_keeps_the_old_table_until_the_new_build_saves(micro, tmp_path, monkeypatch):
+    import latency_tables.table as table_mod
+
     path = tmp_path / "t.json"
     LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=0)
     before = path.read_bytes()
+
+    def backend_fails(*args, **kw):
+        raise RuntimeError("the device went away")
+
+    with monkeypatch.context() as m:  # fails before its first save: the old table is all there is
+        m.setattr(table_mod, "measure_call_overhead", backend_fails)
+        with pytest.raises(RuntimeError):
+            LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ, path, progress=False, fit_models=0,
+                               resume=False)
+    assert path.read_bytes() == before
     with pytest.raises(ConfigError) as e:  # an impossible size fails before anything is measured or removed
         LatencyTable.build(micro, SizeBackend(), MICRO_IMGSZ + 1, path, progress=False, fit_models=0,
                            resume=False)
