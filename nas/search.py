@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -176,6 +177,36 @@ class SurplusTrial(Exception):
     """Raised in a trial created after N trials were already complete or running ahead of it."""
 
 
+CAUGHT = (DetforgeError, torch.cuda.OutOfMemoryError, SurplusTrial)  # a trial's failures the search goes on after
+
+
+class OwnFailureFilter(logging.Filter):
+    """Drops Optuna's report of a trial failed by a CAUGHT error (all its parameters and a traceback, then its
+    value): the search records and prints those failures in one line itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, CAUGHT):
+            self.dropped.add(record.getMessage().split(" failed", 1)[0])  # "Trial N"
+            return False
+        head = record.getMessage().split(" failed with value", 1)
+        if len(head) == 2 and head[0] in self.dropped:
+            self.dropped.discard(head[0])
+            return False
+        return True
+
+
+def quiet_own_failures() -> None:
+    """Install OwnFailureFilter on Optuna's trial logger (once per process)."""
+    log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, OwnFailureFilter) for f in log.filters):
+        log.addFilter(OwnFailureFilter())
+
+
 # ---- storage and study ---------------------------------------------------------------------------------------
 def default_storage(out: str | Path) -> str:
     """`sqlite:///OUT/study.db` (absolute)."""
@@ -301,7 +332,7 @@ def open_storage(url: str, *, heartbeat_s: int = 20, grace_s: int = 60, max_retr
                 return HeartbeatRDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
                                            grace_period=grace_s, **kw)
         except ImportError as e:
-            raise ConfigError(f"cannot open {_redact(url)}: {e} (install its driver: pip install 'psycopg[binary]' "
+            raise ConfigError(f"cannot open {redact_url(url)}: {e} (install its driver: pip install 'psycopg[binary]' "
                               "for postgresql://, psycopg2-binary for postgresql+psycopg2://, PyMySQL for "
                               "mysql+pymysql://)", field="storage") from None
         except (SQLAlchemyError, ValueError, RuntimeError) as e:  # a wrong URL, a server down, a schema race,
@@ -311,10 +342,10 @@ def open_storage(url: str, *, heartbeat_s: int = 20, grace_s: int = 60, max_retr
             if not (race or url.startswith("sqlite")):  # a server that cannot be reached does not come back soon
                 break
             time.sleep(0.2 * (attempt + 1))
-    raise ConfigError(f"cannot open {_redact(url)}: {str(last).splitlines()[0][:300]}", field="storage")
+    raise ConfigError(f"cannot open {redact_url(url)}: {str(last).splitlines()[0][:300]}", field="storage")
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without its password."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
@@ -347,7 +378,7 @@ def load_study(storage: str, study: str) -> optuna.Study:
         return optuna.load_study(study_name=study, storage=st)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(st)]
-        raise ConfigError(f"no study {study!r} in {_redact(storage)} (studies: {', '.join(names) or 'none'})",
+        raise ConfigError(f"no study {study!r} in {redact_url(storage)} (studies: {', '.join(names) or 'none'})",
                           field="study") from None
 
 
@@ -549,6 +580,7 @@ class Searcher:
     last_failure: str = ""
     current_id: int | None = None  # the trial this worker runs (or ran last)
     current_number: int | None = None
+    own_error: BaseException | None = None  # what the current trial's objective raised, if anything
     _bn: list[torch.Tensor] | None = None
     _val: Any = None
     _stats: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -581,8 +613,8 @@ class Searcher:
 
     def lost_trial(self, study: optuna.Study) -> bool:
         """Whether another worker failed the trial this one was running (it judged this worker dead)."""
-        if self.current_id is None:
-            return False
+        if self.current_id is None or self.own_error is not None:
+            return False  # an objective that raised was failed here, by Optuna, for its own error
         return study._storage.get_trial(self.current_id).state == TrialState.FAIL
 
     def seed_points(self) -> list[tuple[str, dict[str, Any]]]:
@@ -647,7 +679,16 @@ class Searcher:
 
     def __call__(self, trial: Trial) -> tuple[float, ...] | float:
         """The objective: sample, predict latency, evaluate; errors become FAIL with `fail_reason`."""
-        self.current_id, self.current_number = trial._trial_id, trial.number
+        self.current_id, self.current_number, self.own_error = trial._trial_id, trial.number, None
+        try:
+            return self._run(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise  # another worker finished this trial meanwhile (see lost_trial)
+        except BaseException as e:
+            self.own_error = e
+            raise
+
+    def _run(self, trial: Trial) -> tuple[float, ...] | float:
         try:
             self.claim(trial)
         except SurplusTrial as e:
@@ -666,6 +707,8 @@ class Searcher:
             trial.set_user_attr("fail_reason", self.last_failure)
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
+            if self.cfg.progress:
+                print(f"trial {trial.number} failed: {self.last_failure}", file=sys.stderr, flush=True)
             raise
         self.failures_in_a_row = 0
         return values
@@ -896,12 +939,7 @@ def prepare(cfg: SearchConfig, *, predictor: PredictMs | None = None, supernet: 
         warnings.warn(f"{', '.join(unused)} ignored: in supernet mode the trials train only with finetune_epochs "
                       "(--finetune-epochs)", RuntimeWarning, stacklevel=2)
     if supernet is None and cfg.mode == "supernet":
-        supernet = load_supernet(cfg.supernet, space=cfg.space)
-    if supernet is not None and cfg.space and cfg.mode == "supernet":
-        want = load_space(cfg.space).name if Path(str(cfg.space)).suffix in (".yaml", ".yml") else cfg.space
-        if want != supernet.space.name:
-            raise ConfigError(f"the supernet was trained on space {supernet.space.name!r}, not {want!r}",
-                              path=cfg.supernet, field="space")
+        supernet = load_supernet(cfg.supernet, space=cfg.space)  # refuses a space it was not trained on
     space = supernet.space if supernet is not None and cfg.mode == "supernet" else load_space(cfg.space)
     imgsz = cfg.imgsz
     from_table = predictor is None
@@ -940,6 +978,7 @@ def create_study(cfg: SearchConfig, searcher: Searcher) -> optuna.Study:
     url = cfg.storage or default_storage(cfg.out)
     storage = open_storage(url, heartbeat_s=cfg.heartbeat_s, grace_s=cfg.grace_s, max_retry=cfg.max_retry)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial (progress) instead of 60 params
+    quiet_own_failures()
     # Optuna >= 5 reads constraints the trial set (Trial.set_constraint); older ones call constraints_func
     constraints = constraint_of if cfg.budget_ms is not None and not NATIVE_CONSTRAINTS else None
     population = cfg.population or min(max(cfg.trials // 4, 4), 50)
@@ -982,7 +1021,7 @@ def run_search(cfg: SearchConfig, *, predictor: PredictMs | None = None, superne
 
     callbacks = [optuna.study.MaxTrialsCallback(cfg.trials, states=(TrialState.COMPLETE,)), stop_on_surplus,
                  *study_callbacks]
-    catch = (DetforgeError, torch.cuda.OutOfMemoryError, SurplusTrial)
+    catch = CAUGHT
     while True:
         recover_dead_trials(study, cfg.grace_s, cfg.max_retry)
         n = _counts(study)
@@ -1036,4 +1075,4 @@ def summary(study: optuna.Study) -> dict[str, Any]:
 
 __all__ = ["OBJECTIVES", "SAMPLERS", "SUPERNET_POINT", "SearchConfig", "Searcher", "SurplusTrial", "calibration_batches", "constraint_of", "create_study",
            "default_storage", "file_digest", "heartbeat_enabled", "load_study", "make_pruner", "make_sampler", "open_storage", "pinned_space",
-           "prepare", "recover_dead_trials", "run_search", "summary", "trial_rows"]
+           "prepare", "recover_dead_trials", "redact_url", "run_search", "summary", "trial_rows"]

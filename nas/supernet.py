@@ -846,6 +846,9 @@ def load_supernet(path: str | Path, space: SearchSpace | str | Path | None = Non
             space = doc.get("space_path") if doc.get("space_path") and Path(doc["space_path"]).is_file() \
                 else doc["space"]
     net = Supernet(space, nc=int(doc["nc"]))
+    if doc.get("space") and net.space.name != doc["space"]:  # a space given by the caller, not the recorded one
+        raise ConfigError(f"the supernet was trained on space {doc['space']!r}, not {net.space.name!r}", path=path,
+                          field="space")
     # files written before channel sorting existed hold no `order` buffers: theirs is the initial one
     state = {**{k: v for k, v in net.state_dict().items() if k.endswith(".order")}, **doc["state_dict"]}
     try:

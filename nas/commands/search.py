@@ -162,7 +162,7 @@ def _objectives(text: str | None) -> tuple[str, ...] | None:
 
 def run_search(args: argparse.Namespace) -> None:
     from nas.pareto import FRONT_COLUMNS, front_table, pareto_front
-    from nas.search import SearchConfig, default_storage, summary
+    from nas.search import SearchConfig, default_storage, redact_url, summary
     from nas.search import run_search as search
 
     cfg = SearchConfig(space=args.space, supernet=args.supernet, table=args.table, data=args.data,
@@ -178,7 +178,7 @@ def run_search(args: argparse.Namespace) -> None:
     study = search(cfg)
     front = pareto_front(study)
     info = summary(study)
-    info["storage"] = cfg.storage or default_storage(cfg.out)
+    info["storage"] = redact_url(cfg.storage or default_storage(cfg.out))  # printed: never a database password
     counts = ", ".join(f"{v} {k}" for k, v in info.items() if isinstance(v, int))
     text = f"study {study.study_name} ({info['storage']}): {counts}\n\nPareto front\n" + \
         format_table(front_table(front), FRONT_COLUMNS)

@@ -78,7 +78,7 @@ def test_search_records_attributes_and_constraints(shared, tmp_path):
     assert len(again.trials) == 4
 
 
-def test_failing_trials_keep_their_reason_and_the_study_goes_on(shared, tmp_path):
+def test_failing_trials_keep_their_reason_and_the_study_goes_on(shared, tmp_path, capsys, caplog):
     from latency_tables import LatencyTable
 
     table = LatencyTable.load(shared.table, check_device=False)
@@ -92,9 +92,12 @@ def test_failing_trials_keep_their_reason_and_the_study_goes_on(shared, tmp_path
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return table.predict(arch)
 
-    study = run_search(_cfg(shared, tmp_path, trials=2, sampler="random"), predictor=flaky)
+    study = run_search(_cfg(shared, tmp_path, trials=2, sampler="random", progress=True), predictor=flaky)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert [t.number for t in failed] == [1, 2]
+    err = capsys.readouterr().err  # one line each, not Optuna's 60 parameters and a traceback
+    assert "trial 1 failed: ConfigError: entries: no entry" in err and "trial 2 failed: OutOfMemoryError" in err
+    assert not [r for r in caplog.records if r.name.startswith("optuna") and "Trial 1 " in r.getMessage()]
     assert "ConfigError" in failed[0].user_attrs["fail_reason"] and "no entry" in failed[0].user_attrs["fail_reason"]
     assert failed[1].user_attrs["fail_reason"].startswith("OutOfMemoryError")
     assert [t.number for t in study.trials if t.state == TrialState.COMPLETE] == [0, 3]
@@ -131,6 +134,22 @@ def test_a_trial_failed_by_another_worker_meanwhile_is_not_an_error(shared, tmp_
     study = run_search(_cfg(shared, tmp_path, trials=2, sampler="random"), predictor=judged_dead)
     _check_exactly(study, 2)
     assert study.trials[0].state == TrialState.FAIL
+
+
+def test_an_assertion_in_the_objective_is_raised_not_taken_for_a_lost_trial(shared, tmp_path):
+    calls = {"n": 0}
+
+    def asserts(arch) -> float:
+        calls["n"] += 1
+        if calls["n"] > 12:  # the search took the error for another worker's doing and went on
+            raise RuntimeError("kept running trials that fail")
+        if calls["n"] > 2:  # the two probes before the study pass, then a bug in the trial's own code
+            raise AssertionError("a broken invariant")
+        return 1.0
+
+    with pytest.raises(AssertionError, match="a broken invariant"):
+        run_search(_cfg(shared, tmp_path, trials=3, sampler="random"), predictor=asserts)
+    assert calls["n"] == 3
 
 
 def test_a_trial_failed_by_another_worker_after_its_objective_returned_is_not_an_error(shared, tmp_path,
@@ -453,6 +472,27 @@ def postgres_url():
     subprocess.run([*prefix, pg_ctl, "-D", str(data), "stop", "-m", "immediate"], check=False, capture_output=True,
                    timeout=120)
     shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_space_the_supernet_was_not_trained_on_is_refused(shared, tmp_path):
+    from search_spaces.space import SPACES_DIR
+
+    with pytest.raises(ConfigError, match="trained on space 'tiny', not 'default'") as e:
+        prepare(_cfg(shared, tmp_path, space="default"))
+    assert e.value.field == "space" and str(shared.supernet) in str(e.value)
+    renamed = tmp_path / "mine.yaml"  # the same decisions under another name: not the space it was trained on
+    renamed.write_text((SPACES_DIR / "tiny.yaml").read_text().replace("name: tiny", "name: mine", 1))
+    with pytest.raises(ConfigError, match="not 'mine'"):
+        prepare(_cfg(shared, tmp_path, space=str(renamed)))
+    assert prepare(_cfg(shared, tmp_path, space="tiny")).space.name == "tiny"
+
+
+def test_a_storage_url_is_printed_without_its_password():
+    from nas.search import redact_url
+
+    assert redact_url("postgresql://ann:s3cr@t@db:5432/nas") == "postgresql://ann:***@db:5432/nas"
+    assert redact_url("mysql+pymysql://ann@db/nas") == "mysql+pymysql://ann@db/nas"  # no password to hide
+    assert redact_url("sqlite:////runs/study.db") == "sqlite:////runs/study.db"
 
 
 @pytest.mark.postgres
