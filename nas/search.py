@@ -602,6 +602,16 @@ class Searcher:
             self._val = build_dataloader(ds, self.cfg.batch, self.cfg.workers, shuffle=False, seed=self.cfg.seed)
         return self._val
 
+    def check_data(self) -> None:
+        """Scan both splits now: a bad dataset is one error before the study has trials, not one per trial."""
+        if self.supernet is not None:
+            self.bn_batches()  # needed by the first trial anyway
+        else:
+            from trainer.datasets import YoloDataset
+
+            YoloDataset.from_config(self.data, "train", imgsz=self.imgsz, seed=self.cfg.seed)
+        self.val_loader()
+
     def stats(self, arch: Architecture, arch_id: str) -> tuple[int, float]:
         """(params, GFLOPs) of an architecture at the search's input size (cached)."""
         if arch_id not in self._stats:
@@ -969,8 +979,10 @@ def prepare(cfg: SearchConfig, *, predictor: PredictMs | None = None, supernet: 
     device = resolve_device(cfg.device)
     if supernet is not None:
         supernet.to(device)
-    return Searcher(cfg=cfg, space=space, imgsz=imgsz, nc=nc, names=list(data.names), data=data,
-                    predict_ms=predictor, supernet=supernet if cfg.mode == "supernet" else None, device=device)
+    searcher = Searcher(cfg=cfg, space=space, imgsz=imgsz, nc=nc, names=list(data.names), data=data,
+                        predict_ms=predictor, supernet=supernet if cfg.mode == "supernet" else None, device=device)
+    searcher.check_data()
+    return searcher
 
 
 def create_study(cfg: SearchConfig, searcher: Searcher) -> optuna.Study:

@@ -474,6 +474,23 @@ def postgres_url():
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.parametrize("mode", ["supernet", "scratch"])
+def test_a_bad_dataset_fails_before_the_study_has_trials(shared, tmp_path, mode):
+    from search_spaces.errors import DataError
+
+    doc = yaml.safe_load(Path(shared.data).read_text())
+    doc["path"] = str(Path(shared.data).parent.resolve())
+    (tmp_path / "empty").mkdir()
+    doc["val"] = str(tmp_path / "empty")  # it exists: only a scan of the split finds it holds no images
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump(doc))
+    extra = {"space": "tiny", "supernet": None, "scratch_epochs": 1} if mode == "scratch" else {}
+    with pytest.raises(DataError) as e:
+        run_search(_cfg(shared, tmp_path, data=str(data), mode=mode, **extra))
+    assert "empty" in str(e.value)
+    assert not (tmp_path / "study.journal").exists() or not load_study(str(tmp_path / "study.journal"), "s").trials
+
+
 def test_a_space_the_supernet_was_not_trained_on_is_refused(shared, tmp_path):
     from search_spaces.space import SPACES_DIR
 
