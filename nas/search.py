@@ -905,11 +905,13 @@ def _unused_training_settings(cfg: SearchConfig) -> list[str]:
 NOT_RECORDED = object()  # a setting a study created before it was recorded cannot be compared on
 # values in studies created before they were recorded
 SETTINGS_BEFORE = {"finetune_epochs": 0, "val_batches": None, "scratch_epochs": NOT_RECORDED, "nbs": NOT_RECORDED,
-                   "heartbeat_s": NOT_RECORDED}
+                   "heartbeat_s": NOT_RECORDED, "seed": NOT_RECORDED}
 # Settings that change a trial's score: workers that differ in one would mix incomparable mAPs into one front.
-# heartbeat_s too: a worker judges the others' trials dead by its own interval and grace.
+# seed too: it draws the calibration batches and the trials' trainings, and `pareto --export` recalibrates with
+# the creator's. heartbeat_s too: a worker judges the others' trials dead by its own interval and grace.
 SHARED_SETTINGS = ("space", "objectives", "mode", "budget_ms", "imgsz", "nc", "finetune_epochs", "bn_batches",
-                   "val_batches", "batch", "scratch_epochs", "nbs", "optimizer", "lr_schedule", "lr0", "heartbeat_s")
+                   "val_batches", "batch", "scratch_epochs", "nbs", "optimizer", "lr_schedule", "lr0", "heartbeat_s",
+                   "seed")
 SETTINGS_WAIT_S = 30.0  # how long a joining worker waits for the creator to record the study's settings
 
 

@@ -384,8 +384,8 @@ def test_joining_a_study_with_other_settings_is_refused(shared, tmp_path):
     run_search(_cfg(shared, tmp_path, trials=1))
     with pytest.raises(ConfigError, match="budget_ms"):
         run_search(_cfg(shared, tmp_path, trials=2, budget_ms=9.0))
-    # another calibration, validation, finetuning batch or liveness judgement
-    for over in ({"bn_batches": 3}, {"val_batches": 1}, {"heartbeat_s": 2}):
+    # another calibration, validation, finetuning batch, calibration draw or liveness judgement
+    for over in ({"bn_batches": 3}, {"val_batches": 1}, {"seed": 1}, {"heartbeat_s": 2}):
         with pytest.raises(ConfigError) as e:
             run_search(_cfg(shared, tmp_path, trials=2, **over))
         assert e.value.field == next(iter(over))
