@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from search_spaces.space import Decision, SearchSpace
 PredictMs = Callable[[Architecture], float]
 LARGEST_DRAWS = 512  # random draws among which the feasible region's largest architecture is chosen
 MAX_TRIES = 2000  # random draws before a sample of the region gives up
+CACHED_LATENCIES = 4096  # predictions a region keeps: a supernet training draws a new architecture nearly every time
 
 
 def pinned_space(space: SearchSpace, imgsz: int) -> SearchSpace:
@@ -78,7 +80,7 @@ class FeasibleRegion:
     space: SearchSpace
     predict_ms: PredictMs
     budget_ms: float
-    _ms: dict[str, float] = field(default_factory=dict, init=False, repr=False)  # by the decisions' JSON
+    _ms: OrderedDict[str, float] = field(default_factory=OrderedDict, init=False, repr=False)  # LRU by decisions
 
     def __post_init__(self) -> None:
         if not self.budget_ms > 0:
@@ -96,9 +98,13 @@ class FeasibleRegion:
         """The predicted latency of the architecture of `decisions` (cached)."""
         # keyed by the decisions, not the built architecture: building one costs as much as a table lookup
         key = json.dumps(decisions, sort_keys=True, default=str)
-        if key not in self._ms:
-            self._ms[key] = float(self.predict_ms(self.space.build_arch(decisions)))
-        return self._ms[key]
+        if key in self._ms:
+            self._ms.move_to_end(key)
+            return self._ms[key]
+        ms = self._ms[key] = float(self.predict_ms(self.space.build_arch(decisions)))
+        if len(self._ms) > CACHED_LATENCIES:  # bounded: a long training would otherwise keep every draw
+            self._ms.popitem(last=False)
+        return ms
 
     def contains(self, decisions: Mapping[str, Any]) -> bool:
         """Whether the architecture of `decisions` is predicted within the budget."""

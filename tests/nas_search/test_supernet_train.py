@@ -279,6 +279,24 @@ def _region(shared, budget_ms: float | None = None, quantile: float = 0.5):
     return FeasibleRegion.from_table(shared.table, space, budget_ms, nc=NC)
 
 
+def test_feasible_region_keeps_a_bounded_cache_of_predictions(shared, monkeypatch):
+    import numpy as np
+
+    import nas.budget
+
+    monkeypatch.setattr(nas.budget, "CACHED_LATENCIES", 8)
+    region = _region(shared, budget_ms=1e9)
+    calls = []
+    predict = region.predict_ms
+    region.predict_ms = lambda arch: calls.append(1) or predict(arch)
+    rng = np.random.default_rng(0)
+    drawn = [region.space.random_decisions(rng) for _ in range(20)]
+    first = [region.latency_ms(d) for d in drawn]
+    assert len(region._ms) == 8 and len(calls) == 20
+    assert [region.latency_ms(d) for d in drawn[-8:]] == first[-8:] and len(calls) == 20  # the recent: cached
+    assert region.latency_ms(drawn[0]) == first[0] and len(calls) == 21  # the oldest was let go, and predicted again
+
+
 def test_feasible_region_draws_only_architectures_within_the_budget(shared):
     import numpy as np
 
