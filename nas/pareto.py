@@ -168,7 +168,7 @@ def plot_front(study: optuna.Study, path: str | Path, front: Sequence[FrontEntry
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    if html is not None and len(study.directions) > 1:
+    if html is not None and len(study.directions) in (2, 3):  # the objectives plot_pareto_front can draw
         _plot_html(study, Path(html))
     return out
 
