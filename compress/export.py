@@ -147,9 +147,7 @@ def export_detector(det: Detector, out: str | Path, imgsz: int | None = None, fu
     """Export the decoded output of `det` (or, with `nms`, its detections) to checked ONNX, verified with ORT."""
     if opset < 17:
         raise DetforgeError("opset must be >= 17", field="opset")
-    imgsz = imgsz or det.arch.imgsz
-    if imgsz % max(det.strides):
-        raise DetforgeError(f"imgsz {imgsz} is not a multiple of the largest stride {max(det.strides)}", field="imgsz")
+    imgsz = det.check_imgsz(imgsz or det.arch.imgsz)
     # Exported and verified in memory, written last: a failed check leaves whatever `out` held before.
     model = copy.deepcopy(det).eval().float().cpu()
     if fuse:

@@ -548,7 +548,7 @@ def prune_detector(
 
     src = det
     det = copy.deepcopy(det).requires_grad_(True)  # the graph traces gradients: a frozen (EMA) copy looks unprunable
-    stats_size = imgsz or det.arch.imgsz
+    stats_size = det.check_imgsz(imgsz or det.arch.imgsz)  # before the work: the stats at the end trace at it
     work_size = 2 * max(det.strides)  # MACs ratios do not depend on the input size; small is fast
     macs0 = count_macs(det, work_size, det.arch.in_channels)
     macs_of = ConvMacs(det.arch, work_size)  # widths change, layers and spatial sizes do not
@@ -556,7 +556,7 @@ def prune_detector(
     conv0 = macs_of(det)
     pred0 = predict_ms(det.arch) if predict_ms is not None else None
     # fvcore MACs scale exactly with the image area when it is a multiple of the largest stride
-    scale = (stats_size / work_size) ** 2 if stats_size % max(det.strides) == 0 else None
+    scale = (stats_size / work_size) ** 2
     report = StepReport("prune", params_before=count_params(src), imgsz=stats_size)
     if evaluate is not None:
         report.map_before = float(evaluate(src))
@@ -607,10 +607,7 @@ def prune_detector(
     macs1 = count_macs(det, work_size, det.arch.in_channels)
     predicted1 = predict_ms(det.arch) if predict_ms is not None else None
     report.params_after = count_params(det)
-    if scale is not None:
-        report.gflops_before, report.gflops_after = (round(2 * m * scale / 1e9, 4) for m in (macs0, macs1))
-    else:
-        report.set_model_stats(src, det, stats_size)
+    report.gflops_before, report.gflops_after = (round(2 * m * scale / 1e9, 4) for m in (macs0, macs1))
     if evaluate is not None:
         report.map_after = float(evaluate(det))
     if measure_latency:

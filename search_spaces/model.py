@@ -76,6 +76,14 @@ class Detector(nn.Module):
             outs.append(y if i in self._save else None)
         return outs
 
+    def check_imgsz(self, imgsz: int) -> int:
+        """`imgsz`, or a ConfigError when it is not a positive multiple of the largest stride (levels would not
+        line up: a stride-2 conv and a max-pool round an odd size differently)."""
+        if imgsz < 1 or imgsz % max(self.strides):
+            raise ConfigError(f"{imgsz} is not a positive multiple of the largest stride {max(self.strides)}",
+                              field="imgsz")
+        return imgsz
+
     def forward(self, x: Tensor):
         use_aux = self.training and self.head.has_aux
         outs = self._run_layers(x, None if use_aux else self._eval_needed)

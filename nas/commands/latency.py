@@ -163,7 +163,7 @@ def run_measure(args: argparse.Namespace) -> int:
         from search_spaces import load_model
 
         det = load_model(args.model)
-        imgsz = args.imgsz or det.arch.imgsz
+        imgsz = det.check_imgsz(args.imgsz or det.arch.imgsz)
         model, name = decoded_model(det, not args.no_fuse), det.arch.name
         shape = [(det.arch.in_channels, imgsz, imgsz)]
     m = measure_group({name: (model, shape)}, be, batch=args.batch, realtime=args.realtime)[name]

@@ -32,6 +32,14 @@ def test_prune_cli_errors(tmp_path, capsys):
     assert main(["prune", str(tmp_path / "m"), "--macs", "0.5", "--finetune-epochs", "1",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--data" in capsys.readouterr().err
+    stride = max(load_model(tmp_path / "m").strides)  # a size the levels cannot line up at: before any work
+    assert main(["prune", str(tmp_path / "m"), "--macs", "0.5", "--imgsz", str(stride * 3 // 2),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "imgsz" in err and f"largest stride {stride}" in err
+    assert main(["latency", "measure", str(tmp_path / "m"), "--imgsz", str(stride * 3 // 2)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "imgsz" in err and not (tmp_path / "o").exists()
 
 
 def test_prune_to_a_latency_refuses_a_table_of_another_size(tmp_path, capsys):
