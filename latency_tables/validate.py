@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from search_spaces.errors import ConfigError
 from search_spaces.io import atomic_path, atomic_write_json
 
 from .backends import Backend
@@ -91,10 +92,13 @@ def validate(table: LatencyTable, space: Any, n: int = 50, seed: int = 0, backen
     """Predict and measure `n` random architectures of `space` (seeded) end to end on the table's backend."""
     # Every model is measured in `passes` passes minutes apart and its fastest pass counts
     # (measure_architectures); `realtime` as in build().
+    models = list(archs) if archs is not None else sample_architectures(space, n, seed)
+    if not models:  # the error statistics of nothing are not a validation
+        raise ConfigError(f"nothing to validate: n must be >= 1, got {n}" if archs is None
+                          else "nothing to validate: no architectures given", field="n")
     be = backend or table.backend_instance()
     check_fingerprint(table.fingerprint, be.fingerprint(table.batch),
                       what="the latency table being validated")
-    models = list(archs) if archs is not None else sample_architectures(space, n, seed)
     predicted = [table.predict(a) for a in models]
     t0 = time.perf_counter()
     measured = measure_architectures(models, be, table.imgsz, batch=table.batch, group=group,

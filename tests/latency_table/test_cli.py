@@ -83,6 +83,10 @@ def test_validate(space_file, table_path, tmp_path, capsys):
                  "--quick", "--no-progress", "--plot", str(tmp_path / "v.png"))
     assert {"mape", "kendall_tau", "spearman", "within_5", "within_10"} <= set(d) and d["n"] == 3
     assert (tmp_path / "v.png").is_file()
+    assert main(["latency", "validate", "--table", str(table_path), "--space", space_file, "--n", "0",
+                 "--quick", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "n must be >= 1" in err
 
 
 def test_pack(space, space_file, tmp_path, capsys):
