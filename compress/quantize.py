@@ -421,7 +421,7 @@ def quantize_onnx(
     if sensitive:
         step.changes.append(f"kept {len(sensitive)} most sensitive nodes in float: {', '.join(sensitive)}")
     if measure_latency:
-        report.latency_ms_fp32, report.latency_ms_int8 = measure_latency_ms([fp32_path, out_path])
+        report.latency_ms_fp32, report.latency_ms_int8 = measure_latency_ms([fp32_path, out_path], imgsz)
         step.latency_ms_before, step.latency_ms_after = report.latency_ms_fp32, report.latency_ms_int8
     if evaluate is not None:
         step.map_before, step.map_after = float(evaluate(fp32_path)), float(evaluate(out_path))

@@ -150,6 +150,13 @@ def run_quantize(args: argparse.Namespace) -> None:
     src = Path(args.model)
     if args.qat_epochs:
         return _run_qat(args, out)
+    if args.engine:  # known from the arguments: refused before the calibration, not after it
+        from latency_tables.backends.tensorrt import import_tensorrt
+
+        if args.target != "trt":
+            raise ConfigError("--engine builds a TensorRT engine, which takes symmetric int8 only: add --target trt",
+                              field="engine")
+        import_tensorrt()
     if src.suffix == ".onnx":
         fp32 = src
         dims = input_specs(fp32)[0][1]

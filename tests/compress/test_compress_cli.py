@@ -70,6 +70,12 @@ def test_quantize_cli_from_a_model_dir(tmp_path, capsys):
     assert (tmp_path / "m.fp32.onnx").is_file() and (tmp_path / "m.int8.json").is_file()
     assert main(["quantize", str(tmp_path / "m.fp32.onnx"), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "calibration images" in capsys.readouterr().err
+    # an engine needs TensorRT's symmetric form: refused before the calibration, and nothing written
+    assert main(["quantize", str(tmp_path / "m.fp32.onnx"), "--data", str(tmp_path / "images"), "--calib", "3",
+                 "--out", str(tmp_path / "y.onnx"), "--engine", str(tmp_path / "y.engine")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--target trt" in err and "engine" in err
+    assert not (tmp_path / "y.onnx").exists() and not (tmp_path / "y.json").exists()
 
 
 def test_prune_cli_taylor_rounds_with_finetuning(tmp_path, capsys):
