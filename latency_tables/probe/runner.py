@@ -153,11 +153,12 @@ def save(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_previous(path: Path, bundle_id: str, setup: dict) -> dict | None:
-    """Results of an earlier run of this bundle with the same settings, to continue; None without a file.
+def load_previous(path: Path, bundle_id: str, setup: dict, protocol: dict, device: dict) -> dict | None:
+    """Results of an earlier run of this bundle with the same settings, protocol and device, to continue;
+    None without a file.
 
     A file that holds anything else is refused (ValueError), never overwritten: it may be another run's
-    hours of measurements.
+    hours of measurements, and a table of one device's timings, measured one way, is what importing it gives.
     """
     if not path.is_file():
         return None
@@ -170,7 +171,30 @@ def load_previous(path: Path, bundle_id: str, setup: dict) -> dict | None:
     if doc.get("setup") != setup:
         raise ValueError(f"{path}: was measured with {doc.get('setup')}, this run uses {setup}; use another "
                          "--out, or the same settings to continue it")
+    if doc.get("protocol") != protocol:
+        theirs = doc.get("protocol") or {}
+        differ = sorted(k for k in set(theirs) | set(protocol) if theirs.get(k) != protocol.get(k))
+        raise ValueError(f"{path}: was measured with another protocol ({', '.join(differ)} differ); use another "
+                         "--out, or the same --set settings to continue it")
+    mine, was = (tuple((d or {}).get(k) for k in ("cpu_model", "gpu_name")) for d in (device, doc.get("device")))
+    if was != mine:
+        raise ValueError(f"{path}: was measured on {' / '.join(str(v) for v in was if v)}, this device is "
+                         f"{' / '.join(str(v) for v in mine if v)}; use another --out")
     return doc
+
+
+def parse_settings(pairs: list) -> dict:
+    """`--set NAME=VALUE` pairs as a dict; a value is read as JSON (10, 0.5, null), else kept as text."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"expected NAME=VALUE, got {pair!r}")
+        try:
+            out[name] = json.loads(value)
+        except ValueError:
+            out[name] = value
+    return out
 
 
 def measure_groups(items: list, kind: str, doc: dict, args: argparse.Namespace, manifest: dict, cfg,
@@ -220,20 +244,24 @@ def main(argv: list | None = None) -> int:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(HERE))  # measurement.py and host.py ship beside this file
-    from measurement import MeasurementConfig, measure_callable
+    # DetforgeError: detforge's own where it is installed, else the bundled ValueError
+    from measurement import DetforgeError, MeasurementConfig, measure_callable
 
     manifest = json.loads((HERE / "manifest.json").read_text())
-    overrides = {}
-    for s in args.set:
-        name, _, value = s.partition("=")
-        overrides[name] = json.loads(value) if value not in ("", None) else None
+    try:
+        overrides = parse_settings(args.set)
+        cfg = MeasurementConfig(**manifest.get("protocol", {})).with_overrides(**overrides)
+    except (TypeError, ValueError, DetforgeError) as e:  # a TypeError names no setting: name the ones given
+        given = " ".join(args.set)
+        print(f"runner: error: --set {given}: {e}", file=sys.stderr)
+        return 2
     protocol = {**manifest.get("protocol", {}), **overrides}
-    cfg = MeasurementConfig(**protocol)
     bundle_id = manifest["bundle_id"]
     setup = {"provider": args.provider, "threads": args.threads, "device_id": args.device_id}
+    device = fingerprint(args.provider, args.threads, manifest["precision"], manifest["batch"], manifest.get("torch"))
     out = Path(args.out)
     try:
-        previous = load_previous(out, bundle_id, setup)
+        previous = load_previous(out, bundle_id, setup, protocol, device)
     except ValueError as e:
         print(f"runner: error: {e}", file=sys.stderr)
         return 2
@@ -245,8 +273,7 @@ def main(argv: list | None = None) -> int:
         "model_archs": {m["name"]: m["arch"] for m in manifest["models"]},
         "entries": {}, "models": {}, "empty": None, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    doc["device"] = fingerprint(args.provider, args.threads, manifest["precision"], manifest["batch"],
-                                manifest.get("torch"))
+    doc["device"] = device  # the same model of machine (load_previous); its software may have been updated
     t0, before = time.perf_counter(), float(doc.get("elapsed_s", 0.0))
 
     def checkpoint() -> None:

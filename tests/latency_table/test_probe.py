@@ -175,6 +175,25 @@ def test_runner_refuses_to_overwrite_results_of_other_settings(bundle, results, 
     assert copy.read_bytes() == before
 
 
+def test_runner_continues_only_the_same_protocol_on_the_same_device(bundle, results, tmp_path):
+    copy = tmp_path / "mine.json"
+    copy.write_text(results.read_text())
+    before = copy.read_bytes()
+    r = run_runner(bundle[1], copy, "--set", "min_runs=7")  # one setting more than the run it would continue
+    assert r.returncode == 2 and "another protocol (min_runs differ)" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and copy.read_bytes() == before
+    doc = json.loads(before)
+    doc["device"]["cpu_model"] = "Some Other CPU 9000"  # a second board finishing the first one's results
+    copy.write_text(json.dumps(doc))
+    before = copy.read_bytes()
+    r = run_runner(bundle[1], copy)
+    assert r.returncode == 2 and "Some Other CPU 9000" in r.stderr and copy.read_bytes() == before
+    for bad, says in (("foo=1", "unknown measurement setting"), ("min_runs=abc", "min_runs"), ("min_runs", "NAME=VALUE")):
+        r = run_runner(bundle[1], tmp_path / "new.json", "--set", bad)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "new.json").exists()
+
+
 def test_results_of_a_run_killed_in_the_model_passes_import_as_incomplete(results, tmp_path):
     doc = json.loads(results.read_text())
     doc["models"] = {}  # filled only after the last pass
