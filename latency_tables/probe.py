@@ -214,14 +214,20 @@ def import_results(results: str | Path, out: str | Path = "table.json") -> Laten
     names = [n for n in fits if n in archs and not table.missing(archs[n])]
     if names:
         table.fit([archs[n] for n in names], [fits[n] for n in names])
-    missing = len(doc["signatures"]) - len(entries)
-    gaps = [f"{missing} block signature(s) of the bundle were not measured"] if missing else []
-    if not names and archs:
-        gaps.append("the whole-model passes did not finish, so the overhead is not fitted")
     failed = {k.split(":", 1)[1] for k in doc.get("failed") or {}}  # a fit model fails once per pass
+    failed_blocks = {k for k in failed if k in doc["signatures"]}
+    unfinished = len(doc["signatures"]) - len(entries) - len(failed_blocks)
+    rerun = " (run the runner again with the same --out to finish, then import again)"
+    gaps = [f"{unfinished} block signature(s) of the bundle were not measured yet{rerun}"] if unfinished else []
+    if not names and archs:
+        passes_left = set(archs) - set(fits) - failed  # else the fit models are made of blocks that failed
+        gaps.append(f"the whole-model passes did not finish{rerun if passes_left and not unfinished else ''}, "
+                    "so the overhead is not fitted" if passes_left else
+                    "every fit model failed or holds a block that failed, so the overhead is not fitted")
     if failed:  # a rerun does not help these: the device's onnxruntime could not load or run them
-        gaps.append(f"{len(failed)} model(s) failed on the device (the results' 'failed' lists why)")
-    if gaps:  # run the runner again with the same --out to finish, then import again
+        gaps.append(f"{len(failed)} model(s) failed on the device, which a rerun does not change (the results' "
+                    "'failed' lists why)")
+    if gaps:
         table.info["incomplete"] = "; ".join(gaps)
     table.save(out)
     return table

@@ -127,8 +127,9 @@ class SearchConfig:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", field=key)
         if self.lr0 is not None and not self.lr0 > 0:
             raise ConfigError(f"must be > 0, got {self.lr0}", field="lr0")
-        if self.finetune_epochs < 0:
-            raise ConfigError(f"must be >= 0, got {self.finetune_epochs}", field="finetune_epochs")
+        for key in ("finetune_epochs", "workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"must be >= 0, got {getattr(self, key)}", field=key)
         if self.finetune_epochs and self.mode != "supernet":
             raise ConfigError("finetunes inherited weights: supernet mode only (scratch mode trains "
                               "--scratch-epochs)", field="finetune_epochs")

@@ -36,8 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"whole models the overhead is fitted on (default {FIT_MODELS})")
     b.add_argument("--no-resume", action="store_true", help="start over instead of resuming --out")
     b.add_argument("--save-every", type=float, default=SAVE_EVERY_S,
-                   help=f"seconds between saves of the finished entries (default {SAVE_EVERY_S:g}; a kill "
-                        "loses at most this much measuring)")
+                   help=f"seconds between saves of the finished entries, checked after each group of blocks "
+                        f"(default {SAVE_EVERY_S:g}; a kill loses at most this much measuring and the group it "
+                        "was in)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     b.set_defaults(func=run_build)
 
@@ -227,6 +228,6 @@ def run_import(args: argparse.Namespace) -> int:
     table = import_results(args.results, args.out)
     summary = table.summary()
     if table.info.get("incomplete"):
-        summary["incomplete"] = table.info["incomplete"] + " (run the runner again with the same --out to finish)"
+        summary["incomplete"] = table.info["incomplete"]  # saying which gaps a rerun fills
     emit(summary, args.json)
     return 0

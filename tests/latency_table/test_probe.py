@@ -201,6 +201,7 @@ def test_results_of_a_run_killed_in_the_model_passes_import_as_incomplete(result
     partial.write_text(json.dumps(doc))
     table = import_results(partial, tmp_path / "t.json")
     assert table.overhead.method == "identity" and "not fitted" in table.info["incomplete"]
+    assert "run the runner again" in table.info["incomplete"]  # a rerun finishes the passes
 
 
 def test_a_model_the_device_cannot_load_is_skipped_and_the_run_finishes(bundle, tmp_path):
@@ -224,3 +225,4 @@ def test_a_model_the_device_cannot_load_is_skipped_and_the_run_finishes(bundle, 
     assert again.returncode == 0 and json.loads(out.read_text())["entries"] == json.loads(before)["entries"]
     table = import_results(out, tmp_path / "t.json")
     assert len(table) == len(man["blocks"]) - 1 and "2 model(s) failed on the device" in table.info["incomplete"]
+    assert "run the runner again" not in table.info["incomplete"]  # it would skip them again

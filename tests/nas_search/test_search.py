@@ -354,6 +354,7 @@ def test_malformed_flags_exit_2(shared, tmp_path, capsys, argv, message):
     (["--heartbeat", "20", "--grace", "30"], "grace_s"),  # a live worker between two beats would look dead
     (["--population", "1"], "population"),
     (["--finetune-epochs", "-1"], "finetune_epochs"),
+    (["--workers", "-1"], "workers"),
     (["--nbs", "0"], "nbs"),
     (["--lr0", "0"], "lr0"),
     (["--enqueue", "yolov9"], "enqueue"),  # no such zoo point
