@@ -457,9 +457,15 @@ def _local(w: Any) -> bool:
     return isinstance(w, dict) and all(w.get(k) == v for k, v in MACHINE.items())
 
 
+def _is_me(w: Any) -> bool:
+    """Whether worker record `w` is this process (not an earlier one given the same pid, as a restarted
+    container's worker is: its start time differs)."""
+    return _local(w) and w.get("pid") == os.getpid() and w.get("start") == _proc_start(os.getpid())
+
+
 def _worker_dead(w: Any) -> bool:
     """Whether `w` is a process of this machine that is gone (elsewhere only heartbeats can tell)."""
-    if not _local(w) or w.get("pid") == os.getpid():
+    if not _local(w) or _is_me(w):
         return False
     start = _proc_start(int(w["pid"]))
     return start is None or (w.get("start") is not None and start != w["start"])
@@ -482,7 +488,7 @@ def recover_dead_trials(study: optuna.Study, grace_s: float, max_retry: int) -> 
         dead = _worker_dead(w)
         # without a `worker` stamp the process died before the trial's first step, maybe before its first
         # Optuna heartbeat too, which fail_stale_trials then never sees: its start time is the last sign of life
-        if not dead and (not heartbeat or w is None) and not (_local(w) and w.get("pid") == os.getpid()):
+        if not dead and (not heartbeat or w is None) and not _is_me(w):
             last = max(float(t.user_attrs.get("heartbeat") or 0.0),
                        t.datetime_start.timestamp() if t.datetime_start else now)
             dead = now - last > grace_s

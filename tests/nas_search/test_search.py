@@ -222,6 +222,21 @@ def test_a_worker_killed_before_its_first_heartbeat_is_found_by_its_start_time(t
     assert retry.params == dead.params
 
 
+def test_a_dead_worker_whose_pid_this_process_now_has_is_found(tmp_path):
+    from nas.search import recover_dead_trials, worker_id
+
+    # a journal file has no Optuna heartbeat; a worker restarted in its container comes back with the same pid
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "s.journal"), heartbeat_s=1, grace_s=2,
+                                                     max_retry=2))
+    mine, earlier = (study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}) for _ in range(2))
+    me = worker_id()
+    for trial, w in ((mine, me), (earlier, {**me, "start": str(int(me["start"]) - 100)})):
+        trial.set_user_attr("worker", w)
+        trial.set_user_attr("heartbeat", time.time())
+    assert recover_dead_trials(study, grace_s=2, max_retry=2) == [earlier.number]
+    assert study.trials[mine.number].state == TrialState.RUNNING  # this process's own trial is alive
+
+
 def test_worker_records_name_the_pid_namespace():
     from nas.search import _local, worker_id
 
