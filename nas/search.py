@@ -718,6 +718,9 @@ class Searcher:
         try:
             with beat:
                 values = self.evaluate(trial)
+        except optuna.TrialPruned:
+            self.failures_in_a_row = 0  # it trained and was scored: not a failure, and it ends a run of them
+            raise
         except (DetforgeError, torch.cuda.OutOfMemoryError) as e:
             self.failures_in_a_row += 1
             self.last_failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]

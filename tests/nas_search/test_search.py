@@ -554,6 +554,26 @@ def _seeding_searcher(budget_ms: float | None, ms: float, **cfg) -> Searcher:
                     predict_ms=lambda arch: ms)
 
 
+def test_a_pruned_trial_ends_a_run_of_failures(tmp_path, monkeypatch):
+    searcher = _seeding_searcher(None, 1.0, trials=10, max_failures=2)
+    outcomes = iter([DetforgeError("a bad block"), optuna.TrialPruned(), DetforgeError("a bad block"), 0.5])
+
+    def evaluate(trial):
+        out = next(outcomes)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    monkeypatch.setattr(searcher, "evaluate", evaluate)
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "s.journal")))
+    in_a_row: list[int] = []
+    study.optimize(searcher, n_trials=4, catch=(DetforgeError,),
+                   callbacks=[lambda st, t: in_a_row.append(searcher.failures_in_a_row)])
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.PRUNED, TrialState.FAIL,
+                                               TrialState.COMPLETE]
+    assert in_a_row == [1, 0, 1, 0]  # never 2 (max_failures): the prune between the failures reset the count
+
+
 def test_a_zoo_point_is_enqueued_at_the_searchs_input_size():
     from search_spaces.space import load_space
 
