@@ -681,6 +681,9 @@ class Searcher:
     # ---- one trial --------------------------------------------------------------------------------------------
     def claim(self, trial: Trial) -> None:
         """Raise SurplusTrial if N trials are complete or ahead of this one (retries queued go first)."""
+        # Optuna pops the queue lowest number first: the trials queued after a queued one are behind it,
+        # while a fresh trial comes after every queued one
+        queued = "fixed_params" in trial.study._storage.get_trial(trial._trial_id).system_attrs
         ahead = done = 0
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
                                                                  TrialState.WAITING)):
@@ -688,7 +691,7 @@ class Searcher:
                 continue
             if t.state == TrialState.COMPLETE:
                 done += 1
-            elif t.state == TrialState.WAITING or t.number < trial.number:
+            elif t.number < trial.number or (t.state == TrialState.WAITING and not queued):
                 ahead += 1
         if done + ahead >= self.cfg.trials:
             raise SurplusTrial(f"{done} trials complete and {ahead} ahead of this one reach --trials "

@@ -574,6 +574,20 @@ def test_a_pruned_trial_ends_a_run_of_failures(tmp_path, monkeypatch):
     assert in_a_row == [1, 0, 1, 0]  # never 2 (max_failures): the prune between the failures reset the count
 
 
+def test_queued_trials_behind_a_queued_one_are_not_ahead_of_it(tmp_path):
+    from nas.search import SurplusTrial
+
+    searcher = _seeding_searcher(None, 1.0, trials=2)
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "s.journal")))
+    for x in (0.1, 0.2, 0.3):  # e.g. retries of dead trials, left queued by a killed search
+        study.enqueue_trial({"x": x})
+    first = study.ask()  # the lowest-numbered of the queue
+    searcher.claim(first)  # the two queued behind it come after it: one slot of two taken
+    fresh = optuna.trial.Trial(study, study._storage.create_new_trial(study._study_id))
+    with pytest.raises(SurplusTrial):  # the queue goes first: the first and the two queued fill --trials 2
+        searcher.claim(fresh)
+
+
 def test_a_zoo_point_is_enqueued_at_the_searchs_input_size():
     from search_spaces.space import load_space
 
