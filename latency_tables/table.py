@@ -12,7 +12,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -402,6 +402,11 @@ class LatencyTable:
         """A backend with this table's settings (backend name, threads, precision), to measure more."""
         return make_backend(self.backend, threads=self.threads, precision=self.precision, **kw)
 
+    def measurement_config(self) -> MeasurementConfig:
+        """The protocol the entries were measured with (defaults for what an older table did not record)."""
+        known = {f.name for f in fields(MeasurementConfig)}
+        return MeasurementConfig(**{k: v for k, v in self.protocol.items() if k in known})
+
     # ---- prediction
     # -----------------------------------------------------------------------------------------
     def missing(self, arch: Architecture | str | Path, imgsz: int | None = None) -> list[Any]:
@@ -426,8 +431,8 @@ class LatencyTable:
                               "table for this search space (detforge latency build) or predict with "
                               "measure_missing=True", path=self.path, field="entries")
         if absent:
-            if backend is None:
-                backend = self.backend_instance()
+            if backend is None:  # timed as the other entries were, or they would not add up alike
+                backend = self.backend_instance(config=self.measurement_config())
                 if not self.fingerprint.same_device(backend.fingerprint(self.batch)):
                     # entries timed here would be mixed into another device's table, silently wrong there
                     raise ConfigError(f"no entry for block signature {absent[0].key()}, and this table is of "

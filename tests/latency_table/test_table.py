@@ -134,6 +134,14 @@ def test_missing_entry_names_the_signature_or_is_measured(micro, built, backend,
     assert key not in remote
     assert t.predict(micro.largest(), measure_missing=True, backend=backend) > 0
     assert key in t
+    del t.entries[key]  # measured without a backend given: with the table's own protocol, not the default one
+    assert t.measurement_config() == MeasurementConfig(**FAST) != MeasurementConfig()
+    made = []
+    real = LatencyTable.backend_instance
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(LatencyTable, "backend_instance", lambda self, **kw: made.append(kw) or real(self, **kw))
+        assert t.predict(micro.largest(), measure_missing=True) > 0
+    assert key in t and made == [{"config": MeasurementConfig(**FAST)}]
 
 
 def test_resume_keeps_finished_entries(micro, tmp_path):
