@@ -99,6 +99,7 @@ def test_prune_cli_taylor_rounds_with_finetuning(tmp_path, capsys):
 def test_quantize_engine_is_moved_into_place_only_once_verified(engine_ok, tmp_path, capsys, monkeypatch):
     import compress.export
     import compress.quantize
+    import latency_tables.backends.tensorrt
     from compress.export import ort_session
 
     save_model(build(AUX), tmp_path / "m")
@@ -120,6 +121,7 @@ def test_quantize_engine_is_moved_into_place_only_once_verified(engine_ok, tmp_p
 
     monkeypatch.setattr(compress.quantize, "build_trt_int8_engine", fake_build)
     monkeypatch.setattr(compress.export, "run_engine", fake_run)
+    monkeypatch.setattr(latency_tables.backends.tensorrt, "import_tensorrt", lambda: None)  # as if installed
     rc = main(["quantize", str(tmp_path / "m"), "--data", str(tmp_path / "images"), "--calib", "3", "--target", "trt",
                "--out", str(out), "--engine", str(engine), "--json"])
     assert built and built[0] != engine  # built beside it, not over it
