@@ -585,13 +585,14 @@ class LatencyTable:
         clock = {"start": time.perf_counter(), "saved": 0.0}
 
         def save(force: bool = False) -> None:
+            nonlocal discard
             now = time.perf_counter()
             if force or now - clock["saved"] >= save_every_s:
                 table.info["build_s"] = round(float(table.info.get("build_s", 0.0)) + now - clock["start"], 3)
                 clock["start"] = clock["saved"] = now
-                if discard is not None and "discarded" not in clock:
+                if discard is not None:
                     discard.unlink(missing_ok=True)
-                    clock["discarded"] = now
+                    discard = None
                 table.save()
 
         work = False  # a finished table is left byte for byte as it is: a study checks its digest
