@@ -14,10 +14,27 @@ import yaml
 from .errors import CheckpointError, ConfigError
 
 
+def _read_umask() -> int:
+    """This process's umask (reading it means setting it: done once, at import)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` atomically (temp + fsync + rename)."""
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically (temp + fsync + rename).
+
+    The file keeps an existing file's permissions, else gets those the umask gives a new file (mkstemp's
+    temp file is owner-only); a symbolic link is written through, not replaced.
+    """
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_UMASK
     if path.is_dir():  # os.replace would fail only after the work of filling the temp file
         raise ConfigError("is a directory: give a file path", path=path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +45,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
         with contextlib.suppress(OSError):  # directory fsync is not supported everywhere
             dfd = os.open(path.parent, os.O_RDONLY)

@@ -75,3 +75,25 @@ def test_atomic_json_replaces_whole_file(tmp_path):
     atomic_write_json(path, {"a": 1})
     atomic_write_json(path, {"b": 2})
     assert path.read_text().strip().startswith("{") and '"b": 2' in path.read_text()
+
+
+def test_atomic_writes_keep_permissions_and_write_through_links(tmp_path):
+    import os
+    import stat
+
+    from search_spaces.io import atomic_write_text
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    new = tmp_path / "new.yaml"
+    atomic_write_text(new, "a: 1\n")  # not mkstemp's owner-only 0600: what the umask gives a new file
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~mask
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("a: 1\n")
+    shared.chmod(0o664)
+    atomic_write_text(shared, "a: 2\n")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o664 and shared.read_text() == "a: 2\n"
+    link = tmp_path / "link.yaml"
+    link.symlink_to(shared)
+    atomic_write_text(link, "a: 3\n")
+    assert link.is_symlink() and shared.read_text() == "a: 3\n"
