@@ -186,12 +186,12 @@ class Distiller(Callback):
     def input_stride(self) -> int:
         """Student input sides must be multiples of it for the teacher to see a multiple of its largest stride."""
         scale = Fraction(self.cfg.teacher_scale).limit_denominator(1000)
-        need = max(self.teacher.strides) * scale.denominator
+        need = self.teacher.max_stride * scale.denominator
         return need // math.gcd(scale.numerator, need)
 
     def on_train_start(self, trainer: Any) -> None:
         size = trainer.cfg.imgsz * self.cfg.teacher_scale
-        stride = max(self.teacher.strides)
+        stride = self.teacher.max_stride
         if size != int(size) or int(size) % stride:
             raise ConfigError(f"the teacher would see {size:g} px (imgsz {trainer.cfg.imgsz} x teacher_scale "
                               f"{self.cfg.teacher_scale:g}), not a multiple of its largest stride {stride}",

@@ -25,7 +25,7 @@ def fuse_detector(det: Detector, imgsz: int | None = None, *, check_imgsz: int |
     architecture's).
     """
     imgsz = imgsz or det.arch.imgsz
-    size = check_imgsz or 2 * max(det.strides)
+    size = check_imgsz or 2 * det.max_stride
     src = copy.deepcopy(det).eval()
     implicit = _implicit_layers(src)
     device = next(src.parameters()).device

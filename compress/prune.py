@@ -172,7 +172,7 @@ class WidthSpace:
         self.det = det
         self.arch = det.arch
         self.tp = tp
-        size = trace_imgsz or 2 * max(det.strides)
+        size = trace_imgsz or 2 * det.max_stride
         x = torch.zeros(1, det.arch.in_channels, size, size, device=_device(det))
         # ImplicitA/M are bare nn.Parameters [1, C, 1, 1]: prune dim 1 along with the channels they touch.
         unwrapped = [(m.implicit, 1) for m in det.modules() if isinstance(m, (ImplicitA, ImplicitM))]
@@ -549,7 +549,7 @@ def prune_detector(
     src = det
     det = copy.deepcopy(det).requires_grad_(True)  # the graph traces gradients: a frozen (EMA) copy looks unprunable
     stats_size = det.check_imgsz(imgsz or det.arch.imgsz)  # before the work: the stats at the end trace at it
-    work_size = 2 * max(det.strides)  # MACs ratios do not depend on the input size; small is fast
+    work_size = 2 * det.max_stride  # MACs ratios do not depend on the input size; small is fast
     macs0 = count_macs(det, work_size, det.arch.in_channels)
     macs_of = ConvMacs(det.arch, work_size)  # widths change, layers and spatial sizes do not
     hw = macs_of.hw
@@ -798,7 +798,7 @@ def _rebuild(pruned: Detector, arch: Architecture) -> Detector:
     was = pruned.training
     pruned.eval()
     new.eval()
-    x = torch.rand(1, arch.in_channels, 2 * max(new.strides), 2 * max(new.strides),
+    x = torch.rand(1, arch.in_channels, 2 * new.max_stride, 2 * new.max_stride,
                    generator=torch.Generator().manual_seed(0)).to(_device(new))
     a, b = pruned(x)[0], new(x)[0]
     if not torch.allclose(a, b, rtol=1e-4, atol=1e-4):

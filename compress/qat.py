@@ -138,7 +138,7 @@ def place_input_quantizers(model: Detector) -> int:
     # that every level divides (with room for layers below the head's last stride) keeps the pass cheap.
     if getattr(model, "_qat_placed", False):
         raise ConfigError("the model's quantizers are already placed (prepare_qat was applied)", field="model")
-    size = max(4 * max(model.strides), 128)
+    size = max(4 * model.max_stride, 128)
     producers = [m.output_fq for m in model.modules()
                  if isinstance(m, (FakeQuantConv2d, FakeQuantAct)) and isinstance(m.output_fq, FakeQuantize)]
     readers: dict[int, list[FakeQuantConv2d]] = {}

@@ -214,14 +214,14 @@ class SupernetTrainer(Trainer):
         if not set(teacher.strides) & set(strides):
             raise ConfigError(f"no level of the teacher (strides {list(teacher.strides)}) meets the supernet's "
                               f"(strides {list(strides)}): distillation would have nothing to match", field="teacher")
-        if imgsz % max(teacher.strides):
-            raise ConfigError(f"the teacher's largest stride {max(teacher.strides)} does not divide the input size "
+        if imgsz % teacher.max_stride:
+            raise ConfigError(f"the teacher's largest stride {teacher.max_stride} does not divide the input size "
                               f"{imgsz}", field="teacher")
 
     def model_stride(self) -> int:
         """The space's largest stride (the active subnet's may be smaller), and a frozen teacher's: multi-scale
         sizes fit every subnet and the teacher."""
-        return math.lcm(self.space.max_stride, *([max(self.teacher.strides)] if self.teacher is not None else []))
+        return math.lcm(self.space.max_stride, *([self.teacher.max_stride] if self.teacher is not None else []))
 
     # ---- AutoAnchor: one fit per head layout ------------------------------------------------------------
     def _fit_anchors(self, anchor_t: float) -> None:

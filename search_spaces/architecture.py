@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,8 +183,8 @@ class Architecture:
     def head_indices(self, path: str | None = None) -> tuple[list[int], list[int]]:
         """Layer indices read by the lead head and by the auxiliary head."""
         index = {layer.name: i for i, layer in enumerate(self.layers) if layer.name}
-        lead = [self._ref(r, index, "head.from", path) for r in self.head.inputs]
-        aux = [self._ref(r, index, "head.aux_from", path) for r in self.head.aux_inputs]
+        lead = [self._ref(r, index, "head.from", path, layer_only=True) for r in self.head.inputs]
+        aux = [self._ref(r, index, "head.aux_from", path, layer_only=True) for r in self.head.aux_inputs]
         return lead, aux
 
     def strides(self, path: str | None = None) -> list[float]:
@@ -206,6 +207,14 @@ class Architecture:
         s = self.strides(path)
         lead, _ = self.head_indices(path)
         return [round(s[i]) for i in lead]
+
+    def max_stride(self, path: str | None = None) -> int:
+        """What the input size must be a multiple of: every stride the heads depend on (a layer deeper than the
+        coarsest level, upsampled back into it, counts too), so that every concat lines up."""
+        strides = self.strides(path)
+        lead, aux = self.head_indices(path)
+        needed = _ancestors(self.resolve(path), lead + aux)
+        return math.lcm(*(round(strides[i]) for i in needed if strides[i] >= 1))
 
     def validate(self, path: str | None = None) -> None:
         """Check block arguments, references, resolutions and the head (raises ConfigError)."""
@@ -241,12 +250,13 @@ class Architecture:
             if any(len(a) != len(anchors[0]) or len(a) % 2 or not a for a in anchors):
                 raise ConfigError("each level needs the same even number of values (w,h pairs)", path=path,
                                   field="head.anchors")
-            if any(v <= 0 for a in anchors for v in a):
-                raise ConfigError("anchor sizes must be > 0 (pixels)", path=path, field="head.anchors")
+            if not all(math.isfinite(v) and v > 0 for a in anchors for v in a):  # .nan would pass `v <= 0`
+                raise ConfigError("anchor sizes must be finite and > 0 (pixels)", path=path, field="head.anchors")
             check_anchor_order(anchors, path, "head.anchors")
-        if self.imgsz % max(hs):  # the feature maps of the levels would not line up at concat
-            raise ConfigError(f"must be a multiple of the largest head stride {int(max(hs))}, got {self.imgsz}",
-                              path=path, field="imgsz")
+        stride = self.max_stride(path)
+        if self.imgsz % stride:  # the feature maps of the levels would not line up at concat
+            raise ConfigError(f"must be a multiple of the largest stride {stride}, got {self.imgsz}", path=path,
+                              field="imgsz")
 
     # ---- forms -------------------------------------------------------------------------------------------
     def deploy_layers(self) -> list[int]:
@@ -278,8 +288,10 @@ class Architecture:
         return f"backbone[{i}]" if i < nb else f"neck[{i - nb}]"
 
     @staticmethod
-    def _ref(ref: str, index: dict[str, int], where: str, path: str | None) -> int:
+    def _ref(ref: str, index: dict[str, int], where: str, path: str | None, layer_only: bool = False) -> int:
         if ref == INPUT:
+            if layer_only:  # -1 would index the last layer's channels, stride and output
+                raise ConfigError(f"a head reads layers, not '{INPUT}'", path=path, field=where)
             return -1
         if ref not in index:
             raise ConfigError(f"unknown layer '{ref}' (layers can only read named layers defined before them)",
@@ -322,11 +334,15 @@ def _name_implicit_refs(src: Architecture, dst: Architecture, keep: list[int], p
 
 def _check_geometry(block: str, args: dict[str, Any], where: str, path: str | None) -> None:
     """Kernels and pools that keep the size `strides()` assumes: out = in / stride exactly (a concat needs it)."""
-    if block in ("conv", "repconv", "ghostconv") and args.get("p") is None:
-        for key in ("k", "dw_k"):  # padded by k // 2: an even kernel grows the map by one
-            if key in args and args[key] % 2 == 0:
-                raise ConfigError(f"an even kernel ({args[key]}) changes the feature size (padding k // 2); use "
-                                  "an odd one, or give p", path=path, field=f"{where}.{key}")
+    # padded by k // 2: an even kernel grows the map by one (an explicit p on a conv says what it does)
+    kernels = {"conv": ("k", "dw_k"), "repconv": ("k",), "ghostconv": ("k", "dw_k"), "elan": ("k",), "eelan": ("k",),
+               "sppcspc": ("k",)}.get(block, ()) if args.get("p") is None else ()
+    for key in kernels:
+        for k in args[key] if isinstance(args.get(key), list) else [args.get(key) or 1]:
+            if k % 2 == 0:
+                raise ConfigError(f"an even kernel ({k}) changes the feature size (padding k // 2); use an odd one"
+                                  + (", or give p" if block in ("conv", "repconv", "ghostconv") else ""),
+                                  path=path, field=f"{where}.{key}")
     if block == "maxpool":
         k, s = args.get("k", 2), args.get("s", 2)
         if not (k == s or (s == 1 and k % 2)):  # padded only at stride 1 (by k // 2)

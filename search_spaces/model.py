@@ -44,6 +44,7 @@ class Detector(nn.Module):
         self.head = self._make_head(arch, [channels[i] for i in lead], [channels[i] for i in aux], strides, path)
         self.nc = arch.nc
         self.strides = strides
+        self.max_stride = arch.max_stride(path)  # what every input side must be a multiple of
         consumers = [j for ins in self.plan for j in ins] + lead + aux
         self._save = set(consumers)
         self._eval_needed = _ancestors(self.plan, lead)
@@ -79,8 +80,8 @@ class Detector(nn.Module):
     def check_imgsz(self, imgsz: int) -> int:
         """`imgsz`, or a ConfigError when it is not a positive multiple of the largest stride (levels would not
         line up: a stride-2 conv and a max-pool round an odd size differently)."""
-        if imgsz < 1 or imgsz % max(self.strides):
-            raise ConfigError(f"{imgsz} is not a positive multiple of the largest stride {max(self.strides)}",
+        if imgsz < 1 or imgsz % self.max_stride:
+            raise ConfigError(f"{imgsz} is not a positive multiple of the largest stride {self.max_stride}",
                               field="imgsz")
         return imgsz
 
@@ -149,8 +150,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_live_params(model: Detector, imgsz: int = 64) -> int:
+def count_live_params(model: Detector, imgsz: int | None = None) -> int:
     """Parameters that influence the eval-mode output (folded implicit tensors, aux branches excluded)."""
+    imgsz = imgsz or 2 * model.max_stride  # small, and a size every level divides
     for p in model.parameters():
         p.grad = None
     with temporary_mode(model), torch.enable_grad():

@@ -788,7 +788,7 @@ def _pos_int(v: Any) -> str | None:
 
 
 def _fraction(v: Any) -> str | None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0  # no .inf / .nan
     return None if ok else "expected a positive number (a fraction of the stage's out channels)"
 
 

@@ -44,7 +44,7 @@ def count_macs(model: torch.nn.Module, imgsz: int, in_channels: int = 3) -> int:
 
 def model_stats(det: Detector, imgsz: int | None = None) -> ModelStats:
     """Parameters of `det` as built, and params/MACs/GFLOPs of its fused copy (GFLOPs = 2 x MACs / 1e9)."""
-    imgsz = imgsz or det.arch.imgsz
+    imgsz = det.check_imgsz(det.arch.imgsz if imgsz is None else imgsz)
     fused = copy.deepcopy(det).eval().fuse()
     macs = count_macs(fused, imgsz, det.arch.in_channels)
     return ModelStats(

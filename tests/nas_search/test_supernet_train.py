@@ -552,7 +552,7 @@ def test_a_teacher_that_cannot_teach_is_refused(shared, tmp_path, capsys):
     for strides, kw, says in (([128], {}, "meets"), ([8, 48], {}, "divide"), (None, {"kd_weight": 0.0}, "kd_weight")):
         teacher = Detector(space.largest())
         if strides:
-            teacher.strides = strides
+            teacher.strides, teacher.max_stride = strides, max(strides)
         with pytest.raises(ConfigError, match=says) as e:
             SupernetTrainer(_cfg(shared, tmp_path / "s", epochs=1), space="tiny", teacher=teacher, **kw)
         assert e.value.field == "teacher" and teacher.training  # a refused teacher is left as given
