@@ -121,7 +121,7 @@ class Bench:
         a = self.args
         cfg = TrainConfig(model=a.model, data=a.data, out=str(self.out / name), epochs=a.finetune_epochs,
                           imgsz=a.imgsz, batch=a.batch, nbs=a.nbs, device="cpu", progress=False, seed=0,
-                          autoanchor=False)  # a trained model's anchors stay
+                          exist_ok=True, autoanchor=False)  # a trained model's anchors stay
         trainer = Trainer(cfg, model=det, callbacks=callbacks)
         trainer.train()
         return trainer.eval_model
@@ -175,7 +175,7 @@ def int8(b: Bench) -> dict[str, Any]:
 def qat(b: Bench) -> dict[str, Any]:
     a = b.args
     cfg = TrainConfig(model=a.model, data=a.data, out=str(b.out / "qat"), epochs=a.qat_epochs, imgsz=a.imgsz,
-                      batch=a.batch, device="cpu", progress=False, seed=0)
+                      batch=a.batch, device="cpu", progress=False, seed=0, exist_ok=True)
     model, rep = qat_finetune(load_model(a.model), cfg)
     path = export_qat(model, b.out / "base.qat.onnx", a.imgsz)
     ms_fp32, ms_ptq, ms_qat = b.latency([b.out / "base.fp32.onnx", b.out / "base.int8.onnx", path])

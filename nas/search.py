@@ -842,7 +842,7 @@ def train_candidate(model: Detector, data: str | None, out: str | Path, epochs: 
     tcfg = TrainConfig(model=model.arch.name, data=data, out=str(out), epochs=epochs, imgsz=imgsz, batch=batch,
                        nbs=nbs, device=device, workers=workers, seed=seed, progress=False,
                        max_val_batches=val_batches, autoanchor=autoanchor, optimizer=optimizer,
-                       lr_schedule=lr_schedule, lr0=lr0)
+                       lr_schedule=lr_schedule, lr0=lr0, exist_ok=True)  # a candidate starts afresh
     result = Trainer(tcfg, model=model, callbacks=list(callbacks)).train()
     if result.last is None:
         raise DetforgeError("training produced no validation result", field="epochs")

@@ -78,7 +78,8 @@ def supernet(p: Pipeline, d: dict[str, Any], t: dict[str, Any], budget: float | 
     teacher = None if c.supernet.teacher is None else load_teacher(c.supernet.teacher, c.supernet.teacher_model)
     out = p.out / "supernet"
     cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=c.supernet.epochs, imgsz=c.imgsz, batch=c.supernet.batch,
-                      **c.train_settings(), resume=p.resume_from(out / "last.pt"), autoanchor=c.supernet.autoanchor)
+                      **c.train_settings(), resume=p.resume_from(out / "last.pt"), exist_ok=True,  # the run's own directory
+                      autoanchor=c.supernet.autoanchor)
     seed_everything(c.seed)  # the initial weights are a function of the seed, as with `supernet train`
     net = Supernet(c.space, nc=d["nc"])
     region = None if budget is None else \
@@ -227,7 +228,7 @@ def _train_step(p: Pipeline, d: dict[str, Any], model: Any, mid: str, step: str,
     c = p.cfg
     out = p.out / "models" / mid / STEP_DIRS[step]
     cfg = TrainConfig(data=d["yaml"], out=str(out), epochs=epochs, imgsz=c.imgsz, batch=c.finetune.batch,
-                      **c.train_settings(), resume=p.resume_from(out / "last.pt"),
+                      **c.train_settings(), resume=p.resume_from(out / "last.pt"), exist_ok=True,
                       autoanchor=False)  # trained weights: they were trained with these anchors (supernet's or trial's)
     res = Trainer(cfg, model=model, callbacks=list(callbacks)).train()
     trained = load_model(out / "model")
@@ -249,7 +250,8 @@ def baselines(p: Pipeline, d: dict[str, Any], t: dict[str, Any]) -> dict[str, An
     for name in c.baselines.models:
         run = p.out / "baselines" / name
         cfg = TrainConfig(model=name, data=d["yaml"], out=str(run), epochs=epochs, imgsz=c.imgsz,
-                          batch=c.finetune.batch, **c.train_settings(), resume=p.resume_from(run / "last.pt"))
+                          batch=c.finetune.batch, **c.train_settings(), resume=p.resume_from(run / "last.pt"),
+                          exist_ok=True)
         trainer = Trainer(cfg)
         res = trainer.train()
         det = load_model(run / "model").eval().fuse()

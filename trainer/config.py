@@ -40,6 +40,7 @@ class TrainConfig:
     workers: int = 2
     seed: int = 0
     resume: bool = False
+    exist_ok: bool = False  # train over an earlier run in `out` (its last.pt) instead of refusing to
     grad_clip: float = 10.0  # 0: off
     val_interval: int = 1  # validate every N epochs (and after the last)
     save_every_s: float = 0.0  # checkpoint at most every N seconds (0: every epoch); the last epoch always saves

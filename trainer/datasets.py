@@ -80,7 +80,7 @@ IMG_FORMATS = frozenset({".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".web
 COORD_TOL = 1e-3  # label coordinates this far outside [0, 1] are rounding noise: clipped, not reported
 CACHE_VERSION = 1
 # what PIL raises on damaged files, beyond OSError: bad headers, short reads, absurd sizes
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def verify_image(path: str | Path) -> tuple[int, int]:
                 im.load()
     except UnidentifiedImageError:
         raise _BadImage("not a readable image") from None
-    except _PIL_ERRORS as e:
+    except IMAGE_ERRORS as e:
         raise _BadImage(f"corrupt or truncated image ({e})") from None
     if orientation in (5, 6, 7, 8):
         w, h = h, w
@@ -766,16 +766,20 @@ def _parse_coco(json_path: Path):
         if not isinstance(data[key], list):
             raise DataError(f"expected a list, got {type(data[key]).__name__}", path=json_path, field=key)
 
-    def need(obj, i: int, section: str, keys: Sequence[str]) -> None:
+    def need(obj, i: int, section: str, keys: Mapping[str, type | tuple[type, ...]]) -> None:
         if not isinstance(obj, dict):
             raise DataError("expected an object", path=json_path, field=f"{section}[{i}]")
-        for k in keys:
+        for k, kind in keys.items():
             if k not in obj:
                 raise DataError("missing", path=json_path, field=f"{section}[{i}].{k}")
+            if not isinstance(obj[k], kind) or isinstance(obj[k], bool):  # ids index arrays; a path joins a dir
+                names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+                raise DataError(f"expected {names}, got {type(obj[k]).__name__} {obj[k]!r:.40}", path=json_path,
+                                field=f"{section}[{i}].{k}")
 
     cats: dict[int, str] = {}
     for i, c in enumerate(data["categories"]):
-        need(c, i, "categories", ("id", "name"))
+        need(c, i, "categories", {"id": int, "name": (str, int)})
         if c["id"] in cats:
             raise DataError(f"duplicate category id {c['id']}", path=json_path, field=f"categories[{i}].id")
         cats[c["id"]] = str(c["name"])
@@ -783,7 +787,7 @@ def _parse_coco(json_path: Path):
         raise DataError("no categories", path=json_path, field="categories")
     images, seen = [], set()
     for i, im in enumerate(data["images"]):
-        need(im, i, "images", ("id", "file_name"))
+        need(im, i, "images", {"id": int, "file_name": str})
         if im["id"] in seen:
             raise DataError(f"duplicate image id {im['id']}", path=json_path, field=f"images[{i}].id")
         seen.add(im["id"])
@@ -791,8 +795,8 @@ def _parse_coco(json_path: Path):
     anns: dict[int, list[tuple[int, dict]]] = {}
     problems = []
     for j, a in enumerate(data["annotations"]):
-        need(a, j, "annotations", ("image_id", "category_id", "bbox"))
-        if a["image_id"] not in seen:
+        need(a, j, "annotations", {"image_id": object, "category_id": object, "bbox": object})  # bad: problems
+        if not isinstance(a["image_id"], int) or a["image_id"] not in seen:  # a list id is not even hashable
             problems.append(Problem(str(json_path), f"annotations[{j}]", f"unknown image_id {a['image_id']!r}",
                                     "line"))
             continue

@@ -54,6 +54,12 @@ class Hyp:
     copy_paste: float = 0.0
     paste_in: float = 0.15
 
+    def __post_init__(self) -> None:
+        for key, (inside, allowed) in _RANGES.items():
+            value = getattr(self, key)
+            if not inside(value):
+                raise ConfigError(f"must be {allowed}, got {value!r}", field=key)
+
     @classmethod
     def from_dict(cls, data: Any, path: str | Path | None = None) -> Hyp:
         """Build from a mapping; unknown keys and wrong types raise ConfigError naming the key."""
@@ -66,7 +72,10 @@ class Hyp:
                 raise ConfigError(f"unknown hyper-parameter (known: {', '.join(types)})", path=path,
                                   field=str(key))
             values[key] = _coerce(value, types[key], path, key)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as e:  # a value out of its range: name the file it came from
+            raise ConfigError(e.message, path=path, field=e.field) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for YAML/JSON dumps and run configs)."""
@@ -89,6 +98,26 @@ class Hyp:
             cls=self.cls * nc / 80.0 * level,
             obj=self.obj * (imgsz / 640.0) ** 2 * level,
         )
+
+
+def _ranges(spec: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:
+    """Expand `"a b c": (test, text)` into one entry per key."""
+    return {key: rule for keys, rule in spec.items() for key in keys.split()}
+
+
+# what each value may be: a value outside fails at its file, not as a traceback (or a silent nonsense run) deep in
+# training (momentum 0 breaks Nesterov SGD; anchor_t <= 1 leaves no anchor a positive; scale >= 1 can zoom to 0)
+_RANGES = _ranges({
+    "lr0 cls_pw obj_pw": (lambda v: v > 0, "> 0"),
+    "lrf weight_decay warmup_epochs warmup_bias_lr box cls obj fl_gamma aux_weight perspective":
+        (lambda v: v >= 0, ">= 0"),
+    "momentum": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "warmup_momentum label_smoothing scale": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "anchor_t": (lambda v: v > 1, "> 1"),
+    "loss_ota": (lambda v: v in (0, 1), "0 or 1"),
+    "iou_t hsv_h hsv_s hsv_v translate flipud fliplr mosaic mixup copy_paste paste_in":
+        (lambda v: 0 <= v <= 1, "in [0, 1]"),
+})
 
 
 def _coerce(value: Any, typ: Any, path: str | Path | None, key: str) -> Any:

@@ -1,4 +1,5 @@
-"""Detector output -> final detections: NMS (torchvision) and letterbox -> original image coordinates."""
+"""Detector output -> final detections: confidence filtering and NMS (torchvision). Boxes go back to the image
+with `augment.unletterbox_boxes`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,27 +37,3 @@ def non_max_suppression(decoded: Tensor, conf_thres: float = 0.001, iou_thres: f
         keep = batched_nms(det[:, :4], det[:, 4], groups, iou_thres)[:max_det]
         out.append(det[keep])
     return out
-
-
-def scale_boxes(boxes: Tensor, img_hw: tuple[int, int], orig_hw: tuple[int, int],
-                ratio_pad: tuple[tuple[float, float], tuple[float, float]] | None = None) -> Tensor:
-    """Map xyxy boxes from a letterboxed `img_hw` input back to the `orig_hw` image (clipped); returns a new tensor.
-
-    `ratio_pad` = ((gain_h, gain_w), (pad_w, pad_h)) as recorded by the letterbox; by default it is
-    recomputed for an aspect-preserving resize with centred padding.
-    """
-    if ratio_pad is None:
-        gain = min(img_hw[0] / orig_hw[0], img_hw[1] / orig_hw[1])
-        pad = ((img_hw[1] - orig_hw[1] * gain) / 2, (img_hw[0] - orig_hw[0] * gain) / 2)
-    else:
-        gain, pad = ratio_pad[0][0], ratio_pad[1]
-    shift = torch.tensor([pad[0], pad[1], pad[0], pad[1]], dtype=boxes.dtype, device=boxes.device)
-    out = (boxes[..., :4] - shift) / gain
-    return clip_boxes(out, orig_hw)
-
-
-def clip_boxes(boxes: Tensor, hw: tuple[int, int]) -> Tensor:
-    """Clip xyxy boxes to an image of size (H, W); returns a new tensor."""
-    h, w = hw
-    return torch.stack((boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
-                        boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)), dim=-1)

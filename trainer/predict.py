@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps
 
 from search_spaces.errors import DataError
 from search_spaces.io import atomic_path, atomic_write_json
 from search_spaces.model import Detector
 
 from .augment import letterbox, unletterbox_boxes
-from .datasets import list_images, to_rgb
+from .datasets import IMAGE_ERRORS, list_images, to_rgb
 from .postprocess import non_max_suppression
 
 _COLORS = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (146, 204, 23), (132, 56, 255),
@@ -35,7 +35,7 @@ def load_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(to_rgb(ImageOps.exif_transpose(im)))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except IMAGE_ERRORS as e:  # what a corrupt or truncated file raises, as the dataset reads it
         raise DataError(f"cannot read image ({e})", path=path) from None
 
 
@@ -65,11 +65,19 @@ def draw(img: np.ndarray, dets: list[Detection]) -> Image.Image:
     return im
 
 
+def drawn_name(image: Path, root: Path | None) -> Path:
+    """Where an image's drawn copy goes under the output directory: its path below `root` (the source directory),
+    `.jpg` kept and appended to any other suffix, so `a.jpg`, `a.png` and `sub/a.jpg` do not overwrite each other."""
+    rel = image.relative_to(root) if root is not None else Path(image.name)
+    return rel if rel.suffix == ".jpg" else rel.with_name(rel.name + ".jpg")
+
+
 def predict(model: Detector, source: str | Path, out: str | Path, imgsz: int = 640, conf_thres: float = 0.25,
             iou_thres: float = 0.45, names: list[str] | None = None) -> dict[str, list[dict]]:
     """Run on an image or a directory; write drawn images and `detections.json` into `out`."""
-    out = Path(out)
-    files = list_images(source) if Path(source).is_dir() else [Path(source)]
+    model.check_imgsz(imgsz)
+    out, root = Path(out), Path(source) if Path(source).is_dir() else None
+    files = list_images(source) if root is not None else [Path(source)]
     if not files:
         raise DataError("no images found", path=source)
     results: dict[str, list[dict]] = {}
@@ -77,7 +85,7 @@ def predict(model: Detector, source: str | Path, out: str | Path, imgsz: int = 6
         img = load_rgb(f)
         dets = detect(model, img, imgsz, conf_thres, iou_thres, names)
         results[str(f)] = [d.__dict__ for d in dets]
-        with atomic_path(out / f"{Path(f).stem}.jpg") as tmp:
+        with atomic_path(out / drawn_name(f, root)) as tmp:
             draw(img, dets).save(tmp, format="JPEG", quality=90)
     atomic_write_json(out / "detections.json", results)
     return results

@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,19 @@ class TrainResult:
         return next((float(r[key]) for r in reversed(self.rows) if r.get(key) is not None), None)
 
 
-def _lr0_text(lr0: float | None) -> str:
-    return "the hyp's" if lr0 is None else f"{lr0:g}"
+# the settings a resumed run must share with the interrupted one: another optimizer's state would not load; another
+# rate, schedule or nominal batch would move the learning rate mid-run; another class count or frozen set is
+# another head or another set of optimized parameters
+RESUME_FIXED = ("optimizer", "lr0", "lr_schedule", "nbs", "single_cls", "freeze")
+_CONFIG_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def _setting(key: str, value: Any) -> str:
+    """A training setting as its command-line flag says it (`--lr0 0.002`, `--single-cls`, `no --freeze`)."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool) or value in (None, 0):
+        return flag if value else f"no {flag}" + (" (the hyp's rate)" if key == "lr0" else "")
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
 
 
 def default_hyp_name(det: Detector) -> str:
@@ -136,6 +147,9 @@ class Trainer:
         self.rank, self.world = ddp.rank(), ddp.world_size()
         self.main = self.rank == 0
         self.out = Path(cfg.out)
+        if not cfg.resume and not cfg.exist_ok and (self.out / CHECKPOINT).is_file():  # its weights, results, config
+            raise ConfigError(f"holds an earlier run ({CHECKPOINT}): pass --resume to continue it, or --exist-ok to "
+                              "train over it", path=self.out, field="out")
         seed_everything(cfg.seed)
         self.data_cfg = training_data(cfg, progress=self.main)
         # weights trained for other classes are transferred where they fit (YOLOv7's finetuning on a new dataset);
@@ -145,6 +159,9 @@ class Trainer:
         if self.model.nc != self.data_cfg.nc:
             raise ConfigError(f"model has nc={self.model.nc}, dataset has nc={self.data_cfg.nc}",
                               path=self.data_cfg.yaml_path, field="nc")
+        stride = self.grid_stride()  # before the data scan and AutoAnchor: a P6 model's levels need 64
+        if cfg.imgsz % stride:
+            raise ConfigError(f"{cfg.imgsz} is not a positive multiple of the largest stride {stride}", field="imgsz")
         if self.transfer is not None and self.main and cfg.progress:
             print(self.transfer.summary())
         # every parameter trains: a model handed over from an earlier run may be its EMA copy, whose
@@ -199,6 +216,8 @@ class Trainer:
         self.start_epoch, self.best_map, self.rows = 0, -1.0, []
         self.epochs = cfg.epochs  # the schedule's length; `fit_epochs_to_time` may shorten it after epoch 1
         self.epochs_fitted = False  # whether that was done: a resumed run keeps the fitted length
+        self.elapsed_before = 0.0  # training seconds of the interrupted run(s): --max-time is one budget for all
+        self.t_start: float | None = None  # when this run's clock started (less `elapsed_before`)
         self.stop_requested = False  # a callback sets it in on_epoch_end to end training after that epoch
         if cfg.resume:
             self.load_checkpoint(self.out / CHECKPOINT)
@@ -209,8 +228,8 @@ class Trainer:
         return math.lcm(self.model_stride(), *(cb.input_stride() for cb in self.callbacks))
 
     def model_stride(self) -> int:
-        """The model's largest stride."""
-        return max(unwrap(self.model).strides)
+        """What the model's input sides must be a multiple of (`Detector.max_stride`)."""
+        return unwrap(self.model).max_stride
 
     def _freeze(self, n: int) -> list[str]:
         """`--freeze`: the first n layers' parameters get no gradient (their names)."""
@@ -273,7 +292,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.ema.state_dict() if self.ema else None, "ema_updates": self.ema.updates if self.ema else 0,
             "extra": self.extra_modules.state_dict(), "nonfinite_run": self.nonfinite_run,
-            "anchor_fit": self.anchor_fit_record(),
+            "anchor_fit": self.anchor_fit_record(), "hyp": self.hyp.to_dict(),
+            "elapsed_s": self.elapsed_before if self.t_start is None else time.time() - self.t_start,
         }
 
     def anchor_fit_record(self) -> dict[str, Any] | None:
@@ -299,30 +319,29 @@ class Trainer:
         """Raise a CheckpointError when `checkpoint` belongs to another run (subclasses; the weights' shapes
         are checked anyway)."""
 
+    def _check_same_schedule(self, ck: Mapping[str, Any], path: Path) -> None:
+        """Refuse to resume with settings that change the optimizer, its schedule or the trained parameters
+        mid-run (its state would not load, or the learning rate would jump)."""
+        ran = ck.get("config") or {}  # the interrupted run's TrainConfig
+        for key in RESUME_FIXED:
+            theirs, ours = ran.get(key, _CONFIG_DEFAULTS[key]), getattr(self.cfg, key)  # absent: from before the key
+            if theirs != ours:
+                raise CheckpointError(f"cannot resume: the interrupted run trained with {_setting(key, theirs)}, this "
+                                      f"one with {_setting(key, ours)}", path=path, field=key)
+        hyp = ck.get("hyp")  # the effective hyper-parameters (--hyp's file may have changed): from session 32
+        changed = sorted(k for k, v in (hyp or {}).items() if getattr(self.hyp, k, v) != v)
+        if changed:
+            raise CheckpointError(f"cannot resume: the interrupted run trained with other hyper-parameters "
+                                  f"({', '.join(f'{k} {hyp[k]} -> {getattr(self.hyp, k)}' for k in changed)})",
+                                  path=path, field="hyp")
+
     def load_checkpoint(self, path: Path) -> None:
         """Resume from `path` if it exists (the interrupted epoch restarts from its beginning)."""
         if not path.is_file():
             return
         ck = load_weights(path)
         self.check_resume(ck, path)
-        ran = ck.get("config") or {}  # the interrupted run's TrainConfig
-        theirs = ran.get("optimizer")
-        if theirs and theirs != self.cfg.optimizer:  # its state would load, then fail at the first step
-            raise CheckpointError(f"cannot resume: the interrupted run trained with --optimizer {theirs}, this one "
-                                  f"with {self.cfg.optimizer}", path=path, field="optimizer")
-        rate = ran.get("lr0")  # None: the hyp's (and in checkpoints from before --lr0)
-        if rate != self.cfg.lr0:  # the schedule would go on at another rate mid-run
-            raise CheckpointError(f"cannot resume: the interrupted run trained with --lr0 {_lr0_text(rate)}, this one "
-                                  f"with {_lr0_text(self.cfg.lr0)}", path=path, field="lr0")
-        merged = bool(ran.get("single_cls", False))
-        if merged != self.cfg.single_cls:  # another class count: another head
-            raise CheckpointError(f"cannot resume: the interrupted run trained {'with' if merged else 'without'} "
-                                  f"--single-cls, this one {'with' if self.cfg.single_cls else 'without'}", path=path,
-                                  field="single_cls")
-        frozen = int(ran.get("freeze", 0))
-        if frozen != self.cfg.freeze:  # the optimizer holds state for the parameters that trained, and only those
-            raise CheckpointError(f"cannot resume: the interrupted run froze {frozen} layers (--freeze), this one "
-                                  f"{self.cfg.freeze}", path=path, field="freeze")
+        self._check_same_schedule(ck, path)
         extra = ck.get("extra") or {}
         if set(extra) != set(self.extra_modules.state_dict()):
             raise CheckpointError("cannot resume: the callbacks' trainable modules differ from the interrupted run's "
@@ -353,6 +372,7 @@ class Trainer:
         self.start_epoch = int(ck["epoch"]) + 1
         self.best_map = float(ck["best_map"])
         self.rows = list(ck["rows"])
+        self.elapsed_before = float(ck.get("elapsed_s", 0.0))
         # A schedule fitted to a time budget stays as planned; otherwise --epochs may extend a finished run.
         self.epochs_fitted = bool(ck.get("epochs_fitted", any("epochs_planned" in r for r in self.rows)))
         keep = self.cfg.fit_epochs_to_time and self.epochs_fitted and ck.get("epochs")
@@ -465,10 +485,11 @@ class Trainer:
                               field="batch")
         nw = self._warmup_iters(nb)
         stride = self.grid_stride() if cfg.multi_scale else 0  # fixed for the run: the model's and its callbacks'
-        t_start, last = time.time(), None
-        saved_at = t_start
+        t_start, last = time.time() - self.elapsed_before, None
+        self.t_start, saved_at = t_start, time.time()
+        spent = bool(cfg.max_time_s) and self.elapsed_before >= cfg.max_time_s  # a resume after the budget ran out
         epoch = self.start_epoch - 1
-        while epoch + 1 < self.epochs:
+        while epoch + 1 < self.epochs and not spent:
             epoch += 1
             torch.manual_seed(cfg.seed + epoch)  # each epoch is a function of (seed, epoch): exact resume
             sizes = random.Random(f"multi-scale {cfg.seed} {epoch}")  # the same on every rank

@@ -94,7 +94,7 @@ def run_prune(args: argparse.Namespace) -> None:
     if args.sensitivity:
         from compress.quantize import calibration_images
 
-        images = calibration_images(args.data, 4 * max(det.strides), n=8)  # small: a relative measure
+        images = calibration_images(args.data, 4 * det.max_stride, n=8)  # small: a relative measure
         sample = torch.cat([torch.from_numpy(images[i]) for i in range(len(images))])
     pruned, report = prune_detector(
         det, args.macs, latency_ms=args.latency_ms, predict_ms=predict, steps=args.steps,
@@ -118,7 +118,8 @@ def _finetuner(args: argparse.Namespace, imgsz: int):
     # validated now, before any pruning: a bad --nbs or --lr0 is one line, not an error after the work
     template = TrainConfig(model=str(args.model), data=args.data, out=args.out, epochs=args.finetune_epochs,
                            imgsz=imgsz, batch=args.batch, **optimizer_settings(args),
-                           device=args.device, autoanchor=False)  # a trained model's anchors stay
+                           device=args.device, exist_ok=True,  # each pruning step's finetune starts afresh
+                           autoanchor=False)  # a trained model's anchors stay
     rounds = [0]
 
     def finetune(det: Any, epochs: int) -> Any:

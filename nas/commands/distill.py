@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allow a --teacher without trained weights (a zoo name, a YAML): random weights, for plumbing "
                         "checks only (it teaches nothing)")
     p.add_argument("--noautoanchor", action="store_true", help="keep the student's anchors (see `detforge train`)")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--exist-ok", action="store_true", help="train over an earlier run in OUT (default: refuse)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(model=args.student, data=args.data, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
                       batch=args.batch, seed=args.seed, workers=args.workers, device=args.device,
-                      resume=args.resume, autoanchor=not args.noautoanchor, **optimizer_settings(args))
+                      resume=args.resume, exist_ok=args.exist_ok, autoanchor=not args.noautoanchor, **optimizer_settings(args))
     teacher = load_teacher(args.teacher, args.teacher_model, random_ok=args.random_teacher)
     # a student trained for other classes (a converted COCO checkpoint) starts from its transferred weights
     student, transfer = load_for_classes(args.student, resolve_data_config(args.data, args.imgsz).nc)

@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch", type=int, default=16, help="total batch size over all processes")
     t.add_argument("--out", default="runs/supernet", help="writes last.pt (resume) and supernet.pt")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--exist-ok", action="store_true", help="train over an earlier run in OUT (default: refuse)")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--n-random", type=int, default=2, help="random subnets per batch besides largest and smallest")
     t.add_argument("--kd-weight", type=float, default=1.0, help="in-place distillation weight (0: off)")
@@ -140,7 +141,7 @@ def run_supernet_train(args: argparse.Namespace) -> None:
         raise ConfigError("names the model of a --teacher checkpoint: give --teacher too", field="teacher_model")
     teacher = load_teacher(args.teacher, args.teacher_model) if args.teacher else None
     cfg = TrainConfig(model=f"supernet:{space.name}", data=args.data, out=args.out, epochs=args.epochs, imgsz=imgsz,
-                      batch=args.batch, resume=args.resume, device=args.device, hyp=args.hyp, amp=args.amp,
+                      batch=args.batch, resume=args.resume, exist_ok=args.exist_ok, device=args.device, hyp=args.hyp, amp=args.amp,
                       workers=args.workers, seed=args.seed, ema=not args.no_ema, max_time_s=args.max_time,
                       autoanchor=not args.noautoanchor, multi_scale=args.multi_scale, **optimizer_settings(args))
     try:

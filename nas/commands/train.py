@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=16, help="total batch size over all processes")
     p.add_argument("--out", default="runs/train")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--exist-ok", action="store_true", help="train over an earlier run in OUT (default: refuse)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--hyp", default="auto", help="p5 | p6 | tiny | path to a hyp YAML")
     add_optimizer_args(p)
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=float, default=0.0, metavar="SECONDS",
                    help="write last.pt at most every SECONDS (default 0: after every epoch; the last always); "
                         "a kill loses at most that much training")
-    p.add_argument("--max-time", type=float, default=None, help="wall-clock budget in seconds")
+    p.add_argument("--max-time", type=float, default=None, help="wall-clock budget in seconds, over every --resume of the run")
     p.add_argument("--fit-schedule", action="store_true",
                    help="with --max-time: shorten the LR schedule (--epochs) to the epochs that fit the budget")
     p.add_argument("--json", action="store_true")
@@ -84,7 +85,7 @@ def run_train(args: argparse.Namespace) -> None:
     from trainer.trainer import Trainer
 
     cfg = TrainConfig(model=args.model, data=args.data, out=args.out, epochs=args.epochs, imgsz=args.imgsz,
-                      batch=args.batch, resume=args.resume, device=args.device, hyp=args.hyp,
+                      batch=args.batch, resume=args.resume, exist_ok=args.exist_ok, device=args.device, hyp=args.hyp,
                       **optimizer_settings(args), amp=args.amp, workers=args.workers,
                       seed=args.seed, ema=not args.no_ema, sync_bn=args.sync_bn, strict_data=args.strict,
                       autoanchor=not args.noautoanchor, freeze=args.freeze, multi_scale=args.multi_scale,
@@ -122,12 +123,13 @@ def run_val(args: argparse.Namespace) -> None:
                               path=args.weights, field="imgsz")
     else:
         model = load_model(args.weights)
+        model.check_imgsz(args.imgsz)
         device = resolve_device(args.device)
         model = model.to(device)
     cfg = resolve_data_config(args.data, args.imgsz)
     if args.single_cls:
         cfg = cfg.single_class()
-    stride = max(model.strides) if args.rect else None
+    stride = model.max_stride if args.rect else None
     loader = val_loader(cfg, args.imgsz, args.batch, strict=args.strict, rect_stride=stride)
     if model.nc is not None and model.nc != cfg.nc:
         hint = " (a model trained with --single-cls: pass --single-cls)" if model.nc == 1 else ""

@@ -75,6 +75,21 @@ CASES: dict[str, tuple[Callable[[Path, Path, Path], list[str]], str]] = {
         TINY, lambda a: a["backbone"][0].update(out=-8)))], "backbone[0]"),
     "arch: dangling from": (lambda d, *_: ["info", _write(d, "a.yaml", _yaml_edit(
         TINY, lambda a: a["neck"][0].update({"from": "nowhere"})))], "nowhere"),
+    "arch: head reads the input": (lambda d, *_: ["info", _write(d, "a.yaml", _yaml_edit(
+        TINY, lambda a: a["head"].update({"type": "detect", "from": ["input"], "anchors": [[10, 13, 16, 30, 33, 23]]})))],
+        "head.from: a head reads layers"),
+    "arch: even ELAN kernel": (lambda d, *_: ["info", _write(d, "a.yaml", _yaml_edit(
+        TINY, lambda a: a["backbone"][2].update(k=2)))], "backbone[2].k"),
+    "arch: even SPP kernels": (lambda d, *_: ["info", _write(d, "a.yaml", _yaml_edit(
+        TINY, lambda a: a["neck"].__setitem__(0, {"name": "spp", "block": "sppcspc", "out": 256, "k": [5, 8]})))],
+        "neck[0].k"),
+    "arch: infinite anchor": (lambda d, *_: ["info", _write(d, "a.yaml", _yaml_edit(
+        TINY, lambda a: a["head"]["anchors"][2].__setitem__(5, float("inf"))))], "head.anchors"),
+    "arch: imgsz fits the head but not a deeper layer": (lambda d, *_: ["info", _write(d, "a.yaml", _yaml_edit(
+        TINY, lambda a: (a.update(imgsz=96), a["backbone"].extend([{"block": "maxpool"}, {"block": "upsample"}]))))],
+        "imgsz: must be a multiple of the largest stride 64"),
+    "info: imgsz not a multiple of the stride": (lambda d, *_: ["info", str(zoo_path("yolov7-tiny")), "--imgsz",
+                                                                "80"], "imgsz"),
     "arch: empty file": (lambda d, *_: ["info", _write(d, "a.yaml", "")], "a.yaml"),
     # model directories and weights
     "weights: truncated": (lambda d, _data, m: ["info", _copy_model(d, m, lambda w: w.write_bytes(
@@ -100,6 +115,18 @@ CASES: dict[str, tuple[Callable[[Path, Path, Path], list[str]], str]] = {
     "hyp: unknown key": (lambda d, data, _m: ["train", "--data", str(data), "--imgsz", "64", "--epochs", "1",
                                               "--hyp", _write(d, "h.yaml", "lr0: 0.01\nlearning_rate: 3\n"),
                                               "--out", str(d / "run"), "--device", "cpu"], "learning_rate"),
+    "hyp: value out of range": (lambda d, data, _m: ["train", "--data", str(data), "--imgsz", "64", "--epochs", "1",
+                                                    "--hyp", _write(d, "h.yaml", "lr0: 0.01\nmomentum: 0.0\n"),
+                                                    "--out", str(d / "run"), "--device", "cpu"], "h.yaml: momentum"),
+    "train: imgsz not a multiple of a P6 model's stride": (lambda d, data, _m: [
+        "train", "--model", "yolov7-w6", "--data", str(data), "--imgsz", "96", "--epochs", "1", "--batch", "2",
+        "--workers", "0", "--out", str(d / "run"), "--device", "cpu"], "imgsz: 96 is not a positive multiple of the largest stride 64"),
+    "val: imgsz not a multiple of the model's stride": (lambda d, data, m: [
+        "val", "--data", str(data), "--weights", str(m), "--imgsz", "100", "--device", "cpu"],
+        "imgsz: 100 is not a positive multiple of the largest stride 32"),
+    "predict: imgsz not a multiple of the model's stride": (lambda d, data, m: [
+        "predict", "--source", str(data.parent / "images" / "val"), "--weights", str(m), "--imgsz", "100",
+        "--out", str(d / "pred")], "imgsz: 100 is not a positive multiple of the largest stride 32"),
     "train: imgsz not a multiple of 32": (lambda d, data, _m: ["train", "--data", str(data), "--imgsz", "100",
                                                                "--out", str(d / "run")], "imgsz"),
     # (training such a model on the data is a finetune: its weights transfer, docs/training.md)
@@ -112,6 +139,8 @@ CASES: dict[str, tuple[Callable[[Path, Path, Path], list[str]], str]] = {
     "space: unknown block type": (lambda d, *_: ["latency", "pack", "--space", _write(d, "s.yaml", _space(
         lambda s: s["backbone"].update(block=["elan", "transformer"]))), "--out", str(d / "b.tar.gz")],
                                   "transformer"),
+    "space: infinite width": (lambda d, *_: ["latency", "pack", "--space", _write(d, "s.yaml", _space(
+        lambda s: s["neck"].update(width=[0.5, float("inf")]))), "--out", str(d / "b.tar.gz")], "neck.width"),
     "space: YAML syntax": (lambda d, *_: ["latency", "pack", "--space", _write(d, "s.yaml", "backbone: {"),
                                           "--out", str(d / "b.tar.gz")], "s.yaml"),
     "space: unknown name": (lambda d, *_: ["latency", "pack", "--space", "galaxy", "--out", str(d / "b.tar.gz")],

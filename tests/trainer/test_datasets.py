@@ -394,12 +394,13 @@ def test_coco_bad_annotations_are_dropped(tmp_path, caplog):
         {"id": 7, "image_id": 20, "category_id": 3, "bbox": [1, 1, 0, 5]},
         {"id": 8, "image_id": 20, "category_id": 3, "bbox": [1, 1, "x", 5]},
         {"id": 9, "image_id": 99, "category_id": 3, "bbox": [1, 1, 5, 5]},
+        {"id": 10, "image_id": [20], "category_id": 3, "bbox": [1, 1, 5, 5]},  # not even hashable
     ]
     path.write_text(json.dumps(data))
     ds = CocoDataset(path, img_dir, imgsz=32, cache=False)
-    assert len(ds.labels[1]) == 1 and ds.stats["dropped_labels"] == 4
+    assert len(ds.labels[1]) == 1 and ds.stats["dropped_labels"] == 5
     json_lines = [w for w in _warnings(caplog) if w.startswith(f"{path}: annotations[")]
-    assert len(json_lines) == 1 and "(and 3 more problems" in json_lines[0]
+    assert len(json_lines) == 1 and "(and 4 more problems" in json_lines[0]
     with pytest.raises(DataError) as e:
         CocoDataset(path, img_dir, imgsz=32, strict=True, cache=False)
     assert e.value.path == str(path) and e.value.field == "annotations[8]"
@@ -410,6 +411,10 @@ def test_coco_bad_annotations_are_dropped(tmp_path, caplog):
     ({"annotations": [{"id": 1, "image_id": 10, "category_id": 3}]}, "annotations[0].bbox"),
     ({"images": [{"id": 1}]}, "images[0].file_name"),
     ({"categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}, "categories[1].id"),
+    # wrong types: a number for a path, a list for an id (unhashable), a string id among integers
+    ({"images": [{"id": 1, "file_name": 5}]}, "images[0].file_name"),
+    ({"images": [{"id": [1], "file_name": "a.jpg"}]}, "images[0].id"),
+    ({"categories": [{"id": 1, "name": "a"}, {"id": "2", "name": "b"}]}, "categories[1].id"),
 ])
 def test_coco_structure_errors(tmp_path, changes, field):
     path, img_dir = _coco(tmp_path, **changes)

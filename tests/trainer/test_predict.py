@@ -28,3 +28,20 @@ def test_a_small_image_is_enlarged_to_imgsz_not_padded():
     x = seen[0][0]
     assert x.shape == (3, 96, 96)
     assert not torch.isclose(x, torch.tensor(PAD_VALUE / 255.0)).all(0).any(), "padding found: not enlarged"
+
+
+def test_images_sharing_a_stem_keep_their_own_drawn_copies(tmp_path):
+    from trainer.predict import predict
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "a.png", "sub/a.jpg"):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(src / name)
+    res = predict(load_model("yolov7-tiny", nc=2), src, tmp_path / "out", imgsz=64)
+    assert len(res) == 3
+    drawn = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.jpg"))
+    assert drawn == ["a.jpg", "a.png.jpg", "sub/a.jpg"]
+    # a single file goes to the top of the output directory
+    predict(load_model("yolov7-tiny", nc=2), src / "sub" / "a.jpg", tmp_path / "one", imgsz=64)
+    assert [p.name for p in (tmp_path / "one").glob("*.jpg")] == ["a.jpg"]

@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 from search_spaces.errors import ConfigError, DataError
 from trainer.metrics import build_coco_dicts, coco_map
-from trainer.postprocess import clip_boxes, non_max_suppression, scale_boxes
+from trainer.postprocess import non_max_suppression
 
 
 def row(cx, cy, w, h, obj, *cls) -> list[float]:
@@ -55,18 +55,6 @@ def test_nms_single_class_scores_objectness():
 def test_nms_empty():
     (a,) = non_max_suppression(torch.zeros(1, 10, 8))
     assert a.shape == (0, 6)
-
-
-def test_scale_boxes_undoes_letterbox():
-    # 480x320 (w x h) image letterboxed to 640x640: gain 4/3, vertical pad (640 - 426.67) / 2
-    orig = torch.tensor([[10.0, 20.0, 200.0, 300.0]])
-    gain, pad = 640 / 480, (640 - 320 * 640 / 480) / 2
-    boxed = orig * gain + torch.tensor([0, pad, 0, pad])
-    back = scale_boxes(boxed, (640, 640), (320, 480))
-    assert torch.allclose(back, orig, atol=1e-4) and back is not boxed
-    back = scale_boxes(boxed, (640, 640), (320, 480), ratio_pad=((gain, gain), (0.0, pad)))
-    assert torch.allclose(back, orig, atol=1e-4)
-    assert clip_boxes(torch.tensor([[-5.0, -1, 500, 400]]), (320, 480)).tolist() == [[0, 0, 480, 320]]
 
 
 # ------------------------------------------------------------------------------------------------ mAP

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nas.cli import main
 from search_spaces import ConfigError, load_model
@@ -94,3 +95,43 @@ def test_every_training_command_takes_the_shared_optimizer_flags(command):
                                                  "--lr-schedule", "linear", "--lr0", "0.003"]))
     assert given == {"nbs": 16, "optimizer": "adamw", "lr_schedule": "linear", "lr0": 0.003}
     TrainConfig(**given)  # what every command passes on is a valid training configuration
+
+
+def test_train_refuses_to_overwrite_an_earlier_run_without_resume_or_exist_ok(small_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(small_data), "--epochs", "1", "--imgsz", "96", "--batch", "4", "--workers", "0",
+            "--device", "cpu", "--out", str(run)]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in (run / "last.pt", run / "results.csv", run / "config.json")}
+    capsys.readouterr()
+    assert main([*argv, "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run}: out: holds an earlier run" in err[0] and "--resume" in err[0]
+    assert {p: (run / p).read_bytes() for p in before} == before  # nothing of the earlier run was touched
+    assert main([*argv, "--epochs", "2", "--exist-ok", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 2
+
+
+def test_a_resume_with_another_schedule_or_hyp_is_refused(small_data, tmp_path):
+    from search_spaces.errors import CheckpointError
+    from tests.training.test_time_budget import StopAfterOneEpoch
+    from trainer.hyp import load_hyp
+
+    def trainer(**kw) -> Trainer:
+        return Trainer(TrainConfig(**{"model": "yolov7-tiny", "data": str(small_data), "out": str(tmp_path),
+                                      "imgsz": 96, "batch": 4, "workers": 0, "device": "cpu", "progress": False,
+                                      "epochs": 3, "resume": True, **kw}))
+
+    t = trainer(resume=False)
+    t.callbacks.append(StopAfterOneEpoch())
+    t.train()
+    for change, field in (({"lr_schedule": "linear"}, "lr_schedule"), ({"nbs": 8}, "nbs")):
+        with pytest.raises(CheckpointError) as e:
+            trainer(**change)
+        assert e.value.field == field and "cannot resume" in str(e.value)
+    hyp = tmp_path / "hyp.yaml"
+    hyp.write_text(yaml.safe_dump({**load_hyp("tiny").to_dict(), "lrf": 0.2}))
+    with pytest.raises(CheckpointError, match=r"lrf 0.01 -> 0.2") as e:
+        trainer(hyp=str(hyp))
+    assert e.value.field == "hyp"
+    assert trainer().start_epoch == 1  # the same settings resume

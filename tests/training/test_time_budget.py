@@ -130,3 +130,19 @@ def test_a_resume_keeps_the_divergence_count_and_takes_this_runs_weight_decay(sm
     (weight,) = [g for g in again.optimizer.param_groups if g["kind"] == "weight"]
     assert weight["weight_decay"] == again.weight_decay != t.weight_decay
     assert all(g["weight_decay"] == 0.0 for g in again.optimizer.param_groups if g["kind"] != "weight")
+
+
+def test_the_time_budget_counts_the_interrupted_runs_seconds(small_data, tmp_path):
+    first = _trainer(small_data, tmp_path, epochs=5, max_time_s=1e6)
+    first.callbacks.append(StopAfterOneEpoch())
+    first.train()
+    spent = torch.load(tmp_path / CHECKPOINT, weights_only=True)["elapsed_s"]
+    assert spent > 0
+    # a resume whose budget the first epoch already spent trains nothing more (it used to start a new clock)
+    again = _trainer(small_data, tmp_path, epochs=5, max_time_s=spent / 2, resume=True).train()
+    assert again.epochs_done == 1 and len(again.rows) == 1
+    # with budget left it goes on, and its clock continues from the interrupted run's
+    more = _trainer(small_data, tmp_path, epochs=5, max_time_s=1e6, resume=True)
+    more.callbacks.append(StopAfterOneEpoch())
+    assert more.train().epochs_done == 2
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["elapsed_s"] > spent
