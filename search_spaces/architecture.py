@@ -332,12 +332,15 @@ def _name_implicit_refs(src: Architecture, dst: Architecture, keep: list[int], p
         layer.inputs = [target.name]
 
 
+# the kernel arguments of each block that pads by k // 2: an even one grows the map by one (a conv's explicit
+# `p` says what it does instead)
+_PADDED_KERNELS = {"conv": ("k", "dw_k"), "repconv": ("k",), "ghostconv": ("k", "dw_k"), "elan": ("k",),
+                   "eelan": ("k",), "sppcspc": ("k",)}
+
+
 def _check_geometry(block: str, args: dict[str, Any], where: str, path: str | None) -> None:
     """Kernels and pools that keep the size `strides()` assumes: out = in / stride exactly (a concat needs it)."""
-    # padded by k // 2: an even kernel grows the map by one (an explicit p on a conv says what it does)
-    kernels = {"conv": ("k", "dw_k"), "repconv": ("k",), "ghostconv": ("k", "dw_k"), "elan": ("k",), "eelan": ("k",),
-               "sppcspc": ("k",)}.get(block, ()) if args.get("p") is None else ()
-    for key in kernels:
+    for key in _PADDED_KERNELS.get(block, ()) if args.get("p") is None else ():
         for k in args[key] if isinstance(args.get(key), list) else [args.get(key) or 1]:
             if k % 2 == 0:
                 raise ConfigError(f"an even kernel ({k}) changes the feature size (padding k // 2); use an odd one"
