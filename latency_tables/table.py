@@ -428,8 +428,9 @@ class LatencyTable:
             where = f" (the table was measured at imgsz {self.imgsz})" if other else ""
             more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
             raise ConfigError(f"no entry for block signature {absent[0].key()}{more}{where}; rebuild the "
-                              "table for this search space (detforge latency build) or predict with "
-                              "measure_missing=True", path=self.path, field="entries")
+                              "table for this search space (detforge latency build) or time the missing blocks "
+                              "(`latency predict --measure-missing`; measure_missing=True from Python)",
+                              path=self.path, field="entries")
         if absent:
             if backend is None:  # timed as the other entries were, or they would not add up alike
                 backend = self.backend_instance(config=self.measurement_config())

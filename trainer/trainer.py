@@ -53,6 +53,11 @@ class TrainResult:
             return float(getattr(self.last.metrics, key))
         return next((float(r[key]) for r in reversed(self.rows) if r.get(key) is not None), None)
 
+    def summary(self) -> dict[str, Any]:
+        """What the training commands print: where, how many epochs, the best and the final mAP."""
+        return {"out": str(self.out), "epochs": self.epochs_done, "best_map": self.best_map,
+                "map": self.final("map"), "map50": self.final("map50")}
+
 
 # the settings a resumed run must share with the interrupted one: another optimizer's state would not load; another
 # rate, schedule or nominal batch would move the learning rate mid-run; another class count or frozen set is

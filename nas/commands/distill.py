@@ -54,6 +54,4 @@ def run(args: argparse.Namespace) -> None:
     weights = {k: getattr(args, k) for k in ("w_obj", "w_cls", "w_box", "w_feat") if getattr(args, k) is not None}
     kd = Distiller(teacher, student, DistillConfig(teacher_scale=args.teacher_scale, **weights))
     result = Trainer(cfg, model=student, callbacks=[kd], transfer=transfer).train()
-    last = result.last.to_dict() if result.last else {}
-    emit({"out": str(result.out), "epochs": result.epochs_done, "map": last.get("map"), "map50": last.get("map50"),
-          "level_pairs": kd.pairs, "transfer": None if transfer is None else transfer.to_dict()}, args.json)
+    emit({**result.summary(), "level_pairs": kd.pairs, "transfer": None if transfer is None else transfer.to_dict()}, args.json)

@@ -93,8 +93,12 @@ def run_export(args: argparse.Namespace) -> None:
     det = load_model(args.model)
     nms = NmsSpec(iou=args.nms_iou, conf=args.nms_conf, max_det=args.max_det, op=args.nms_op) \
         if args.nms or args.nms_op == "trt" else None
-    if args.engine and nms is not None and nms.op != "trt":
-        raise ConfigError(ENGINE_NEEDS_FIXED_OUTPUTS, field="engine")
+    if args.engine:  # refused before the ONNX file is written, not after
+        from latency_tables.backends.tensorrt import import_tensorrt
+
+        if nms is not None and nms.op != "trt":
+            raise ConfigError(ENGINE_NEEDS_FIXED_OUTPUTS, field="engine")
+        import_tensorrt()
     report = export_detector(det, args.out, args.imgsz, fuse=args.fuse, opset=args.opset, nms=nms)
     if args.engine:
         with verified_file(args.engine) as tmp:

@@ -152,9 +152,7 @@ def run_supernet_train(args: argparse.Namespace) -> None:
     finally:
         distributed.cleanup()
     if distributed.is_main():
-        last = result.last.to_dict() if result.last else {}
-        emit({"out": str(result.out), "supernet": str(result.out / SUPERNET_FILE), "epochs": result.epochs_done,
-              "best_map": result.best_map, "map": last.get("map"), "map50": last.get("map50")}, args.json)
+        emit({**result.summary(), "supernet": str(result.out / SUPERNET_FILE)}, args.json)
 
 
 def _objectives(text: str | None) -> tuple[str, ...] | None:

@@ -98,9 +98,7 @@ def run_train(args: argparse.Namespace) -> None:
     finally:
         distributed.cleanup()
     if distributed.is_main():
-        last = result.last.to_dict() if result.last else {}
-        emit({"out": str(result.out), "epochs": result.epochs_done, "best_map": result.best_map,
-              "map": last.get("map"), "map50": last.get("map50"), "frozen": len(trainer.frozen),
+        emit({**result.summary(), "frozen": len(trainer.frozen),
               "transfer": None if trainer.transfer is None else trainer.transfer.to_dict()}, args.json)
 
 

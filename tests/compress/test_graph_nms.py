@@ -171,6 +171,7 @@ def test_tensorrt_nms_export_has_the_plugin_node_and_verified_inputs(tmp_path, c
                      "--engine", str(tmp_path / "x.engine")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "TensorRT is not available" in err[0]
+        assert not (tmp_path / "x.onnx").exists()  # refused before the export, not after
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),

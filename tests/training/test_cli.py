@@ -109,7 +109,12 @@ def test_train_refuses_to_overwrite_an_earlier_run_without_resume_or_exist_ok(sm
     assert len(err) == 1 and f"{run}: out: holds an earlier run" in err[0] and "--resume" in err[0]
     assert {p: (run / p).read_bytes() for p in before} == before  # nothing of the earlier run was touched
     assert main([*argv, "--epochs", "2", "--exist-ok", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 2
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trained["epochs"] == 2 and trained["map"] is not None
+    # a resume that finds nothing left to train reports the run's final metrics, not nulls
+    assert main([*argv, "--epochs", "2", "--resume", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (again["epochs"], again["map"], again["map50"]) == (2, trained["map"], trained["map50"])
 
 
 def test_a_resume_with_another_schedule_or_hyp_is_refused(small_data, tmp_path):
