@@ -26,6 +26,7 @@ test: install
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
+	$(BIN)/pip install -q -e '.[dev,postgres]'   # the PostgreSQL driver, so the marked test runs (docs/cluster.md)
 	$(BIN)/pytest -q -m "slow or postgres"
 	$(BIN)/python benchmarks/run_all.py
 

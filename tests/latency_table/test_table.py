@@ -466,7 +466,8 @@ def test_realtime_priority_is_restored_and_measure_group_times_real_models(backe
     from latency_tables.table import empty_model, measure_group, realtime_priority
 
     with realtime_priority() as elevated:
-        assert isinstance(elevated, bool)
+        if elevated:  # (root only) the measurement runs under SCHED_FIFO, and the policy comes back after
+            assert os.sched_getscheduler(0) == os.SCHED_FIFO
         res = measure_group({"empty": (empty_model(), [(1, 1, 1)])}, backend, realtime=False)
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
     assert res["empty"].median_ms > 0 and res["empty"].backend == "ort-cpu"

@@ -247,3 +247,10 @@ def test_command_group_without_action_prints_its_help_and_exits_2(group, capsys)
     assert main([group]) == 2
     out = capsys.readouterr().out
     assert out.startswith(f"usage: detforge {group} ") and "Traceback" not in out
+
+
+def test_debug_shows_the_traceback_above_the_error_line(tmp_path, capsys):
+    assert main(["--debug", "info", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("Traceback") and any("ConfigError" in ln for ln in err)
+    assert err[-1].startswith("detforge: error: ") and "nope.yaml" in err[-1]

@@ -14,6 +14,3 @@ def test_impossible_settings_name_their_field(field, value):
         TrainConfig(**{field: value})
     assert e.value.field == field
 
-
-def test_grad_clip_zero_turns_clipping_off():
-    assert TrainConfig(grad_clip=0.0).grad_clip == 0.0

@@ -73,3 +73,23 @@ def test_fp16_scaler_skips_are_counted_and_bounded(small_data, tmp_path):
     with pytest.raises(DivergedError, match="8 optimizer steps in a row"):
         t.train()
     assert t.scaler.get_scale() < 2.0 ** 16
+
+
+@pytest.mark.parametrize("clip", [10.0, 0.0])
+def test_gradients_reach_the_step_clipped_to_grad_clip(small_data, tmp_path, clip):
+    cfg = TrainConfig(model="yolov7-tiny", data=str(small_data), out=str(tmp_path), imgsz=96, batch=4, workers=0,
+                      device="cpu", progress=False, epochs=1, nbs=4, grad_clip=clip)
+    t = Trainer(cfg)
+    params = [p for g in t.optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)  # a total norm of sqrt(#params): far above 10
+    raw = math.sqrt(sum(p.numel() for p in params))
+    seen, step = [], t.optimizer.step
+
+    def record_then_step(*a, **k):
+        seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
+        return step(*a, **k)
+
+    t.optimizer.step = record_then_step
+    t.optimizer_step()
+    assert seen == [pytest.approx(clip if clip else raw, rel=1e-4)]  # 0: no clipping

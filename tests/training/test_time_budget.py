@@ -37,8 +37,6 @@ def test_fitted_schedule_is_checkpointed_and_resumed(small_data, tmp_path):
     t.save_checkpoint(0)
     again = _trainer(small_data, tmp_path, epochs=50, max_time_s=1e6, fit_epochs_to_time=True, resume=True)
     assert again.start_epoch == 1 and again.epochs == 7
-    # the cosine reaches its floor at the planned end, not at --epochs
-    assert lr_factor(7.0, again.epochs, 0.01, "cosine") == lr_factor(50.0, 50, 0.01, "cosine")
     # the resumed run's first epoch does not plan again with its own fresh (and here unlimited) budget
     again.callbacks.append(StopAfterOneEpoch())
     again.train()
@@ -146,3 +144,15 @@ def test_the_time_budget_counts_the_interrupted_runs_seconds(small_data, tmp_pat
     more.callbacks.append(StopAfterOneEpoch())
     assert more.train().epochs_done == 2
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["elapsed_s"] > spent
+
+
+def test_the_first_epoch_plans_the_schedule_and_the_run_ends_at_its_floor(small_data, tmp_path, monkeypatch):
+    # the plan's arithmetic is tested above; here the trainer acts on it: the schedule is 2 epochs, not 50
+    monkeypatch.setattr(Trainer, "_epochs_for_budget", lambda self, epoch, spent: 2)
+    t = _trainer(small_data, tmp_path, epochs=50, max_time_s=1e6, fit_epochs_to_time=True, min_warmup_iters=0)
+    result = t.train()
+    assert result.epochs_done == 2 and result.rows[0]["epochs_planned"] == 2
+    assert t.epochs == 2 and "map" in result.rows[-1]  # the planned last epoch is validated
+    # the last batch ran at the 2-epoch cosine's rate near its floor (0.048 x lr0), not at 50 epochs' (0.999 x lr0)
+    nb = len(t.train_loader)
+    assert result.rows[-1]["lr"] == pytest.approx(t.hyp.lr0 * lr_factor(2 - 1 / nb, 2, t.hyp.lrf, "cosine"), rel=1e-6)
