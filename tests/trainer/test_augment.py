@@ -106,9 +106,11 @@ def test_random_affine_boxes_follow_the_pixels(seed):
 
 def test_random_affine_drops_boxes_pushed_out():
     img, labels = _scene(64, 64, [(0, 0, 4, 4), (20, 20, 44, 44)])
-    _, out_lab = random_affine(img, labels, np.random.default_rng(1), scale=0.5, translate=0.0, degrees=0)
-    assert len(out_lab) >= 1
-    assert (out_lab[:, [1, 3]] >= 0).all() and (out_lab[:, [1, 3]] <= 64).all()
+    # no random part: a border of -16 crops the centre 32 x 32 (as mosaic's does), which leaves the corner box out
+    out, out_lab = random_affine(img, labels, np.random.default_rng(1), scale=0.0, translate=0.0, degrees=0,
+                                 border=(-16, -16))
+    assert out.shape == (32, 32, 3)
+    np.testing.assert_allclose(out_lab, [[1, 4, 4, 28, 28]])  # only the central box, moved with the crop
 
 
 def test_box_candidates():
