@@ -80,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+# the sections whose figures or files each section reads
+READS = {"int8": {"baseline"}, "qat": {"baseline", "int8"}, "prune": {"baseline"}, "distill": {"baseline", "prune"},
+         "latency": {"baseline", "int8", "qat", "prune", "distill"}}
+
+
 class Bench:
     """The shared state of one run: arguments, the validation loader, and the results file."""
 
@@ -91,15 +96,25 @@ class Bench:
         self.results: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.data_cfg = resolve_data_config(args.data, args.imgsz)
         self.val_loader = val_loader(self.data_cfg, args.imgsz, workers=2)
+        # what a section's figures depend on: a section recorded with other settings is measured again, and
+        # so is every section that reads its figures or files (READS)
+        self.settings = {k: v for k, v in vars(args).items() if k not in ("sections", "redo", "out", "measurements")}
+        self.rerun: set[str] = set()
 
     def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
         redo = set(filter(None, self.args.redo.split(",")))
-        if name not in self.args.sections.split(",") or (name in self.results and name not in redo):
+        if name not in self.args.sections.split(","):
             return
+        earlier = self.results.get(name)
+        stale = earlier is not None and earlier.get("settings", self.settings) != self.settings  # none: older
+        if earlier is not None and name not in redo and not stale and not READS.get(name, set()) & self.rerun:
+            return
+        self.rerun.add(name)
         t0 = time.time()
         print(f"[{name}] ...", file=sys.stderr, flush=True)
         res = fn()
         res["wall_s"] = round(time.time() - t0, 1)
+        res["settings"] = self.settings
         self.results[name] = res
         self.results["machine"] = {"cpu": platform.processor() or platform.machine(),
                                    "torch_threads": torch.get_num_threads(), "python": platform.python_version()}

@@ -114,6 +114,13 @@ def train_student(args: argparse.Namespace, init: Detector, name: str, kd: Disti
                                        "curve": rows}
 
 
+def _comparable(plain: dict[str, Any], distill: dict[str, Any]) -> bool:
+    """Whether the two runs trained alike (the distilled run's key adds its teacher and weights); runs recorded
+    before the keys were kept count as comparable."""
+    a, b = plain.get("run"), distill.get("run")
+    return a is None or b is None or all(b.get(k) == v for k, v in a.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -136,11 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     # what makes the plain and distilled runs comparable: both must have been trained with these
     run_key = {k: getattr(args, k) for k in ("student", "student_width", "data", "imgsz", "epochs", "batch", "nbs",
                                              "seed")}
+    # the distilled run also depends on its teacher and loss weights: another is another run
+    keys = {"plain": run_key, "distill": {**run_key, "teacher": args.teacher, **kd.to_dict()}}
     for name in filter(None, args.runs.split(",")):
         if name not in RUNS:
             raise SystemExit(f"--runs: unknown run {name!r} (choose from {', '.join(RUNS)})")
         if name in results and name not in redo:
-            if results[name].get("run") not in (None, run_key):
+            if results[name].get("run") not in (None, keys[name]):
                 raise SystemExit(f"OUT/distill.json holds a {name!r} run with other settings "
                                  f"({results[name]['run']}); pass --redo {name} or another --out")
             continue
@@ -148,15 +157,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(Path(args.out) / name, ignore_errors=True)
         print(f"[{name}] ...", file=sys.stderr, flush=True)
         det, rec = train_student(args, init, name, kd if name == "distill" else None, teacher)
-        rec.update(run=run_key, val=score(det, args.data, args.imgsz), test=score(det, test, args.imgsz))
+        rec.update(run=keys[name], val=score(det, args.data, args.imgsz), test=score(det, test, args.imgsz))
         if name == "distill":
             rec["config"] = kd.to_dict()
         results[name] = rec
         results["settings"] = {k: v for k, v in vars(args).items() if k not in ("runs", "redo")}
         results["machine"] = {"cpu": platform.processor() or platform.machine(),
                               "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-        if "plain" in results and "distill" in results and \
-                results["plain"].get("run") in (None, results["distill"].get("run")):
+        if "plain" in results and "distill" in results and _comparable(results["plain"], results["distill"]):
             results["gain_points"] = {s: 100 * (results["distill"][s]["map"] - results["plain"][s]["map"])
                                       for s in ("val", "test")}
         atomic_write_json(path, results)

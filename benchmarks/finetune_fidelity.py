@@ -44,16 +44,22 @@ PROXIES = ("finetuned", "scratch")
 
 
 def _trained(run: Path, epochs: int, model: Any, args: argparse.Namespace, nbs: int) -> dict[str, Any]:
-    """Train `model()` for `epochs` into `run` unless a finished run is there; its final mAP and wall time."""
+    """Train `model()` for `epochs` into `run` unless a finished run of the same settings is there; its final mAP
+    and wall time."""
+    settings = {"nbs": nbs, **run_optimizer(args), **{k: getattr(args, k) for k in ("data", "imgsz", "batch", "seed",
+                                                                                     "val_batches")}}
     if (run / "proxy.json").is_file():  # written once the training finished
-        return json.loads((run / "proxy.json").read_text())
-    shutil.rmtree(run, ignore_errors=True)  # an interrupted one starts over: it is a few epochs
+        row = json.loads((run / "proxy.json").read_text())
+        if row.get("settings") == settings:
+            return row
+    shutil.rmtree(run, ignore_errors=True)  # an interrupted one (or one of other settings) starts over: a few epochs
     t0 = time.perf_counter()
     res = train_candidate(model(), args.data, run, epochs, imgsz=args.imgsz, batch=args.batch, nbs=nbs,
                           **run_optimizer(args), device=args.device, workers=args.workers, seed=args.seed,
                           val_batches=args.val_batches,
                           autoanchor=False)  # inherited and scratch arms differ only in their start
-    row = {"map": float(res.metrics.map), "map50": float(res.metrics.map50), "wall_s": round(time.perf_counter() - t0, 1)}
+    row = {"map": float(res.metrics.map), "map50": float(res.metrics.map50), "wall_s": round(time.perf_counter() - t0, 1),
+           "settings": settings}
     atomic_write_json(run / "proxy.json", row)
     return row
 

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 import yaml
+from optuna.trial import TrialState
 
 from latency_tables import LatencyTable, get_backend
 from latency_tables.measurement import MeasurementConfig
@@ -102,6 +103,17 @@ def _scratch_dir(out: Path, arch_id: str, epochs: int, max_s: float | None) -> P
     shared by the rank fidelity and the comparison stages (same seed and settings, same run)."""
     cap = f"-{max_s:g}s" if max_s else ""
     return out / "scratch" / f"{arch_id}-{epochs}e{cap}"
+
+
+def _baseline_dir(out: Path, epochs: int) -> Path:
+    """yolov7-tiny's from-scratch training of the comparison, one run per epoch budget (a rerun with another
+    budget must not extend or reuse it)."""
+    return out / f"yolov7-tiny-{epochs}e"
+
+
+def _finetune_dir(out: Path, arch_id: str, epochs: int) -> Path:
+    """A front model's finetune from its inherited weights, one run per epoch budget."""
+    return out / "finetune" / f"{arch_id}-{epochs}e"
 
 
 def _maps(run: Path) -> list[float]:
@@ -378,8 +390,10 @@ def stage_search(ctx: BenchContext, budget: float) -> dict[str, Any]:
     t0 = time.time()
     study = run_search(scfg)
     wall = time.time() - t0
-    # a search resumed after a kill completes only the rest: its rate counts those, not the killed run's
-    done = sum(1 for t in study.trials if t.datetime_complete is not None and t.datetime_complete.timestamp() >= t0)
+    # the rate counts the trials this run started and completed: not the killed run's trial it closed as failed,
+    # nor failed or surplus ones (a rerun that only reloads a finished study times none: no rate)
+    done = sum(1 for t in study.trials if t.state == TrialState.COMPLETE and t.datetime_start is not None
+               and t.datetime_start.timestamp() >= t0)
     return {"search": {"trials": args.trials, "trials_timed": done, "wall_s": round(wall, 1),
                        "trials_per_min": round(done / (wall / 60), 2) if done else None}}
 
@@ -433,13 +447,14 @@ def stage_vs_yolov7_tiny(ctx: BenchContext, front: list[FrontEntry], budget: flo
         return {"vs_yolov7_tiny": {**comparison, "note": "no front model within yolov7-tiny's latency"}}
     epochs = baseline_epochs(args)
     torch.manual_seed(args.seed)
-    base, base_done = _train(load_model("yolov7-tiny", nc=ctx.space.nc), ctx.data, out / "yolov7-tiny", epochs, args)
+    base_run = _baseline_dir(out, epochs)
+    base, base_done = _train(load_model("yolov7-tiny", nc=ctx.space.nc), ctx.data, base_run, epochs, args)
     # the issue's model (the fastest front model within the budget) and the one the search rates best
     picks = {"fastest_front_model": min(within, key=lambda e: e.predicted_ms),
              "front_model": max(within, key=lambda e: e.map)}
     for key, e in picks.items():
-        ft, ft_done = _train(load_model(out / "pareto" / e.arch_id), ctx.data, out / "finetune" / e.arch_id,
-                             args.finetune_epochs, args)
+        ft, ft_done = _train(load_model(out / "pareto" / e.arch_id), ctx.data,
+                             _finetune_dir(out, e.arch_id, args.finetune_epochs), args.finetune_epochs, args)
         entry = {"arch_id": e.arch_id, "inherited_map": e.map, "finetuned_map": ft,
                  "epochs": f"{args.supernet_epochs} supernet + {ft_done} finetune",
                  "predicted_ms": e.predicted_ms, "params": e.params, "gflops": e.gflops}
@@ -455,14 +470,11 @@ def stage_vs_yolov7_tiny(ctx: BenchContext, front: list[FrontEntry], budget: flo
 
     # 7 rotating passes, not 3: on a shared VM one slow pass in three moved a model's median by 2x
     kw = {**(QUICK if args.latency_protocol == "quick" else {}), "repeats": COMPARE_PASSES}
-    ms = measure_latency_ms([load_model(out / "finetune" / a / "model") for a in aids]
-                            + [load_model(out / "yolov7-tiny" / "model")], args.imgsz, threads=args.threads, **kw)
+    ms = measure_latency_ms([load_model(_finetune_dir(out, a, args.finetune_epochs) / "model") for a in aids]
+                            + [load_model(base_run / "model")], args.imgsz, threads=args.threads, **kw)
     for key in picks:
         comparison[key]["measured_ms"] = ms[aids.index(comparison[key]["arch_id"])]
-    best = picks["front_model"]
-    comparison["fastest_front_model_as_accurate"] = min((e for e in front if e.map >= best.map),
-                                                        key=lambda e: e.predicted_ms).arch_id
-    comparison["yolov7_tiny"] = {"map": base, "map_last3": _last_maps_mean(out / "yolov7-tiny"),
+    comparison["yolov7_tiny"] = {"map": base, "map_last3": _last_maps_mean(base_run),
                                  "epochs": base_done, "measured_ms": ms[-1]}
     return {"vs_yolov7_tiny": comparison}
 

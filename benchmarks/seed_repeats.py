@@ -38,6 +38,7 @@ import torch
 import yaml
 from search_synthetic import (  # the script's directory is on sys.path
     COMPARE_PASSES,
+    _baseline_dir,
     _last_maps_mean,
     _maps,
     _run_arch_yaml,
@@ -95,8 +96,10 @@ def versus_baseline(models: dict[str, Any], baseline: str = "yolov7-tiny") -> di
         row: dict[str, Any] = {"seeds": seeds}
         for key in ("map", "map_last3"):
             a, b = [mine[s][key] for s in seeds], [base[s][key] for s in seeds]
-            row[key] = {"mean": statistics.fmean(a), "baseline_mean": statistics.fmean(b),
-                        "ratio": statistics.fmean(a) / statistics.fmean(b), "wins": sum(x > y for x, y in zip(a, b)),
+            mean_b = statistics.fmean(b)
+            row[key] = {"mean": statistics.fmean(a), "baseline_mean": mean_b,
+                        "ratio": statistics.fmean(a) / mean_b if mean_b else None,  # an untrained baseline: none
+                        "wins": sum(x > y for x, y in zip(a, b)),
                         "welch_p": float(ttest_ind(a, b, equal_var=False).pvalue)}
         res[name] = row
     return res
@@ -152,14 +155,14 @@ def main() -> None:
     out: dict[str, Any] = {"epochs": epochs, "models": {}}
     report_file = cli.run / (cli.report or ("seeds_fidelity.json" if cli.fidelity else "seeds.json"))
     for name in names:
-        first = cli.run / "yolov7-tiny" if name == "yolov7-tiny" else _scratch_dir(cli.run, name, epochs, None)
+        first = _baseline_dir(cli.run, epochs) if name == "yolov7-tiny" else _scratch_dir(cli.run, name, epochs, None)
         rows = []
         if (first / "results.csv").is_file():  # the run's own seed
             torch.manual_seed(args.seed)
             m, done = _train(build(name), data, first, epochs, args)
             rows.append(_row(first, m, done, args.seed))
         for seed in cli.seeds:
-            run = cli.run / "seeds" / f"{name}-s{seed}"
+            run = cli.run / "seeds" / f"{name}-{epochs}e-s{seed}"  # per budget: another must not extend it
             args.seed = seed
             torch.manual_seed(seed)
             m, done = _train(build(name), data, run, epochs, args)

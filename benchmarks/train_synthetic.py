@@ -61,7 +61,7 @@ def main() -> None:
         "data_generation_s": round(gen_s, 1), "train_wall_s": round(time.time() - t0, 1),
         "epochs": result.epochs_done, "best_map": result.best_map,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "peak_rss_worker_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+        # (no workers' figure: RUSAGE_CHILDREN counts what a forked worker inherits, so it equaled this one)
         "rows": result.rows,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
