@@ -162,3 +162,15 @@ def test_bn_importance_and_bad_arguments():
         prune_detector(det, 0.5, importance="taylor")
     with pytest.raises(ConfigError, match="predictor"):
         prune_detector(det, latency_ms=3.0)
+
+
+def test_bn_importance_keeps_the_channels_with_the_largest_bn_scales():
+    det = build(MIXED)
+    gamma = torch.randperm(32, generator=torch.Generator().manual_seed(0)).float() + 1  # 1..32, shuffled
+    with torch.no_grad():
+        det.layers[1].bn.weight.copy_(gamma)
+    pruned, _ = prune_detector(det, 0.5, importance="bn", round_to=8)
+    w0, w1 = det.layers[1].conv.weight, pruned.layers[1].conv.weight
+    kept = [i for i in range(w0.shape[0]) if any(torch.equal(w0[i], row) for row in w1)]
+    assert len(kept) == w1.shape[0] < w0.shape[0]
+    assert sorted(gamma[kept].tolist()) == sorted(gamma.tolist())[-len(kept):]  # the largest |gamma| stay

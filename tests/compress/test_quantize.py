@@ -105,6 +105,12 @@ def test_qdq_model_loads_keeps_decode_float_and_stays_close(tiny_onnx, images, t
     assert all(prod[i].op_type != "DequantizeLinear" for n in sigmoids for i in n.input if i in prod)
     err = report.error
     assert err["images"] == 6 and err["score_mae"] < 0.05 and err["box_mae_px"] < 0.05 * IMGSZ
+    # and by ORT directly, not only by the report: the INT8 file's outputs track the FP32 file's
+    ref_sess, batch = ort_session(tiny_onnx), calibration_images(images, IMGSZ)
+    ref = np.concatenate([ref_sess.run(None, {"images": x})[0] for x in batch])
+    q8 = np.concatenate([sess.run(None, {"images": x})[0] for x in batch])
+    assert np.abs(q8[..., 4:] - ref[..., 4:]).mean() < 0.05 and np.abs(q8[..., :4] - ref[..., :4]).mean() < 0.05 * IMGSZ
+    assert np.abs(q8 - ref).max() > 0  # it is quantized: not the FP32 graph under another name
     assert report.step.changes and report.step.params_before == report.step.params_after
 
 
