@@ -80,6 +80,8 @@ CASES: dict[str, tuple[Callable[[Path, Path, Path], list[str]], str]] = {
         "head.from: a head reads layers"),
     "arch: even ELAN kernel": (lambda d, *_: ["info", _write(d, "a.yaml", _yaml_edit(
         TINY, lambda a: a["backbone"][2].update(k=2)))], "backbone[2].k"),
+    "arch: even E-ELAN kernel": (lambda d, *_: ["info", _write(d, "a.yaml", _yaml_edit(
+        TINY, lambda a: a["backbone"][2].update(block="eelan", k=4)))], "backbone[2].k"),
     "arch: even SPP kernels": (lambda d, *_: ["info", _write(d, "a.yaml", _yaml_edit(
         TINY, lambda a: a["neck"].__setitem__(0, {"name": "spp", "block": "sppcspc", "out": 256, "k": [5, 8]})))],
         "neck[0].k"),
