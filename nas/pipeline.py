@@ -22,7 +22,7 @@ from search_spaces.io import atomic_write_json, atomic_write_text, read_json
 from .pipeline_config import PipelineConfig
 
 STATE = "stages.json"
-RUNNING = "stages_running.json"  # stage -> input digest of the attempt in progress (a kill leaves it there)
+RUNNING = "stages_running.json"  # stage -> [input digest, start time] of the attempt in progress (a kill leaves it)
 RUN_ID = "run.id"  # names this run's study in a shared storage
 
 
@@ -46,6 +46,7 @@ class Pipeline:
     records: dict[str, StageRecord] = field(default_factory=dict)
     current: tuple[str, str] | None = None  # (stage, input digest) of the stage running now
     resuming: bool = False  # whether that stage continues an interrupted attempt with the same inputs
+    started: float = 0.0  # when the first attempt with these inputs began (its checkpoints are newer)
 
     @classmethod
     def open(cls, cfg: PipelineConfig, out: str | Path, resume: bool = False,
@@ -86,11 +87,17 @@ class Pipeline:
         if done is not None:
             return done
         # A stage's checkpoints (a trainer's last.pt) belong to one set of inputs: they are resumed only after a
-        # kill of an attempt with these inputs, never after a finished run or a change of config.
+        # kill of an attempt with these inputs, never after a finished run or a change of config, and only those
+        # that attempt wrote (a kill before its first checkpoint leaves the earlier run's last.pt there).
         running = read_json(self.out / RUNNING) if (self.out / RUNNING).is_file() else {}
-        self.current, self.resuming = (name, digest), running.get(name) == digest
+        attempt = running.get(name)
+        attempt = [attempt, 0.0] if isinstance(attempt, str) else attempt  # recorded before start times: any
+        self.current, self.resuming = (name, digest), attempt is not None and attempt[0] == digest
+        self.started = attempt[1] if self.resuming else time.time()
         self.log(f"[run ] {name}" + (" (resuming)" if self.resuming else ""))
-        atomic_write_json(self.out / RUNNING, {**running, name: digest})
+        atomic_write_json(self.out / RUNNING, {**running, name: [digest, self.started]})
+        if self.records.pop(name, None) is not None:  # this attempt rewrites the recorded run's files: a kill
+            atomic_write_json(self.out / STATE, {k: vars(v) for k, v in self.records.items()})  # must not reuse them
         t0 = time.time()
         outputs = fn()
         self.records[name] = StageRecord(name, digest, outputs, round(time.time() - t0, 2))
@@ -102,8 +109,9 @@ class Pipeline:
         return outputs
 
     def resume_from(self, checkpoint: Path) -> bool:
-        """Whether the running stage may continue from `checkpoint`: it exists and was written with its inputs."""
-        return self.resuming and checkpoint.is_file()
+        """Whether the running stage may continue from `checkpoint`: it exists and an attempt with its inputs wrote
+        it (not the run before the inputs changed)."""
+        return self.resuming and checkpoint.is_file() and checkpoint.stat().st_mtime >= self.started
 
     def run_id(self) -> str:
         """This run directory's random id, made with it (a new one at the same path gets another); "" for a run

@@ -718,3 +718,43 @@ def test_the_shipped_configs_are_valid(path):
     _build(PipelineConfig, yaml.safe_load(path.read_text()), str(path), "")  # keys and types, in every one
     if path.name.startswith("demo"):  # everything it names exists here: the whole check
         assert PipelineConfig.from_yaml(path).name == path.stem
+
+
+def test_a_killed_attempt_resumes_only_its_own_checkpoints_and_never_reuses_the_record_it_replaced(tmp_path):
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+
+    cfg = PipelineConfig.from_yaml(_config(tmp_path))
+    ck = tmp_path / "run" / "stage" / "last.pt"
+
+    def attempt(p, inputs, write=None, kill=True):
+        """Run stage 's' with `inputs`; it records what resume_from said, writes `write` into its checkpoint, and
+        is killed (KeyboardInterrupt) unless told to finish."""
+        said = []
+
+        def fn():
+            said.append(p.resume_from(ck))
+            if write is not None:
+                ck.parent.mkdir(parents=True, exist_ok=True)
+                ck.write_text(write)
+            if kill:
+                raise KeyboardInterrupt
+            return {}
+
+        if kill:
+            with pytest.raises(KeyboardInterrupt):
+                p.stage("s", inputs, fn)
+        else:
+            p.stage("s", inputs, fn)
+        return said
+
+    p = Pipeline.open(cfg, tmp_path / "run")
+    assert attempt(p, {"epochs": 3}, write="D1 finished", kill=False) == [False]
+    # the config changes; the new attempt is killed before its first checkpoint: D1's last.pt is still there
+    assert attempt(Pipeline.open(cfg, tmp_path / "run", resume=True), {"epochs": 5}) == [False]
+    # --resume: the same inputs, but that checkpoint is the earlier run's, not this attempt's: not resumed
+    assert attempt(Pipeline.open(cfg, tmp_path / "run", resume=True), {"epochs": 5}, write="D2 epoch 1") == [False]
+    # killed after its first checkpoint: the next --resume continues it
+    assert attempt(Pipeline.open(cfg, tmp_path / "run", resume=True), {"epochs": 5}) == [True]
+    # back to the first config: the files now hold the killed attempt's work, so D1 runs again (no "[skip]")
+    assert attempt(Pipeline.open(cfg, tmp_path / "run", resume=True), {"epochs": 3}, kill=False) == [False]
