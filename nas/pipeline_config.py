@@ -195,6 +195,8 @@ class PipelineConfig:
             raise ConfigError(f"must be a multiple of 32, got {self.imgsz}", path=path, field="imgsz")
         if self.lr0 is not None and not self.lr0 > 0:
             raise ConfigError(f"must be > 0, got {self.lr0}", path=path, field="lr0")
+        if not self.latency.max_time_s > 0:  # before the run, not when the latency stage starts measuring
+            raise ConfigError(f"must be > 0, got {self.latency.max_time_s}", path=path, field="latency.max_time_s")
         self._check_references(path)
         b = self.search.budget_ms
         if b is not None and b <= 0:

@@ -152,6 +152,9 @@ CASES: dict[str, tuple[Callable[[Path, Path, Path], list[str]], str]] = {
         DEMO, lambda c: c.update(turbo=True))), "--out", str(d / "run"), "--dry-run"], "turbo"),
     "pipeline: wrong type": (lambda d, *_: ["run", _write(d, "c.yaml", _yaml_edit(
         DEMO, lambda c: c["search"].update(trials="many"))), "--out", str(d / "run"), "--dry-run"], "trials"),
+    "pipeline: no time to measure a block": (lambda d, *_: ["run", _write(d, "c.yaml", _yaml_edit(
+        DEMO, lambda c: c.setdefault("latency", {}).update(max_time_s=-1))), "--out", str(d / "run"), "--dry-run"],
+        "latency.max_time_s"),
     "pipeline: impossible budget": (lambda d, *_: ["run", _write(d, "c.yaml", _yaml_edit(
         DEMO, lambda c: c["search"].update(budget_ms=-1.0))), "--out", str(d / "run"), "--dry-run"], "budget"),
     # latency tables
