@@ -97,16 +97,20 @@ class Pipeline:
         self.log(f"[run ] {name}" + (" (resuming)" if self.resuming else ""))
         atomic_write_json(self.out / RUNNING, {**running, name: [digest, self.started]})
         if self.records.pop(name, None) is not None:  # this attempt rewrites the recorded run's files: a kill
-            atomic_write_json(self.out / STATE, {k: vars(v) for k, v in self.records.items()})  # must not reuse them
+            self._save_records()  # must not leave a record that would reuse them
         t0 = time.time()
         outputs = fn()
         self.records[name] = StageRecord(name, digest, outputs, round(time.time() - t0, 2))
-        atomic_write_json(self.out / STATE, {k: vars(v) for k, v in self.records.items()})
+        self._save_records()
         running.pop(name, None)
         atomic_write_json(self.out / RUNNING, running)
         self.current, self.resuming = None, False
         self.log(f"[done] {name} in {self.records[name].seconds:.1f} s")
         return outputs
+
+    def _save_records(self) -> None:
+        """Write the finished stages' records (stages.json)."""
+        atomic_write_json(self.out / STATE, {k: vars(v) for k, v in self.records.items()})
 
     def resume_from(self, checkpoint: Path) -> bool:
         """Whether the running stage may continue from `checkpoint`: it exists and an attempt with its inputs wrote

@@ -211,10 +211,8 @@ class Architecture:
     def max_stride(self, path: str | None = None) -> int:
         """What the input size must be a multiple of: every stride the heads depend on (a layer deeper than the
         coarsest level, upsampled back into it, counts too), so that every concat lines up."""
-        strides = self.strides(path)
         lead, aux = self.head_indices(path)
-        needed = _ancestors(self.resolve(path), lead + aux)
-        return math.lcm(*(round(strides[i]) for i in needed if strides[i] >= 1))
+        return _needed_stride(self.strides(path), self.resolve(path), lead + aux)
 
     def validate(self, path: str | None = None) -> None:
         """Check block arguments, references, resolutions and the head (raises ConfigError)."""
@@ -253,7 +251,7 @@ class Architecture:
             if not all(math.isfinite(v) and v > 0 for a in anchors for v in a):  # .nan would pass `v <= 0`
                 raise ConfigError("anchor sizes must be finite and > 0 (pixels)", path=path, field="head.anchors")
             check_anchor_order(anchors, path, "head.anchors")
-        stride = self.max_stride(path)
+        stride = _needed_stride(strides, self.resolve(path), lead + aux)
         if self.imgsz % stride:  # the feature maps of the levels would not line up at concat
             raise ConfigError(f"must be a multiple of the largest stride {stride}, got {self.imgsz}", path=path,
                               field="imgsz")
@@ -306,6 +304,11 @@ def check_anchor_order(anchors: list[list[float]], path: str | None, field: str)
     if len(anchors) > 1 and areas[-1] < areas[0]:
         raise ConfigError("anchors are listed coarsest level first: list them from the finest level (the "
                           "smallest stride) up, as YOLOv7's files do", path=path, field=field)
+
+
+def _needed_stride(strides: list[float], plan: list[list[int]], roots: list[int]) -> int:
+    """The lcm of the strides of the layers `roots` depend on: what the input size must be a multiple of."""
+    return math.lcm(*(round(strides[i]) for i in _ancestors(plan, roots) if strides[i] >= 1))
 
 
 def _ancestors(plan: list[list[int]], roots: list[int]) -> set[int]:

@@ -78,12 +78,8 @@ class Detector(nn.Module):
         return outs
 
     def check_imgsz(self, imgsz: int) -> int:
-        """`imgsz`, or a ConfigError when it is not a positive multiple of the largest stride (levels would not
-        line up: a stride-2 conv and a max-pool round an odd size differently)."""
-        if imgsz < 1 or imgsz % self.max_stride:
-            raise ConfigError(f"{imgsz} is not a positive multiple of the largest stride {self.max_stride}",
-                              field="imgsz")
-        return imgsz
+        """`imgsz`, or a ConfigError when it is not a positive multiple of `max_stride`."""
+        return check_imgsz(imgsz, self.max_stride)
 
     def forward(self, x: Tensor):
         use_aux = self.training and self.head.has_aux
@@ -136,6 +132,14 @@ class Detector(nn.Module):
                 new_sd[f"head.m.{i}.weight"], new_sd[f"head.m.{i}.bias"] = w, b
         det.load_state_dict(new_sd, strict=True)
         return det.train(self.training)
+
+
+def check_imgsz(imgsz: int, stride: int) -> int:
+    """`imgsz`, or a ConfigError when it is not a positive multiple of `stride` (levels would not line up: a
+    stride-2 conv and a max-pool round an odd size differently)."""
+    if imgsz < 1 or imgsz % stride:
+        raise ConfigError(f"{imgsz} is not a positive multiple of the largest stride {stride}", field="imgsz")
+    return imgsz
 
 
 def build(arch: Architecture | dict, path: str | None = None) -> Detector:

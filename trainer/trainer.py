@@ -21,6 +21,7 @@ from search_spaces import Detector, save_model
 from search_spaces.errors import CheckpointError, ConfigError, DivergedError
 from search_spaces.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_weights
 from search_spaces.loading import Transfer, load_for_classes
+from search_spaces.model import check_imgsz
 
 from . import distributed as ddp
 from .autoanchor import MIN_BPR, AnchorFit, check_anchors, set_anchors, sync_arch_anchors
@@ -164,9 +165,7 @@ class Trainer:
         if self.model.nc != self.data_cfg.nc:
             raise ConfigError(f"model has nc={self.model.nc}, dataset has nc={self.data_cfg.nc}",
                               path=self.data_cfg.yaml_path, field="nc")
-        stride = self.grid_stride()  # before the data scan and AutoAnchor: a P6 model's levels need 64
-        if cfg.imgsz % stride:
-            raise ConfigError(f"{cfg.imgsz} is not a positive multiple of the largest stride {stride}", field="imgsz")
+        check_imgsz(cfg.imgsz, self.grid_stride())  # before the data scan and AutoAnchor: a P6 model needs 64
         if self.transfer is not None and self.main and cfg.progress:
             print(self.transfer.summary())
         # every parameter trains: a model handed over from an earlier run may be its EMA copy, whose
