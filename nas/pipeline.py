@@ -165,9 +165,13 @@ class Pipeline:
         sup = None if c.search.scratch else self._supernet(data, table, budget, contents)
         search = self.stage("search", self._search_inputs(budget),
                             lambda: stages.search(self, data, sup, table, budget))
-        front = self.stage("pareto", {"search": self.digest("search"), "select": vars(c.select)},
-                           lambda: stages.pareto(self, sup, search, table, budget))
-        models = {mid: self._compress(mid, data, table, contents) for mid in front["chosen"]}
+        # the front does not depend on `select`, so choosing other models trains only those not trained yet; a run
+        # recorded when it did keeps its front (and its models) while `select` is unchanged
+        front = self.recorded("pareto", {"search": self.digest("search"), "select": vars(c.select)}) or \
+            self.stage("pareto", {"search": self.digest("search")},
+                       lambda: stages.pareto(self, sup, search, table, budget))
+        chosen = stages.choose(front["front"], c.select.k, c.select.budgets_ms)
+        models = {mid: self._compress(mid, data, table, contents) for mid in chosen}
         baselines = self.stage("baselines", {"baselines": vars(c.baselines), "data": self.digest("data"),
                                              "epochs": c.front_epochs(), "imgsz": c.imgsz,
                                              "seed": c.seed, "batch": c.finetune.batch,

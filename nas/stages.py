@@ -121,7 +121,7 @@ def search(p: Pipeline, d: dict[str, Any], sup: dict[str, Any] | None, t: dict[s
 
 def pareto(p: Pipeline, sup: dict[str, Any] | None, s: dict[str, Any], t: dict[str, Any], budget: float | None
            ) -> dict[str, Any]:
-    """The Pareto front, exported as model directories + ONNX; chooses the models that go on."""
+    """The Pareto front, exported as model directories + ONNX (which of them go on is `choose`'s)."""
     from .pareto import export_front, pareto_front
     from .search import load_study
     from .supernet import load_supernet
@@ -134,20 +134,19 @@ def pareto(p: Pipeline, sup: dict[str, Any] | None, s: dict[str, Any], t: dict[s
     entries = export_front(study, supernet, p.out / "pareto", data=p.records["data"].outputs["yaml"],
                            threads=c.latency.threads, bn_batches=c.search.bn_batches, batch=c.supernet.batch,
                            device=c.device)
-    chosen = choose(entries, p.cfg.select.k, p.cfg.select.budgets_ms)
-    return {"front": [e.to_dict() for e in entries], "chosen": chosen, "files": []}
+    return {"front": [e.to_dict() for e in entries], "files": []}
 
 
-def choose(entries: list[Any], k: int, budgets: list[float]) -> list[str]:
-    """Arch ids of the k best front models by mAP, or the best one meeting each budget."""
+def choose(front: list[dict[str, Any]], k: int, budgets: list[float]) -> list[str]:
+    """Arch ids of the k best front models by mAP, or the best one meeting each budget (front: `pareto`'s rows)."""
     if budgets:
         ids = []
         for b in budgets:
-            ok = [e for e in entries if e.predicted_ms <= b]
+            ok = [e for e in front if e["predicted_ms"] <= b]
             if ok:
-                ids.append(max(ok, key=lambda e: e.map).arch_id)
+                ids.append(max(ok, key=lambda e: e["map"])["arch_id"])
         return list(dict.fromkeys(ids))
-    return [e.arch_id for e in sorted(entries, key=lambda e: -e.map)[:k]]
+    return [e["arch_id"] for e in sorted(front, key=lambda e: -e["map"])[:k]]
 
 
 def finetune(p: Pipeline, d: dict[str, Any], mid: str) -> dict[str, Any]:

@@ -285,7 +285,7 @@ def test_changing_imgsz_or_seed_reruns_the_baselines_too(tmp_path, monkeypatch):
     monkeypatch.setattr(stages, "check_budget", lambda p, t: 100.0)
     monkeypatch.setattr(stages, "supernet", fake("supernet", {"weights": "s.pt", "files": []}))
     monkeypatch.setattr(stages, "search", fake("search", {"files": []}))
-    monkeypatch.setattr(stages, "pareto", fake("pareto", {"chosen": [], "files": []}))
+    monkeypatch.setattr(stages, "pareto", fake("pareto", {"front": [], "files": []}))
     monkeypatch.setattr(stages, "baselines", fake("baselines", {"files": []}))
     monkeypatch.setattr(stages, "report", fake("report", {"files": []}))
     out = tmp_path / "run"
@@ -304,7 +304,7 @@ def test_the_report_depends_on_this_runs_stages_not_an_earlier_configs(tmp_path,
     reports = []
     fakes = {"data": lambda p: {"yaml": None, "nc": 2}, "latency_table": lambda p, d: {"path": None},
              "check_budget": lambda p, t: None, "supernet": lambda *a: {}, "search": lambda *a: {},
-             "pareto": lambda *a: {"chosen": ["a"]}, "finetune": lambda *a: {"step": "finetune"},
+             "pareto": lambda *a: _front("a"), "finetune": lambda *a: {"step": "finetune"},
              "deploy": lambda *a: {}, "baselines": lambda *a: {},
              "report": lambda *a: reports.append(1) or {}}
     for name, fn in fakes.items():
@@ -317,12 +317,20 @@ def test_the_report_depends_on_this_runs_stages_not_an_earlier_configs(tmp_path,
     assert reports == [1]  # nothing this run depends on changed: the report is not written again
 
 
+def _front(*ids: str) -> dict:
+    """A `pareto` stage's outputs: front rows in the order given, the first the most accurate and the slowest."""
+    return {"front": [{"arch_id": a, "map": 0.5 - 0.1 * i, "predicted_ms": 9.0 - i} for i, a in enumerate(ids)]}
+
+
+TWO = {"k": 2}  # the selection that takes both of `_fake_stages`' front models
+
+
 def _fake_stages(monkeypatch, ran: list[str]) -> None:
-    """Every stage of `detforge run` replaced by a recorder of its name (two front models chosen)."""
+    """Every stage of `detforge run` replaced by a recorder of its name (a front of two; `select: TWO` takes both)."""
     from nas import stages
 
     results = {"data": {"yaml": "d.yaml", "nc": 2}, "latency_table": {"path": "t.json"},
-               "supernet": {"weights": "s.pt"}, "pareto": {"chosen": ["a", "b"]}}
+               "supernet": {"weights": "s.pt"}, "pareto": _front("a", "b")}
     for name in ("data", "latency_table", "supernet", "search", "pareto", "finetune", "prune", "distill", "deploy",
                  "baselines", "report"):
         result = results.get(name, {"step": name, "model": "m"})
@@ -358,14 +366,66 @@ def test_a_changed_compression_step_reruns_only_itself_and_the_steps_after_it(ch
              "distill": {"enabled": True, "epochs": 1, "teacher": teacher}}
     if "distill" in change:
         change["distill"]["teacher"] = teacher
-    Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, **steps)), tmp_path / "run").run()
+    Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, select=TWO, **steps)), tmp_path / "run").run()
     ran.clear()
-    Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, **{**steps, **change})), tmp_path / "run",
+    Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, select=TWO, **{**steps, **change})), tmp_path / "run",
                   resume=True).run()
     per_model = [s for s in rerun if s in ("finetune", "prune", "distill", "deploy")]
     before = [s for s in rerun if s in ("latency_table", "supernet", "search", "pareto")]
     after = [s for s in rerun if s == "baselines"] + ["report"]
     assert ran == before + per_model * 2 + after  # both models' steps from the changed one on; nothing before it
+
+
+@pytest.mark.parametrize("select, models", [
+    ({"k": 1}, ["a"]),  # one of the two already trained: nothing trains again
+    ({"budgets_ms": [8.5]}, ["b"]),  # the best within 8.5 ms is b (a is predicted 9 ms)
+    ({"k": 3}, ["a", "b", "c"]),  # only c is new
+])
+def test_a_changed_selection_trains_only_the_models_not_trained_yet(select, models, tmp_path, monkeypatch):
+    from nas import stages
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+
+    ran: list[str] = []
+    _fake_stages(monkeypatch, ran)
+    monkeypatch.setattr(stages, "pareto", lambda *a: ran.append("pareto") or _front("a", "b", "c"))
+    Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, select={"k": 2})), tmp_path / "run").run()
+    ran.clear()
+    p = Pipeline.open(PipelineConfig.from_yaml(_config(tmp_path, select=select)), tmp_path / "run", resume=True)
+    p.run()
+    new = [m for m in models if m == "c"]
+    assert ran == ["finetune", "deploy"] * len(new) + ["report"]  # the front is not exported again
+    assert [k.split(":", 1)[1] for k in p.stage_names(models) if k.startswith("model:")] == models
+    assert all(f"model:{m}" in p.records for m in models)
+
+
+def test_a_run_recorded_when_the_front_digested_the_selection_keeps_its_models(tmp_path, monkeypatch):
+    from nas.pipeline import Pipeline, StageRecord, _digest
+    from nas.pipeline_config import PipelineConfig
+
+    ran: list[str] = []
+    _fake_stages(monkeypatch, ran)
+    cfg = PipelineConfig.from_yaml(_config(tmp_path, select=TWO))
+    p = Pipeline.open(cfg, tmp_path / "run")
+    p.run()
+    # as such a run recorded its front: digested with `select`, the finetunes chained to that digest
+    legacy = _digest({"search": p.digest("search"), "select": vars(cfg.select)})
+    p.records["pareto"] = StageRecord("pareto", legacy, {**p.records["pareto"].outputs, "chosen": ["a", "b"]}, 1.0)
+    for mid in ("a", "b"):
+        del p.records[f"finetune:{mid}"]
+        p.stage(f"finetune:{mid}", {"pareto": legacy, "finetune": vars(cfg.finetune)}, lambda: {"step": "finetune"})
+    ran.clear()
+    p.run()
+    assert ran == ["deploy", "deploy", "report"]  # the finetunes are kept (their deploys digest the new records)
+
+
+def test_choose_takes_the_k_most_accurate_or_the_best_within_each_budget():
+    from nas.stages import choose
+
+    front = [{"arch_id": "fast", "map": 0.1, "predicted_ms": 2.0}, {"arch_id": "mid", "map": 0.3, "predicted_ms": 4.0},
+             {"arch_id": "slow", "map": 0.4, "predicted_ms": 8.0}]
+    assert choose(front, 2, []) == ["slow", "mid"]
+    assert choose(front, 1, [5.0, 4.0, 1.0, 9.0]) == ["mid", "slow"]  # one per budget met, duplicates once
 
 
 def test_the_nominal_batch_and_the_optimizer_reach_every_training(tmp_path, monkeypatch):
@@ -402,7 +462,7 @@ def test_a_run_recorded_before_the_steps_were_split_keeps_its_models(tmp_path, m
 
     ran: list[str] = []
     _fake_stages(monkeypatch, ran)
-    cfg = PipelineConfig.from_yaml(_config(tmp_path))
+    cfg = PipelineConfig.from_yaml(_config(tmp_path, select=TWO))
     p = Pipeline.open(cfg, tmp_path / "run")
     p.run()
     for mid in ("a", "b"):  # as the single model stage recorded it
@@ -543,7 +603,7 @@ def test_a_table_rebuilt_in_place_reruns_the_stages_that_read_it(tmp_path, monke
 
     ran: list[str] = []
     for name in ("data", "latency_table", "supernet", "search", "pareto", "baselines", "report"):
-        result = {"yaml": "d.yaml", "nc": 2} if name == "data" else {"chosen": []} if name == "pareto" else {}
+        result = {"yaml": "d.yaml", "nc": 2} if name == "data" else {"front": []} if name == "pareto" else {}
         monkeypatch.setattr(stages, name, lambda *a, name=name, result=result: ran.append(name) or result)
     monkeypatch.setattr(stages, "check_budget", lambda p, t: 100.0)
     be = get_backend("ort-cpu", threads=1)
@@ -574,7 +634,7 @@ def test_runs_sharing_a_storage_search_their_own_studies(tmp_path, monkeypatch):
     monkeypatch.setattr(nas.search, "run_search",
                         lambda cfg: studies.append(cfg.study) or SimpleNamespace(study_name=cfg.study, trials=[]))
     for name in ("data", "latency_table", "supernet", "pareto", "baselines", "report"):
-        result = {"yaml": "d.yaml", "nc": 2} if name == "data" else {"chosen": []} if name == "pareto" else \
+        result = {"yaml": "d.yaml", "nc": 2} if name == "data" else {"front": []} if name == "pareto" else \
             {"path": "t.json"} if name == "latency_table" else {"weights": "s.pt"} if name == "supernet" else {}
         monkeypatch.setattr(stages, name, lambda *a, result=result: result)
     monkeypatch.setattr(stages, "check_budget", lambda p, t: 100.0)
