@@ -376,6 +376,18 @@ def test_a_changed_compression_step_reruns_only_itself_and_the_steps_after_it(ch
     assert ran == before + per_model * 2 + after  # both models' steps from the changed one on; nothing before it
 
 
+def _finished_fake_run(tmp_path: Path, monkeypatch, ran: list[str]):
+    """A finished run of `_fake_stages` choosing both front models: its config and the Pipeline."""
+    from nas.pipeline import Pipeline
+    from nas.pipeline_config import PipelineConfig
+
+    _fake_stages(monkeypatch, ran)
+    cfg = PipelineConfig.from_yaml(_config(tmp_path, select=TWO))
+    p = Pipeline.open(cfg, tmp_path / "run")
+    p.run()
+    return cfg, p
+
+
 @pytest.mark.parametrize("select, models", [
     ({"k": 1}, ["a"]),  # one of the two already trained: nothing trains again
     ({"budgets_ms": [8.5]}, ["b"]),  # the best within 8.5 ms is b (a is predicted 9 ms)
@@ -400,14 +412,10 @@ def test_a_changed_selection_trains_only_the_models_not_trained_yet(select, mode
 
 
 def test_a_run_recorded_when_the_front_digested_the_selection_keeps_its_models(tmp_path, monkeypatch):
-    from nas.pipeline import Pipeline, StageRecord, _digest
-    from nas.pipeline_config import PipelineConfig
+    from nas.pipeline import StageRecord, _digest
 
     ran: list[str] = []
-    _fake_stages(monkeypatch, ran)
-    cfg = PipelineConfig.from_yaml(_config(tmp_path, select=TWO))
-    p = Pipeline.open(cfg, tmp_path / "run")
-    p.run()
+    cfg, p = _finished_fake_run(tmp_path, monkeypatch, ran)
     # as such a run recorded its front: digested with `select`, the finetunes chained to that digest
     legacy = _digest({"search": p.digest("search"), "select": vars(cfg.select)})
     p.records["pareto"] = StageRecord("pareto", legacy, {**p.records["pareto"].outputs, "chosen": ["a", "b"]}, 1.0)
@@ -457,14 +465,10 @@ def test_the_nominal_batch_and_the_optimizer_reach_every_training(tmp_path, monk
 
 
 def test_a_run_recorded_before_the_steps_were_split_keeps_its_models(tmp_path, monkeypatch):
-    from nas.pipeline import Pipeline, StageRecord, _digest
-    from nas.pipeline_config import PipelineConfig
+    from nas.pipeline import StageRecord, _digest
 
     ran: list[str] = []
-    _fake_stages(monkeypatch, ran)
-    cfg = PipelineConfig.from_yaml(_config(tmp_path, select=TWO))
-    p = Pipeline.open(cfg, tmp_path / "run")
-    p.run()
+    cfg, p = _finished_fake_run(tmp_path, monkeypatch, ran)
     for mid in ("a", "b"):  # as the single model stage recorded it
         for step in ("finetune", "model"):
             del p.records[f"{step}:{mid}"]
