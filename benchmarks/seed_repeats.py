@@ -13,6 +13,11 @@ wins, Welch's t-test). `--report NAME` writes RUN/NAME instead, so another set o
 
     python benchmarks/seed_repeats.py runs/bench/search128d --archs 7a07c45330 --seeds 1 2 3 --report seeds_7a07.json
 
+A model the run never trained from scratch (a front model of a run with --no-scratch, say) gets the run's
+own seed too by naming it (`--seeds 0`); a model the run did train keeps that training for seed 0:
+
+    python benchmarks/seed_repeats.py runs/bench/adamw320s33 --archs 6a3d9b869e --seeds 0 --latency
+
 Without --archs it repeats the front models the run's comparison trained (the fastest and the best);
 with --fidelity, every architecture of the run's rank-fidelity set, into RUN/seeds_fidelity.json. With two
 or more seeds of each of them, the report also gives the noise ceiling of rank fidelity: Kendall tau
@@ -162,6 +167,8 @@ def main() -> None:
             m, done = _train(build(name), data, first, epochs, args)
             rows.append(_row(first, m, done, args.seed))
         for seed in cli.seeds:
+            if rows and seed == rows[0]["seed"]:  # the run's own training is that seed already
+                continue
             run = cli.run / "seeds" / f"{name}-{epochs}e-s{seed}"  # per budget: another must not extend it
             args.seed = seed
             torch.manual_seed(seed)
