@@ -117,7 +117,7 @@ def main() -> None:
     which.add_argument("--archs", nargs="+", default=None,
                        help="arch ids of the run's front or study; default: the models its comparison trained")
     which.add_argument("--fidelity", action="store_true", help="the run's rank-fidelity architectures (all of them)")
-    ap.add_argument("--seeds", nargs="+", type=int, required=True, help="seeds besides the run's own")
+    ap.add_argument("--seeds", nargs="+", type=int, required=True, help="seeds to train; the run's own is read from the run where it trained the model")
     ap.add_argument("--no-baseline", action="store_true", help="do not repeat yolov7-tiny")
     ap.add_argument("--latency", action="store_true",
                     help="then measure each model's latency (ORT CPU, the run's threads, 7 rotating passes)")
